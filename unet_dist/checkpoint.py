@@ -1,0 +1,119 @@
+"""Checkpoints: the schema, atomic save, retention, and loading the newest valid one.
+
+A checkpoint is one dict of tensors and plain types, so `torch.load(weights_only=True)` reads it and
+an untrusted file cannot run code. A file is valid only once complete: it is written to a temporary
+name, flushed to disk, then `os.replace`d into place.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+
+FORMAT = 1
+_STEP_FILE = re.compile(r"^step-(\d{9})\.pt$")
+REQUIRED_KEYS = ("format", "model", "model_config", "step")
+
+
+def step_path(ckpt_dir: Path, step: int) -> Path:
+    return Path(ckpt_dir) / f"step-{step:09d}.pt"
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename is durable only once the directory entry is on disk.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save(ckpt_dir: Path, state: dict, keep_last: int, is_best: bool = False) -> Path:
+    """Write `step-<step>.pt` atomically, refresh `best.pt` if asked, then prune old steps."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    state = {"format": FORMAT, **state}
+    path = step_path(ckpt_dir, int(state["step"]))
+    _atomic_torch_save(state, path)
+    if is_best:
+        _atomic_torch_save(state, ckpt_dir / "best.pt")
+    prune(ckpt_dir, keep_last)
+    return path
+
+
+def save_best(ckpt_dir: Path, state: dict) -> Path:
+    """Refresh only `best.pt` (a validation improved between periodic checkpoints)."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / "best.pt"
+    _atomic_torch_save({"format": FORMAT, **state}, path)
+    return path
+
+
+def list_steps(ckpt_dir: Path) -> list[Path]:
+    """Step checkpoints, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if _STEP_FILE.match(p.name)]
+    return sorted(found, key=lambda p: p.name)
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` step files; never touches best.pt."""
+    steps = list_steps(ckpt_dir)
+    for old in steps[: max(0, len(steps) - keep_last)]:
+        old.unlink(missing_ok=True)
+
+
+def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load one checkpoint safely; a truncated, foreign or malicious file is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for torn or foreign files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: not a valid unet_dist checkpoint ({reason[:200]})") from None
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+        raise UserError(f"{path}: not a unet_dist checkpoint (missing keys)")
+    if state["format"] != FORMAT:
+        raise UserError(f"{path}: checkpoint format {state['format']} is not supported (expected {FORMAT})")
+    return state
+
+
+def load_latest(ckpt_dir: Path, map_location: str | torch.device = "cpu") -> tuple[dict, Path] | None:
+    """The newest step checkpoint that loads; torn or corrupt newer ones are reported and skipped."""
+    for path in reversed(list_steps(ckpt_dir)):
+        try:
+            return load(path, map_location), path
+        except UserError as exc:
+            print(f"warning: skipping {exc}", file=sys.stderr, flush=True)
+    return None

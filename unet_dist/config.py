@@ -1,0 +1,298 @@
+"""Typed run configuration: dataclasses loaded from YAML with dotted command-line overrides.
+
+The dataclasses below are the one source of truth for defaults. A YAML file sets any subset of the
+keys; `section.key=value` overrides (values parsed as YAML) apply on top. Unknown keys and wrong types
+are rejected with a `UserError` that names the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class AugmentConfig:
+    flip: bool = True
+    rot90: bool = True
+    elastic: bool = True
+    elastic_grid: int = 3  # control points per axis of the coarse displacement grid
+    elastic_sigma: float = 10.0  # displacement std in pixels at the control points
+    intensity: bool = True  # brightness, contrast, gamma
+    noise_std: float = 0.03
+    missing_section_p: float = 0.0  # 3D only
+    misalign_p: float = 0.0  # 3D only
+    misalign_max_px: int = 8
+
+
+@dataclass
+class DataConfig:
+    store: str = "runs/isbi2012.zarr"
+    train_slices: list[int] = field(default_factory=lambda: [0, 25])  # [start, stop)
+    val_slices: list[int] = field(default_factory=lambda: [25, 30])
+    patch_size: list[int] = field(default_factory=lambda: [256, 256])  # (Y, X) or (Z, Y, X)
+    batch_size: int = 4  # per rank
+    num_workers: int = 2
+    start_method: Literal["fork", "forkserver", "spawn"] = "fork"
+    prefetch_factor: int = 4
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    dims: Literal[2, 3] = 2
+    in_channels: int = 1
+    out_channels: int = 1
+    depth: int = 4
+    base_channels: int = 64
+    norm: Literal["batch", "group", "instance", "none"] = "batch"
+    upsample: Literal["transpose", "interp"] = "transpose"
+    padding: Literal["same", "valid"] = "same"
+    anisotropic_levels: int = 0  # 3D: the first levels pool only in y, x (thick sections)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    lr: float = 1e-3
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # 0 disables
+    accumulate: int = 1  # micro-batches per optimizer step
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    loss: Literal["bce", "bce_dice"] = "bce"
+    weight_map: bool = False  # the U-Net paper's class balance + border weights
+    weight_map_w0: float = 10.0
+    weight_map_sigma: float = 5.0
+    max_nonfinite_steps: int = 20  # consecutive non-finite losses before the run stops
+    seed: int = 0
+    deterministic: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    sync_batchnorm: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    val_every: int = 200
+    ckpt_every: int = 200
+    keep_last: int = 3
+    log_every: int = 10
+    dist_timeout_s: int = 600  # collective timeout: a dead rank ends the job instead of hanging it
+
+
+@dataclass
+class PredictConfig:
+    block_size: list[int] = field(default_factory=lambda: [1, 512, 512])  # output block (Z, Y, X)
+    halo: list[int] = field(default_factory=lambda: [0, 32, 32])  # context per side (Z, Y, X)
+    batch_size: int = 4
+    tta: bool = False
+    probability_dtype: Literal["uint8", "float16"] = "uint8"
+    threshold: float = 0.5
+
+
+@dataclass
+class LoggingConfig:
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with a key
+    project: str = "unet_dist"
+    entity: str = ""
+    progress: Literal["auto", "bar", "plain"] = "auto"  # auto: a bar on a TTY, lines otherwise
+    images: bool = True  # raw | label | prediction panels at each validation
+
+
+@dataclass
+class LaunchConfig:
+    nodes: int = 1
+    gpus_per_node: int = 1
+    cpus_per_task: int = 8
+    partition: str = ""
+    time_min: int = 240
+    mem_gb: int = 0  # 0: the partition's default
+    max_requeues: int = 3
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    name: str = ""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) if isinstance(a, str) else str(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list of {typing.get_args(tp)[0].__name__}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+
+    def bad() -> UserError:
+        return UserError(f"{source}: {key}: expected {_type_name(tp)}, got {value!r}")
+
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp) or isinstance(value, bool):
+            raise bad()
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported annotation for {key}")  # keep the schema simple
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad() from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _unknown_key(key: str, known: list[str], source: str) -> UserError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known)})"
+    return UserError(f"{source}: unknown key '{key}'{hint}")
+
+
+def _merge(obj: Any, updates: dict, prefix: str, source: str) -> None:
+    """Apply a nested dict of updates onto dataclass `obj`, validating every key and type."""
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            raise _unknown_key(key, names, source)
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise UserError(f"{source}: {key}: expected a mapping of {tp.__name__} keys, got {value!r}")
+            _merge(getattr(obj, name), value, f"{key}.", source)
+        else:
+            setattr(obj, name, _coerce(value, tp, key, source))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=3e-4` -> ("train.lr", 0.0003); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"override '{text}': expected KEY=VALUE, e.g. train.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _nest(key: str, value: Any) -> dict:
+    nested: Any = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file, then the dotted overrides; every step validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read config ({exc.strerror or exc})") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: expected a mapping of sections at the top level")
+        _merge(cfg, data, "", str(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        _merge(cfg, _nest(key, value), "", "command line")
+    validate(cfg, str(path) if path else "command line")
+    return cfg
+
+
+def validate(cfg: Config, source: str) -> None:
+    """Cross-field checks that single-key types cannot express."""
+
+    def check(ok: bool, key: str, problem: str) -> None:
+        if not ok:
+            raise UserError(f"{source}: {key}: {problem}")
+
+    for key in ("train_slices", "val_slices"):
+        lo_hi = getattr(cfg.data, key)
+        check(len(lo_hi) == 2 and 0 <= lo_hi[0] < lo_hi[1], f"data.{key}",
+              f"expected [start, stop) with 0 <= start < stop, got {lo_hi}")
+    check(len(cfg.data.patch_size) == cfg.model.dims, "data.patch_size",
+          f"has {len(cfg.data.patch_size)} axes but model.dims is {cfg.model.dims}")
+    check(all(p > 0 for p in cfg.data.patch_size), "data.patch_size", "sizes must be positive")
+    check(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
+    check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    check(cfg.model.depth >= 1, "model.depth", "must be >= 1")
+    check(cfg.model.base_channels >= 1, "model.base_channels", "must be >= 1")
+    check(cfg.train.steps >= 1, "train.steps", "must be >= 1")
+    check(cfg.train.lr > 0, "train.lr", "must be > 0")
+    check(cfg.train.accumulate >= 1, "train.accumulate", "must be >= 1")
+    for key in ("val_every", "ckpt_every", "log_every", "keep_last"):
+        check(getattr(cfg.train, key) >= 1, f"train.{key}", "must be >= 1")
+    check(len(cfg.predict.block_size) == 3 and all(b > 0 for b in cfg.predict.block_size),
+          "predict.block_size", "expected 3 positive sizes (Z, Y, X)")
+    check(len(cfg.predict.halo) == 3 and all(h >= 0 for h in cfg.predict.halo),
+          "predict.halo", "expected 3 non-negative sizes (Z, Y, X)")
+    check(0.0 <= cfg.predict.threshold <= 1.0, "predict.threshold", "must be within [0, 1]")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, source: str = "checkpoint") -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. the copy stored in a checkpoint)."""
+    cfg = Config()
+    _merge(cfg, data, "", source)
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,182 @@
+"""All of the distributed plumbing: who am I, which device, the process group, reductions.
+
+The only module that reads launcher environment variables: torchrun (`RANK`, `WORLD_SIZE`,
+`LOCAL_RANK`), SLURM's srun without torchrun (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`) and
+submitit (which runs under SLURM or its local executor). Trainer and predictor call `setup()` once
+and then read like single-process code.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    launcher: str = "single"  # single | torchrun | slurm | submitit
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM nodelist: 'node[03-05,7],gpu1' -> 'node03'."""
+    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        return nodelist
+    prefix, _, ranges = match.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def _slurm_port(job_id: str) -> int:
+    # A port derived from the job id: jobs sharing a node don't collide, and every task agrees.
+    return 20000 + int(job_id) % 20000 if job_id.isdigit() else 29500
+
+
+def detect_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
+    """Rank and world size from torchrun, else srun/submitit (SLURM variables), else one process."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return DistEnv(
+            rank=int(environ["RANK"]),
+            world_size=int(environ["WORLD_SIZE"]),
+            local_rank=int(environ.get("LOCAL_RANK", 0)),
+            launcher="torchrun",
+            master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(environ.get("MASTER_PORT", 29500)),
+        )
+    if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
+        job_id = environ.get("SLURM_JOB_ID", "")
+        return DistEnv(
+            rank=int(environ["SLURM_PROCID"]),
+            world_size=int(environ["SLURM_NTASKS"]),
+            local_rank=int(environ.get("SLURM_LOCALID", 0)),
+            launcher="submitit" if "SUBMITIT_EXECUTOR" in environ else "slurm",
+            master_addr=environ.get("MASTER_ADDR") or first_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+            master_port=int(environ.get("MASTER_PORT") or _slurm_port(job_id)),
+        )
+    return DistEnv()
+
+
+def choose_device(requested: str, local_rank: int) -> torch.device:
+    """auto: the local rank's GPU when CUDA is there, else the CPU."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device: 'cuda' requested but CUDA is not available on this machine")
+    if requested in ("cuda", "auto") and torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise UserError(f"local rank {local_rank} has no GPU: this node has {count} (one process per GPU)")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def setup(env: DistEnv, device: torch.device, timeout_s: int = 600) -> None:
+    """Join the process group (NCCL on GPUs, gloo on CPU) with a bounded collective timeout."""
+    if env.world_size == 1 or tdist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", env.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    tdist.init_process_group(
+        backend=backend,
+        init_method="env://",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
+
+
+def teardown() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if tdist.is_initialized() else 1
+
+
+def rank() -> int:
+    return tdist.get_rank() if tdist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
+def _reduce_device() -> torch.device:
+    if tdist.is_initialized() and tdist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: np.ndarray) -> np.ndarray:
+    """Sum a numpy array of counts over all ranks (float64 / int64 kept exact)."""
+    values = np.asarray(values)
+    if not tdist.is_initialized():
+        return values.copy()
+    tensor = torch.from_numpy(np.ascontiguousarray(values)).to(_reduce_device())
+    tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+    return tensor.cpu().numpy()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when the flag is set on any rank (e.g. a stop signal seen by one)."""
+    return bool(all_reduce_sum(np.array([int(flag)], dtype=np.int64))[0] > 0)
+
+
+def broadcast_object(obj):
+    if not tdist.is_initialized():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def free_port() -> int:
+    """A free TCP port on this host (tests and single-node launches)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """auto: bf16 where the device computes it natively (Ampere+ GPUs), fp32 on the CPU."""
+    if requested != "auto":
+        if requested in ("bf16", "fp16") and device.type == "cpu" and requested == "fp16":
+            raise UserError("train.precision: fp16 needs a GPU; use bf16 or fp32 on the CPU")
+        return requested
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """One autocast context for every precision; fp32 is autocast disabled."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)

@@ -1,0 +1,143 @@
+"""What a run reports: progress on the console, `metrics.jsonl`, and Weights & Biases.
+
+Only the main rank builds a real `Monitor`; the others get one that does nothing, so the trainer
+calls it unconditionally. W&B is imported lazily and only when enabled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def resolve_wandb_mode(mode: str, environ=os.environ) -> str:
+    """`auto`: online with an API key, offline without one (the usual case on compute nodes)."""
+    if environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        return environ["WANDB_MODE"]
+    if mode != "auto":
+        return mode
+    if environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        if "api.wandb.ai" in netrc.read_text():
+            return "online"
+    except OSError:
+        pass
+    return "offline"
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class Monitor:
+    def __init__(self, run_dir: Path, config: dict, total_steps: int, start_step: int,
+                 wandb_mode: str = "disabled", project: str = "unet_dist", entity: str = "",
+                 run_name: str = "", run_id: str | None = None, progress: str = "auto"):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self.started = time.monotonic()
+        self.bar = sys.stderr.isatty() if progress == "auto" else progress == "bar"
+        self.wandb_mode = resolve_wandb_mode(wandb_mode)
+        self.wandb_run = None
+        self.run_id = run_id
+        if self.wandb_mode != "disabled":
+            self._start_wandb(config, project, entity, run_name, run_id)
+
+    def _start_wandb(self, config, project, entity, run_name, run_id) -> None:
+        try:
+            import wandb
+        except ImportError:
+            print("warning: wandb is not installed; logging to metrics.jsonl only", file=sys.stderr)
+            self.wandb_mode = "disabled"
+            return
+        self.run_id = run_id or wandb.util.generate_id()
+        # resume="allow" with a fixed id: a requeued or resumed job continues the same W&B run.
+        self.wandb_run = wandb.init(
+            project=project, entity=entity or None, name=run_name or None, id=self.run_id,
+            resume="allow", mode=self.wandb_mode, dir=str(self.run_dir), config=config,
+            settings=wandb.Settings(console="off", silent=True),
+        )
+
+    def log(self, step: int, values: dict[str, float], console: bool = True) -> None:
+        """One line of metrics.jsonl, the console and W&B for this step."""
+        record = {"step": step, "time": round(time.time(), 3), **values}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(values, step=step)
+        if console:
+            self._print(step, values)
+
+    def _print(self, step: int, values: dict[str, float]) -> None:
+        done = step - self.start_step
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / done * (self.total_steps - step) if done > 0 else 0.0
+        shown = "  ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in values.items()
+                          if isinstance(v, (int, float)) and k in _CONSOLE_KEYS)
+        line = f"step {step}/{self.total_steps}  {shown}  eta {_format_eta(eta)}"
+        if self.bar and not any(k.startswith("val/") for k in values):
+            width = 24
+            filled = int(width * step / max(1, self.total_steps))
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {line}\x1b[K")
+            sys.stderr.flush()
+        else:
+            if self.bar:
+                sys.stderr.write("\n")
+            print(line, flush=True)
+
+    def log_images(self, step: int, panels: dict[str, np.ndarray]) -> None:
+        """Image panels (e.g. raw | label | prediction side by side) to W&B."""
+        if self.wandb_run is None or not panels:
+            return
+        import wandb
+
+        self.wandb_run.log({k: wandb.Image(v) for k, v in panels.items()}, step=step)
+
+    def message(self, text: str) -> None:
+        if self.bar:
+            sys.stderr.write("\n")
+        print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar:
+            sys.stderr.write("\n")
+        if self.wandb_run is None:
+            return
+        run_dir = getattr(self.wandb_run, "dir", None)
+        self.wandb_run.finish()
+        if self.wandb_mode == "offline":
+            wandb_root = self.run_dir / "wandb"
+            print(f"W&B offline run {self.run_id}: upload with\n  wandb sync --id {self.run_id} "
+                  f"{wandb_root}/offline-run-*-{self.run_id}", flush=True)
+        elif run_dir:
+            print(f"W&B run {self.run_id} finished", flush=True)
+
+
+class NullMonitor:
+    """What non-main ranks get: every call is accepted and does nothing."""
+
+    run_id = None
+
+    def log(self, *args: Any, **kwargs: Any) -> None: ...
+    def log_images(self, *args: Any, **kwargs: Any) -> None: ...
+    def message(self, *args: Any, **kwargs: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+_CONSOLE_KEYS = {
+    "train/loss", "train/lr", "train/images_per_s", "train/data_wait_frac",
+    "val/dice_neuron", "val/dice_membrane", "val/pixel_error",
+}
