@@ -1,0 +1,65 @@
+"""Read the records of an offline W&B run file (`run-<id>.wandb`) back, for tests.
+
+The file is a leveldb-style log: a 7-byte header (':W&B', magic 0xBEE1, version), then 32 KiB blocks
+of records, each with a 7-byte header (crc32, length, type: full/first/middle/last) and a piece of
+a serialized `wandb.proto.wandb_internal_pb2.Record`.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+BLOCK = 32768
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def iter_records(path: Path):
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    ident, magic, version = struct.unpack("<4sHB", data[:7])
+    assert ident == b":W&B" and magic == 0xBEE1, f"{path}: not a W&B run file"
+    pos, pending = 7, b""
+    while pos + 7 <= len(data):
+        left_in_block = BLOCK - pos % BLOCK
+        if left_in_block < 7:  # a block's tail too short for a header is padding
+            pos += left_in_block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:
+            pos += left_in_block
+            continue
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == FULL:
+            pending = chunk
+        elif kind == FIRST:
+            pending = chunk
+            continue
+        elif kind == MIDDLE:
+            pending += chunk
+            continue
+        else:
+            pending += chunk
+        record = pb.Record()
+        record.ParseFromString(pending)
+        yield record
+
+
+def history(path: Path) -> list[dict]:
+    """The logged history rows: one dict of key -> value per `wandb.log` call."""
+    rows = []
+    for record in iter_records(path):
+        if record.WhichOneof("record_type") == "history":
+            row = {}
+            for item in record.history.item:
+                key = item.key or "/".join(item.nested_key)
+                row[key] = json.loads(item.value_json)
+            rows.append(row)
+    return rows
+
+
+def run_ids(path: Path) -> list[str]:
+    return [r.run.run_id for r in iter_records(path) if r.WhichOneof("record_type") == "run"]
