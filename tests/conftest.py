@@ -24,6 +24,7 @@ class Completed:
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> Completed:
     """Run `python -m unet_dist ARGS` as a user would; return exit code, stdout, stderr."""
     full_env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"), **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None removes a variable
     proc = subprocess.run([sys.executable, "-m", "unet_dist", *map(str, args)], cwd=cwd or ROOT,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
     return Completed(proc.returncode, proc.stdout, proc.stderr)

@@ -3,6 +3,7 @@
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -79,6 +80,7 @@ def test_bad_patch_shapes():
     with pytest.raises(UserError, match=r"y 100 -> 96 or 112; x 250 -> 240 or 256"):
         M.check_patch_shape(cfg(depth=4), (100, 250))
     M.check_patch_shape(cfg(depth=4), (96, 256))
+    assert M.output_shape(cfg(depth=4), (np.int64(96), 256)) == (96, 256)
     with pytest.raises(UserError, match="needs 3 integer sizes"):
         M.check_patch_shape(cfg(dims=3), (16, 16))
     paper = cfg(depth=4, padding="valid")
@@ -121,14 +123,16 @@ def _dependence(c, shape, axis):
     return y[tuple(line)] != 0  # [input position, output position]
 
 
-@pytest.mark.parametrize("dims,upsample,aniso", [
-    (2, "transpose", 0), (2, "interp", 0), (3, "transpose", 1), (3, "interp", 1)])
-def test_receptive_field_and_halo_match_measurement(dims, upsample, aniso):
-    c = cfg(dims=dims, upsample=upsample, anisotropic_levels=aniso, norm="none", base_channels=2)
+@pytest.mark.parametrize("dims,depth,upsample,aniso", [
+    (2, 2, "transpose", 0), (2, 3, "transpose", 0), (2, 3, "interp", 0), (3, 2, "transpose", 1),
+    (3, 2, "interp", 1)])
+def test_receptive_field_and_halo_match_measurement(dims, depth, upsample, aniso):
+    c = cfg(dims=dims, depth=depth, upsample=upsample, anisotropic_levels=aniso, norm="none",
+            base_channels=2)
     rf, reach, period = M.receptive_field(c), M.halo(c), M.pooling_factor(c)
     for axis in range(dims):
-        shape = [2 * p for p in period]
-        shape[axis] = period[axis] * math.ceil(4 * rf[axis] / period[axis])
+        shape = list(period)
+        shape[axis] = period[axis] * math.ceil(2.5 * rf[axis] / period[axis])
         dep = _dependence(c, tuple(shape), axis)
         spans, reaches = [], []
         mid = shape[axis] // 2
@@ -175,7 +179,7 @@ def test_group_norm_groups():
     assert groups == {12: 6, 24: 8, 48: 8}
 
 
-@pytest.mark.parametrize("norm", ["batch", "none"])
+@pytest.mark.parametrize("norm", ["batch", "group", "instance", "none"])
 def test_gradient_reaches_every_parameter(norm):
     net = M.build_model(cfg(norm=norm, upsample="interp"))
     loss = net(torch.randn(2, 1, 16, 16)).square().mean()

@@ -168,7 +168,7 @@ def free_port() -> int:
 def resolve_precision(requested: str, device: torch.device) -> str:
     """auto: bf16 where the device computes it natively (Ampere+ GPUs), fp32 on the CPU."""
     if requested != "auto":
-        if requested in ("bf16", "fp16") and device.type == "cpu" and requested == "fp16":
+        if requested == "fp16" and device.type == "cpu":
             raise UserError("train.precision: fp16 needs a GPU; use bf16 or fp32 on the CPU")
         return requested
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -180,3 +180,13 @@ def autocast(device: torch.device, precision: str):
     """One autocast context for every precision; fp32 is autocast disabled."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def replica_spread(model: torch.nn.Module) -> float:
+    """Largest difference between ranks of a parameter checksum: 0.0 when replicas are in sync."""
+    with torch.no_grad():
+        checksum = sum(float(p.double().sum()) + float(p.double().pow(2).sum()) for p in model.parameters())
+    values = np.zeros(world_size())
+    values[rank()] = checksum
+    values = all_reduce_sum(values)
+    return float(values.max() - values.min())

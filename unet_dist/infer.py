@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .model import min_input_shape
+from .model import halo, valid_input_shape
 
 
 def padded_input_shape(model_cfg, out_shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -18,7 +18,11 @@ def padded_input_shape(model_cfg, out_shape: tuple[int, ...]) -> tuple[tuple[int
     Same padding: round each axis up to what the poolings divide (context 0). Valid padding: add
     the network's halo on each side and round up to a size the network accepts.
     """
-    return min_input_shape(model_cfg, out_shape)
+    if model_cfg.padding == "same":
+        return valid_input_shape(model_cfg, tuple(out_shape)), (0,) * len(out_shape)
+    context = tuple(halo(model_cfg))  # valid padding: output = input - 2 * halo on every axis
+    grown = tuple(o + 2 * c for o, c in zip(out_shape, context))
+    return valid_input_shape(model_cfg, grown), context
 
 
 def mirror_pad(image: np.ndarray, before: tuple[int, ...], after: tuple[int, ...]) -> np.ndarray:

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ class Monitor:
             print("warning: wandb is not installed; logging to metrics.jsonl only", file=sys.stderr)
             self.wandb_mode = "disabled"
             return
-        self.run_id = run_id or wandb.util.generate_id()
+        self.run_id = run_id or uuid.uuid4().hex[:8]
         # resume="allow" with a fixed id: a requeued or resumed job continues the same W&B run.
         self.wandb_run = wandb.init(
             project=project, entity=entity or None, name=run_name or None, id=self.run_id,

@@ -320,6 +320,7 @@ def _train(cfg, env, device, precision, label_crop, state) -> TrainResult:
             window = {"wait": 0.0, "compute": 0.0, "loss": 0.0, "steps": 0}
         if step % cfg.train.val_every == 0 or step == cfg.train.steps:
             val_metrics, panel = validate(model, cfg, device, autocast_ctx, want_panel=main and cfg.logging.images)
+            val_metrics["val/replica_spread"] = dist.replica_spread(model)
             monitor.log(step, val_metrics)
             if panel is not None:
                 monitor.log_images(step, {"val/raw|label|prediction": (np.clip(panel, 0, 1) * 255).astype(np.uint8)})

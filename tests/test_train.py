@@ -1,0 +1,197 @@
+"""The trainer with real processes: one CPU process, torchrun with 2 gloo ranks, kill -9, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from unet_dist import checkpoint
+
+from conftest import CONFIGS, ROOT, run_cli, torchrun_cmd
+
+SMOKE = CONFIGS / "smoke.yaml"
+ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def params(path: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.load(path)["model"]
+
+
+def test_single_process_trains(isbi_store, tmp_path):
+    run = tmp_path / "run"
+    done = run_cli("train", "--config", SMOKE, f"data.store={isbi_store}", f"run.dir={run}",
+                   "train.steps=60", "train.val_every=30", "train.ckpt_every=30", env={"OMP_NUM_THREADS": "2"})
+    assert done.code == 0, done.err
+    rows = metrics(run)
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])  # loss falls
+    vals = [r for r in rows if "val/dice_membrane" in r]
+    assert [r["step"] for r in vals] == [30, 60]
+    assert all(0.0 <= r["val/dice_membrane"] <= 1.0 and 0.5 < r["val/dice_neuron"] <= 1.0 for r in vals)
+    assert {"train/images_per_s", "train/data_wait_frac", "train/lr"} <= set(rows[0])
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["best.pt", "step-000000030.pt", "step-000000060.pt"]
+    state = checkpoint.load(run / "checkpoints" / "step-000000060.pt")
+    assert state["step"] == 60 and state["config"]["train"]["steps"] == 60
+    assert (run / "config.yaml").is_file()
+    final = json.loads(done.out.strip().splitlines()[-1])
+    assert final["step"] == 60 and "val/dice_membrane" in final
+    # Without --resume, an existing run is never silently overwritten.
+    again = run_cli("train", "--config", SMOKE, f"data.store={isbi_store}", f"run.dir={run}")
+    assert again.code == 2 and "--resume auto" in again.err and "Traceback" not in again.err
+
+
+@pytest.mark.slow
+def test_two_ranks_torchrun_stay_in_sync(isbi_store, tmp_path, free_port):
+    run = tmp_path / "run"
+    proc = subprocess.run(torchrun_cmd(2, free_port, "train", "--config", SMOKE, f"data.store={isbi_store}",
+                                       f"run.dir={run}", "train.steps=40", "data.num_workers=1"),
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = metrics(run)
+    vals = [r for r in rows if "val/dice_membrane" in r]
+    assert [r["step"] for r in vals] == [20, 40]
+    assert all(r["val/replica_spread"] == 0.0 for r in vals)  # replicas hold identical parameters
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert losses[-1] < losses[0]
+    assert (run / "checkpoints" / "step-000000040.pt").is_file()
+    assert "training 40 steps on 2 rank(s)" in proc.stdout
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended ({proc.returncode}) before {path.name} appeared: "
+                                 f"{proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_exact_resume_after_kill_9(isbi_store, tmp_path):
+    """2N steps straight == N steps, kill -9 of the whole process group, resume, N more: bit for bit."""
+    n = 12
+    common = ["--config", SMOKE, f"data.store={isbi_store}", f"train.steps={2 * n}", f"train.ckpt_every={n}",
+              f"train.val_every={n}", "train.deterministic=true", "data.num_workers=1",
+              "data.augment.elastic=true", "train.keep_last=5"]
+
+    def torchrun(run, port, *extra, **popen):
+        cmd = torchrun_cmd(2, port, "train", *common, f"run.dir={run}", *extra)
+        return subprocess.Popen(cmd, cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True, **popen)
+
+    from unet_dist.dist import free_port
+
+    straight = tmp_path / "straight"
+    proc = torchrun(straight, free_port())
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+
+    killed = tmp_path / "killed"
+    proc = torchrun(killed, free_port(), "train.log_every=1")
+    _wait_for(checkpoint.step_path(killed / "checkpoints", n), proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # every rank, worker and the torchrun agent at once
+    proc.wait(timeout=60)
+    # A torn newer checkpoint (as a kill during a write would leave without the atomic rename)
+    # must be reported and skipped.
+    checkpoint.step_path(killed / "checkpoints", 2 * n - 1).write_bytes(b"torn")
+    proc = torchrun(killed, free_port(), "--resume", "auto")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resumed at step" in out and "skipping" in err
+
+    a = params(checkpoint.step_path(straight / "checkpoints", 2 * n))
+    b = params(checkpoint.step_path(killed / "checkpoints", 2 * n))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_cleanly(isbi_store, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "unet_dist", "train", "--config", str(SMOKE), f"data.store={isbi_store}",
+           f"run.dir={run}", "train.steps=100000", "train.ckpt_every=5", "train.val_every=100000",
+           "data.num_workers=1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    _wait_for(checkpoint.step_path(run / "checkpoints", 5), proc)
+    os.killpg(proc.pid, signal.SIGTERM)  # as SLURM does: the main process and its loader workers
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stop signal received" in out and "Traceback" not in err
+    state, path = checkpoint.load_latest(run / "checkpoints")
+    assert state["step"] >= 5 and state["step"] < 100000
+    resumed = run_cli("train", "--config", SMOKE, f"data.store={isbi_store}", f"run.dir={run}",
+                      f"train.steps={state['step'] + 3}", "train.ckpt_every=5", "--resume", "auto")
+    assert resumed.code == 0, resumed.err
+    assert checkpoint.load_latest(run / "checkpoints")[0]["step"] == state["step"] + 3
+
+
+def test_bad_inputs_fail_fast_with_one_line(isbi_store, synth_store, tmp_path, free_port):
+    run = tmp_path / "run"
+    missing = run_cli("train", "--config", SMOKE, f"data.store={tmp_path / 'nope.zarr'}", f"run.dir={run}")
+    assert missing.code == 2 and "nope.zarr" in missing.err and missing.err.count("\n") == 1
+    typo = run_cli("train", "--config", SMOKE, "train.stesp=3", f"run.dir={run}")
+    assert typo.code == 2 and "train.stesp" in typo.err
+    big = run_cli("train", "--config", SMOKE, f"data.store={isbi_store}", "data.patch_size=[1024,1024]",
+                  f"run.dir={run}")
+    assert big.code == 2 and "data.patch_size" in big.err
+    odd = run_cli("train", "--config", SMOKE, f"data.store={isbi_store}", "data.patch_size=[66,66]",
+                  f"run.dir={run}")
+    assert odd.code == 2 and "patch" in odd.err.lower()
+    slices = run_cli("train", "--config", SMOKE, f"data.store={synth_store}", "data.val_slices=[10,40]",
+                     f"run.dir={run}")
+    assert slices.code == 2 and "data.val_slices" in slices.err
+    assert not run.exists()  # nothing written for a mistake
+
+    import zarr
+
+    unlabelled = tmp_path / "raw_only.zarr"
+    group = zarr.open_group(unlabelled, mode="w")
+    group.create_array("raw", shape=(4, 64, 64), chunks=(1, 64, 64), dtype="uint8")
+    # Under torchrun every rank reports the same line and exits; nothing hangs in a collective.
+    proc = subprocess.run(torchrun_cmd(2, free_port, "train", "--config", SMOKE, f"data.store={unlabelled}",
+                                       f"run.dir={run}"), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("no array 'labels'") == 2
+    assert not run.exists()
+
+
+def test_wandb_offline_logs_and_resume_continues_run(synth_store, tmp_path):
+    from wandb_records import history, run_ids
+
+    run = tmp_path / "run"
+    args = ["--config", SMOKE, f"data.store={synth_store}", f"run.dir={run}", "logging.wandb=offline",
+            "logging.images=true", "data.val_slices=[8,12]", "data.train_slices=[0,8]", "train.val_every=10",
+            "train.ckpt_every=10"]
+    env = {"WANDB_MODE": None, "WANDB_API_KEY": None}
+    first = run_cli("train", *args, "train.steps=10", env=env)
+    assert first.code == 0, first.err
+    assert "wandb sync --id" in first.out
+    second = run_cli("train", *args, "train.steps=20", "--resume", "auto", env=env)
+    assert second.code == 0, second.err
+    files = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2  # one folder per start, as `wandb sync --id` expects
+    ids = {rid for f in files for rid in run_ids(f)}
+    assert len(ids) == 1 and ids == {checkpoint.load_latest(run / "checkpoints")[0]["wandb_run_id"]}
+    rows = history(files[0]) + history(files[1])
+    logged = set().union(*rows)
+    assert {"train/loss", "train/lr", "train/images_per_s", "val/dice_membrane", "val/dice_neuron"} <= logged
+    assert any(key.startswith("val/raw|label|prediction") for key in logged)
+    assert {r["_step"] for r in rows if "val/dice_membrane" in r} == {10, 20}
