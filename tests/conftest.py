@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import tifffile
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -47,21 +48,45 @@ def free_port():
     return pick()
 
 
-def isbi_dir() -> Path | None:
-    path = Path(os.environ.get("UNET_DIST_ISBI_DIR", ROOT / "data" / "isbi2012"))
-    return path if (path / "train-volume.tif").is_file() else None
+ISBI_ENV = "UNET_DIST_ISBI_DIR"
 
 
 @pytest.fixture(scope="session")
-def isbi_store(tmp_path_factory) -> Path:
-    """The ISBI training volume and labels converted once per session."""
-    src = isbi_dir()
-    if src is None:
-        pytest.skip("ISBI data not found: set UNET_DIST_ISBI_DIR to the folder with train-volume.tif")
+def isbi_dir() -> Path:
+    """The ISBI 2012 folder: $UNET_DIST_ISBI_DIR, else data/isbi2012 in the checkout (as conftest.py)."""
+    path = Path(os.environ.get(ISBI_ENV) or Path(__file__).resolve().parents[1] / "data" / "isbi2012")
+    missing = [n for n in ("train-volume.tif", "train-labels.tif") if not (path / n).is_file()]
+    if missing:
+        pytest.skip(f"ISBI data not found: {path} lacks {', '.join(missing)}; set ${ISBI_ENV}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def isbi_arrays(isbi_dir) -> dict:
+    """The ISBI training stack as tifffile reads it: raw uint8, labels 0/255."""
+    return {
+        "raw": tifffile.imread(isbi_dir / "train-volume.tif"),
+        "labels": tifffile.imread(isbi_dir / "train-labels.tif"),
+    }
+
+
+@pytest.fixture(scope="session")
+def isbi_store(isbi_dir, tmp_path_factory) -> Path:
+    """The ISBI training stack converted to a store (2d chunks, 50 x 4 x 4 nm)."""
     from unet_dist.data.convert import convert
 
-    out = tmp_path_factory.mktemp("isbi") / "isbi2012.zarr"
-    convert(raw=src / "train-volume.tif", labels=src / "train-labels.tif", out=out, resolution=(50.0, 4.0, 4.0))
+    out = tmp_path_factory.mktemp("isbi") / "isbi.zarr"
+    convert(isbi_dir / "train-volume.tif", out, labels=isbi_dir / "train-labels.tif")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_synth_store(tmp_path_factory) -> Path:
+    """A small synthetic store (8 x 96 x 128, seed 0): raw uint8 + exact labels."""
+    from unet_dist.data.synth import synthesize
+
+    out = tmp_path_factory.mktemp("synth") / "tiny.zarr"
+    synthesize(out, shape=(8, 96, 128), seed=0)
     return out
 
 

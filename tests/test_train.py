@@ -154,7 +154,7 @@ def test_bad_inputs_fail_fast_with_one_line(isbi_store, synth_store, tmp_path, f
     odd = run_cli("train", "--config", SMOKE, f"data.store={isbi_store}", "data.patch_size=[66,66]",
                   f"run.dir={run}")
     assert odd.code == 2 and "patch" in odd.err.lower()
-    slices = run_cli("train", "--config", SMOKE, f"data.store={synth_store}", "data.val_slices=[10,40]",
+    slices = run_cli("train", "--config", SMOKE, f"data.store={synth_store}", "data.train_slices=[0,8]", "data.val_slices=[10,40]",
                      f"run.dir={run}")
     assert slices.code == 2 and "data.val_slices" in slices.err
     assert not run.exists()  # nothing written for a mistake
