@@ -46,6 +46,8 @@ def test_single_process_trains(isbi_store, tmp_path):
     state = checkpoint.load(run / "checkpoints" / "step-000000060.pt")
     assert state["step"] == 60 and state["config"]["train"]["steps"] == 60
     assert (run / "config.yaml").is_file()
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "completed" and status["step"] == 60 and status["checkpoint"].endswith("060.pt")
     final = json.loads(done.out.strip().splitlines()[-1])
     assert final["step"] == 60 and "val/dice_membrane" in final
     # Without --resume, an existing run is never silently overwritten.
@@ -136,6 +138,8 @@ def test_sigterm_checkpoints_and_exits_cleanly(isbi_store, tmp_path):
     assert "stop signal received" in out and "Traceback" not in err
     state, path = checkpoint.load_latest(run / "checkpoints")
     assert state["step"] >= 5 and state["step"] < 100000
+    status = json.loads((run / "status.json").read_text())
+    assert status == {**status, "status": "interrupted", "step": state["step"], "checkpoint": str(path)}
     resumed = run_cli("train", "--config", SMOKE, f"data.store={isbi_store}", f"run.dir={run}",
                       f"train.steps={state['step'] + 3}", "train.ckpt_every=5", "--resume", "auto")
     assert resumed.code == 0, resumed.err

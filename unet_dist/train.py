@@ -8,7 +8,9 @@ rank with the same one-line error instead of leaving the others waiting in a col
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ class TrainResult:
     status: str  # completed | interrupted
     metrics: dict
     checkpoint: str | None
+    main: bool = True  # rank 0, the one that reports
 
 
 def check_inputs(cfg: Config) -> tuple[tuple[int, int, int], tuple[int, ...]]:
@@ -335,7 +338,18 @@ def _train(cfg, env, device, precision, label_crop, state) -> TrainResult:
             last_ckpt = save(step) or last_ckpt
 
     monitor.close()
-    return TrainResult(step=step, status=status, metrics=val_metrics, checkpoint=last_ckpt)
+    result = TrainResult(step=step, status=status, metrics=val_metrics, checkpoint=last_ckpt, main=main)
+    if main:
+        # Launchers (sbatch scripts, submitit) read this to decide between requeue and done.
+        _write_json_atomic(run_dir / "status.json", {"status": status, "step": step, "total_steps": cfg.train.steps,
+                                                      "checkpoint": last_ckpt, "metrics": val_metrics})
+    return result
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def _train_metrics(window, images_per_step, voxels_per_image, scheduler, skipped, grad_norm, device) -> dict:
