@@ -59,7 +59,8 @@ def test_single_process_trains(isbi_store, tmp_path):
 def test_two_ranks_torchrun_stay_in_sync(isbi_store, tmp_path, free_port):
     run = tmp_path / "run"
     proc = subprocess.run(torchrun_cmd(2, free_port, "train", "--config", SMOKE, f"data.store={isbi_store}",
-                                       f"run.dir={run}", "train.steps=40", "data.num_workers=1"),
+                                       f"run.dir={run}", "train.steps=40", "data.num_workers=1",
+                                       "train.accumulate=2"),
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = metrics(run)
@@ -70,6 +71,20 @@ def test_two_ranks_torchrun_stay_in_sync(isbi_store, tmp_path, free_port):
     assert losses[-1] < losses[0]
     assert (run / "checkpoints" / "step-000000040.pt").is_file()
     assert "training 40 steps on 2 rank(s)" in proc.stdout
+    # Validation counts are summed over ranks: one process on the final weights reports the same.
+    from unet_dist.config import from_dict
+    from unet_dist.dist import autocast
+    from unet_dist.model import build_model
+    from unet_dist.train import validate
+
+    state = checkpoint.load(run / "checkpoints" / "step-000000040.pt")
+    cfg = from_dict(state["config"])
+    model = build_model(cfg.model)
+    model.load_state_dict({k.replace("module.", ""): v for k, v in state["model"].items()})
+    cpu = torch.device("cpu")
+    single, _ = validate(model, cfg, cpu, autocast(cpu, "fp32"), want_panel=False)
+    for key in ("val/dice_neuron", "val/dice_membrane", "val/pixel_error"):
+        assert single[key] == pytest.approx(vals[-1][key], abs=1e-9), key
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -174,6 +189,10 @@ def test_bad_inputs_fail_fast_with_one_line(isbi_store, synth_store, tmp_path, f
                           timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.count("no array 'labels'") == 2
+    proc = subprocess.run(torchrun_cmd(2, free_port, "train", "--config", SMOKE, f"data.store={isbi_store}",
+                                       f"run.dir={run}", "train.sync_batchnorm=true"), cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.count("SyncBatchNorm runs on GPUs only") == 2
     assert not run.exists()
 
 
@@ -199,3 +218,71 @@ def test_wandb_offline_logs_and_resume_continues_run(synth_store, tmp_path):
     assert {"train/loss", "train/lr", "train/images_per_s", "val/dice_membrane", "val/dice_neuron"} <= logged
     assert any(key.startswith("val/raw|label|prediction") for key in logged)
     assert {r["_step"] for r in rows if "val/dice_membrane" in r} == {10, 20}
+
+
+def test_model_command(cli):
+    done = cli("model", CONFIGS / "isbi2012.yaml", "--patch", "572,572", "model.padding=valid", "model.norm=none")
+    assert done.code == 0, done.err
+    assert "572" in done.out and "388" in done.out
+    bad = cli("model", CONFIGS / "isbi2012.yaml", "--patch", "100,100")
+    assert bad.code == 2 and "100" in bad.err and bad.err.count("\n") == 1
+
+
+def test_loss_options():
+    from unet_dist.train import loss_fn
+
+    logits = torch.tensor([[[[4.0, -4.0], [4.0, -4.0]]]])
+    label = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
+    good = loss_fn(logits, label, None, "bce")
+    bad = loss_fn(-logits, label, None, "bce")
+    assert good < 0.05 < bad
+    assert loss_fn(logits, label, None, "bce_dice") > good  # dice term adds a small positive amount
+    weight = torch.tensor([[[[1.0, 10.0], [1.0, 10.0]]]])
+    assert loss_fn(-logits, label, weight, "bce") > bad  # membrane errors weigh more
+
+
+def test_warmup_then_cosine():
+    from unet_dist.config import TrainConfig
+    from unet_dist.train import lr_factor
+
+    cfg = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    factors = [lr_factor(s, cfg) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert factors[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_options_bf16_weight_map_dice_channels_last(synth_store, tmp_path):
+    run = tmp_path / "run"
+    done = run_cli("train", "--config", SMOKE, f"data.store={synth_store}", "data.train_slices=[0,8]",
+                   "data.val_slices=[8,12]", f"run.dir={run}", "train.steps=6", "train.val_every=6",
+                   "train.precision=bf16", "train.weight_map=true", "train.loss=bce_dice",
+                   "train.channels_last=true", "train.optimizer=adamw", "train.weight_decay=0.01",
+                   "model.norm=group", "model.upsample=interp")
+    assert done.code == 0, done.err
+    assert "precision bf16" in done.out
+    assert json.loads((run / "status.json").read_text())["step"] == 6
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_with_clear_error(synth_store, tmp_path):
+    run = tmp_path / "run"
+    done = run_cli("train", "--config", SMOKE, f"data.store={synth_store}", "data.train_slices=[0,8]",
+                   "data.val_slices=[8,12]", f"run.dir={run}", "train.steps=50", "train.lr=1e30",
+                   "train.warmup_steps=0", "train.grad_clip=0", "train.ckpt_every=1", "train.max_nonfinite_steps=3",
+                   "model.norm=none")
+    assert done.code == 3, done.err
+    assert "non-finite for 3 consecutive steps" in done.err and "Traceback" not in done.err
+    for path in (run / "checkpoints").glob("step-*.pt"):  # what was kept holds finite weights
+        assert all(torch.isfinite(t).all() for t in checkpoint.load(path)["model"].values())
+
+
+@pytest.mark.slow
+def test_torch_compile_option(synth_store, tmp_path):
+    run = tmp_path / "run"
+    done = run_cli("train", "--config", SMOKE, f"data.store={synth_store}", "data.train_slices=[0,8]",
+                   "data.val_slices=[8,12]", f"run.dir={run}", "train.steps=3", "train.val_every=3",
+                   "train.compile=true")
+    assert done.code == 0, done.err[-2000:]
+    assert json.loads((run / "status.json").read_text())["status"] == "completed"

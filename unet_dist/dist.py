@@ -182,10 +182,24 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def replica_spread(model: torch.nn.Module) -> float:
-    """Largest difference between ranks of a parameter checksum: 0.0 when replicas are in sync."""
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (e.g. BatchNorm running statistics).
+
+    DDP broadcasts buffers at the start of each forward, but the forward then updates them with each
+    rank's own batch; before validating or saving, all ranks must hold the same ones.
+    """
+    if not tdist.is_initialized():
+        return
     with torch.no_grad():
-        checksum = sum(float(p.double().sum()) + float(p.double().pow(2).sum()) for p in model.parameters())
+        for buffer in model.buffers():
+            tdist.broadcast(buffer, src=0)
+
+
+def replica_spread(model: torch.nn.Module) -> float:
+    """Largest difference between ranks of a parameter and buffer checksum: 0.0 when in sync."""
+    tensors = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
+    with torch.no_grad():
+        checksum = sum(float(t.double().sum()) + float(t.double().pow(2).sum()) for t in tensors)
     values = np.zeros(world_size())
     values[rank()] = checksum
     values = all_reduce_sum(values)

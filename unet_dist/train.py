@@ -195,6 +195,8 @@ def train(cfg: Config, resume: str = "never") -> TrainResult:
                         "use the same model.* settings or another run.dir")
     device = dist.choose_device(cfg.train.device, env.local_rank)
     precision = dist.resolve_precision(cfg.train.precision, device)
+    if cfg.train.sync_batchnorm and device.type != "cuda" and env.world_size > 1:
+        raise UserError("train.sync_batchnorm: SyncBatchNorm runs on GPUs only; set it false on the CPU")
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     dist.setup(env, device, cfg.train.dist_timeout_s)
@@ -308,7 +310,8 @@ def _train(cfg, env, device, precision, label_crop, state) -> TrainResult:
             if nonfinite_run >= cfg.train.max_nonfinite_steps:
                 raise TrainingDiverged(
                     f"loss was non-finite for {nonfinite_run} consecutive steps (at step {step}); stopping. "
-                    f"Last good checkpoint: {last_ckpt or 'none'}. Lower train.lr or try train.precision=fp32")
+                    f"Last good checkpoint: {last_ckpt or 'none'}. Lower train.lr"
+                    + (" or try train.precision=fp32" if precision != "fp32" else ""))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0
@@ -322,6 +325,7 @@ def _train(cfg, env, device, precision, label_crop, state) -> TrainResult:
                                              float(grad_norm), device))
             window = {"wait": 0.0, "compute": 0.0, "loss": 0.0, "steps": 0}
         if step % cfg.train.val_every == 0 or step == cfg.train.steps:
+            dist.broadcast_buffers(model)
             val_metrics, panel = validate(model, cfg, device, autocast_ctx, want_panel=main and cfg.logging.images)
             val_metrics["val/replica_spread"] = dist.replica_spread(model)
             monitor.log(step, val_metrics)
