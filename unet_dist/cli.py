@@ -109,8 +109,63 @@ def cmd_train(args) -> int:
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
-    if result.metrics and result.status == "completed":
+    if result.main and result.metrics and result.status == "completed":
         print(json.dumps({"step": result.step, **result.metrics}), flush=True)
+    return 0
+
+
+def _slices(text: str | None) -> tuple[int, int] | None:
+    """'25:30' -> (25, 30); '25' -> (25, 26); None -> None (every slice)."""
+    if text is None:
+        return None
+    lo, sep, hi = text.partition(":")
+    try:
+        start = int(lo)
+        stop = int(hi) if sep else start + 1
+    except ValueError:
+        raise UserError(f"--slices '{text}': expected START:STOP, e.g. 25:30") from None
+    if start < 0 or stop <= start:
+        raise UserError(f"--slices '{text}': expected 0 <= START < STOP")
+    return start, stop
+
+
+def cmd_predict(args) -> int:
+    from . import dist
+    from .predict import predict, write_json
+
+    result = predict(args.checkpoint, args.input, args.out, labels=args.labels, slices=_slices(args.slices),
+                     overrides=args.overrides, resume=args.resume, overwrite=args.overwrite, device=args.device,
+                     precision=args.precision)
+    if dist.detect_env().is_main:
+        if args.json:
+            write_json(args.json, result)
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate
+
+    result = evaluate(args.pred, args.labels, slices=_slices(args.slices), json_out=args.json)
+    if result is not None:
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .evaluate import export_tiff
+
+    print(json.dumps(export_tiff(args.pred, args.out, array=args.array, slices=_slices(args.slices),
+                                 overwrite=args.overwrite)))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import report
+
+    for path in report(args.run_dir, pred=args.pred, store=args.store, slices=_slices(args.slices),
+                       max_rows=args.max_rows, panel=args.panel):
+        print(path)
     return 0
 
 
@@ -164,11 +219,63 @@ def build_parser() -> argparse.ArgumentParser:
                    help="never (default; refuses a run.dir with checkpoints), auto (newest valid), or a path")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 data.store=X.zarr")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="tiled prediction of a whole volume (one process, or N ranks under "
+                                       "torchrun / srun)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint (e.g. RUN_DIR/checkpoints/best.pt)")
+    p.add_argument("--input", required=True, help="the store whose 'raw' array to predict (STORE.zarr)")
+    p.add_argument("--out", required=True, help="the prediction store to write (PRED.zarr)")
+    p.add_argument("--labels", help="a store with 'labels': report Dice and pixel error")
+    p.add_argument("--slices", help="START:STOP, predict only these slices (e.g. 25:30)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue an interrupted prediction (same model and settings), or start one")
+    again.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="auto: bf16 on GPUs that have it, fp32 on the CPU")
+    p.add_argument("--json", help="also write the result (and metrics) to this JSON file")
+    p.add_argument("overrides", nargs="*",
+                   help="predict.* overrides, e.g. predict.block_size=[1,256,256] predict.tta=true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="Dice, pixel error and the ISBI V_rand / V_info of a prediction")
+    p.add_argument("--pred", required=True, help="the prediction store (PRED.zarr)")
+    p.add_argument("--labels", required=True, help="the store with 'labels'")
+    p.add_argument("--slices", help="START:STOP in the labels' slice numbers (default: all predicted slices)")
+    p.add_argument("--json", help="write the metrics to this JSON file")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="a prediction as a multi-page TIFF (ISBI submission: float32 "
+                                      "interior probabilities)")
+    p.add_argument("pred", help="the prediction store (PRED.zarr)")
+    p.add_argument("--out", required=True, help="the TIFF file to write")
+    p.add_argument("--array", default="probability", choices=("probability", "mask"),
+                   help="probability: float32 in [0, 1]; mask: uint8 0/255")
+    p.add_argument("--slices", help="START:STOP in input slice numbers (default: all)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("report", help="PNGs of a run: raw | label | prediction | errors, and training curves")
+    p.add_argument("run_dir", help="the run directory (config.yaml, metrics.jsonl, checkpoints/)")
+    p.add_argument("--pred", help="a prediction store (default: predict the slices with the run's best checkpoint)")
+    p.add_argument("--store", help="the store with raw and labels (default: data.store of config.yaml)")
+    p.add_argument("--slices", help="START:STOP (default: data.val_slices of config.yaml)")
+    p.add_argument("--max-rows", type=int, default=6, help="at most this many slices in the grid")
+    p.add_argument("--panel", type=int, default=384, help="panel size in pixels (longest side)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Dotted overrides may come after options too (`model CFG --patch 572,572 model.padding=valid`).
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except UserError as exc:

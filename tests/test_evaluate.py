@@ -1,0 +1,84 @@
+"""`evaluate`: the one-process metrics of metrics.py, over slices spread on ranks, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from unet_dist.cli import main
+from unet_dist.evaluate import evaluate
+from unet_dist.metrics import evaluate_volume
+from unet_dist.predict import probability_float
+
+from conftest import ROOT, torchrun_cmd
+
+ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+KEYS = ("dice_neuron", "dice_membrane", "pixel_error", "v_rand", "v_info")
+
+
+def fake_prediction(out: Path, labels: np.ndarray, first: int = 0, seed: int = 0) -> np.ndarray:
+    """A prediction store as `predict` writes it, holding a noisy, blurred copy of the labels."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    prob = ndimage.uniform_filter(labels.astype(np.float32), size=(1, 5, 5)) * 0.8 + 0.1
+    prob = np.clip(prob + rng.normal(0, 0.15, labels.shape), 0, 1)
+    u8 = np.rint(prob * 255).astype(np.uint8)
+    group = zarr.open_group(str(out), mode="w", zarr_format=3,
+                            attributes={"unet_dist": {"predict": {"settings": {"slices": [first, first + len(u8)]}}}})
+    group.create_array("probability", data=u8, chunks=(1, *u8.shape[1:]))
+    group.create_array("mask", data=(probability_float(u8) > 0.5).astype(np.uint8), chunks=(1, *u8.shape[1:]))
+    return u8
+
+
+@pytest.fixture(scope="module")
+def labels(synth_store) -> np.ndarray:
+    return zarr.open_group(str(synth_store), mode="r")["labels"][:]
+
+
+def test_equals_one_process_metrics_and_writes_json(synth_store, labels, tmp_path):
+    pred = tmp_path / "pred.zarr"
+    u8 = fake_prediction(pred, labels)
+    out = tmp_path / "metrics.json"
+    result = evaluate(pred, synth_store, json_out=out)
+    expected = evaluate_volume(probability_float(u8), labels)
+    for key in KEYS + ("v_rand_threshold", "v_info_threshold"):
+        assert result[key] == expected[key], key
+    assert 0.5 < result["v_rand"] < 1 and 0.5 < result["v_info"] < 1
+    assert json.loads(out.read_text()) == result and result["n_slices"] == len(labels)
+
+
+def test_slices_follow_the_labels_numbering(synth_store, labels, tmp_path, capsys):
+    pred = tmp_path / "pred.zarr"
+    u8 = fake_prediction(pred, labels[4:9], first=4)  # a prediction of slices 4:9 only
+    result = evaluate(pred, synth_store, slices=(5, 8))
+    expected = evaluate_volume(probability_float(u8[1:4]), labels[5:8])
+    assert all(result[k] == expected[k] for k in KEYS) and result["slices"] == [5, 8]
+    assert main(["evaluate", "--pred", str(pred), "--labels", str(synth_store), "--slices", "2:6"]) == 2
+    assert "slices 2:6 are not within its slices 4:9" in capsys.readouterr().err
+    assert main(["evaluate", "--pred", str(pred), "--labels", str(pred)]) == 2
+    assert "no array 'labels'" in capsys.readouterr().err
+    assert main(["evaluate", "--pred", str(synth_store), "--labels", str(synth_store)]) == 2
+    assert "no array 'probability'" in capsys.readouterr().err
+    assert main(["evaluate", "--pred", str(pred), "--labels", str(synth_store), "--slices", "6:x"]) == 2
+
+
+@pytest.mark.slow
+def test_two_ranks_report_exactly_what_one_does(synth_store, labels, tmp_path, free_port):
+    pred = tmp_path / "pred.zarr"
+    fake_prediction(pred, labels, seed=3)
+    one = evaluate(pred, synth_store)
+    out = tmp_path / "two.json"
+    proc = subprocess.run(torchrun_cmd(2, free_port, "evaluate", "--pred", pred, "--labels", synth_store,
+                                       "--json", out), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads(out.read_text())
+    assert proc.stdout.count("dice_neuron") == 1  # rank 0 alone prints
+    assert {k: two[k] for k in KEYS} == {k: one[k] for k in KEYS}  # exact, not approximately

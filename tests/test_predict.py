@@ -1,0 +1,356 @@
+"""The predictor: block grid and halos (pure), seams, 1 vs 2 ranks, kill -9 and resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from unet_dist import checkpoint
+from unet_dist.cli import main
+from unet_dist.config import Config, ModelConfig, PredictConfig, to_dict
+from unet_dist.data.synth import synthesize
+from unet_dist.errors import UserError
+from unet_dist.infer import forward_whole
+from unet_dist.model import build_model, halo, pooling_factor
+from unet_dist.predict import (assign, block_core, input_region, make_plan, mirror_indices, predict,
+                               probability_float, read_mirrored, tta_average)
+
+from conftest import ROOT, run_cli, torchrun_cmd
+
+ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+SMALL = ModelConfig(dims=2, depth=2, base_channels=8)  # the smoke model: halo 23, pooling 4
+
+
+def save_checkpoint(folder: Path, model_cfg: ModelConfig, seed: int = 0, predict_cfg=None) -> Path:
+    """Random weights (and batch-norm statistics, so eval mode is not an identity) in a checkpoint."""
+    torch.manual_seed(seed)
+    model = build_model(model_cfg)
+    for m in model.modules():
+        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    cfg = Config(model=model_cfg, predict=predict_cfg or PredictConfig())
+    state = {"model": model.state_dict(), "model_config": to_dict(model_cfg), "step": 7, "config": to_dict(cfg)}
+    return checkpoint.save(folder, state, keep_last=1)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt"), SMALL)
+
+
+@pytest.fixture(scope="module")
+def volume(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("vol") / "vol.zarr"
+    synthesize(out, shape=(6, 100, 120), seed=3)
+    return out
+
+
+def arrays(pred: Path) -> dict[str, np.ndarray]:
+    group = zarr.open_group(str(pred), mode="r")
+    return {name: group[name][:] for name in ("probability", "mask")}
+
+
+def last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------ pure functions
+
+def test_blocks_cover_the_volume_once_and_ranks_own_disjoint_blocks():
+    cfg = PredictConfig(block_size=[2, 32, 48], halo=[0, 0, 0])
+    plan = make_plan(SMALL, cfg, (9, 100, 130), (2, 9))
+    assert plan.shape == (7, 100, 130) and plan.block == (2, 32, 48) and plan.grid == (4, 4, 3)
+    seen = np.zeros(plan.shape, np.int32)
+    for i in range(plan.n_blocks):
+        seen[tuple(slice(lo, hi) for lo, hi in block_core(plan, i))] += 1
+    assert (seen == 1).all()
+    blocks = list(range(plan.n_blocks))
+    owned = [assign(blocks, r, 3) for r in range(3)]
+    assert sorted(sum(owned, [])) == blocks and max(map(len, owned)) - min(map(len, owned)) <= 1
+
+
+@pytest.mark.parametrize("model_cfg", [SMALL, ModelConfig(dims=3, depth=1, base_channels=4),
+                                       ModelConfig(dims=2, depth=2, base_channels=8, upsample="interp")])
+def test_tiles_start_on_the_pooling_grid_with_enough_halo(model_cfg):
+    plan = make_plan(model_cfg, PredictConfig(block_size=[4, 32, 32], halo=[0, 5, 5]), (10, 90, 70), (0, 10))
+    pool = pooling_factor(model_cfg)
+    need = halo(model_cfg)
+    axes = (1, 2) if model_cfg.dims == 2 else (0, 1, 2)
+    for a, p, h in zip(axes, pool, need):
+        assert plan.before[a] >= h and plan.before[a] % p == 0
+        assert plan.tile[a] == plan.block[a] + 2 * plan.before[a]
+    for i in range(plan.n_blocks):
+        for a, p in zip(axes, pool):
+            assert input_region(plan, block_core(plan, i))[a][0] % p == 0
+
+
+def test_block_sizes_off_the_pooling_grid_are_refused_and_small_volumes_clamp():
+    with pytest.raises(UserError, match="predict.block_size.*pooling factor"):
+        make_plan(SMALL, PredictConfig(block_size=[1, 30, 32]), (4, 100, 100), (0, 4))
+    plan = make_plan(SMALL, PredictConfig(block_size=[8, 512, 512]), (3, 50, 61), (0, 3))
+    assert plan.block == (3, 52, 64)  # the volume, rounded up to the pooling factor 4
+
+
+def test_mirror_indices_match_numpy_symmetric_padding_for_any_reach():
+    for n in (1, 2, 5, 9):
+        for before, after in ((0, 0), (3, 4), (12, 20)):
+            expected = np.pad(np.arange(n), (before, after), mode="symmetric")
+            assert np.array_equal(mirror_indices(-before, n + after, n), expected)
+    vol = np.random.default_rng(0).integers(0, 255, (5, 7, 9), dtype=np.uint8)
+    region = ((-3, 8), (2, 5), (-12, 21))
+    padded = np.pad(vol, ((3, 3), (0, 0), (12, 12)), mode="symmetric")
+    assert np.array_equal(read_mirrored(vol, region), padded[:, 2:5, :])
+
+
+def test_tta_maps_every_transform_back():
+    x = torch.rand(2, 1, 8, 12)
+    seen = []
+
+    def fn(t):
+        seen.append(t)
+        return t ** 2  # pointwise, so equivariant: every transform must map back onto x ** 2
+
+    assert torch.allclose(tta_average(fn, x), x ** 2)
+    assert len(seen) == 8 and len({tuple(t.flatten().tolist()) for t in seen}) == 8
+
+
+# ---------------------------------------------------------------------------------------- seams
+
+def test_seamless_2d_equals_whole_image_away_from_the_border(ckpt, volume, tmp_path):
+    out = tmp_path / "pred.zarr"
+    result = predict(ckpt, volume, out, overrides=["predict.block_size=[2,32,48]", "predict.probability_dtype=float16",
+                                                   "predict.batch_size=3"])
+    assert result["blocks"] == 3 * 4 * 3  # more than one block along every axis
+    tiled = probability_float(zarr.open_group(str(out))["probability"][:])
+    model = checkpoint_model(ckpt, SMALL)
+    raw = zarr.open_group(str(volume))["raw"][:].astype(np.float32) / 255
+    whole = forward_whole(model, SMALL, raw, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    m = halo(SMALL)[0]
+    inner = (slice(None), slice(m, -m), slice(m, -m))
+    assert np.abs(tiled[inner] - whole[inner]).max() < 5e-4  # float16 storage rounds by <= 2^-12
+    assert np.abs(tiled - whole).max() > 1e-3  # ... while the borders do differ (mirror vs zeros)
+
+
+def test_seamless_valid_padding_equals_whole_image_everywhere(volume, tmp_path):
+    cfg = ModelConfig(dims=2, depth=2, base_channels=8, padding="valid")
+    ckpt = save_checkpoint(tmp_path / "ck", cfg, seed=2)
+    out = tmp_path / "pred.zarr"
+    predict(ckpt, volume, out, overrides=["predict.block_size=[1,32,32]", "predict.probability_dtype=float16"])
+    tiled = probability_float(zarr.open_group(str(out))["probability"][:])
+    raw = zarr.open_group(str(volume))["raw"][:].astype(np.float32) / 255
+    whole = forward_whole(checkpoint_model(ckpt, cfg), cfg, raw, torch.device("cpu"),
+                          torch.autocast("cpu", enabled=False))
+    assert np.abs(tiled - whole).max() < 5e-4  # both mirror the volume: equal up to the borders
+
+
+def test_seamless_3d_volume_larger_than_a_block_on_every_axis(tmp_path):
+    cfg = ModelConfig(dims=3, depth=1, base_channels=4)  # halo 9, pooling 2
+    ckpt = save_checkpoint(tmp_path / "ck", cfg, seed=1)
+    store = tmp_path / "vol.zarr"
+    synthesize(store, shape=(22, 40, 44), seed=5)
+    out = tmp_path / "pred.zarr"
+    result = predict(ckpt, store, out, labels=store,
+                     overrides=["predict.block_size=[8,16,16]", "predict.probability_dtype=float16"])
+    assert result["blocks"] == 3 * 3 * 3 and 0 <= result["dice_neuron"] <= 1
+    assert zarr.open_group(str(out))["probability"].chunks == (8, 16, 16)
+    tiled = probability_float(zarr.open_group(str(out))["probability"][:])
+    raw = zarr.open_group(str(store))["raw"][:].astype(np.float32) / 255
+    whole = forward_whole(checkpoint_model(ckpt, cfg), cfg, raw[None], torch.device("cpu"),
+                          torch.autocast("cpu", enabled=False))[0]
+    m = halo(cfg)[0]
+    inner = (slice(m, -m),) * 3
+    assert np.abs(tiled[inner] - whole[inner]).max() < 5e-4
+
+
+def checkpoint_model(path: Path, model_cfg) -> torch.nn.Module:
+    model = build_model(model_cfg)
+    model.load_state_dict(checkpoint.load(path)["model"])
+    return model.eval()
+
+
+# --------------------------------------------------------------------- outputs, slices, export
+
+def test_outputs_metadata_slices_and_export(ckpt, volume, tmp_path):
+    full, part = tmp_path / "full.zarr", tmp_path / "part.zarr"
+    args = ["predict.block_size=[1,48,48]"]
+    whole = predict(ckpt, volume, full, labels=volume, overrides=args)
+    predict(ckpt, volume, part, slices=(2, 5), overrides=args)
+    a, b = arrays(full), arrays(part)
+    assert b["probability"].shape == (3, 100, 120) and b["probability"].dtype == np.uint8
+    assert np.array_equal(a["probability"][2:5], b["probability"])  # 2D: slices are independent
+    u8, mask = a["probability"], a["mask"].astype(bool)
+    assert ((u8 >= 129) <= mask).all() and (mask <= (u8 >= 128)).all()  # mask = p > 0.5 before rounding
+
+    from ome_zarr_models.v05.image import Image as OmeImage
+
+    group = zarr.open_group(str(part), mode="r")
+    ome = OmeImage.from_zarr(group).ome_attributes  # arrays, dimension names and all
+    assert [m.name for m in ome.multiscales] == ["probability", "mask"]
+    transforms = group.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    assert transforms == [{"type": "scale", "scale": [50.0, 4.0, 4.0]},
+                          {"type": "translation", "translation": [100.0, 0.0, 0.0]}]
+    assert group["mask"].metadata.dimension_names == ("z", "y", "x")
+    info = group.attrs["unet_dist"]
+    assert info["predict"]["complete"] and info["predict"]["settings"]["slices"] == [2, 5]
+    assert info["predict"]["checkpoint_step"] == 7 and info["version"]
+    assert info["sources"]["checkpoint"]["weights_sha256"] == info["predict"]["settings"]["weights_sha256"]
+    assert zarr.open_group(str(full), mode="r").attrs["unet_dist"]["predict"]["metrics"]["dice_neuron"] \
+        == whole["dice_neuron"]
+
+    import tifffile
+
+    tif = tmp_path / "pred.tif"
+    assert main(["export", str(part), "--out", str(tif), "--slices", "3:5"]) == 0
+    pages = tifffile.imread(tif)
+    assert pages.dtype == np.float32 and pages.shape == (2, 100, 120)
+    assert np.array_equal(pages, probability_float(b["probability"][1:3]))
+    assert main(["export", str(part), "--out", str(tif)]) == 2  # exists
+    assert main(["export", str(part), "--out", str(tmp_path / "m.tif"), "--array", "mask"]) == 0
+    assert set(np.unique(tifffile.imread(tmp_path / "m.tif"))) <= {0, 255}
+    assert main(["export", str(part), "--out", str(tmp_path / "x.tif"), "--slices", "0:3"]) == 2
+
+
+def test_tta_runs_and_stays_close_to_plain(ckpt, volume, tmp_path):
+    plain = predict(ckpt, volume, tmp_path / "a.zarr", slices=(0, 1), overrides=["predict.block_size=[1,64,64]"])
+    tta = predict(ckpt, volume, tmp_path / "b.zarr", slices=(0, 1),
+                  overrides=["predict.block_size=[1,64,64]", "predict.tta=true"])
+    assert plain["blocks"] == tta["blocks"] == 4
+    a, b = arrays(tmp_path / "a.zarr")["probability"], arrays(tmp_path / "b.zarr")["probability"]
+    assert not np.array_equal(a, b)
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+def test_bad_input_gives_one_line_and_loses_nothing(ckpt, volume, tmp_path, capsys):
+    out = tmp_path / "pred.zarr"
+    base = ["predict", "--checkpoint", str(ckpt), "--input", str(volume), "--out", str(out)]
+
+    def fails(*extra, match: str):
+        capsys.readouterr()
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1, err
+
+    # weights of another model config under this model_config
+    other = checkpoint.load(save_checkpoint(tmp_path / "other", ModelConfig(dims=2, depth=2, base_channels=4)))
+    other["model_config"] = other["config"]["model"] = to_dict(SMALL)
+    torch.save(other, tmp_path / "mismatch.pt")
+    assert main(["predict", "--checkpoint", str(tmp_path / "mismatch.pt"), "--input", str(volume),
+                 "--out", str(out)]) == 2
+    assert "weights do not fit its model_config" in capsys.readouterr().err
+    raw_less = tmp_path / "labels_only.zarr"
+    zarr.open_group(str(raw_less), mode="w").create_array("labels", shape=(2, 8, 8), dtype="uint8")
+    assert main(["predict", "--checkpoint", str(ckpt), "--input", str(raw_less), "--out", str(out)]) == 2
+    assert "no array 'raw'" in capsys.readouterr().err
+    fails("--slices", "4:9", match="slices 4:9 are not within")
+    fails("predict.block_size=[1,30,30]", match="pooling factor")
+    fails("model.depth=3", match="only predict.* settings")
+    assert not out.exists()
+
+    assert main([*base, "--slices", "0:2", "predict.block_size=[1,48,48]"]) == 0
+    before = arrays(out)
+    fails("--slices", "0:2", "predict.block_size=[1,48,48]", match="pass --resume to continue it or --overwrite")
+    fails("--slices", "0:2", "predict.block_size=[1,64,64]", "--resume", match="another block_size")
+    second = save_checkpoint(tmp_path / "second", SMALL, seed=9)
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(second), "--input", str(volume), "--out", str(out),
+                 "--slices", "0:2", "predict.block_size=[1,48,48]", "--resume"]) == 2
+    assert "another weights_sha256" in capsys.readouterr().err
+    after = arrays(out)
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing lost
+    not_a_store = tmp_path / "folder"
+    not_a_store.mkdir()
+    (not_a_store / "precious.txt").write_text("keep")
+    assert main(["predict", "--checkpoint", str(ckpt), "--input", str(volume), "--out", str(not_a_store),
+                 "--overwrite"]) == 2
+    assert (not_a_store / "precious.txt").read_text() == "keep"
+    assert main([*base, "--slices", "0:2", "predict.block_size=[1,64,64]", "--overwrite"]) == 0
+    assert zarr.open_group(str(out))["probability"].chunks == (1, 64, 64)
+
+
+# ---------------------------------------------------------------------- real processes: ranks
+
+PRED_ARGS = ["predict.block_size=[1,32,32]", "predict.batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt, volume, tmp_path_factory):
+    """One uninterrupted single-process run through the console script."""
+    out = tmp_path_factory.mktemp("ref") / "pred.zarr"
+    done = run_cli("predict", "--checkpoint", ckpt, "--input", volume, "--out", out, "--labels", volume,
+                   *PRED_ARGS, env={"OMP_NUM_THREADS": "1"})
+    assert done.code == 0, done.err
+    return out, last_json(done.out)
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank(ckpt, volume, reference, tmp_path, free_port):
+    ref_out, ref = reference
+    out = tmp_path / "pred.zarr"
+    proc = subprocess.run(torchrun_cmd(2, free_port, "predict", "--checkpoint", ckpt, "--input", volume,
+                                       "--out", out, "--labels", volume, *PRED_ARGS),
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = last_json(proc.stdout)
+    assert proc.stdout.count('"blocks"') == 1  # rank 0 reports
+    for key in ("dice_neuron", "dice_membrane", "pixel_error", "blocks", "voxels_predicted"):
+        assert two[key] == ref[key]
+    a, b = arrays(ref_out), arrays(out)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    entries = [json.loads(f.read_text()) for f in (out / ".manifest").glob("block-*.json")]
+    owners = {e["block"]: e["rank"] for e in entries}
+    assert owners == {i: i % 2 for i in range(ref["blocks"])}  # round-robin: every chunk has one writer
+
+
+@pytest.mark.slow
+def test_killed_then_resumed_equals_uninterrupted(ckpt, volume, reference, tmp_path, free_port):
+    ref_out, ref = reference
+    out = tmp_path / "pred.zarr"
+    args = ["predict", "--checkpoint", ckpt, "--input", volume, "--out", out, "--labels", volume, "--resume",
+            *PRED_ARGS]
+    proc = subprocess.Popen([sys.executable, "-m", "unet_dist", *map(str, args)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    manifest = out / ".manifest"
+    deadline = time.monotonic() + 120
+    while len(list(manifest.glob("block-*.json"))) < 4:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(manifest.glob("block-*.json")))
+    assert 4 <= done < ref["blocks"], "the run finished before it was killed"
+    # the same arguments again, now on 2 ranks: only the missing blocks are predicted
+    resumed = subprocess.run(torchrun_cmd(2, free_port, *args), cwd=ROOT, env=ENV, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = last_json(resumed.stdout)
+    assert result["blocks_skipped"] >= done and result["blocks_predicted"] == ref["blocks"] - result["blocks_skipped"]
+    for key in ("dice_neuron", "dice_membrane", "pixel_error"):
+        assert result[key] == ref[key]
+    a, b = arrays(ref_out), arrays(out)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    again = run_cli(*args, env={"OMP_NUM_THREADS": "1"})  # finished: nothing left to do
+    assert again.code == 0 and last_json(again.out)["blocks_predicted"] == 0
+
+
+@pytest.mark.slow
+def test_every_rank_reports_a_mistake_before_any_collective(ckpt, tmp_path, free_port):
+    raw_less = tmp_path / "labels_only.zarr"
+    zarr.open_group(str(raw_less), mode="w").create_array("labels", shape=(2, 8, 8), dtype="uint8")
+    out = tmp_path / "pred.zarr"
+    proc = subprocess.run(torchrun_cmd(2, free_port, "predict", "--checkpoint", ckpt, "--input", raw_less,
+                                       "--out", out), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.count("no array 'raw'") == 2
+    assert not out.exists()

@@ -1,0 +1,111 @@
+"""`report`: the slice grid and the training curves as PNGs, drawn with Pillow."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+
+from unet_dist.cli import main
+from unet_dist.config import Config, ModelConfig, dump_yaml
+from unet_dist.errors import UserError
+from unet_dist.report import (INVENTED, MISSED, error_panel, format_tick, line_chart, nice_ticks, read_metrics,
+                              report)
+
+from test_evaluate import fake_prediction
+from test_predict import save_checkpoint
+
+
+def colours(img: Image.Image) -> set[tuple[int, int, int]]:
+    return set(map(tuple, np.asarray(img.convert("RGB")).reshape(-1, 3).tolist()))
+
+
+def make_run(run: Path, store: Path, val=(2, 5), metrics: bool = True) -> Path:
+    run.mkdir(parents=True)
+    cfg = Config(model=ModelConfig(depth=2, base_channels=8))
+    cfg.data.store, cfg.data.val_slices = str(store), list(val)
+    (run / "config.yaml").write_text(dump_yaml(cfg))
+    if metrics:
+        lines = []
+        for step in range(5, 105, 5):
+            lines.append({"step": step, "train/loss": 0.7 * math.exp(-step / 40) + 0.2, "train/lr": 1e-3 * (1 - step / 120)})
+            if step % 25 == 0:
+                lines.append({"step": step, "val/dice_membrane": 0.5 + step / 400, "val/dice_neuron": 0.8 + step / 1000})
+        lines.append({"step": 50, "train/loss": 0.123})  # a resumed run logs step 50 again: this one wins
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + '\n{"step": 10')
+    return run
+
+
+def test_error_panel_colours():
+    raw = np.zeros((2, 3), np.float32)
+    label = np.array([[1, 0, 1], [0, 1, 0]], np.uint8)
+    mask = np.array([[1, 1, 0], [0, 1, 0]], np.uint8)
+    rgb = error_panel(raw, label, mask)
+    assert tuple(rgb[0, 1]) == MISSED and tuple(rgb[0, 2]) == INVENTED  # merge and split errors
+    assert len({tuple(rgb[0, 0]), tuple(rgb[1, 0]), tuple(rgb[1, 1])}) == 1  # correct pixels: gray
+
+
+def test_ticks_are_round_and_cover_the_range():
+    for lo, hi in ((0.0, 1.0), (0.213, 0.871), (3.0, 2017.0), (1e-5, 3e-3), (-2.5, 7.0)):
+        ticks = nice_ticks(lo, hi)
+        assert 3 <= len(ticks) <= 11 and ticks[0] >= lo - 1e-12 and ticks[-1] <= hi + 1e-12
+        step = ticks[1] - ticks[0]
+        mantissa = step / 10 ** math.floor(math.log10(step))
+        assert any(math.isclose(mantissa, m) for m in (1, 2, 5, 10))
+    assert format_tick(0.25, [0.0, 0.25, 0.5]) == "0.25" and format_tick(2e-3, [1e-3, 2e-3]) == "2.0e-3"
+    assert nice_ticks(1.0, 1.0) == [1.0]
+
+
+def test_metrics_later_lines_win_and_torn_lines_are_skipped(tmp_path, synth_store):
+    run = make_run(tmp_path / "run", synth_store)
+    rows = read_metrics(run / "metrics.jsonl")
+    assert rows[50]["train/loss"] == 0.123 and rows[50]["val/dice_membrane"] == 0.625
+    assert list(rows) == sorted(rows) and len(rows) == 20
+    chart = line_chart("t", [("a", [1, 2, 3], [0.1, 0.5, 0.2]), ("empty", [], [])], "y")
+    assert chart.size == (720, 360)
+
+
+def test_report_from_the_runs_checkpoint(tmp_path, synth_store):
+    run = make_run(tmp_path / "run", synth_store)
+    save_checkpoint(run / "checkpoints", ModelConfig(depth=2, base_channels=8))
+    written = report(run)
+    assert [p.name for p in written] == ["slices.png", "curves.png"]
+    grid = Image.open(run / "report" / "slices.png")
+    assert grid.width > 4 * 128 and grid.height > 3 * 128  # 4 columns, val_slices 2:5 -> 3 rows
+    curves = Image.open(run / "report" / "curves.png")
+    assert curves.size == (720, 3 * 360)
+    # the curves are drawn in colour, not just axes
+    assert len(colours(curves)) > 20
+
+
+def test_report_from_a_prediction_store_and_cli(tmp_path, synth_store, capsys):
+    labels = zarr.open_group(str(synth_store), mode="r")["labels"][:]
+    pred = tmp_path / "pred.zarr"
+    fake_prediction(pred, labels[3:11], first=3)
+    run = make_run(tmp_path / "run", synth_store, metrics=False)
+    assert main(["report", str(run), "--pred", str(pred), "--slices", "4:10", "--max-rows", "3",
+                 "--panel", "64"]) == 0
+    assert capsys.readouterr().out.split() == [str(run / "report" / "slices.png")]
+    grid = Image.open(run / "report" / "slices.png")
+    assert grid.height < 3 * (64 + 10) + 120  # 3 rows of 64 px panels
+    # red (missed membrane) and blue (invented membrane) pixels are where the errors are
+    pixels = colours(grid)
+    assert MISSED in pixels and INVENTED in pixels
+    assert main(["report", str(run), "--pred", str(pred), "--slices", "0:5"]) == 2
+    assert "holds slices 3:11" in capsys.readouterr().err
+
+
+def test_curves_only_and_nothing_to_draw(tmp_path, synth_store):
+    run = tmp_path / "bare"
+    run.mkdir()
+    with pytest.raises(UserError, match="nothing to draw"):
+        report(run)
+    with pytest.raises(UserError, match="not a run directory"):
+        report(tmp_path / "missing")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 0.5}) + "\n")
+    assert [p.name for p in report(run)] == ["curves.png"]

@@ -1,0 +1,96 @@
+"""A prediction store for the ISBI challenge: its scores against labels, and the submission TIFF.
+
+`evaluate`: Dice, pixel error and the ISBI 2012 V_rand / V_info.
+
+Slices are spread round-robin over ranks. Dice and pixel error pool integer confusion counts (exact
+under any reduction). The ISBI scores are means over slices of per-slice F-scores, so each rank fills
+its rows of a (slices, thresholds, 2) table, zeros elsewhere, and the tables are summed across ranks:
+adding zeros is exact, and rank 0 then sums the rows in slice order, so N ranks give bit for bit
+what one process gives. Memory: one slice at a time.
+
+`export_tiff`: the challenge's submission format, a multi-page float32 TIFF of probabilities.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import dist
+from .data.store import open_store
+from .errors import UserError
+from .metrics import ISBI_THRESHOLDS, confusion_counts, isbi_scores_from_sums, isbi_sums, scores_from_confusion
+from .predict import open_prediction, parse_slices, probability_float, write_json
+
+
+def _open(pred, labels, slices):
+    group, z0 = open_prediction(pred)
+    label_arr = open_store(labels, arrays=("labels",))["labels"]
+    prob, mask = group["probability"], group["mask"]
+    depth = prob.shape[0]
+    if tuple(label_arr.shape[1:]) != tuple(prob.shape[1:]) or z0 + depth > label_arr.shape[0]:
+        raise UserError(f"{labels}: labels {tuple(label_arr.shape)} do not cover the prediction "
+                        f"{tuple(prob.shape)} of slices {z0}:{z0 + depth} ({pred})")
+    lo, hi = parse_slices(slices, depth, str(pred), z0)
+    return prob, mask, label_arr, z0, (lo, hi)
+
+
+def slice_scores(prob2d: np.ndarray, mask2d: np.ndarray, label2d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(confusion counts, per-threshold (V_rand, V_info)) of one slice."""
+    return confusion_counts(mask2d, label2d), isbi_sums(prob2d, label2d)["sums"]
+
+
+def evaluate(pred, labels, slices=None, json_out=None) -> dict | None:
+    """Metrics of `pred` over the slices (labels' numbering); rank 0 returns them, others None."""
+    prob, mask, label_arr, z0, (lo, hi) = _open(pred, labels, slices)
+    env = dist.detect_env()
+    dist.setup(env, dist.choose_device("cpu", env.local_rank))
+    try:
+        counts = np.zeros(4, np.int64)
+        table = np.zeros((hi - lo, len(ISBI_THRESHOLDS), 2), np.float64)
+        for z in range(lo + dist.rank(), hi, dist.world_size()):
+            c, table[z - lo] = slice_scores(probability_float(prob[z - z0]), np.asarray(mask[z - z0]),
+                                            np.asarray(label_arr[z]))
+            counts += c
+        counts, table = dist.all_reduce_sum(counts), dist.all_reduce_sum(table)
+        if not dist.is_main():
+            return None
+    finally:
+        dist.teardown()
+    sums = np.zeros(table.shape[1:], np.float64)
+    for row in table:  # slice order, as one process adds them up
+        sums += row
+    result = {**scores_from_confusion(counts), **isbi_scores_from_sums(sums, hi - lo),
+              "slices": [lo, hi], "n_slices": hi - lo, "pred": str(Path(pred)), "labels": str(Path(labels))}
+    if json_out:
+        write_json(json_out, result)
+    return result
+
+
+def export_tiff(pred, out, array: str = "probability", slices=None, overwrite: bool = False) -> dict:
+    """A multi-page TIFF, one page per slice: float32 probabilities of neuron interior (the ISBI
+    submission format), or the mask as uint8 0/255. Written slice by slice, then renamed into place."""
+    import tifffile
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: already exists (pass --overwrite to replace it)")
+    group, z0 = open_prediction(pred, arrays=(array,))
+    arr = group[array]
+    lo, hi = (z - z0 for z in parse_slices(slices, arr.shape[0], str(pred), z0))
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    dtype = np.float32 if array == "probability" else np.uint8
+    big = (hi - lo) * arr.shape[1] * arr.shape[2] * np.dtype(dtype).itemsize > 2**31
+    try:
+        with tifffile.TiffWriter(tmp, bigtiff=big) as tif:
+            for z in range(lo, hi):
+                page = np.asarray(arr[z])
+                page = probability_float(page) if array == "probability" else (page > 0).astype(np.uint8) * 255
+                tif.write(page, contiguous=True, photometric="minisblack")
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"out": str(out), "array": array, "slices": [z0 + lo, z0 + hi], "dtype": np.dtype(dtype).name}
