@@ -139,7 +139,8 @@ def test_seamless_2d_equals_whole_image_away_from_the_border(ckpt, volume, tmp_p
     m = halo(SMALL)[0]
     inner = (slice(None), slice(m, -m), slice(m, -m))
     assert np.abs(tiled[inner] - whole[inner]).max() < 5e-4  # float16 storage rounds by <= 2^-12
-    assert np.abs(tiled - whole).max() > 1e-3  # ... while the borders do differ (mirror vs zeros)
+    # forward_whole mirrors the image border by the same halo, so even the borders agree.
+    assert np.abs(tiled - whole).max() < 5e-4
 
 
 def test_seamless_valid_padding_equals_whole_image_everywhere(volume, tmp_path):

@@ -9,20 +9,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .model import halo, valid_input_shape
+from .model import halo, pooling_factor, valid_input_shape
 
 
 def padded_input_shape(model_cfg, out_shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The smallest input shape whose output covers `out_shape`, and the context before each axis.
+    """The input shape that gives `out_shape` with full context, and the context before each axis.
 
-    Same padding: round each axis up to what the poolings divide (context 0). Valid padding: add
-    the network's halo on each side and round up to a size the network accepts.
+    Same padding: the network's halo (rounded up to its pooling grid) on each side, then rounded
+    up to what the poolings divide; the output is as large as the input. Valid padding: the halo the
+    network consumes, grown to a size it accepts; the output is smaller than the input.
     """
+    reach = tuple(halo(model_cfg))
     if model_cfg.padding == "same":
-        return valid_input_shape(model_cfg, tuple(out_shape)), (0,) * len(out_shape)
-    context = tuple(halo(model_cfg))  # valid padding: output = input - 2 * halo on every axis
-    grown = tuple(o + 2 * c for o, c in zip(out_shape, context))
-    return valid_input_shape(model_cfg, grown), context
+        pool = pooling_factor(model_cfg)
+        context = tuple(-(-r // p) * p for r, p in zip(reach, pool))
+        grown = tuple(o + 2 * c for o, c in zip(out_shape, context))
+        return valid_input_shape(model_cfg, grown), context
+    grown = tuple(o + 2 * c for o, c in zip(out_shape, reach))  # valid: output = input - 2 * halo
+    return valid_input_shape(model_cfg, grown), reach
 
 
 def mirror_pad(image: np.ndarray, before: tuple[int, ...], after: tuple[int, ...]) -> np.ndarray:
@@ -34,8 +38,8 @@ def forward_whole(model: torch.nn.Module, model_cfg, images: np.ndarray, device:
                   autocast_ctx) -> np.ndarray:
     """Interior probabilities for a batch of whole images (N, *spatial), float32, same shape.
 
-    Images are float32 in [0, 1]; each is mirrored to a shape the network accepts, and the output
-    is cropped back to the input's own extent.
+    Images are float32 in [0, 1]; each is mirrored by the network's halo (the U-Net paper's
+    overlap-tile border), as the predictor does, and the output is cropped back to the image.
     """
     spatial = images.shape[1:]
     in_shape, context = padded_input_shape(model_cfg, spatial)
@@ -46,7 +50,8 @@ def forward_whole(model: torch.nn.Module, model_cfg, images: np.ndarray, device:
     with autocast_ctx:
         logits = model(x)
     out = torch.sigmoid(logits.float())[:, 0]
-    # Same padding: output aligned with the padded input, cropped at the front. Valid padding: the
-    # output starts `context` into the input, which is where the image begins.
-    crop = (slice(None),) + tuple(slice(0, s) for s in spatial)
+    # Same padding: the output is aligned with the padded input, so the image starts `context` in.
+    # Valid padding: the output already starts `context` into the input, where the image begins.
+    start = context if model_cfg.padding == "same" else (0,) * len(spatial)
+    crop = (slice(None),) + tuple(slice(c, c + s) for c, s in zip(start, spatial))
     return out[crop].cpu().numpy()
