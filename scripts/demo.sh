@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end on CPU: convert the ISBI data (or a synthetic volume when it is
-# missing), describe the store, then train on 2 ranks under torchrun.
+# missing), describe the store, train on 2 ranks under torchrun, predict the validation slices on
+# 2 ranks, evaluate them and write the report PNGs.
 set -euo pipefail
 out=${1:-runs/demo}
 isbi=${UNET_DIST_ISBI_DIR:-data/isbi2012}
@@ -26,4 +27,15 @@ rm -rf "$out/run"  # the demo starts a fresh run each time
 WANDB_MODE=${WANDB_MODE:-offline} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} \
   torchrun --standalone --nproc_per_node=2 -m unet_dist train --config "$config" \
   data.store="$store" run.dir="$out/run"
-echo "== done: run directory $out/run (config.yaml, checkpoints/, metrics.jsonl, wandb/)"
+run="$out/run"
+echo "== predict: validation slices 25:30 with the best checkpoint, 2 ranks under torchrun"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} torchrun --standalone --nproc_per_node=2 -m unet_dist predict \
+  --checkpoint "$run/checkpoints/best.pt" --input "$store" --labels "$store" --slices 25:30 \
+  --out "$out/pred.zarr" --overwrite predict.batch_size=1
+
+echo "== evaluate: Dice, pixel error and the ISBI challenge's V_rand / V_info"
+unet-dist evaluate --pred "$out/pred.zarr" --labels "$store" --slices 25:30 --json "$out/evaluation.json"
+
+echo "== report: slice grid and training curves"
+unet-dist report "$run" --pred "$out/pred.zarr" --store "$store" --slices 25:30
+echo "== done: $run (config.yaml, checkpoints/, metrics.jsonl, wandb/, report/*.png), $out/pred.zarr, $out/evaluation.json"
