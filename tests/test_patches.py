@@ -8,6 +8,7 @@ import torch
 
 from unet_dist.config import AugmentConfig
 from unet_dist.data.patches import PatchSpec, PatchStream, make_loader
+from unet_dist.data.augment import Augmenter
 from unet_dist.data.store import open_store
 
 
@@ -67,3 +68,25 @@ def test_label_crop_and_weight_map(synth_store):
 def test_3d_patches(synth_store):
     batch = take(spec(synth_store, patch_size=(4, 32, 32), label_crop=(0, 0, 0)), n=1)[0]
     assert batch["raw"].shape == (2, 1, 4, 32, 32)
+
+
+def test_holdout_slices_never_sampled(tmp_path):
+    from unet_dist.data.patches import patch_z_starts
+
+    assert patch_z_starts((0, 12), 1, (4, 8)).tolist() == [0, 1, 2, 3, 8, 9, 10, 11]
+    assert patch_z_starts((0, 12), 3, (4, 8)).tolist() == [0, 1, 8, 9]
+    # Each slice a constant 10 z + 5, so a patch's mean tells which slice it came from.
+    import zarr
+
+    store = tmp_path / "slices.zarr"
+    group = zarr.open_group(store, mode="w")
+    raw = group.create_array("raw", shape=(8, 40, 40), chunks=(1, 40, 40), dtype="uint8")
+    raw[:] = (np.arange(8, dtype=np.uint8) * 10 + 5)[:, None, None]
+    group.create_array("labels", shape=(8, 40, 40), chunks=(1, 40, 40), dtype="uint8")[:] = 1
+    quiet = AugmentConfig(intensity=False, noise_std=0.0)
+    stream = PatchStream(spec(store, holdout=(2, 6), batch_size=8), quiet)
+    seen = set()
+    for index in range(10):
+        batch = stream.make_batch(group["raw"], group["labels"], Augmenter(quiet), index)
+        seen |= {round((float(p.mean()) * 255 - 5) / 10) for p in batch["raw"][:, 0]}
+    assert seen == {0, 1, 6, 7}

@@ -39,6 +39,7 @@ class DataConfig:
     store: str = "runs/isbi2012.zarr"
     train_slices: list[int] = field(default_factory=lambda: [0, 25])  # [start, stop)
     val_slices: list[int] = field(default_factory=lambda: [25, 30])
+    holdout_slices: list[int] = field(default_factory=list)  # [start, stop) kept out of training (CV folds)
     patch_size: list[int] = field(default_factory=lambda: [256, 256])  # (Y, X) or (Z, Y, X)
     batch_size: int = 4  # per rank
     num_workers: int = 2
@@ -264,6 +265,9 @@ def validate(cfg: Config, source: str) -> None:
         lo_hi = getattr(cfg.data, key)
         check(len(lo_hi) == 2 and 0 <= lo_hi[0] < lo_hi[1], f"data.{key}",
               f"expected [start, stop) with 0 <= start < stop, got {lo_hi}")
+    holdout = cfg.data.holdout_slices
+    check(not holdout or (len(holdout) == 2 and 0 <= holdout[0] < holdout[1]), "data.holdout_slices",
+          f"expected [] or [start, stop) with 0 <= start < stop, got {holdout}")
     check(len(cfg.data.patch_size) == cfg.model.dims, "data.patch_size",
           f"has {len(cfg.data.patch_size)} axes but model.dims is {cfg.model.dims}")
     check(all(p > 0 for p in cfg.data.patch_size), "data.patch_size", "sizes must be positive")

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint, dist
 from .config import Config, dump_yaml, to_dict
-from .data.patches import PatchSpec, PatchStream, make_loader, to_unit_float
+from .data.patches import PatchSpec, PatchStream, make_loader, patch_z_starts, to_unit_float
 from .data.store import open_store
 from .errors import UserError
 from .infer import forward_whole
@@ -64,9 +64,11 @@ def check_inputs(cfg: Config) -> tuple[tuple[int, int, int], tuple[int, ...]]:
     full = (1, *patch) if len(patch) == 2 else patch
     lo, hi = cfg.data.train_slices
     limits = (hi - lo, shape[1], shape[2])
-    if any(p > n for p, n in zip(full, limits)):
+    holdout = tuple(cfg.data.holdout_slices) or None
+    if any(p > n for p, n in zip(full, limits)) or not len(patch_z_starts((lo, hi), full[0], holdout)):
         raise UserError(f"data.patch_size: {list(patch)} does not fit in the training volume "
-                        f"({limits[0]} slices of {limits[1]} x {limits[2]})")
+                        f"({limits[0]} slices of {limits[1]} x {limits[2]}"
+                        + (f", without slices {list(holdout)})" if holdout else ")"))
     out = output_shape(cfg.model, patch)
     crop = tuple((p - o) // 2 for p, o in zip(patch, out))
     return shape, crop
@@ -240,7 +242,8 @@ def _train(cfg, env, device, precision, label_crop, state) -> TrainResult:
     spec = PatchSpec(store=cfg.data.store, z_range=tuple(cfg.data.train_slices), patch_size=tuple(cfg.data.patch_size),
                      label_crop=label_crop, batch_size=cfg.data.batch_size, seed=cfg.train.seed, rank=env.rank,
                      weight_map=cfg.train.weight_map, weight_map_w0=cfg.train.weight_map_w0,
-                     weight_map_sigma=cfg.train.weight_map_sigma)
+                     weight_map_sigma=cfg.train.weight_map_sigma,
+                     holdout=tuple(cfg.data.holdout_slices) or None)
     loader = make_loader(PatchStream(spec, cfg.data.augment, start_batch=step * accumulate),
                          cfg.data.num_workers, cfg.data.start_method, pin_memory=device.type == "cuda",
                          prefetch_factor=cfg.data.prefetch_factor, worker_init_fn=_ignore_stop_signals)

@@ -38,6 +38,15 @@ class PatchSpec:
     weight_map: bool = False
     weight_map_w0: float = 10.0
     weight_map_sigma: float = 5.0
+    holdout: tuple[int, int] | None = None  # [start, stop) no patch may touch (a CV fold)
+
+
+def patch_z_starts(z_range: tuple[int, int], depth: int, holdout: tuple[int, int] | None) -> np.ndarray:
+    """First slices of the patches of `depth` slices inside `z_range` that avoid `holdout`."""
+    starts = np.arange(z_range[0], z_range[1] - depth + 1)
+    if holdout:
+        starts = starts[(starts + depth <= holdout[0]) | (starts >= holdout[1])]
+    return starts
 
 
 class PatchStream(IterableDataset):
@@ -85,11 +94,11 @@ class PatchStream(IterableDataset):
         return batch
 
     def _random_region(self, rng: np.random.Generator, shape) -> tuple[slice, ...]:
-        z0, z1 = self.spec.z_range
         size = self.spec.patch_size
         if len(size) == 2:
             size = (1, *size)
-        starts = [int(rng.integers(z0, z1 - size[0] + 1))]
+        z_starts = patch_z_starts(self.spec.z_range, size[0], self.spec.holdout)
+        starts = [int(z_starts[rng.integers(0, len(z_starts))])]
         starts += [int(rng.integers(0, shape[a] - size[a] + 1)) for a in (1, 2)]
         return tuple(slice(s, s + n) for s, n in zip(starts, size))
 
