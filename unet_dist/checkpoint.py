@@ -7,6 +7,7 @@ name, flushed to disk, then `os.replace`d into place.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import sys
@@ -22,18 +23,51 @@ _STEP_FILE = re.compile(r"^step-(\d{9})\.pt$")
 REQUIRED_KEYS = ("format", "model", "model_config", "step")
 
 
+def make_dir(directory: Path) -> Path:
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointWriteError(f"{directory}: cannot create directory ({exc.strerror or exc})") from None
+    return directory
+
+
+def check_writable(directory: Path) -> None:
+    """Fail before training starts if the run directory cannot take files."""
+    directory = make_dir(directory)
+    probe = directory / f".write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"ok")
+    except OSError as exc:
+        raise CheckpointWriteError(f"{directory}: run directory is not writable ({exc.strerror or exc})") from None
+    finally:
+        probe.unlink(missing_ok=True)
+
+
 def step_path(ckpt_dir: Path, step: int) -> Path:
     return Path(ckpt_dir) / f"step-{step:09d}.pt"
 
 
+class CheckpointWriteError(UserError):
+    """The checkpoint could not be written (full disk, quota, read-only or missing directory)."""
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
+    # Serialize in memory first: an I/O failure then surfaces as a plain OSError with its reason
+    # ("No space left on device"), not as torch's opaque error from inside the zip writer.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"{path}: cannot write checkpoint ({exc.strerror or exc}); "
+                                   "earlier checkpoints are untouched") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -56,8 +90,7 @@ def _fsync_dir(directory: Path) -> None:
 
 def save(ckpt_dir: Path, state: dict, keep_last: int, is_best: bool = False) -> Path:
     """Write `step-<step>.pt` atomically, refresh `best.pt` if asked, then prune old steps."""
-    ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = make_dir(ckpt_dir)
     state = {"format": FORMAT, **state}
     path = step_path(ckpt_dir, int(state["step"]))
     _atomic_torch_save(state, path)
@@ -69,9 +102,7 @@ def save(ckpt_dir: Path, state: dict, keep_last: int, is_best: bool = False) -> 
 
 def save_best(ckpt_dir: Path, state: dict) -> Path:
     """Refresh only `best.pt` (a validation improved between periodic checkpoints)."""
-    ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / "best.pt"
+    path = make_dir(ckpt_dir) / "best.pt"
     _atomic_torch_save({"format": FORMAT, **state}, path)
     return path
 

@@ -71,6 +71,7 @@ def check_inputs(cfg: Config) -> tuple[tuple[int, int, int], tuple[int, ...]]:
                         + (f", without slices {list(holdout)})" if holdout else ")"))
     out = output_shape(cfg.model, patch)
     crop = tuple((p - o) // 2 for p, o in zip(patch, out))
+    checkpoint.check_writable(Path(cfg.run.dir) / "checkpoints")  # last: nothing is created for a mistake
     return shape, crop
 
 
