@@ -191,15 +191,15 @@ def _resume_state(cfg: Config, resume: str) -> dict | None:
 
 def train(cfg: Config, resume: str = "never") -> TrainResult:
     env = dist.detect_env()
+    device = dist.choose_device(cfg.train.device, env.local_rank)
+    precision = dist.resolve_precision(cfg.train.precision, device)
+    if cfg.train.sync_batchnorm and device.type != "cuda" and env.world_size > 1:
+        raise UserError("train.sync_batchnorm: SyncBatchNorm runs on GPUs only; set it false on the CPU")
     _, label_crop = check_inputs(cfg)
     state = _resume_state(cfg, resume)
     if state is not None and state["model_config"] != to_dict(cfg.model):
         raise UserError(f"{cfg.run.dir}: checkpoint was trained with another model config; "
                         "use the same model.* settings or another run.dir")
-    device = dist.choose_device(cfg.train.device, env.local_rank)
-    precision = dist.resolve_precision(cfg.train.precision, device)
-    if cfg.train.sync_batchnorm and device.type != "cuda" and env.world_size > 1:
-        raise UserError("train.sync_batchnorm: SyncBatchNorm runs on GPUs only; set it false on the CPU")
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     dist.setup(env, device, cfg.train.dist_timeout_s)
