@@ -128,3 +128,79 @@ def test_rank_killed_without_torchrun_others_exit_instead_of_hanging(synth_store
     procs[0].communicate(timeout=120)
     procs[1].communicate(timeout=10)
     assert procs[0].returncode != 0 and time.monotonic() - started < 90
+
+
+# ------------------------------------------------------------------ damaged and invalid stores
+
+def _copy_store(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["deleted", "corrupted"])
+def test_damaged_chunk_is_named_in_training_and_prediction(synth_store, tmp_path, damage):
+    store = _copy_store(synth_store, tmp_path / "damaged.zarr")
+    chunk = store / "raw" / "c" / "3" / "0" / "0"
+    assert chunk.is_file()
+    if damage == "deleted":
+        chunk.unlink()
+    else:
+        chunk.write_bytes(os.urandom(200))
+    done = run_cli("train", "--config", SMOKE, f"data.store={store}", "data.train_slices=[0,8]",
+                   "data.val_slices=[3,4]", f"run.dir={tmp_path / 'run'}", "train.steps=2", "train.val_every=1")
+    assert done.code == 2, done.err[-2000:]
+    assert str(chunk) in done.err and done.err.count("\n") == 1
+    assert ("missing" if damage == "deleted" else "cannot be decoded") in done.err
+
+    from unet_dist.config import Config, to_dict
+    from unet_dist.model import build_model
+
+    cfg = Config()
+    cfg.model.depth, cfg.model.base_channels = 2, 4
+    ckpt = checkpoint.save(tmp_path / "ck", {"model": build_model(cfg.model).state_dict(),
+                                             "model_config": to_dict(cfg.model), "config": to_dict(cfg),
+                                             "step": 0}, keep_last=1)
+    pred = run_cli("predict", "--checkpoint", ckpt, "--input", store, "--out", tmp_path / "pred.zarr")
+    assert pred.code == 2 and str(chunk) in pred.err, pred.err[-2000:]
+
+
+def _float_store(path: Path, raw: "np.ndarray", labels: "np.ndarray") -> Path:
+    import zarr
+
+    group = zarr.open_group(path, mode="w")
+    group.create_array("raw", shape=raw.shape, chunks=(1, *raw.shape[1:]), dtype=raw.dtype)[:] = raw
+    group.create_array("labels", shape=labels.shape, chunks=(1, *raw.shape[1:]), dtype=labels.dtype)[:] = labels
+    return path
+
+
+def test_nan_raw_and_non_binary_labels_are_refused(tmp_path):
+    import numpy as np
+
+    raw = np.random.default_rng(0).random((4, 64, 64), dtype=np.float32)
+    labels = np.ones((4, 64, 64), np.uint8)
+    raw[:, 10, 10] = np.nan
+    store = _float_store(tmp_path / "nan.zarr", raw, labels)
+    args = ["train", "--config", SMOKE, f"data.store={store}", "data.train_slices=[0,4]", "data.val_slices=[3,4]",
+            "train.steps=2"]
+    done = run_cli(*args, f"run.dir={tmp_path / 'a'}")
+    assert done.code == 2 and "NaN or infinite" in done.err and str(store) in done.err, done.err[-2000:]
+
+    labels[:, 5, 5] = 255
+    store = _float_store(tmp_path / "labels.zarr", np.nan_to_num(raw), labels)
+    done = run_cli(*args[:3], f"data.store={store}", *args[4:], f"run.dir={tmp_path / 'b'}")
+    assert done.code == 2 and "other than 0 and 1" in done.err and "--label-threshold" in done.err
+
+
+def test_cuda_on_a_cpu_only_machine_is_one_line(synth_store, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    done = run_cli("train", "--config", SMOKE, f"data.store={synth_store}", *SYNTH, "train.device=cuda",
+                   f"run.dir={tmp_path / 'run'}")
+    assert done.code == 2 and "CUDA is not available" in done.err and done.err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+    bad = run_cli("train", "--config", SMOKE, "train.precision=fp8", f"run.dir={tmp_path / 'run'}")
+    assert bad.code == 2 and "train.precision" in bad.err

@@ -38,7 +38,7 @@ from . import __version__, checkpoint, dist
 from .config import Config, PredictConfig, from_dict, parse_override, to_dict, validate
 from .data.patches import to_unit_float
 from .data.store import (Layout, check_out, create_volume_array, ome_multiscales_attrs, open_store,
-                         provenance, voxel_size)
+                         provenance, read_region, voxel_size)
 from .errors import UserError
 from .infer import padded_input_shape
 from .metrics import confusion_counts, scores_from_confusion
@@ -133,7 +133,7 @@ def read_mirrored(array, region) -> np.ndarray:
     """The region of a (Z, Y, X) array, mirrored where it leaves the array."""
     idx = [mirror_indices(lo, hi, n) for (lo, hi), n in zip(region, array.shape)]
     box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
-    data = np.asarray(array[box])
+    data = read_region(array, box)
     if all(lo >= 0 and hi <= n for (lo, hi), n in zip(region, array.shape)):
         return data
     return data[np.ix_(*(i - s.start for i, s in zip(idx, box)))]
@@ -327,7 +327,7 @@ class _Runner:
         tiles = tiles if self.plan.dims == 2 else tiles[None]
         label = None
         if self.labels is not None:
-            label = np.asarray(self.labels[as_slices(self._input_core(core))])
+            label = read_region(self.labels, as_slices(self._input_core(core)))
         return _Block(index, core, tiles, label)
 
     def _input_core(self, core):
@@ -347,7 +347,7 @@ class _Runner:
         """Counts of a block finished earlier, from its stored mask."""
         core = block_core(self.plan, index)
         mask = np.asarray(self.mask[as_slices(core)])
-        return confusion_counts(mask, np.asarray(self.labels[as_slices(self._input_core(core))]))
+        return confusion_counts(mask, read_region(self.labels, as_slices(self._input_core(core))))
 
     def run(self, todo: list[int], readers: int, writers: int, on_block: Callable[[], None]) -> np.ndarray:
         """Predict and store the blocks `todo`; returns the summed confusion counts of their cores."""

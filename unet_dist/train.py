@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import checkpoint, dist
 from .config import Config, dump_yaml, to_dict
 from .data.patches import PatchSpec, PatchStream, make_loader, patch_z_starts, to_unit_float
-from .data.store import open_store
+from .data.store import open_store, read_region
 from .errors import UserError
 from .infer import forward_whole
 from .metrics import confusion_counts, scores_from_confusion
@@ -138,8 +138,8 @@ def validate(model, cfg: Config, device, autocast_ctx, want_panel: bool):
     model.eval()
     if cfg.model.dims == 2:
         for z in range(lo + dist.rank(), hi, dist.world_size()):
-            raw = to_unit_float(np.asarray(group["raw"][z]))
-            label = np.asarray(group["labels"][z])
+            raw = to_unit_float(read_region(group["raw"], (slice(z, z + 1),))[0])
+            label = read_region(group["labels"], (slice(z, z + 1),))[0]
             prob = forward_whole(model, cfg.model, raw[None], device, autocast_ctx)[0]
             counts += confusion_counts(prob, label, cfg.predict.threshold)
             if want_panel and panel is None:
@@ -148,8 +148,9 @@ def validate(model, cfg: Config, device, autocast_ctx, want_panel: bool):
         # 3D: the validation sub-volume cut into bands along y, one per rank, counted on the cores.
         rows = np.array_split(np.arange(group["raw"].shape[1]), dist.world_size())[dist.rank()]
         if len(rows):
-            raw = to_unit_float(np.asarray(group["raw"][lo:hi, rows[0]:rows[-1] + 1]))
-            label = np.asarray(group["labels"][lo:hi, rows[0]:rows[-1] + 1])
+            band = (slice(lo, hi), slice(rows[0], rows[-1] + 1))
+            raw = to_unit_float(read_region(group["raw"], band))
+            label = read_region(group["labels"], band)
             prob = forward_whole(model, cfg.model, raw[None], device, autocast_ctx)[0]
             counts += confusion_counts(prob, label, cfg.predict.threshold)
             if want_panel:
@@ -281,6 +282,8 @@ def _train(cfg, env, device, precision, label_crop, state) -> TrainResult:
             w0 = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - w0
+            if "error" in batch:  # a damaged or invalid store, found by a loader worker
+                raise UserError(batch["error"])
             raw = batch["raw"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
             label = batch["label"].to(device, non_blocking=True)
             weight = batch["weight"].to(device, non_blocking=True) if "weight" in batch else None

@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .augment import Augmenter, unet_weight_map
-from .store import open_store
+from ..errors import UserError
+from .store import open_store, read_region
 
 
 def to_unit_float(raw: np.ndarray) -> np.ndarray:
@@ -65,7 +66,13 @@ class PatchStream(IterableDataset):
         augmenter = Augmenter(self.augment_cfg)
         index = self.start_batch + worker
         while True:
-            yield self.make_batch(raw, labels, augmenter, index)
+            try:
+                yield self.make_batch(raw, labels, augmenter, index)
+            except UserError as exc:
+                # Handed to the training loop as data: an exception raised in a worker would reach
+                # it wrapped in the worker's traceback instead of as one line.
+                yield {"error": str(exc)}
+                return
             index += workers
 
     def make_batch(self, raw, labels, augmenter, index: int) -> dict[str, torch.Tensor]:
@@ -74,8 +81,9 @@ class PatchStream(IterableDataset):
         raws, labs, weights = [], [], []
         for _ in range(spec.batch_size):
             region = self._random_region(rng, raw.shape)
-            r = to_unit_float(np.asarray(raw[region]))
-            lab = np.asarray(labels[region])
+            r = to_unit_float(read_region(raw, region))
+            lab = read_region(labels, region)
+            self._check(r, lab, region)
             if len(spec.patch_size) == 2:  # a 2D patch is one slice
                 r, lab = r[0], lab[0]
             r, lab = augmenter(rng, r, lab)
@@ -92,6 +100,14 @@ class PatchStream(IterableDataset):
         if weights:
             batch["weight"] = torch.from_numpy(np.stack(weights)[:, None].astype(np.float32))
         return batch
+
+    def _check(self, raw: np.ndarray, lab: np.ndarray, region) -> None:
+        where = f"{self.spec.store} at {', '.join(f'{s.start}:{s.stop}' for s in region)}"
+        if not np.isfinite(raw).all():
+            raise UserError(f"{where}: raw holds NaN or infinite values")
+        if lab.max(initial=0) > 1:
+            raise UserError(f"{where}: labels hold values other than 0 and 1 (max {lab.max()}); "
+                            "convert them with --label-threshold")
 
     def _random_region(self, rng: np.random.Generator, shape) -> tuple[slice, ...]:
         size = self.spec.patch_size

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import math
 import os
 import shutil
@@ -30,6 +31,7 @@ from zarr.codecs import BloscCodec
 from unet_dist import __version__
 from unet_dist.errors import UserError
 
+EVERY_CHUNK_STORED = "unet_dist_every_chunk_stored"
 AXES = ("z", "y", "x")
 LABEL_CONVENTION = "labels: 1 = neuron interior, 0 = membrane (uint8)"
 # Raw EM is mostly noise (zstd level 3 compresses it as well as level 5, ~1.5x faster); byte
@@ -299,7 +301,57 @@ def create_volume_array(group: zarr.Group, name: str, layout: Layout, dtype, kin
         compressors=BloscCodec(**COMPRESSORS[kind]),
         fill_value=0,
         dimension_names=AXES,
+        # Every chunk is stored, even an all-zero one, so a missing chunk file means damage.
+        config={"write_empty_chunks": True},
+        attributes={EVERY_CHUNK_STORED: True},
     )
+
+
+def _chunk_file(array, coords) -> Path | None:
+    """The file that holds the chunk (the shard, when sharded) at `coords`, for local stores."""
+    root = getattr(array.store_path.store, "root", None)
+    if root is None:
+        return None
+    return Path(root) / array.store_path.path / array.metadata.encode_chunk_key(tuple(coords))
+
+
+def _chunks_of(array, region: tuple[slice, ...]) -> list[tuple[int, ...]]:
+    unit = array.shards or array.chunks
+    ranges = []
+    for sl, n, u in zip(region, array.shape, unit):
+        start, stop, _ = sl.indices(n)
+        ranges.append(range(start // u, (max(stop, start + 1) - 1) // u + 1))
+    return list(itertools.product(*ranges))
+
+
+def read_region(array, region: tuple[slice, ...]) -> np.ndarray:
+    """`array[region]`, with a damaged store named down to the chunk instead of a codec traceback.
+
+    A chunk that does not decode is a UserError naming its file; in arrays written by this project
+    (every chunk stored) a missing chunk file is one too, instead of silently reading zeros.
+    """
+    if not isinstance(array, zarr.Array):  # in-memory arrays cannot be damaged
+        return np.asarray(array[region])
+    region = tuple(region) + (slice(None),) * (array.ndim - len(region))
+    try:
+        data = np.asarray(array[region])
+    except Exception as exc:
+        for coords in _chunks_of(array, region):
+            unit = array.shards or array.chunks
+            box = tuple(slice(c * u, (c + 1) * u) for c, u in zip(coords, unit))
+            try:
+                array[box]
+            except Exception:
+                where = _chunk_file(array, coords) or f"{array.store_path} chunk {coords}"
+                raise UserError(f"{where}: damaged chunk, cannot be decoded "
+                                f"({type(exc).__name__}: {str(exc)[:120]})") from None
+        raise
+    if array.attrs.get(EVERY_CHUNK_STORED):
+        for coords in _chunks_of(array, region):
+            path = _chunk_file(array, coords)
+            if path is not None and not path.exists():
+                raise UserError(f"{path}: chunk file is missing (deleted?); the store is damaged")
+    return data
 
 
 def write_volumes(
