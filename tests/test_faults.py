@@ -204,3 +204,54 @@ def test_cuda_on_a_cpu_only_machine_is_one_line(synth_store, tmp_path):
     assert not (tmp_path / "run").exists()
     bad = run_cli("train", "--config", SMOKE, "train.precision=fp8", f"run.dir={tmp_path / 'run'}")
     assert bad.code == 2 and "train.precision" in bad.err
+
+
+# ------------------------------------------------------------------ concurrent predictions
+
+def _random_checkpoint(tmp_path: Path, base: int = 4) -> Path:
+    from unet_dist.config import Config, to_dict
+    from unet_dist.model import build_model
+
+    cfg = Config()
+    cfg.model.depth, cfg.model.base_channels = 2, base
+    return checkpoint.save(tmp_path / f"ck{base}", {"model": build_model(cfg.model).state_dict(),
+                                                    "model_config": to_dict(cfg.model), "config": to_dict(cfg),
+                                                    "step": 0}, keep_last=1)
+
+
+@pytest.mark.slow
+def test_second_prediction_on_the_same_output_refuses(tmp_path):
+    from unet_dist.data.synth import synthesize
+
+    store = tmp_path / "big.zarr"
+    synthesize(store, shape=(48, 256, 256), seed=3)
+    ckpt = _random_checkpoint(tmp_path, base=16)
+    out = tmp_path / "pred.zarr"
+    args = ["-m", "unet_dist", "predict", "--checkpoint", str(ckpt), "--input", str(store), "--out", str(out),
+            "predict.block_size=[1,128,128]", "predict.batch_size=1"]
+    first = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=ENV, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lock = tmp_path / ".pred.zarr.lock"
+    deadline = time.monotonic() + 120
+    while not lock.exists():
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    second = run_cli(*args[2:], "--resume")
+    assert second.code == 2 and "another prediction" in second.err and second.err.count("\n") == 1
+    out_text, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    assert not lock.exists()
+    # A lock left by a process that died is stale: the next run takes over.
+    lock.write_text('{"host": "%s", "pid": 999999999, "since": "then"}' % os.uname().nodename)
+    again = run_cli(*args[2:], "--resume")
+    assert again.code == 0, again.err[-2000:]
+    assert '"blocks_skipped": 192' in again.out and not lock.exists()
+
+
+def test_more_ranks_than_blocks_is_refused(synth_store, tmp_path, free_port):
+    ckpt = _random_checkpoint(tmp_path)
+    proc = subprocess.run(torchrun_cmd(2, free_port, "predict", "--checkpoint", ckpt, "--input", synth_store,
+                                       "--slices", "0:1", "--out", tmp_path / "pred.zarr"),
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.count("2 ranks but only 1 block(s)") == 2
+    assert not (tmp_path / "pred.zarr").exists()

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 from collections import deque
@@ -423,6 +424,54 @@ def _check_output(out: Path, key: str, settings: dict, resume: bool, overwrite: 
     return True
 
 
+class OutputLock:
+    """`.PRED.zarr.lock` beside the output: one prediction writes an output at a time.
+
+    A lock left by a process that died on this host is stale and taken over (kill -9 then resume);
+    one held by a live process, or by another host, is respected.
+    """
+
+    def __init__(self, out: Path):
+        self.path = out.parent / f".{out.name}.lock"
+        self.mine = False
+
+    def holder(self) -> str | None:
+        try:
+            info = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        if info.get("host") == socket.gethostname():
+            try:
+                os.kill(int(info["pid"]), 0)
+            except ProcessLookupError:
+                return None  # its owner is gone
+            except (PermissionError, KeyError, ValueError):
+                pass
+        return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')}"
+
+    def acquire(self) -> None:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                held_by = self.holder()
+                if held_by:
+                    raise UserError(f"{self.path.parent / self.path.name[1:-5]}: another prediction ({held_by}) "
+                                    f"is writing it; wait for it, or delete {self.path} if it is gone") from None
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump({"host": socket.gethostname(), "pid": os.getpid(),
+                           "since": time.strftime("%Y-%m-%dT%H:%M:%S")}, f)
+            self.mine = True
+            return
+
+    def release(self) -> None:
+        if self.mine:
+            self.path.unlink(missing_ok=True)
+            self.mine = False
+
+
 def _create_output(out: Path, plan: Plan, attrs: dict, dtype: str, fresh: bool, manifest: Manifest):
     if fresh and out.exists():
         shutil.rmtree(out)
@@ -475,12 +524,28 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
     precision = dist.resolve_precision(precision, torch_device)
     settings = run_settings(plan, cfg, weights_digest(state["model"]), precision, input)
     key = run_key(settings)
+    if env.world_size > plan.n_blocks:
+        raise UserError(f"{env.world_size} ranks but only {plan.n_blocks} block(s) to predict: use fewer ranks "
+                        "or a smaller predict.block_size")
+    lock = OutputLock(out)
+    if held_by := lock.holder():  # every rank sees this before any collective
+        raise UserError(f"{out}: another prediction ({held_by}) is writing it; wait for it, "
+                        f"or delete {lock.path} if it is gone")
     continuing = _check_output(out, key, settings, resume, overwrite)
     if cfg.model.norm in ("group", "instance"):
         print(f"warning: model.norm {cfg.model.norm}: tiles normalise by their own statistics, so blocks "
               "differ slightly from a whole-volume pass", file=sys.stderr)
     dist.setup(env, torch_device, cfg.train.dist_timeout_s)
     try:
+        # Two predictions started at once: the lock file decides, and rank 0 tells its ranks.
+        refused = None
+        if dist.is_main():
+            try:
+                lock.acquire()
+            except UserError as exc:
+                refused = str(exc)
+        if refused := dist.broadcast_object(refused):
+            raise UserError(refused)
         manifest = Manifest(out, key)
         if dist.is_main():
             _create_output(out, plan, _attrs(plan, settings, key, cfg, in_group, input, ckpt, state["step"]),
@@ -490,6 +555,7 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
         return _predict(plan, cfg, model, torch_device, precision, raw, label_arr, out, manifest, done,
                         readers, writers)
     finally:
+        lock.release()
         dist.teardown()
 
 
