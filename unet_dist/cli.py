@@ -11,6 +11,7 @@ import json
 import sys
 
 from . import __version__
+from .bench import add_bench_parser
 from .errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -169,8 +170,18 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_cv(args) -> int:
+    from .cv import cv
+
+    holdout = _slices(args.holdout) if args.holdout else None
+    cv(args.config, args.overrides, folds=args.folds, only=args.only, holdout=holdout, resume=args.resume,
+       tta=args.tta, which=args.checkpoint)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unet-dist", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="unet-dist", description="Distributed U-Net training and tiled prediction for EM volumes in Zarr.")
     parser.add_argument("--version", action="version", version=f"unet-dist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -264,6 +275,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=6, help="at most this many slices in the grid")
     p.add_argument("--panel", type=int, default=384, help="panel size in pixels (longest side)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("cv", help="k-fold cross-validation over the labelled slices: train, predict and evaluate "
+                                  "each fold (one process, or N ranks under torchrun / srun)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--folds", type=int, default=5, help="folds of consecutive slices (default 5)")
+    p.add_argument("--only", type=int, help="run only fold K (0-based); cv.json sums up every fold on disk")
+    p.add_argument("--holdout", help="START:STOP: one run holding out these slices instead of the folds "
+                                     "(e.g. 25:30, the classic split)")
+    p.add_argument("--resume", default="never", choices=("never", "auto"),
+                   help="auto: skip folds whose training completed (status.json), continue interrupted ones")
+    p.add_argument("--tta", action="store_true", help="also evaluate with 8-fold test-time augmentation")
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"),
+                   help="predict with best.pt (by validation membrane Dice) or the last step checkpoint")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=1000 data.store=X.zarr")
+    p.set_defaults(func=cmd_cv)
+    add_bench_parser(sub)
     return parser
 
 

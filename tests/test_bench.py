@@ -1,0 +1,196 @@
+"""The bench suites: each runs through the real command in --tiny mode and writes a well-formed report.
+
+No timing assertions: only that every suite finishes, prints its table, and that the JSON has the
+machine, versions, config, a finite positive `speedup` and finite positive raw numbers beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, Completed, run_cli
+
+SUITES = ("train", "loader", "predict", "convert")
+
+
+def bench(*args, timeout: float = 600) -> Completed:
+    """`unet-dist bench ...` as a user runs it. Until cli.py registers the command (one line calling
+    `unet_dist.bench.add_bench_parser`), the same parser is reached through `python -m unet_dist.bench`."""
+    if "add_bench_parser" in (ROOT / "unet_dist" / "cli.py").read_text():
+        return run_cli("bench", *args, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", "unet_dist.bench", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    return Completed(proc.returncode, proc.stdout, proc.stderr)
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+# the raw numbers each suite's rows must carry, finite and > 0 (memory: finite and >= 0)
+NUMBERS = {
+    "train": ("images_per_s", "voxels_per_s", "step_s", "tflops", "cpu_s_per_image"),
+    "loader": ("patches_per_s", "batch_s"),
+    "predict": ("voxels_per_s", "seconds", "peak_rss_mb", "cpu_s"),
+    "convert": ("mb_per_s", "seconds", "peak_rss_mb", "cpu_s"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suite", SUITES)
+def test_suite_runs_tiny_and_writes_a_report(suite, tmp_path):
+    out = tmp_path / "report" / f"{suite}.json"
+    work = tmp_path / "work"
+    work.mkdir()
+    device = [] if suite == "convert" else ["--device", "cpu"]
+    done = bench(suite, "--tiny", "--json", out, "--workdir", work, *device)
+    assert done.code == 0, done.err
+    assert "speedup" in done.out and ("x peer" in done.out or "x consumption" in done.out)
+    report = json.loads(out.read_text())
+
+    assert report["suite"] == suite and report["tiny"] is True and report["schema"] == 1
+    assert report["command"].startswith(f"unet-dist bench {suite} --tiny")
+    assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"]
+    assert report["versions"]["torch"] and report["versions"]["zarr"] and report["versions"]["unet_dist"]
+    assert isinstance(report["config"], dict) and report["config"]
+    assert positive(report["speedup"]) and report["speedup_means"]
+    roles = [row["role"] for row in report["results"]]
+    assert "ours" in roles and "peer" in roles
+    assert report["ours"] in report["results"] and report["peer"] in report["results"]
+    for row in report["results"]:
+        for key in NUMBERS[suite]:
+            if key in row or row["role"] in ("ours", "peer"):
+                assert positive(row.get(key)), (key, row)
+        for key in ("peak_mem_mb", "peak_rss_above_baseline_mb"):
+            if key in row:
+                assert math.isfinite(row[key]) and row[key] >= 0, (key, row)
+    assert list(work.iterdir()) == [], "temporary files were left behind"
+
+    if suite == "train":
+        assert roles[0] == "peer" and report["results"][0]["variant"] == "peer fp32 eager"
+        assert report["config"]["flops_per_image"] > 0
+        assert all(row["mfu"] is None for row in report["results"])  # no bf16 peak on a CPU
+    if suite == "loader":
+        workers = [row["workers"] for row in report["results"] if row["role"] == "ours"]
+        assert workers == [0, 1]
+        fed = next(row for row in report["results"] if row["role"] == "fed")
+        assert 0 <= fed["data_wait_frac"] <= 1
+    if suite == "predict":
+        diff = report["comparison"]
+        assert 0 <= diff["max_abs_diff_interior"] <= diff["max_abs_diff"] <= 1
+        assert 0 <= diff["mask_differs_frac"] <= 1
+        assert report["config"]["monai_mode"] == "gaussian"
+    if suite == "convert":
+        assert positive(report["ours"]["compression_ratio"])
+        assert report["config"]["shape"][0] * report["config"]["shape"][1] ** 2 >= 8 << 20
+
+
+def test_a_bad_override_is_one_line_and_exit_2(tmp_path):
+    done = bench("train", "--tiny", "--device", "cpu", "model.depth=-1")
+    assert done.code == 2
+    assert done.err.strip().startswith("error:") and len(done.err.strip().splitlines()) == 1
+
+
+def test_add_bench_parser_registers_every_suite():
+    from unet_dist.bench import add_bench_parser, cmd_bench
+
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "train", "--tiny", "--json", "x.json", "model.base_channels=8"])
+    assert args.func is cmd_bench and args.suite == "train" and args.tiny and args.json == "x.json"
+    assert args.overrides == ["model.base_channels=8"]
+    for suite in SUITES:
+        assert parser.parse_args(["bench", suite]).suite == suite
+    assert parser.parse_args(["bench", "convert", "--size", "64"]).size == 64
+
+
+# ------------------------------------------------------------------------------ pieces, pure
+
+def test_peak_table_matches_device_names():
+    from unet_dist.bench.common import peak_bf16_flops
+
+    assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_bf16_flops("NVIDIA H200") == 989e12
+    assert peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_bf16_flops(None) is None and peak_bf16_flops("Some GPU") is None
+
+
+def test_monai_overlap_gives_our_block_as_its_scan_interval():
+    pytest.importorskip("monai")
+    from monai.inferers.utils import _get_scan_interval
+
+    from unet_dist.bench.predict import _overlap
+
+    for tile, block in (([736, 736], [512, 512]), ([1248, 1248], [1024, 1024]), ([144, 144], [64, 64]),
+                        ([300, 301], [256, 255])):
+        overlap = _overlap(tile, block)
+        image = [3 * t for t in tile]
+        assert list(_get_scan_interval(image, tile, 2, overlap)) == block
+
+
+def test_synthetic_slices_repeat_and_match_synth():
+    from unet_dist.bench.common import synthetic_slices
+    from unet_dist.data.synth import SynthVolume
+
+    read = synthetic_slices((20, 64, 80), distinct=4, seed=3)
+    slab = read(2, 11)
+    assert slab["raw"].shape == (9, 64, 80) and slab["raw"].dtype == np.uint8
+    assert set(np.unique(slab["labels"])) <= {0, 1}
+    np.testing.assert_array_equal(slab["raw"][0], slab["raw"][4])  # slice 2 == slice 6
+    np.testing.assert_array_equal(read(3, 4)["raw"][0], SynthVolume((4, 64, 80), 3).slice(3)[0])
+
+
+def test_format_table_aligns_and_shows_missing_values():
+    from unet_dist.bench.common import format_table
+
+    text = format_table([{"a": "x", "b": 1234.5}, {"a": "longer", "b": None}], [("a", "name"), ("b", "value")])
+    lines = text.splitlines()
+    assert len(lines) == 4 and len({len(line) for line in lines}) == 1
+    assert "1,234" in lines[2] or "1,235" in lines[2]
+    assert lines[3].rstrip().endswith("-")
+
+
+def test_variants_parse_and_reject_nonsense():
+    import torch
+
+    from unet_dist.bench.train import parse_variants
+    from unet_dist.errors import UserError
+
+    cpu = torch.device("cpu")
+    names = [v.name for v in parse_variants(None, cpu, "fp32")]
+    assert names == ["peer fp32 eager", "ours fp32", "ours fp32+cl"]
+    v = parse_variants("bf16+cl+compile", cpu, "fp32")[1]
+    assert (v.precision, v.channels_last, v.compile) == ("bf16", True, True)
+    w = parse_variants("fp32+nosync+autotune", cpu, "fp32")[1]
+    assert w.nosync and w.autotune and not w.channels_last
+    with pytest.raises(UserError):
+        parse_variants("fp8", cpu, "fp32")
+    with pytest.raises(UserError):
+        parse_variants("bf16+fast", cpu, "fp32")
+    with pytest.raises(UserError):
+        parse_variants("fp16", cpu, "fp32")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("suite", ("train", "predict"))
+def test_gpu_suites_run_tiny(suite, tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    out = tmp_path / f"{suite}.json"
+    done = bench(suite, "--tiny", "--device", "cuda", "--json", out, "--workdir", tmp_path / "work")
+    assert done.code == 0, done.err
+    report = json.loads(out.read_text())
+    assert positive(report["speedup"]) and report["machine"]["gpu"]["name"]
+    if suite == "train":
+        assert any(row["mfu"] is not None for row in report["results"]) or \
+            report["machine"]["gpu"]["peak_bf16_dense_tflops"] is None

@@ -1,0 +1,7 @@
+"""`python -m unet_dist.bench SUITE ...`: the bench command without the rest of the CLI."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

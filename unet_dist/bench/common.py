@@ -1,0 +1,379 @@
+"""What every suite shares: the machine and versions, the suite's config, timing, peak memory, child
+processes, a synthetic volume of any size, the report (table + JSON).
+
+A suite measures OURS and a PEER in one run (interleaved, or one after the other in fresh child
+processes), so the ratio between them holds on a machine others are using at the same time.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+SCHEMA = 1
+MB = 1 << 20
+
+# Dense (no 2:4 sparsity) bf16 tensor-core peak per device, FLOP/s, from the vendors' data sheets.
+# Matched against torch.cuda.get_device_name(), first hit wins (so "H100 PCIe" before "H100").
+PEAK_BF16_DENSE = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 70e12),
+)
+
+
+# ---------------------------------------------------------------------------------- the machine
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def peak_bf16_flops(device_name: str | None) -> float | None:
+    """The device's bf16 dense peak in FLOP/s, or None (CPUs, GPUs not in the table)."""
+    if not device_name:
+        return None
+    for key, peak in PEAK_BF16_DENSE:
+        if key.lower() in device_name.lower():
+            return peak
+    return None
+
+
+def machine_info(device) -> dict:
+    import psutil
+    import torch
+
+    info = {
+        "cpu": cpu_model(),
+        "cores": usable_cores(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "device": str(device),
+        "gpu": None,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = {"name": props.name, "count": torch.cuda.device_count(),
+                       "memory_gb": round(props.total_memory / 2**30, 1),
+                       "capability": f"{props.major}.{props.minor}",
+                       "peak_bf16_dense_tflops": (peak_bf16_flops(props.name) or 0) / 1e12 or None}
+    return info
+
+
+def versions() -> dict:
+    import numcodecs
+    import scipy
+    import tifffile
+    import torch
+    import zarr
+
+    from .. import __version__
+
+    found = {"unet_dist": __version__, "python": platform.python_version(), "torch": torch.__version__,
+             "numpy": np.__version__, "scipy": scipy.__version__, "zarr": zarr.__version__,
+             "numcodecs": numcodecs.__version__, "tifffile": tifffile.__version__,
+             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None}
+    try:
+        import monai
+
+        found["monai"] = monai.__version__
+    except ImportError:
+        found["monai"] = None
+    return found
+
+
+# ----------------------------------------------------------------------------- config and device
+
+def resolve_device(requested: str):
+    from .. import dist
+
+    return dist.choose_device(requested, 0)
+
+
+def suite_config(args, profiles: dict[str, list[str]], device):
+    """Config for a suite: defaults + the suite's size profile for this device (cpu | cuda), or
+    --config FILE instead of the profile; then the tiny profile with --tiny; then the user's
+    dotted overrides. Returns the Config and the overrides applied, in order."""
+    from ..config import load_config
+
+    applied = [] if args.config else list(profiles["cuda" if device.type == "cuda" else "cpu"])
+    if args.tiny:
+        applied += profiles["tiny"]
+    applied += list(getattr(args, "overrides", None) or [])
+    return load_config(args.config, applied), applied
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all its threads) so far. On a shared machine CPU time
+    per item moves much less than wall time per item when others load the cores."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def median(values: Sequence[float]) -> float:
+    return float(np.median(np.asarray(values, dtype=np.float64)))
+
+
+def finite_or_none(value) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+# --------------------------------------------------------------------------------------- memory
+
+def rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def maxrss_bytes() -> int:
+    """This process's lifetime peak RSS (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def reset_peak_rss() -> bool:
+    """Restart this process's peak-RSS count (VmHWM, and ru_maxrss with it) at its current RSS, so a
+    peak read afterwards belongs to what follows (Linux >= 4.0: /proc/self/clear_refs "5")."""
+    import gc
+
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """Peak RSS since the last reset_peak_rss() (VmHWM), else over the process's lifetime."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return maxrss_bytes()
+
+
+class PeakRSS:
+    """Samples this process's RSS every few ms in a thread; `.peak` is the largest seen."""
+
+    def __init__(self, interval: float = 0.005):
+        import psutil
+
+        self.interval, self.peak = interval, 0
+        self._proc, self._stop = psutil.Process(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+# ------------------------------------------------------------------------------ child processes
+
+def run_child(target: str, kwargs: dict, timeout: float = 3600) -> dict:
+    """Run `module:function(**kwargs)` in a fresh Python process (`unet_dist.bench.child`) and return
+    its JSON result, to which the child adds its peak RSS. A fresh process per measurement keeps one
+    measurement's allocations (and allocator caches) out of another's peak memory."""
+    spec = json.dumps({"target": target, "kwargs": kwargs})
+    proc = subprocess.run([sys.executable, "-m", "unet_dist.bench.child"], input=spec, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "WANDB_MODE": "disabled"})
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-25:])
+        raise RuntimeError(f"bench child {target} failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(lines[-1])
+
+
+@contextmanager
+def workdir(path: str | None, keep: bool = False) -> Iterator[Path]:
+    """A folder for the suite's temporary files, deleted afterwards (unless given and kept)."""
+    import shutil
+
+    if path:
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="unet_dist_bench_", dir=folder))
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="unet_dist_bench_"))
+    try:
+        yield folder
+    finally:
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ synthetic volume
+
+def synthetic_slices(shape: tuple[int, int, int], distinct: int = 8, seed: int = 0
+                     ) -> Callable[[int, int], dict[str, np.ndarray]]:
+    """read_slab(z0, z1) -> {"raw", "labels"} of an EM-like volume of any depth, made fast.
+
+    `unet_dist.data.synth` renders ~15 Mvoxel/s, too slow for gigavoxel benchmark inputs, so only
+    `distinct` slices are rendered and slice z is slice z % distinct of them. Compression is not
+    flattered: 2D chunks hold one slice each, and in 3D chunks a repeat is `distinct` slices away,
+    farther than one Blosc block (blocks are compressed independently; measured: the same ratio)."""
+    from ..data.synth import SynthVolume
+
+    depth, height, width = shape
+    n = max(1, min(distinct, depth))
+    volume = SynthVolume((n, height, width), seed)
+    pairs = [volume.slice(z) for z in range(n)]
+
+    def read_slab(z0: int, z1: int) -> dict[str, np.ndarray]:
+        picks = [pairs[z % n] for z in range(z0, z1)]
+        return {"raw": np.stack([p[0] for p in picks]), "labels": np.stack([p[1] for p in picks])}
+
+    return read_slab
+
+
+def make_volume_store(out: Path, shape, chunks="2d", seed: int = 0, distinct: int = 8) -> Path:
+    """A volume store (raw + labels, our layout and codecs) of any size from `synthetic_slices`; for
+    volumes of at most `distinct` slices this is exactly `unet-dist synth`'s output."""
+    import zarr
+
+    from ..data import store as st
+    from ..data.synth import synthesize
+
+    shape = tuple(int(s) for s in shape)
+    if shape[0] <= distinct:
+        synthesize(out, shape=shape, seed=seed, chunks=chunks, overwrite=True)
+        return Path(out)
+    layout = st.resolve_layout(shape, chunks, None)
+    with st.atomic_store_dir(out, overwrite=True) as tmp:
+        attrs = st.ome_multiscales_attrs({"raw": "raw", "labels": "labels"}, (50.0, 4.0, 4.0))
+        attrs |= st.provenance({"synthetic": {"generator": "unet_dist.bench.common.synthetic_slices",
+                                              "seed": seed, "shape": list(shape), "distinct": distinct}})
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3, attributes=attrs)
+        st.write_volumes(group, layout, {"raw": np.uint8, "labels": np.uint8},
+                         synthetic_slices(shape, distinct, seed))
+    return Path(out)
+
+
+# ----------------------------------------------------------------------------------- the report
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command as a user would type it: `unet-dist bench SUITE ...` (also under `python -m`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "bench":
+        argv = ["bench", *argv]
+    return " ".join(["unet-dist", *map(shlex.quote, argv)])
+
+
+def make_report(suite: str, args, device, config: dict, results: list[dict], speedup: float | None,
+                speedup_means: str, ours: dict, peer: dict, notes: Sequence[str] = ()) -> dict:
+    return {
+        "suite": suite,
+        "schema": SCHEMA,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": command_line(),
+        "tiny": bool(args.tiny),
+        "machine": machine_info(device),
+        "versions": versions(),
+        "config": config,
+        "speedup": finite_or_none(speedup),
+        "speedup_means": speedup_means,
+        "ours": ours,
+        "peer": peer,
+        "results": results,
+        "notes": list(notes),
+    }
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        mag = abs(value)
+        if mag >= 1000:
+            return f"{value:,.0f}"
+        if mag >= 10:
+            return f"{value:.1f}"
+        if mag >= 0.01:
+            return f"{value:.3g}"
+        return f"{value:.2e}"
+    return str(value)
+
+
+def format_table(rows: list[dict], columns: Sequence[tuple[str, str]]) -> str:
+    """Rows of dicts as an aligned text table; columns are (key, header)."""
+    cells = [[header for _, header in columns]] + [[_fmt(row.get(key)) for key, _ in columns] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = []
+    for n, r in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(path, report: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def log(message: str) -> None:
+    """Progress on stderr, so stdout stays the table."""
+    print(f"bench: {message}", file=sys.stderr, flush=True)

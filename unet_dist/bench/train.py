@@ -1,0 +1,372 @@
+"""`bench train`: our training step against a plain fp32 eager loop of the same model, batch and patch.
+
+OURS is the trainer's step, built from the trainer's own pieces (`train.build_training`, the
+precision from `dist.resolve_precision`, `dist.autocast`, `train.loss_fn`, the GradScaler, gradient
+clipping, the non-finite check, the scheduler, channels_last / torch.compile as `train.*` options),
+in the order `train._train` runs them. The PEER is the seed notebook's loop: `model.train()`, Adam,
+BCEWithLogitsLoss, fp32, eager, `loss.item()` each step, nothing else. Both start from the same
+weights and see the same batch, copied to the device each step as the trainer does (ours from
+pinned memory, non-blocking; the peer's a plain `.to(device)`); the data loader is left out (the
+`loader` suite measures it).
+
+Variants run interleaved in rounds (each round: every variant for `--steps` steps), and each
+variant's throughput is the median over rounds, so load from other processes hits all alike.
+`+autotune` and `+nosync` variants are what-ifs (cuDNN benchmark mode; no host synchronisation per
+step) that measure a proposed trainer change; they are reported as such, never as "ours".
+Peak memory: on a GPU, the CUDA allocator's peak during a variant's steps, less what the other
+variants hold; on the CPU, the peak RSS of a fresh child process that builds the variant and runs
+two steps, above its RSS before the model was built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+PROFILES = {
+    # ~1 minute on 2 CPU cores: the classic U-Net (depth 4) at a quarter of its width, 256 x 256.
+    "cpu": ["model.base_channels=16", "data.patch_size=[256,256]", "data.batch_size=4"],
+    # The classic U-Net (64 base channels, depth 4) at 512 x 512: ~1.15 TFLOP per training image.
+    "cuda": ["model.base_channels=64", "data.patch_size=[512,512]", "data.batch_size=16"],
+    "tiny": ["model.depth=2", "model.base_channels=4", "data.patch_size=[64,64]", "data.batch_size=2"],
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, help="timed steps per variant and round (default: 3 CPU, 20 GPU, 2 tiny)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds; the median is reported (default: 3, 1 tiny)")
+    p.add_argument("--warmup", type=int, help="untimed steps per variant first (default: 1; +2 for compile)")
+    p.add_argument("--variants",
+                   help="our variants, comma-separated, each PRECISION[+cl][+compile][+autotune][+nosync], e.g. "
+                        "bf16,bf16+cl+compile (default: CPU fp32,fp32+cl; GPU bf16,bf16+cl,bf16+compile,"
+                        "bf16+cl+compile; GPU tiny bf16,bf16+cl+compile). autotune (cuDNN benchmark mode) and "
+                        "nosync (no host sync per step) are what-ifs, not trainer options yet")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    peer: bool = False
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    # What-ifs, not (yet) trainer options, to measure a proposed change before making it:
+    autotune: bool = False  # torch.backends.cudnn.benchmark on during this variant's steps
+    nosync: bool = False  # no host synchronisation per step (finite check, synchronize, float(loss))
+
+
+FLAGS = {"cl": "channels_last", "compile": "compile", "autotune": "autotune", "nosync": "nosync"}
+
+
+def parse_variants(text: str | None, device, precision: str, tiny: bool = False) -> list[Variant]:
+    from ..errors import UserError
+
+    p = precision
+    if text is None and device.type == "cuda":  # tiny: one compile, so CI still covers it
+        text = f"{p},{p}+cl+compile" if tiny else f"{p},{p}+cl,{p}+compile,{p}+cl+compile"
+    elif text is None:
+        text = f"{p},{p}+cl"
+    variants = [Variant("peer fp32 eager", peer=True)]
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        parts = item.split("+")
+        prec, flags = parts[0], set(parts[1:])
+        if prec not in ("fp32", "bf16", "fp16") or not flags <= set(FLAGS):
+            raise UserError(f"--variants: '{item}' is not PRECISION[+cl][+compile][+autotune][+nosync] "
+                            "with PRECISION fp32, bf16 or fp16")
+        if prec == "fp16" and device.type != "cuda":
+            raise UserError("--variants: fp16 needs a GPU")
+        variants.append(Variant(f"ours {item}", precision=prec, **{FLAGS[f]: True for f in flags}))
+    return variants
+
+
+# ------------------------------------------------------------------------------ the two steps
+
+class Batch:
+    """One fixed batch in host memory (pinned on GPU machines for ours), as the loader hands it over."""
+
+    def __init__(self, cfg, seed: int = 0):
+        import torch
+
+        from ..model import output_shape
+
+        patch = tuple(cfg.data.patch_size)
+        out = output_shape(cfg.model, patch)
+        g = torch.Generator().manual_seed(seed)
+        n = cfg.data.batch_size
+        self.raw = torch.rand((n, cfg.model.in_channels, *patch), generator=g)
+        self.label = (torch.rand((n, 1, *out), generator=g) > 0.5).float()
+        self.weight = torch.ones((n, 1, *out)) if cfg.train.weight_map else None
+
+    def pinned(self) -> "Batch":
+        other = copy.copy(self)
+        other.raw, other.label = self.raw.pin_memory(), self.label.pin_memory()
+        other.weight = None if self.weight is None else self.weight.pin_memory()
+        return other
+
+
+class OurStep:
+    """The trainer's step (train._train's loop body, without DDP and without the data loader)."""
+
+    def __init__(self, cfg, device, variant: Variant, batch: Batch):
+        import torch
+
+        from .. import dist
+        from ..train import build_training
+
+        cfg = copy.deepcopy(cfg)
+        cfg.train.channels_last, cfg.train.compile = variant.channels_last, variant.compile
+        self.cfg, self.device, self.precision = cfg, device, variant.precision
+        torch.manual_seed(cfg.train.seed)
+        self.model, self.optimizer, self.scheduler = build_training(cfg, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=variant.precision == "fp16")
+        self.net = torch.compile(self.model) if cfg.train.compile else self.model
+        self.autocast = dist.autocast(device, variant.precision)
+        self.memory_format = (torch.channels_last if cfg.train.channels_last and cfg.model.dims == 2
+                              else torch.contiguous_format)
+        self.batch = batch.pinned() if device.type == "cuda" else batch
+        self.nosync, self.autotune, self.last_loss = variant.nosync, variant.autotune, None
+        self.net.train()
+
+    def __call__(self) -> float | None:
+        import torch
+
+        from ..train import loss_fn
+
+        cfg, device, accumulate = self.cfg, self.device, self.cfg.train.accumulate
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(accumulate):
+            b = self.batch
+            raw = b.raw.to(device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            label = b.label.to(device, non_blocking=True)
+            weight = b.weight.to(device, non_blocking=True) if b.weight is not None else None
+            with self.autocast:
+                logits = self.net(raw)
+            loss = loss_fn(logits, label, weight, cfg.train.loss) / accumulate
+            self.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
+        # what-if nosync: the check stays on the device (skipping a step would use fused Adam's found_inf)
+        finite = self.nosync or (bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss_sum)))
+        if self.precision == "fp16":
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.nosync:
+            self.last_loss = loss_sum
+            return None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return float(loss_sum)
+
+    @property
+    def images(self) -> int:
+        return self.cfg.data.batch_size * self.cfg.train.accumulate
+
+    def tensors(self):
+        return _state_tensors(self.model, self.optimizer)
+
+
+class PeerStep:
+    """The notebook's loop: model.train(), Adam, BCEWithLogitsLoss, fp32 eager, loss.item()."""
+
+    def __init__(self, cfg, device, batch: Batch):
+        import torch
+
+        from ..model import build_model
+
+        torch.manual_seed(cfg.train.seed)
+        self.device, self.batch = device, batch
+        self.model = build_model(cfg.model).to(device)
+        self.model.train()
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
+        self.criterion = torch.nn.BCEWithLogitsLoss()
+        self.images = cfg.data.batch_size
+
+    def __call__(self) -> float:
+        x, y = self.batch.raw.to(self.device), self.batch.label.to(self.device)
+        self.optimizer.zero_grad()
+        loss = self.criterion(self.model(x), y)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+    def tensors(self):
+        return _state_tensors(self.model, self.optimizer)
+
+
+def _state_tensors(model, optimizer):
+    import torch
+
+    found = list(model.parameters()) + [p.grad for p in model.parameters() if p.grad is not None]
+    found += list(model.buffers())
+    for state in optimizer.state.values():
+        found += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return found
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(on: bool):
+    """cuDNN's autotuner (torch.backends.cudnn.benchmark) for one variant's steps only."""
+    import torch
+
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def build_step(cfg, device, variant: Variant, batch: Batch):
+    return PeerStep(cfg, device, batch) if variant.peer else OurStep(cfg, device, variant, batch)
+
+
+def _resident_bytes(step) -> int:
+    return sum(t.numel() * t.element_size() for t in step.tensors() if t.device.type == "cuda")
+
+
+# --------------------------------------------------------------------------- memory on the CPU
+
+def memory_probe(config: dict, variant: dict, device: str, steps: int = 2) -> dict:
+    """In a child process: the peak RSS of building the variant and running `steps` steps, above the
+    RSS just before. A throwaway tiny model runs one step first, so torch's one-off costs (code pages
+    of the kernels, allocator and thread-pool set-up: ~150 MB) are in the baseline, not the peak."""
+    import torch
+
+    from ..config import from_dict, load_config
+    from .common import peak_rss_bytes, reset_peak_rss, rss_bytes
+
+    cfg = from_dict(config, "bench")
+    dev = torch.device(device)
+    v = Variant(**variant)
+    tiny = load_config(None, PROFILES["tiny"])
+    tiny.model.dims, tiny.train = cfg.model.dims, cfg.train
+    tiny.data.patch_size = [16] * cfg.model.dims if cfg.model.dims == 3 else [64, 64]
+    build_step(tiny, dev, Variant("warm-up", v.peer, v.precision, v.channels_last), Batch(tiny))()
+    batch = Batch(cfg)
+    reset_peak_rss()
+    before = rss_bytes()
+    step = build_step(cfg, dev, v, batch)
+    for _ in range(steps):
+        step()
+    return {"rss_before_bytes": before, "peak_bytes": peak_rss_bytes()}
+
+
+# ------------------------------------------------------------------------------------ the suite
+
+def run(args) -> dict:
+    import torch
+
+    from .. import dist
+    from ..config import to_dict
+    from ..model import flops_per_forward
+    from . import common
+
+    device = common.resolve_device(args.device)
+    cfg, applied = common.suite_config(args, PROFILES, device)
+    precision = dist.resolve_precision(cfg.train.precision, device)
+    variants = parse_variants(args.variants, device, precision, args.tiny)
+    cuda = device.type == "cuda"
+    steps = args.steps or (2 if args.tiny else 20 if cuda else 3)
+    rounds = args.rounds or (1 if args.tiny else 3)
+    warmup = 1 if args.warmup is None else args.warmup
+    patch = tuple(cfg.data.patch_size)
+    voxels_per_image = math.prod(patch)
+    flops_per_image = 3 * flops_per_forward(cfg.model, patch)  # forward + backward (~2x forward)
+    peak = common.peak_bf16_flops(torch.cuda.get_device_name(device) if cuda else None)
+
+    batch = Batch(cfg)
+    built = {}
+    for v in variants:
+        common.log(f"train: building {v.name}")
+        step = build_step(cfg, device, v, batch)
+        with _cudnn_benchmark(v.autotune):
+            for _ in range(warmup + (2 if v.compile else 0)):
+                step()
+        built[v.name] = step
+    times = {v.name: [] for v in variants}
+    cpu = {v.name: [] for v in variants}
+    peaks = {v.name: 0 for v in variants}
+    losses = {}
+    for r in range(rounds):
+        for v in variants:
+            step = built[v.name]
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                others = torch.cuda.memory_allocated(device) - _resident_bytes(step)
+            t0, c0 = time.perf_counter(), common.cpu_seconds()
+            with _cudnn_benchmark(v.autotune):
+                for _ in range(steps):
+                    losses[v.name] = step()
+                common.sync(device)
+            times[v.name].append(time.perf_counter() - t0)
+            cpu[v.name].append(common.cpu_seconds() - c0)
+            if cuda:
+                peaks[v.name] = max(peaks[v.name], torch.cuda.max_memory_allocated(device) - others)
+        common.log(f"train: round {r + 1}/{rounds}: " + ", ".join(
+            f"{v.name} {built[v.name].images * steps / times[v.name][-1]:.2f} img/s" for v in variants))
+    for v in variants:
+        if losses[v.name] is None:  # nosync: read once, after the clock
+            losses[v.name] = float(built[v.name].last_loss)
+    del built
+    if not cuda:
+        for v in variants:
+            common.log(f"train: peak memory of {v.name} (child process)")
+            probe = common.run_child("unet_dist.bench.train:memory_probe", {
+                "config": to_dict(cfg), "variant": vars(v), "device": "cpu"})
+            peaks[v.name] = probe["peak_bytes"] - probe["rss_before_bytes"]
+
+    rows = []
+    for v in variants:
+        images = (cfg.data.batch_size * (1 if v.peer else cfg.train.accumulate)) * steps
+        step_s = common.median(times[v.name]) / steps
+        ips = images / steps / step_s
+        achieved = ips * flops_per_image
+        rows.append({
+            "variant": v.name, "role": "peer" if v.peer else "what-if" if v.autotune or v.nosync else "ours",
+            "precision": v.precision, "channels_last": v.channels_last, "compile": v.compile,
+            "autotune": v.autotune, "nosync": v.nosync,
+            "images_per_s": ips, "voxels_per_s": ips * voxels_per_image, "step_s": step_s,
+            "step_s_rounds": [t / steps for t in times[v.name]],
+            "cpu_s_per_image": common.median(cpu[v.name]) / images,
+            "tflops": achieved / 1e12, "mfu": achieved / peak if peak else None,
+            "peak_mem_mb": peaks[v.name] / common.MB, "peak_mem_kind": "cuda_allocated" if cuda else "rss_child",
+            "final_loss": losses[v.name],
+        })
+    peer = rows[0]
+    for row in rows:
+        row["x_peer"] = row["images_per_s"] / peer["images_per_s"]
+        row["x_peer_cpu_time"] = peer["cpu_s_per_image"] / row["cpu_s_per_image"] if row["cpu_s_per_image"] else None
+    ours = [r for r in rows if r["role"] == "ours"] or rows[1:] or [peer]  # what-ifs only if nothing else
+    best = max(ours, key=lambda r: r["images_per_s"])
+    config = {
+        "device": str(device), "precision_auto": precision, "overrides": applied,
+        "model": to_dict(cfg.model), "patch_size": list(patch), "batch_size": cfg.data.batch_size,
+        "accumulate": cfg.train.accumulate, "loss": cfg.train.loss, "grad_clip": cfg.train.grad_clip,
+        "optimizer": cfg.train.optimizer, "steps": steps, "rounds": rounds, "warmup": warmup,
+        "flops_per_image": flops_per_image, "flops_counted": "3 x conv FLOPs of one forward (model.flops_per_forward)",
+        "peak_bf16_dense_flops": peak,
+    }
+    return common.make_report(
+        "train", args, device, config, rows, best["images_per_s"] / peer["images_per_s"],
+        f"images/s of our best variant ({best['variant']}) / the peer's", best, peer,
+        notes=["voxels/s = images/s x patch voxels; MFU = achieved FLOP/s / the device's bf16 dense peak "
+               "(null on CPUs)", "peak memory: " + ("CUDA allocator peak during the variant's steps, less the "
+                                                    "other variants' resident tensors" if cuda else
+                                                    "peak RSS of a child process building the variant and running "
+                                                    "2 steps, above its RSS before the model was built")])
+
+
+COLUMNS = [("variant", "variant"), ("images_per_s", "images/s"), ("voxels_per_s", "voxels/s"),
+           ("step_s", "step s"), ("tflops", "TFLOP/s"), ("mfu", "MFU"), ("peak_mem_mb", "peak MB"),
+           ("cpu_s_per_image", "CPU s/img"), ("x_peer", "x peer"), ("x_peer_cpu_time", "x peer CPU")]
