@@ -53,3 +53,21 @@ def test_reductions_without_process_group():
 
     assert dist.all_reduce_sum(np.array([1, 2])).tolist() == [1, 2]
     assert dist.any_rank(True) and not dist.any_rank(False)
+
+
+def test_submitit_env_on_slurm():
+    env = dist.detect_env({"SUBMITIT_EXECUTOR": "slurm", "SLURM_PROCID": "1", "SLURM_NTASKS": "2",
+                           "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "vm", "SLURM_JOB_ID": "17"})
+    assert (env.rank, env.world_size, env.local_rank, env.launcher) == (1, 2, 1, "submitit")
+    assert (env.master_addr, env.master_port) == ("vm", 20017)
+
+
+def test_submitit_local_executor_env():
+    local = {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_GLOBALID": "1",
+             "SUBMITIT_LOCAL_LOCALID": "1", "SUBMITIT_LOCAL_JOB_ID": "4321"}
+    env = dist.detect_env(local)
+    assert (env.rank, env.world_size, env.local_rank, env.launcher) == (1, 2, 1, "submitit")
+    assert (env.master_addr, env.master_port) == ("127.0.0.1", 30000 + 4321)
+    # One local task is one process; torchrun's variables still win over submitit's.
+    assert dist.detect_env({**local, "SUBMITIT_LOCAL_NTASKS": "1"}).world_size == 1
+    assert dist.detect_env({**local, "RANK": "0", "WORLD_SIZE": "4"}).launcher == "torchrun"
