@@ -139,20 +139,27 @@ def test_exact_resume_after_kill_9(isbi_store, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_and_exits_cleanly(isbi_store, tmp_path):
+@pytest.mark.parametrize("wandb", ["disabled", "offline"])
+def test_sigterm_checkpoints_and_exits_cleanly(isbi_store, tmp_path, wandb):
+    """SIGTERM to the whole process group, as SLURM sends it: with W&B on, it also kills W&B's
+    service process, and the checkpoint must still be written."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "unet_dist", "train", "--config", str(SMOKE), f"data.store={isbi_store}",
            f"run.dir={run}", "train.steps=100000", "train.ckpt_every=5", "train.val_every=100000",
-           "data.num_workers=1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+           "data.num_workers=1", f"logging.wandb={wandb}"]
+    env = {**ENV, "WANDB_MODE": wandb}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     _wait_for(checkpoint.step_path(run / "checkpoints", 5), proc)
-    os.killpg(proc.pid, signal.SIGTERM)  # as SLURM does: the main process and its loader workers
+    time.sleep(1.0)  # a few more steps, so the stop checkpoint is a new one
+    os.killpg(proc.pid, signal.SIGTERM)  # as SLURM does: the main process, loader workers, W&B service
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     assert "stop signal received" in out and "Traceback" not in err
     state, path = checkpoint.load_latest(run / "checkpoints")
     assert state["step"] >= 5 and state["step"] < 100000
+    stopped_at = int(out.split("checkpointing at step ")[1].split()[0])
+    assert state["step"] == stopped_at  # the step where the signal was seen, not an older one
     status = json.loads((run / "status.json").read_text())
     assert status == {**status, "status": "interrupted", "step": state["step"], "checkpoint": str(path)}
     resumed = run_cli("train", "--config", SMOKE, f"data.store={isbi_store}", f"run.dir={run}",

@@ -101,10 +101,12 @@ def choose_device(requested: str, local_rank: int) -> torch.device:
         raise UserError("train.device: 'cuda' requested but CUDA is not available on this machine")
     if requested in ("cuda", "auto") and torch.cuda.is_available():
         count = torch.cuda.device_count()
-        if local_rank >= count:
-            raise UserError(f"local rank {local_rank} has no GPU: this node has {count} (one process per GPU)")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        # With `--gpus-per-task=1` SLURM shows each task only its own GPU, as device 0.
+        index = 0 if count == 1 else local_rank
+        if index >= count:
+            raise UserError(f"local rank {local_rank} has no GPU: it sees {count} (one process per GPU)")
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 

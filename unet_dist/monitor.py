@@ -77,8 +77,7 @@ class Monitor:
         record = {"step": step, "time": round(time.time(), 3), **values}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log(values, step=step)
+        self._wandb(lambda run: run.log(values, step=step))
         if console:
             self._print(step, values)
 
@@ -105,7 +104,19 @@ class Monitor:
             return
         import wandb
 
-        self.wandb_run.log({k: wandb.Image(v) for k, v in panels.items()}, step=step)
+        self._wandb(lambda run: run.log({k: wandb.Image(v) for k, v in panels.items()}, step=step))
+
+    def _wandb(self, call) -> None:
+        """W&B is a side channel: if its service dies (SLURM's SIGTERM reaches it too), training
+        goes on, so the checkpoint that the signal asks for is still written."""
+        if self.wandb_run is None:
+            return
+        try:
+            call(self.wandb_run)
+        except Exception as exc:  # wandb raises many types once its service is gone
+            print(f"warning: W&B logging stopped ({type(exc).__name__}: {exc}); metrics.jsonl continues",
+                  file=sys.stderr, flush=True)
+            self.wandb_run = None
 
     def message(self, text: str) -> None:
         if self.bar:
@@ -118,7 +129,7 @@ class Monitor:
         if self.wandb_run is None:
             return
         run_dir = getattr(self.wandb_run, "dir", None)
-        self.wandb_run.finish()
+        self._wandb(lambda run: run.finish())
         if self.wandb_mode == "offline":
             wandb_root = self.run_dir / "wandb"
             print(f"W&B offline run {self.run_id}: upload with\n  wandb sync --id {self.run_id} "

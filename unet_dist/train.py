@@ -348,12 +348,13 @@ def _train(cfg, env, device, precision, label_crop, state) -> TrainResult:
         elif step % cfg.train.ckpt_every == 0:
             last_ckpt = save(step) or last_ckpt
 
-    monitor.close()
     result = TrainResult(step=step, status=status, metrics=val_metrics, checkpoint=last_ckpt, main=main)
     if main:
-        # Launchers (sbatch scripts, submitit) read this to decide between requeue and done.
+        # Launchers (sbatch scripts, submitit) read this to decide between requeue and done; it is
+        # written before W&B closes, which can be slow or fail on a node that is being shut down.
         _write_json_atomic(run_dir / "status.json", {"status": status, "step": step, "total_steps": cfg.train.steps,
                                                       "checkpoint": last_ckpt, "metrics": val_metrics})
+    monitor.close()
     return result
 
 
