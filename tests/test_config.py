@@ -14,7 +14,7 @@ def test_shipped_configs_load():
         assert isinstance(cfg, Config)
     isbi = load_config(CONFIGS / "isbi2012.yaml")
     assert isbi.data.train_slices == [0, 25] and isbi.data.val_slices == [25, 30]
-    assert isbi.model.dims == 2 and isbi.train.optimizer == "adam" and isbi.train.loss == "bce"
+    assert isbi.model.dims == 2 and isbi.train.optimizer == "adam" and isbi.train.loss in ("bce", "bce_dice")
 
 
 def test_overrides_apply_with_types():
