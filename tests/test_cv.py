@@ -120,7 +120,7 @@ def cv_store(tmp_path_factory):
 def test_cv_two_folds_end_to_end_then_resume_skips_them(cv_store, tmp_path):
     root = tmp_path / "cv"
     args = ["cv", "--config", SMOKE, "--folds", "2", "--tta", f"data.store={cv_store}", f"run.dir={root}", *TINY]
-    done = run_cli(*args, env={"OMP_NUM_THREADS": "2"})
+    done = run_cli(*args, env={"OMP_NUM_THREADS": "1"})
     assert done.code == 0, done.err
     report = json.loads((root / "cv.json").read_text())
     assert [r["slices"] for r in report["fold_results"]] == [[0, 4], [4, 8]]
@@ -148,7 +148,7 @@ def test_cv_two_folds_end_to_end_then_resume_skips_them(cv_store, tmp_path):
 
     # --resume auto: both folds completed, nothing is retrained or predicted again
     mtime = (root / "fold-0" / "checkpoints" / "best.pt").stat().st_mtime_ns
-    again = run_cli(*args, "--resume", "auto", env={"OMP_NUM_THREADS": "2"})
+    again = run_cli(*args, "--resume", "auto", env={"OMP_NUM_THREADS": "1"})
     assert again.code == 0, again.err
     assert again.err.count("finished earlier") == 2
     assert (root / "fold-0" / "checkpoints" / "best.pt").stat().st_mtime_ns == mtime
@@ -162,7 +162,7 @@ def test_cv_two_folds_end_to_end_then_resume_skips_them(cv_store, tmp_path):
 def test_cv_only_one_fold_and_a_bad_fold(cv_store, tmp_path):
     root = tmp_path / "cv"
     done = run_cli("cv", "--config", SMOKE, "--folds", "2", "--only", "1", f"data.store={cv_store}",
-                   f"run.dir={root}", *TINY, env={"OMP_NUM_THREADS": "2"})
+                   f"run.dir={root}", *TINY, env={"OMP_NUM_THREADS": "1"})
     assert done.code == 0, done.err
     report = json.loads((root / "cv.json").read_text())
     assert [r["fold"] for r in report["fold_results"]] == ["fold-1"] and not (root / "fold-0").exists()
@@ -176,8 +176,8 @@ def test_cv_stops_on_sigterm_then_resume_auto_finishes(cv_store, tmp_path):
     root = tmp_path / "cv"
     common = ["-m", "unet_dist", "cv", "--config", SMOKE, "--folds", "2", f"data.store={cv_store}", f"run.dir={root}",
               *TINY]
-    long = [*common, "train.steps=5000", "train.val_every=5000", "train.ckpt_every=5000"]
-    proc = subprocess.Popen([sys.executable, *map(str, long)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+    common += ["train.steps=200", "train.val_every=200", "train.ckpt_every=200"]  # seconds per fold
+    proc = subprocess.Popen([sys.executable, *map(str, common)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     metrics = root / "fold-0" / "metrics.jsonl"
     deadline = time.monotonic() + 120
@@ -190,9 +190,29 @@ def test_cv_stops_on_sigterm_then_resume_auto_finishes(cv_store, tmp_path):
     assert "stopped at fold-0" in err and "--resume auto" in err
     assert json.loads((root / "fold-0" / "status.json").read_text())["status"] == "interrupted"
     assert not (root / "fold-1").exists()  # cv stopped instead of moving on
-    # the same command with --resume auto (and a step budget already reached) finishes both folds
-    done = run_cli(*common[2:], "--resume", "auto", env={"OMP_NUM_THREADS": "2"})
+    # the same command with --resume auto continues fold 0 from its checkpoint, then runs fold 1
+    done = run_cli(*common[2:], "--resume", "auto", env={"OMP_NUM_THREADS": "1"})
     assert done.code == 0, done.err
+    assert "resumed at step" in done.out + done.err
     report = json.loads((root / "cv.json").read_text())
     assert [r["fold"] for r in report["fold_results"]] == ["fold-0", "fold-1"]
-    assert report["fold_results"][0]["train_steps"] > 4  # fold 0 kept the steps it had made
+    assert all(r["train_steps"] == 200 for r in report["fold_results"])
+    # another recipe in the same run directory is refused, not silently reused
+    other = run_cli(*common[2:], "--resume", "auto", "train.lr=1e-4")
+    assert other.code == 2 and "train.lr" in other.err and "another run.dir" in other.err
+
+
+@pytest.mark.slow
+def test_cv_on_two_ranks_under_torchrun(cv_store, tmp_path, free_port):
+    """train -> predict -> evaluate per fold, each joining and leaving the process group, in one
+    torchrun job: needs dist.setup to give every join its own store prefix (torchrun's agent store
+    keeps the previous group's keys)."""
+    root = tmp_path / "cv"
+    proc = subprocess.run(torchrun_cmd(2, free_port, "cv", "--config", SMOKE, "--folds", "2", f"data.store={cv_store}",
+                                       f"run.dir={root}", *TINY), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((root / "cv.json").read_text())
+    assert len(report["fold_results"]) == 2
+    assert all(r["world_size"] == 2 for r in report["fold_results"])
+    assert proc.stdout.count("[plain]") == 1  # only rank 0 prints the table

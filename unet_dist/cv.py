@@ -200,6 +200,42 @@ class _StopFlag:
         self.signal_name = signal.Signals(signum).name
 
 
+# Keys that do not change what a finished fold computed: a rerun with --resume auto may differ in them.
+_IRRELEVANT = {"train.val_every", "train.ckpt_every", "train.log_every", "train.keep_last", "train.dist_timeout_s",
+               "data.num_workers", "data.prefetch_factor", "data.start_method"}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_same_fold(run_dir: Path, fcfg: Config) -> None:
+    """A fold's run directory may be continued only by the same data, model and training settings
+    (a different --folds, store or recipe would silently reuse the wrong model)."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        old = _flatten({k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items()
+                        if k in ("data", "model", "train")})
+    except (OSError, yaml.YAMLError, AttributeError):
+        raise UserError(f"{path}: unreadable; remove {run_dir} or choose another run.dir") from None
+    new = _flatten({k: v for k, v in to_dict(fcfg).items() if k in ("data", "model", "train")})
+    differ = sorted(k for k in set(old) | set(new) if k not in _IRRELEVANT and old.get(k) != new.get(k))
+    if differ:
+        shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in differ[:4])
+        raise UserError(f"{run_dir}: holds a run with other settings: {shown}"
+                        f"{' ...' if len(differ) > 4 else ''}; use another run.dir")
+
+
 def _log(message: str) -> None:
     if dist.detect_env().is_main:
         print(f"cv: {message}", file=sys.stderr, flush=True)
@@ -215,6 +251,8 @@ def run_fold(cfg: Config, n: int, fold: Fold, resume: str, tta: bool, which: str
     fcfg = fold_config(cfg, n, fold)
     run_dir = Path(fcfg.run.dir)
     variants = ["plain", "tta"] if tta else ["plain"]
+    if resume == "auto":
+        check_same_fold(run_dir, fcfg)
     previous = _read_json(run_dir / FOLD_FILE) if resume == "auto" else None
     status = _read_json(run_dir / "status.json") or {}
     finished = resume == "auto" and status.get("status") == "completed"
@@ -299,13 +337,16 @@ def cv(config: str, overrides: Sequence[str] = (), folds: int = 5, only: int | N
     todo = make_folds(n, folds, only, holdout)
     all_names = [f.name for f in (todo if holdout else make_folds(n, folds))]
     root = Path(cfg.run.dir)
-    main = dist.detect_env().is_main
+    env = dist.detect_env()
+    main = env.is_main
     started = time.perf_counter()
     stop = _StopFlag()
-    for fold in todo:
-        if stop.signal_name or run_fold(cfg, n, fold, resume, tta, which, stop) == "stopped":
-            _log(f"stop signal received: stopped at {fold.name}; run again with --resume auto to continue")
-            break
+    # One process group for every fold's train, predict and evaluate (they would each join their own).
+    with dist.process_group(env, dist.choose_device(cfg.train.device, env.local_rank), cfg.train.dist_timeout_s):
+        for fold in todo:
+            if stop.signal_name or run_fold(cfg, n, fold, resume, tta, which, stop) == "stopped":
+                _log(f"stop signal received: stopped at {fold.name}; run again with --resume auto to continue")
+                break
     if not main:
         return None
     results = collect(root, all_names)

@@ -8,6 +8,7 @@ and then read like single-process code.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import os
@@ -110,10 +111,11 @@ def choose_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def setup(env: DistEnv, device: torch.device, timeout_s: int = 600) -> None:
-    """Join the process group (NCCL on GPUs, gloo on CPU) with a bounded collective timeout."""
+def setup(env: DistEnv, device: torch.device, timeout_s: int = 600) -> bool:
+    """Join the process group (NCCL on GPUs, gloo on CPU) with a bounded collective timeout.
+    Returns whether this call joined it (False with one rank, or when already joined)."""
     if env.world_size == 1 or tdist.is_initialized():
-        return
+        return False
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -125,11 +127,25 @@ def setup(env: DistEnv, device: torch.device, timeout_s: int = 600) -> None:
         timeout=datetime.timedelta(seconds=timeout_s),
         device_id=device if device.type == "cuda" else None,
     )
+    return True
 
 
 def teardown() -> None:
     if tdist.is_initialized():
         tdist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(env: DistEnv, device: torch.device, timeout_s: int = 600):
+    """The process group for a block of work: joined on entry, left on exit, unless a caller above
+    already holds it. `cv` holds one group across all its folds because a second join under
+    torchrun fails (the agent's store still has the first group's keys)."""
+    joined = setup(env, device, timeout_s)
+    try:
+        yield
+    finally:
+        if joined:
+            teardown()
 
 
 def world_size() -> int:

@@ -46,8 +46,7 @@ def evaluate(pred, labels, slices=None, json_out=None) -> dict | None:
     """Metrics of `pred` over the slices (labels' numbering); rank 0 returns them, others None."""
     prob, mask, label_arr, z0, (lo, hi) = _open(pred, labels, slices)
     env = dist.detect_env()
-    dist.setup(env, dist.choose_device("cpu", env.local_rank))
-    try:
+    with dist.process_group(env, dist.choose_device("cpu", env.local_rank)):
         counts = np.zeros(4, np.int64)
         table = np.zeros((hi - lo, len(ISBI_THRESHOLDS), 2), np.float64)
         for z in range(lo + dist.rank(), hi, dist.world_size()):
@@ -57,8 +56,6 @@ def evaluate(pred, labels, slices=None, json_out=None) -> dict | None:
         counts, table = dist.all_reduce_sum(counts), dist.all_reduce_sum(table)
         if not dist.is_main():
             return None
-    finally:
-        dist.teardown()
     sums = np.zeros(table.shape[1:], np.float64)
     for row in table:  # slice order, as one process adds them up
         sums += row

@@ -542,28 +542,27 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
     if cfg.model.norm in ("group", "instance"):
         print(f"warning: model.norm {cfg.model.norm}: tiles normalise by their own statistics, so blocks "
               "differ slightly from a whole-volume pass", file=sys.stderr)
-    dist.setup(env, torch_device, cfg.train.dist_timeout_s)
-    try:
-        # Two predictions started at once: the lock file decides, and rank 0 tells its ranks.
-        refused = None
-        if dist.is_main():
-            try:
-                lock.acquire()
-            except UserError as exc:
-                refused = str(exc)
-        if refused := dist.broadcast_object(refused):
-            raise UserError(refused)
-        manifest = Manifest(out, key)
-        if dist.is_main():
-            _create_output(out, plan, _attrs(plan, settings, key, cfg, in_group, input, ckpt, state["step"]),
-                           cfg.predict.probability_dtype, not continuing, manifest)
-        dist.barrier()
-        done = dist.broadcast_object(manifest.done() if dist.is_main() else None)
-        return _predict(plan, cfg, model, torch_device, precision, raw, label_arr, out, manifest, done,
-                        readers, writers)
-    finally:
-        lock.release()
-        dist.teardown()
+    with dist.process_group(env, torch_device, cfg.train.dist_timeout_s):
+        try:
+            # Two predictions started at once: the lock file decides, and rank 0 tells its ranks.
+            refused = None
+            if dist.is_main():
+                try:
+                    lock.acquire()
+                except UserError as exc:
+                    refused = str(exc)
+            if refused := dist.broadcast_object(refused):
+                raise UserError(refused)
+            manifest = Manifest(out, key)
+            if dist.is_main():
+                _create_output(out, plan, _attrs(plan, settings, key, cfg, in_group, input, ckpt, state["step"]),
+                               cfg.predict.probability_dtype, not continuing, manifest)
+            dist.barrier()
+            done = dist.broadcast_object(manifest.done() if dist.is_main() else None)
+            return _predict(plan, cfg, model, torch_device, precision, raw, label_arr, out, manifest, done,
+                            readers, writers)
+        finally:
+            lock.release()
 
 
 def _predict(plan, cfg, model, device, precision, raw, labels, out, manifest, done, readers, writers) -> dict:

@@ -203,11 +203,8 @@ def train(cfg: Config, resume: str = "never") -> TrainResult:
                         "use the same model.* settings or another run.dir")
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    dist.setup(env, device, cfg.train.dist_timeout_s)
-    try:
+    with dist.process_group(env, device, cfg.train.dist_timeout_s):
         return _train(cfg, env, device, precision, label_crop, state)
-    finally:
-        dist.teardown()
 
 
 def _train(cfg, env, device, precision, label_crop, state) -> TrainResult:
