@@ -17,7 +17,7 @@ import pytest
 
 from conftest import ROOT, Completed, run_cli
 
-SUITES = ("train", "loader", "predict", "convert")
+SUITES = ("train", "loader", "predict", "convert", "load")
 
 
 def bench(*args, timeout: float = 600) -> Completed:
@@ -40,6 +40,8 @@ NUMBERS = {
     "loader": ("patches_per_s", "batch_s"),
     "predict": ("voxels_per_s", "seconds", "peak_rss_mb", "cpu_s"),
     "convert": ("mb_per_s", "seconds", "peak_rss_mb", "cpu_s"),
+    "load": ("files", "stored_mb", "write_mb_per_s", "write_peak_rss_mb", "train_images_per_s", "train_peak_rss_mb",
+             "train_tree_peak_rss_mb", "predict_voxels_per_s", "predict_peak_rss_mb", "predict_tree_peak_rss_mb"),
 }
 
 
@@ -52,7 +54,7 @@ def test_suite_runs_tiny_and_writes_a_report(suite, tmp_path):
     device = [] if suite == "convert" else ["--device", "cpu"]
     done = bench(suite, "--tiny", "--json", out, "--workdir", work, *device)
     assert done.code == 0, done.err
-    assert "speedup" in done.out and ("x peer" in done.out or "x consumption" in done.out)
+    assert "speedup" in done.out and any(f"x {p}" in done.out for p in ("peer", "consumption", "small-chunks"))
     report = json.loads(out.read_text())
 
     assert report["suite"] == suite and report["tiny"] is True and report["schema"] == 1
@@ -90,6 +92,15 @@ def test_suite_runs_tiny_and_writes_a_report(suite, tmp_path):
     if suite == "convert":
         assert positive(report["ours"]["compression_ratio"])
         assert report["config"]["shape"][0] * report["config"]["shape"][1] ** 2 >= 8 << 20
+    if suite == "load":
+        rows = {row["layout"]: row for row in report["results"]}
+        assert list(rows) == ["small-chunks", "sharded", "default"]
+        assert rows["small-chunks"]["files"] > rows["default"]["files"] > rows["sharded"]["files"]
+        volume = math.prod(report["config"]["volume"])
+        for row in rows.values():
+            assert row["predict_voxels"] == volume  # every slice predicted
+            assert row["train_steps"] == report["config"]["train_steps"]
+            assert row["train_tree_peak_rss_mb"] >= row["train_peak_rss_mb"] * 0.9  # a sum with the workers
 
 
 def test_a_bad_override_is_one_line_and_exit_2(tmp_path):

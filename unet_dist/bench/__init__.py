@@ -4,6 +4,7 @@
     unet-dist bench loader  [--json FILE] [--tiny] [overrides...]   DataLoader patches/s vs what a step consumes
     unet-dist bench predict [--json FILE] [--tiny] [overrides...]   our predictor vs MONAI sliding_window_inference
     unet-dist bench convert [--json FILE] [--tiny] [--size MB]      TIFF -> Zarr vs merely reading the TIFF
+    unet-dist bench load    [--json FILE] [--tiny] [--size GB]      train + predict a GB volume: memory, layouts
 
 Each prints a table on stdout (progress on stderr) and, with --json, writes the report: machine,
 versions, config, the raw numbers per row, and a top-level `speedup` (ours over the peer). `--tiny`
@@ -21,6 +22,7 @@ SUITES = {
     "loader": "patches/s the DataLoader delivers (with augmentation) per worker count vs what a step consumes",
     "predict": "voxels/s, peak memory and max |difference| of our predictor vs MONAI's sliding_window_inference",
     "convert": "MB/s and peak RSS converting a multi-page TIFF to Zarr vs merely reading it with tifffile",
+    "load": "training and whole-volume prediction on a volume of several GB: peak RSS, small chunks vs shards",
 }
 
 

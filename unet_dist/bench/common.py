@@ -198,18 +198,32 @@ def peak_rss_bytes() -> int:
 
 
 class PeakRSS:
-    """Samples this process's RSS every few ms in a thread; `.peak` is the largest seen."""
+    """Samples this process's RSS every few ms in a thread; `.peak` is the largest seen. With
+    `children`, the sum over the process and its descendants (DataLoader workers): pages shared
+    after fork count once per process, so that sum is an upper bound."""
 
-    def __init__(self, interval: float = 0.005):
+    def __init__(self, interval: float = 0.005, children: bool = False):
         import psutil
 
-        self.interval, self.peak = interval, 0
+        self.interval, self.peak, self.children = interval, 0, children
         self._proc, self._stop = psutil.Process(), threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _rss(self) -> int:
+        import psutil
+
+        total = self._proc.memory_info().rss
+        if self.children:
+            for child in self._proc.children(recursive=True):
+                try:
+                    total += child.memory_info().rss
+                except psutil.Error:  # it ended between listing and reading
+                    pass
+        return total
+
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self.peak = max(self.peak, self._rss())
             time.sleep(self.interval)
 
     def __enter__(self):
@@ -219,7 +233,7 @@ class PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
+        self.peak = max(self.peak, self._rss())
 
 
 # ------------------------------------------------------------------------------ child processes
@@ -280,19 +294,20 @@ def synthetic_slices(shape: tuple[int, int, int], distinct: int = 8, seed: int =
     return read_slab
 
 
-def make_volume_store(out: Path, shape, chunks="2d", seed: int = 0, distinct: int = 8) -> Path:
-    """A volume store (raw + labels, our layout and codecs) of any size from `synthetic_slices`; for
-    volumes of at most `distinct` slices this is exactly `unet-dist synth`'s output."""
+def make_volume_store(out: Path, shape, chunks="2d", seed: int = 0, distinct: int = 8, shard=None) -> Path:
+    """A volume store (raw + labels, our layout and codecs, optionally sharded) of any size from
+    `synthetic_slices`; for volumes of at most `distinct` slices and no shards this is exactly
+    `unet-dist synth`'s output."""
     import zarr
 
     from ..data import store as st
     from ..data.synth import synthesize
 
     shape = tuple(int(s) for s in shape)
-    if shape[0] <= distinct:
+    if shape[0] <= distinct and shard is None:
         synthesize(out, shape=shape, seed=seed, chunks=chunks, overwrite=True)
         return Path(out)
-    layout = st.resolve_layout(shape, chunks, None)
+    layout = st.resolve_layout(shape, chunks, shard)
     with st.atomic_store_dir(out, overwrite=True) as tmp:
         attrs = st.ome_multiscales_attrs({"raw": "raw", "labels": "labels"}, (50.0, 4.0, 4.0))
         attrs |= st.provenance({"synthetic": {"generator": "unet_dist.bench.common.synthetic_slices",
