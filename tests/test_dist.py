@@ -18,12 +18,26 @@ def test_torchrun_env():
 
 
 def test_srun_env_without_torchrun():
-    env = dist.detect_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+    env = dist.detect_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
                            "SLURM_JOB_NODELIST": "gpu[07-08],cpu1", "SLURM_JOB_ID": "4242"})
     assert (env.rank, env.world_size, env.local_rank, env.launcher) == (5, 8, 1, "slurm")
     assert env.master_addr == "gpu07" and env.master_port == 20000 + 4242
-    one_task = dist.detect_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+    one_task = dist.detect_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_ID": "0"})
     assert one_task.world_size == 1
+    # a step smaller than the job (srun -n 2 in a 4-task allocation) has the step's tasks
+    step = dist.detect_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "2",
+                            "SLURM_STEP_ID": "3"})
+    assert (step.rank, step.world_size) == (1, 2)
+
+
+def test_batch_shell_of_a_multi_task_job_runs_alone_and_says_so(capsys):
+    """sbatch -n 2 running `unet-dist train` in the script itself (no srun): no SLURM_STEP_ID, and no
+    second rank will come, so waiting for one would hang until the rendezvous timeout."""
+    environ = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7"}
+    assert dist.detect_env(environ).world_size == 1
+    dist.detect_env(environ)
+    err = capsys.readouterr().err
+    assert err.count("not in a job step (no srun)") == 1 and "SLURM_NTASKS=2" in err
 
 
 @pytest.mark.parametrize("nodelist, first", [("node1", "node1"), ("node[3-5]", "node3"),
@@ -56,7 +70,7 @@ def test_reductions_without_process_group():
 
 
 def test_submitit_env_on_slurm():
-    env = dist.detect_env({"SUBMITIT_EXECUTOR": "slurm", "SLURM_PROCID": "1", "SLURM_NTASKS": "2",
+    env = dist.detect_env({"SUBMITIT_EXECUTOR": "slurm", "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0",
                            "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "vm", "SLURM_JOB_ID": "17"})
     assert (env.rank, env.world_size, env.local_rank, env.launcher) == (1, 2, 1, "submitit")
     assert (env.master_addr, env.master_port) == ("vm", 20017)

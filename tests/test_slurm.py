@@ -165,6 +165,23 @@ def test_sbatch_two_tasks_survive_scontrol_requeue(cluster, two_tasks, synth_sto
 
 
 @pytest.mark.slurm
+def test_train_in_the_batch_shell_of_a_two_task_job_runs_alone_with_a_warning(cluster, synth_store, tmp_path):
+    """`unet-dist train` called in the sbatch script itself (no srun) of a --ntasks=2 job sees
+    SLURM_PROCID=0 and SLURM_NTASKS=2 but is not a job step: it trains alone and says why, instead of
+    waiting for a second rank that never comes."""
+    run = tmp_path / "run"
+    script = tmp_path / "plain.sbatch"
+    script.write_text("#!/bin/bash\nset -e\nunet-dist train --config " + " ".join(
+        smoke_args(synth_store, run, "train.steps=4", "train.val_every=4", "train.ckpt_every=4")) + "\n")
+    job = sbatch(cluster, tmp_path, script, opts=["--ntasks=2", "--time=3"])
+    info = wait_job(job)
+    text = log(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", text[-3000:]
+    assert "not in a job step (no srun)" in text and "training 4 steps on 1 rank(s)" in text
+    assert json.loads((run / "status.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.slurm
 def test_sbatch_usr1_requeues_and_continues_the_wandb_run(cluster, synth_store, tmp_path):
     """SIGUSR1 to the batch shell (what --signal=B:USR1@N does): checkpoint, `scontrol requeue` by the
     script, resume; every step trained once; W&B offline by default, one run id over both starts, and

@@ -14,6 +14,7 @@ import datetime
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -60,6 +61,15 @@ def _local_port(job_id: str) -> int:
     return 30000 + int(job_id) % 20000 if job_id.isdigit() else 29500
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def detect_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
     """Rank and world size from torchrun, else srun/submitit (SLURM variables), else submitit's local
     executor (`SUBMITIT_LOCAL_*`), else one process."""
@@ -72,11 +82,17 @@ def detect_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
             master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(environ.get("MASTER_PORT", 29500)),
         )
-    if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
+    # Only a job step (srun, or submitit's srun) runs one process per task: the batch script's shell
+    # also sees SLURM_PROCID=0 and the job's SLURM_NTASKS, but no other rank will ever join it.
+    tasks = int(environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or 1)
+    if "SLURM_PROCID" in environ and tasks > 1 and "SLURM_STEP_ID" not in environ:
+        _warn_once(f"SLURM_NTASKS={tasks} but this process is not in a job step (no srun): it runs alone; "
+                   "start it with srun (see slurm/train.sbatch) to use every task")
+    elif "SLURM_PROCID" in environ and tasks > 1:
         job_id = environ.get("SLURM_JOB_ID", "")
         return DistEnv(
             rank=int(environ["SLURM_PROCID"]),
-            world_size=int(environ["SLURM_NTASKS"]),
+            world_size=tasks,
             local_rank=int(environ.get("SLURM_LOCALID", 0)),
             launcher="submitit" if "SUBMITIT_EXECUTOR" in environ else "slurm",
             master_addr=environ.get("MASTER_ADDR") or first_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1")),

@@ -206,7 +206,8 @@ def run(args) -> dict:
                "peak the sampled sum over it and its DataLoader workers",
                "the volume repeats 8 rendered slices (common.synthetic_slices): compression is realistic, "
                "page-cache effects are those of a volume this size"])
-    worst = max(max(r["train_tree_peak_rss_mb"], r["predict_tree_peak_rss_mb"], r["write_peak_rss_mb"]) for r in rows)
+    worst = max(max(r["train_tree_peak_rss_mb"], r["predict_tree_peak_rss_mb"], r["write_peak_rss_mb"])
+                for r in rows)
     report["summary"] = {"volume_raw_mb": round(volume_mb), "worst_peak_rss_mb": round(worst),
                          "worst_peak_rss_over_volume": round(worst / volume_mb, 4)}
     return report
