@@ -204,9 +204,9 @@ def test_cv_stops_on_sigterm_then_resume_auto_finishes(cv_store, tmp_path):
 
 @pytest.mark.slow
 def test_cv_on_two_ranks_under_torchrun(cv_store, tmp_path, free_port):
-    """train -> predict -> evaluate per fold, each joining and leaving the process group, in one
-    torchrun job: needs dist.setup to give every join its own store prefix (torchrun's agent store
-    keeps the previous group's keys)."""
+    """train -> predict -> evaluate per fold in one torchrun job: they share the one process group
+    cv holds (a second init_process_group under torchrun fails: the agent's store keeps the first
+    group's keys)."""
     root = tmp_path / "cv"
     proc = subprocess.run(torchrun_cmd(2, free_port, "cv", "--config", SMOKE, "--folds", "2", f"data.store={cv_store}",
                                        f"run.dir={root}", *TINY), cwd=ROOT, env=ENV, capture_output=True, text=True,
