@@ -18,7 +18,6 @@ import resource
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 import psutil
 import tifffile
 
+from unet_dist.bench.common import PeakRSS
 from unet_dist.data.convert import convert
 from unet_dist.data.synth import SynthVolume
 
@@ -36,29 +36,6 @@ VARIANTS = {
     "3d": dict(chunks="3d"),
     "3d+shard64": dict(chunks="3d", shard=(64, 1024, 1024)),
 }
-
-
-class PeakRSS:
-    """Samples this process's RSS in a thread; .peak is the largest seen."""
-
-    def __init__(self, interval: float = 0.005):
-        self.interval, self.peak = interval, 0
-        self._proc, self._stop = psutil.Process(), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
 def write_tiffs(folder: Path, shape, seed: int = 0) -> tuple[Path, Path]:
