@@ -41,7 +41,8 @@ NUMBERS = {
     "predict": ("voxels_per_s", "seconds", "peak_rss_mb", "cpu_s"),
     "convert": ("mb_per_s", "seconds", "peak_rss_mb", "cpu_s"),
     "load": ("files", "stored_mb", "write_mb_per_s", "write_peak_rss_mb", "train_images_per_s", "train_peak_rss_mb",
-             "train_tree_peak_rss_mb", "predict_voxels_per_s", "predict_peak_rss_mb", "predict_tree_peak_rss_mb"),
+             "train_tree_peak_rss_mb", "read_mb_per_s", "read_s", "predict_voxels_per_s", "predict_peak_rss_mb",
+             "predict_tree_peak_rss_mb"),
 }
 
 
