@@ -29,7 +29,8 @@ import submitit
 from unet_dist.errors import UserError
 
 from . import common
-from .train import NotRequeued, SubmittedJob, add_launch_arguments, executor_for, report, request_from, resources
+from .train import (NotRequeued, SubmittedJob, add_launch_arguments, executor_for, launch_from, resources,
+                    submit_and_report)
 
 
 def manifest_blocks(out: str | Path) -> int:
@@ -144,16 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     add_launch_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="predict.* overrides, e.g. predict.block_size=[1,256,256]")
     args = parser.parse_args(argv)
-    try:
-        job = submit(args.checkpoint, args.input, args.out, labels=args.labels, slices=parse_slices(args.slices),
-                     overrides=args.overrides, resume=args.resume, overwrite=args.overwrite, device=args.device,
-                     precision=args.precision, json_out=args.json_out, max_requeues=args.max_requeues,
-                     cluster=args.cluster, log_dir=args.log_dir, signal_delay_s=args.signal_delay_s,
-                     account=args.account, qos=args.qos, constraint=args.constraint, **request_from(args))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return report(job, args.wait)
+    return submit_and_report(lambda: submit(
+        args.checkpoint, args.input, args.out, labels=args.labels, slices=parse_slices(args.slices),
+        overrides=args.overrides, resume=args.resume, overwrite=args.overwrite, device=args.device,
+        precision=args.precision, json_out=args.json_out, max_requeues=args.max_requeues, **launch_from(args)),
+        args.wait)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Callable
 
 import submitit
 
@@ -277,8 +278,10 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait", action="store_true", help="wait for the job and print its result as JSON")
 
 
-def request_from(args) -> dict:
-    return {k: getattr(args, k) for k in ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task",
+def launch_from(args) -> dict:
+    """submit()'s launch keywords from the flags of add_launch_arguments."""
+    return {k: getattr(args, k) for k in ("cluster", "log_dir", "signal_delay_s", "account", "qos", "constraint",
+                                          "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task",
                                           "partition", "time_min", "mem_gb")}
 
 
@@ -294,6 +297,16 @@ def report(job: SubmittedJob, wait: bool) -> int:
     return 0
 
 
+def submit_and_report(submit_job: Callable[[], SubmittedJob], wait: bool) -> int:
+    """The launchers' command line: submit (a user's mistake is one line and exit 2), then report."""
+    try:
+        job = submit_job()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return report(job, wait)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
@@ -301,14 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     add_launch_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 run.dir=X")
     args = parser.parse_args(argv)
-    try:
-        job = submit(args.config, args.overrides, cluster=args.cluster, resume=args.resume, log_dir=args.log_dir,
-                     signal_delay_s=args.signal_delay_s, account=args.account, qos=args.qos,
-                     constraint=args.constraint, **request_from(args))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return report(job, args.wait)
+    return submit_and_report(lambda: submit(args.config, args.overrides, resume=args.resume, **launch_from(args)),
+                             args.wait)
 
 
 if __name__ == "__main__":

@@ -236,6 +236,26 @@ class PeakRSS:
         self.peak = max(self.peak, self._rss())
 
 
+def measure(fn: Callable[[], dict | None], device=None) -> dict:
+    """Call fn once, as a child's measurement: wall and CPU seconds, RSS just before (peak RSS counted
+    from there; run_child adds it), and on a GPU the allocator's peak; fn's dict is merged in."""
+    import torch
+
+    cuda = device is not None and device.type == "cuda"
+    reset_peak_rss()
+    before = rss_bytes()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    extra = fn() or {}
+    if cuda:
+        torch.cuda.synchronize(device)
+    out = {"seconds": time.perf_counter() - t0, "cpu_s": cpu_seconds() - c0, "rss_before_bytes": before, **extra}
+    if cuda:
+        out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    return out
+
+
 # ------------------------------------------------------------------------------ child processes
 
 def run_child(target: str, kwargs: dict, timeout: float = 3600) -> dict:

@@ -46,32 +46,26 @@ def write_tiff(path, shape, seed: int = 0) -> float:
 def run_read(tiff: str, slab: int) -> dict:
     import tifffile
 
-    from .common import cpu_seconds, reset_peak_rss, rss_bytes
+    from .common import measure
 
-    reset_peak_rss()
-    before = rss_bytes()
-    t0, c0 = time.perf_counter(), cpu_seconds()
-    total = 0
-    with tifffile.TiffFile(tiff) as tif:
-        depth = len(tif.pages) if not tif.is_imagej else tif.series[0].shape[0]
-        for z0 in range(0, depth, slab):
-            data = tif.asarray(key=range(z0, min(z0 + slab, depth)), series=0)
-            total += data.nbytes
-            del data
-    return {"seconds": time.perf_counter() - t0, "cpu_s": cpu_seconds() - c0, "bytes": total,
-            "rss_before_bytes": before}
+    def go() -> dict:
+        total = 0
+        with tifffile.TiffFile(tiff) as tif:
+            depth = len(tif.pages) if not tif.is_imagej else tif.series[0].shape[0]
+            for z0 in range(0, depth, slab):
+                data = tif.asarray(key=range(z0, min(z0 + slab, depth)), series=0)
+                total += data.nbytes
+                del data
+        return {"bytes": total}
+
+    return measure(go)
 
 
 def run_convert(tiff: str, out: str, chunks, shard) -> dict:
     from ..data.convert import convert
-    from .common import cpu_seconds, reset_peak_rss, rss_bytes
+    from .common import measure
 
-    reset_peak_rss()
-    before = rss_bytes()
-    t0, c0 = time.perf_counter(), cpu_seconds()
-    summary = convert(tiff, out, chunks=chunks, shard=shard, overwrite=True)
-    return {"seconds": time.perf_counter() - t0, "cpu_s": cpu_seconds() - c0, "rss_before_bytes": before,
-            "summary": summary}
+    return measure(lambda: {"summary": convert(tiff, out, chunks=chunks, shard=shard, overwrite=True)})
 
 
 def run(args) -> dict:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import time
 from pathlib import Path
 
 PROFILES = {
@@ -88,30 +87,29 @@ def store_files(path: str) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- in child processes
 
 def run_write(out: str, shape: list, chunks, shard) -> dict:
-    from .common import cpu_seconds, make_volume_store, reset_peak_rss, rss_bytes
+    from .common import make_volume_store, measure
 
-    reset_peak_rss()
-    before = rss_bytes()
-    t0, c0 = time.perf_counter(), cpu_seconds()
-    make_volume_store(Path(out), shape, chunks=tuple(chunks) if isinstance(chunks, list) else chunks,
-                      shard=tuple(shard) if shard else None)
-    return {"seconds": time.perf_counter() - t0, "cpu_s": cpu_seconds() - c0, "rss_before_bytes": before}
+    def go() -> None:
+        make_volume_store(Path(out), shape, chunks=tuple(chunks) if isinstance(chunks, list) else chunks,
+                          shard=tuple(shard) if shard else None)
+
+    return measure(go)
 
 
 def run_train(overrides: list) -> dict:
     from ..config import load_config
     from ..train import train
-    from .common import PeakRSS, cpu_seconds, reset_peak_rss, rss_bytes
+    from .common import PeakRSS, measure
 
     cfg = load_config(None, overrides)
-    reset_peak_rss()
-    before = rss_bytes()
-    t0, c0 = time.perf_counter(), cpu_seconds()
-    with PeakRSS(interval=0.02, children=True) as tree:
-        result = train(cfg)
-    return {"seconds": time.perf_counter() - t0, "cpu_s": cpu_seconds() - c0, "rss_before_bytes": before,
-            "tree_peak_rss_bytes": tree.peak, "steps": result.step, "status": result.status,
-            "checkpoint": result.checkpoint}
+
+    def go() -> dict:
+        with PeakRSS(interval=0.02, children=True) as tree:
+            result = train(cfg)
+        return {"tree_peak_rss_bytes": tree.peak, "steps": result.step, "status": result.status,
+                "checkpoint": result.checkpoint}
+
+    return measure(go)
 
 
 def run_read(ckpt: str, store: str, readers: int = 2) -> dict:
@@ -121,32 +119,31 @@ def run_read(ckpt: str, store: str, readers: int = 2) -> dict:
 
     from ..data.store import open_store
     from ..predict import block_core, input_region, load_model, make_plan, read_mirrored
-    from .common import cpu_seconds, reset_peak_rss, rss_bytes
+    from .common import measure
 
     _, cfg, _ = load_model(ckpt)
     raw = open_store(store, arrays=("raw",))["raw"]
     plan = make_plan(cfg.model, cfg.predict, raw.shape, (0, raw.shape[0]))
-    reset_peak_rss()
-    before = rss_bytes()
-    t0, c0 = time.perf_counter(), cpu_seconds()
-    with ThreadPoolExecutor(readers, "bench-read") as pool:
-        read = sum(pool.map(lambda i: read_mirrored(raw, input_region(plan, block_core(plan, i))).nbytes,
-                            range(plan.n_blocks)))
-    return {"seconds": time.perf_counter() - t0, "cpu_s": cpu_seconds() - c0, "rss_before_bytes": before,
-            "bytes": int(read), "blocks": plan.n_blocks}
+
+    def go() -> dict:
+        with ThreadPoolExecutor(readers, "bench-read") as pool:
+            read = sum(pool.map(lambda i: read_mirrored(raw, input_region(plan, block_core(plan, i))).nbytes,
+                                range(plan.n_blocks)))
+        return {"bytes": int(read), "blocks": plan.n_blocks}
+
+    return measure(go)
 
 
 def run_predict(ckpt: str, store: str, out: str, device: str) -> dict:
     from ..predict import predict
-    from .common import PeakRSS, cpu_seconds, reset_peak_rss, rss_bytes
+    from .common import PeakRSS, measure
 
-    reset_peak_rss()
-    before = rss_bytes()
-    t0, c0 = time.perf_counter(), cpu_seconds()
-    with PeakRSS(interval=0.02, children=True) as tree:
-        result = predict(ckpt, store, out, overwrite=True, device=device)
-    return {"seconds": time.perf_counter() - t0, "cpu_s": cpu_seconds() - c0, "rss_before_bytes": before,
-            "tree_peak_rss_bytes": tree.peak, "voxels": result.get("voxels_predicted")}
+    def go() -> dict:
+        with PeakRSS(interval=0.02, children=True) as tree:
+            result = predict(ckpt, store, out, overwrite=True, device=device)
+        return {"tree_peak_rss_bytes": tree.peak, "voxels": result.get("voxels_predicted")}
+
+    return measure(go)
 
 
 # ------------------------------------------------------------------------------------ the parent
@@ -202,7 +199,8 @@ def run(args) -> dict:
                 "ckpt": trained["checkpoint"], "store": str(store), "out": str(out), "device": device.type})
             images = trained["steps"] * cfg.data.batch_size
             rows.append({
-                "layout": name, "role": {"sharded": "ours", "small-chunks": "peer"}.get(name, name), "chunks": list(chunks) if isinstance(chunks, tuple) else chunks,
+                "layout": name, "role": {"sharded": "ours", "small-chunks": "peer"}.get(name, name),
+                "chunks": list(chunks) if isinstance(chunks, tuple) else chunks,
                 "shards": list(shard) if shard else None, "files": files, "stored_mb": stored / common.MB,
                 "write_s": wrote["seconds"], "write_mb_per_s": 2 * volume_bytes / common.MB / wrote["seconds"],
                 "write_peak_rss_mb": _mb(wrote["peak_rss_bytes"]),

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 PROFILES = {
     # The classic U-Net (depth 4) at a quarter width; blocks of 1 x 512 x 512 (the project default).
@@ -67,36 +66,15 @@ def _warmup(ckpt: str, device, precision: str, plan_tile, batch: int) -> None:
     torch.cuda.empty_cache()
 
 
-def _measure(fn, device) -> dict:
-    import torch
-
-    from .common import reset_peak_rss, rss_bytes
-
-    reset_peak_rss()
-    before = rss_bytes()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    from .common import cpu_seconds
-
-    t0, c0 = time.perf_counter(), cpu_seconds()
-    extra = fn() or {}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
-    out = {"seconds": seconds, "cpu_s": cpu_seconds() - c0, "rss_before_bytes": before, **extra}
-    if device.type == "cuda":
-        out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
-    return out
-
-
 def run_ours(ckpt: str, store: str, out: str, device: str, precision: str, tile: list, batch: int) -> dict:
     import torch
 
     from ..predict import predict
+    from .common import measure
 
     dev = torch.device(device)
     _warmup(ckpt, dev, precision, tile, batch)
-    return _measure(lambda: {"result": predict(ckpt, store, out, overwrite=True, device=dev.type,
+    return measure(lambda: {"result": predict(ckpt, store, out, overwrite=True, device=dev.type,
                                                precision=precision)}, dev)
 
 
@@ -111,6 +89,7 @@ def run_monai(ckpt: str, store: str, out: str, device: str, precision: str, tile
     from ..data.patches import to_unit_float
     from ..data.store import Layout, create_volume_array, open_store
     from ..predict import load_model, quantize
+    from .common import measure
 
     dev = torch.device(device)
     _warmup(ckpt, dev, precision, tile, batch)
@@ -142,7 +121,7 @@ def run_monai(ckpt: str, store: str, out: str, device: str, precision: str, tile
             (prob > cfg.predict.threshold).astype(np.uint8)
         return {"voxels": int(prob.size)}
 
-    return _measure(go, dev)
+    return measure(go, dev)
 
 
 # ------------------------------------------------------------------------------------ the parent
