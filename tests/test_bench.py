@@ -110,6 +110,16 @@ def test_a_bad_override_is_one_line_and_exit_2(tmp_path):
     assert done.err.strip().startswith("error:") and len(done.err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("flags, names", [(["--layouts", "small-chunks,tiles"], "tiles"),
+                                          (["--size", "-1"], "--size"), (["--chunk", "0"], "--chunk")])
+def test_bench_load_refuses_bad_flags_before_writing_anything(flags, names, tmp_path):
+    work = tmp_path / "work"
+    done = bench("load", "--device", "cpu", "--workdir", work, *flags)
+    assert done.code == 2 and names in done.err
+    assert done.err.strip().startswith("error:") and len(done.err.strip().splitlines()) == 1
+    assert not work.exists() or list(work.iterdir()) == []
+
+
 def test_add_bench_parser_registers_every_suite():
     from unet_dist.bench import add_bench_parser, cmd_bench
 
