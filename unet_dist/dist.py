@@ -157,11 +157,17 @@ def process_group(env: DistEnv, device: torch.device, timeout_s: int = 600):
     already holds it. `cv` holds one group across all its folds because a second join under
     torchrun fails (the agent's store still has the first group's keys)."""
     joined = setup(env, device, timeout_s)
+    if not joined:
+        # Joining is a meeting point (every rank has made its own checks before anyone acts, e.g.
+        # takes the prediction lock); a held group must be one too, on the way in and out.
+        barrier()
     try:
         yield
     finally:
         if joined:
             teardown()
+    if not joined:  # not on an error: the other ranks may never come
+        barrier()
 
 
 def world_size() -> int:
