@@ -89,16 +89,16 @@ def submit(checkpoint: str | Path, input: str | Path, out: str | Path, *, labels
     """Check the checkpoint, the input and the output here, then submit."""
     from unet_dist import checkpoint as ckpt
     from unet_dist.config import from_dict
-    from unet_dist.data.store import open_store
+    from unet_dist.data.store import RAW, TARGET_PATH, open_store
 
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other")
     kind = common.choose_cluster(cluster)
     state = ckpt.load(Path(checkpoint))
     cfg = from_dict(state.get("config") or {"model": state["model_config"]}, f"{checkpoint}: config")
-    open_store(input, arrays=("raw",))
+    open_store(input, arrays=(RAW,))
     if labels:
-        open_store(labels, arrays=("labels",))
+        open_store(labels, arrays=(TARGET_PATH,))
     out = Path(out)
     if out.exists() and not (resume or overwrite):
         raise UserError(f"{out}: already exists (pass --resume to continue it or --overwrite to replace it)")

@@ -83,6 +83,17 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_upgrade(args) -> int:
+    from .data.convert import format_info, store_info
+    from .data.ome import upgrade
+
+    done = upgrade(args.store)
+    print(f"upgraded {done['path']}: image '{done['image']}', label images {done['labels'] or 'none'}, "
+          f"{done['levels']} level(s)", file=sys.stderr)
+    print(format_info(store_info(args.store)))
+    return 0
+
+
 def cmd_config_show(args) -> int:
     from .config import dump_yaml, load_config
 
@@ -210,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("upgrade", help="move a store of the first layout (arrays raw/labels or probability/mask "
+                                       "at the root) into the OME-Zarr layout, without copying chunk data")
+    p.add_argument("store")
+    p.set_defaults(func=cmd_upgrade)
 
     p = sub.add_parser("config", help="configuration tools")
     config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")

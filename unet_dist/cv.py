@@ -35,7 +35,7 @@ import numpy as np
 
 from . import checkpoint, dist
 from .config import Config, load_config, to_dict
-from .data.store import open_store
+from .data.store import RAW, TARGET_PATH, open_store
 from .errors import UserError
 
 METRICS = ("dice_neuron", "dice_membrane", "dice_mean", "pixel_error", "v_rand", "v_info")
@@ -166,8 +166,8 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _labelled_slices(store: str) -> int:
-    group = open_store(store, arrays=("raw", "labels"))
-    return int(group["labels"].shape[0])
+    group = open_store(store, arrays=(RAW, TARGET_PATH))
+    return int(group[TARGET_PATH].shape[0])
 
 
 def _pick_checkpoint(run_dir: Path, which: str) -> Path:
@@ -245,7 +245,8 @@ def run_fold(cfg: Config, n: int, fold: Fold, resume: str, tta: bool, which: str
     """Train (unless finished), predict the held-out slices, evaluate; rank 0 writes the fold's result.
     Returns "done", or "stopped" when a stop signal interrupted it (run again with --resume auto)."""
     from .evaluate import evaluate
-    from .predict import open_prediction, probability_float, predict, write_json
+    from .data.prediction import PROBABILITY, open_prediction, probability_float
+    from .predict import predict, write_json
     from .train import train
 
     fcfg = fold_config(cfg, n, fold)
@@ -294,11 +295,11 @@ def run_fold(cfg: Config, n: int, fold: Fold, resume: str, tta: bool, which: str
         metrics = evaluate(pred_path, store, slices=(a, b))
         if metrics is None:  # ranks other than 0 have nothing to record
             continue
-        group, z0 = open_prediction(pred_path, arrays=("probability",))
+        group, z0 = open_prediction(pred_path, arrays=(PROBABILITY,))
         made = group.attrs.get("unet_dist", {}).get("predict", {})
         out["checkpoint_step"] = made.get("checkpoint_step")
-        labels = open_store(store, arrays=("labels",))["labels"]
-        counts = sum(sweep_counts(probability_float(group["probability"][z - z0]), np.asarray(labels[z]))
+        labels = open_store(store, arrays=(TARGET_PATH,))[TARGET_PATH]
+        counts = sum(sweep_counts(probability_float(group[PROBABILITY][z - z0]), np.asarray(labels[z]))
                      for z in range(a, b))
         out["variants"][variant] = {
             **{k: metrics[k] for k in ("dice_neuron", "dice_membrane", "pixel_error", "v_rand", "v_info",

@@ -19,16 +19,17 @@ from pathlib import Path
 import numpy as np
 
 from . import dist
-from .data.store import open_store
+from .data.store import TARGET_PATH, open_store
 from .errors import UserError
 from .metrics import ISBI_THRESHOLDS, confusion_counts, isbi_scores_from_sums, isbi_sums, scores_from_confusion
-from .predict import open_prediction, parse_slices, probability_float, write_json
+from .data.prediction import MASK, PROBABILITY, open_prediction, probability_float
+from .predict import parse_slices, write_json
 
 
 def _open(pred, labels, slices):
     group, z0 = open_prediction(pred)
-    label_arr = open_store(labels, arrays=("labels",))["labels"]
-    prob, mask = group["probability"], group["mask"]
+    label_arr = open_store(labels, arrays=(TARGET_PATH,))[TARGET_PATH]
+    prob, mask = group[PROBABILITY], group[MASK]
     depth = prob.shape[0]
     if tuple(label_arr.shape[1:]) != tuple(prob.shape[1:]) or z0 + depth > label_arr.shape[0]:
         raise UserError(f"{labels}: labels {tuple(label_arr.shape)} do not cover the prediction "
@@ -74,8 +75,9 @@ def export_tiff(pred, out, array: str = "probability", slices=None, overwrite: b
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists (pass --overwrite to replace it)")
-    group, z0 = open_prediction(pred, arrays=(array,))
-    arr = group[array]
+    path = PROBABILITY if array == "probability" else MASK
+    group, z0 = open_prediction(pred, arrays=(path,))
+    arr = group[path]
     lo, hi = (z - z0 for z in parse_slices(slices, arr.shape[0], str(pred), z0))
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     dtype = np.float32 if array == "probability" else np.uint8

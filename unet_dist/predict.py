@@ -38,14 +38,14 @@ import zarr
 from . import __version__, checkpoint, dist
 from .config import Config, PredictConfig, from_dict, parse_override, to_dict, validate
 from .data.patches import to_unit_float
-from .data.store import (Layout, check_out, create_volume_array, ome_multiscales_attrs, open_store,
-                         provenance, read_region, voxel_size)
+from .data.prediction import (MASK, PROBABILITY, build_pyramids, create_prediction, open_prediction,
+                              probability_float, quantize)
+from .data.store import RAW, TARGET_PATH, check_out, open_store, provenance, read_region, voxel_size
 from .errors import UserError
 from .infer import padded_input_shape
 from .metrics import confusion_counts, scores_from_confusion
 from .model import build_model, halo, pooling_factor
 
-ARRAYS = ("probability", "mask")
 MANIFEST = ".manifest"
 
 
@@ -310,22 +310,10 @@ class _Block:
     remaining: int = 0
 
 
-def quantize(prob: np.ndarray, dtype: str) -> np.ndarray:
-    return np.rint(prob * 255).astype(np.uint8) if dtype == "uint8" else prob.astype(np.float16)
-
-
-def probability_float(values: np.ndarray) -> np.ndarray:
-    """Stored probabilities as float32 in [0, 1] (uint8 holds round(255 p))."""
-    values = np.asarray(values)
-    if values.dtype == np.uint8:
-        return values.astype(np.float32) / np.float32(255)
-    return values.astype(np.float32)
-
-
 class _Runner:
     def __init__(self, plan: Plan, net: TileNet, raw, labels, out_group, manifest: Manifest, cfg: PredictConfig):
         self.plan, self.net, self.raw, self.labels, self.cfg = plan, net, raw, labels, cfg
-        self.prob, self.mask, self.manifest = out_group["probability"], out_group["mask"], manifest
+        self.prob, self.mask, self.manifest = out_group[PROBABILITY], out_group[MASK], manifest
 
     def read(self, index: int) -> _Block:
         core = block_core(self.plan, index)
@@ -477,27 +465,18 @@ class OutputLock:
             self.mine = False
 
 
-def _create_output(out: Path, plan: Plan, attrs: dict, dtype: str, fresh: bool, manifest: Manifest):
+def _create_output(out: Path, plan: Plan, attrs: dict, dtype: str, fresh: bool, manifest: Manifest, voxel):
     if fresh and out.exists():
         shutil.rmtree(out)
     group = zarr.open_group(str(out), mode="a" if not fresh else "w", zarr_format=3, attributes=attrs)
-    layout = Layout(plan.shape, plan.block, None)
-    present = {name for name, _ in group.arrays()}
-    for name, dt, kind in (("probability", dtype, "raw"), ("mask", np.uint8, "labels")):
-        if name not in present:  # a resumed run whose creator died early gets the rest
-            create_volume_array(group, name, layout, dt, kind)
+    # levels missing after a resumed run whose creator died early are created too
+    create_prediction(group, plan.shape, plan.block, dtype, voxel, plan.z0)
     manifest.create()
 
 
-def _attrs(plan: Plan, settings: dict, key: str, cfg: Config, in_group, input_path, ckpt_path, step) -> dict:
-    attrs = ome_multiscales_attrs({name: name for name in ARRAYS}, voxel_size(in_group))
-    if plan.z0:
-        for ms in attrs["ome"]["multiscales"]:
-            scale = ms["datasets"][0]["coordinateTransformations"][0]["scale"]
-            ms["datasets"][0]["coordinateTransformations"].append(
-                {"type": "translation", "translation": [plan.z0 * scale[0], 0.0, 0.0]})
-    return attrs | provenance(
-        {"input": {"path": str(Path(input_path).resolve()), "array": "raw"},
+def _attrs(plan: Plan, settings: dict, key: str, cfg: Config, input_path, ckpt_path, step) -> dict:
+    return provenance(
+        {"input": {"path": str(Path(input_path).resolve()), "array": RAW},
          "checkpoint": {"path": str(Path(ckpt_path).resolve()), "step": int(step),
                         "weights_sha256": settings["weights_sha256"]}},
         predict={"run_key": key, "settings": settings, "config": to_dict(cfg), "checkpoint_step": int(step),
@@ -514,14 +493,14 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
     env = dist.detect_env()
     out = Path(out)
     model, cfg, state = load_model(ckpt, overrides)
-    in_group = open_store(input, arrays=("raw",))
-    raw = in_group["raw"]
+    in_group = open_store(input, arrays=(RAW,))
+    raw = in_group[RAW]
     if raw.ndim != 3:
         raise UserError(f"{input}: 'raw' has {raw.ndim} axes; expected (Z, Y, X)")
     z_range = parse_slices(slices, raw.shape[0], str(input))
     label_arr = None
     if labels is not None:
-        label_arr = open_store(labels, arrays=("labels",))["labels"]
+        label_arr = open_store(labels, arrays=(TARGET_PATH,))[TARGET_PATH]
         if tuple(label_arr.shape) != tuple(raw.shape):
             raise UserError(f"{labels}: labels {tuple(label_arr.shape)} differ in shape from raw {tuple(raw.shape)}")
     plan = make_plan(cfg.model, cfg.predict, raw.shape, z_range)
@@ -555,8 +534,8 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
                 raise UserError(refused)
             manifest = Manifest(out, key)
             if dist.is_main():
-                _create_output(out, plan, _attrs(plan, settings, key, cfg, in_group, input, ckpt, state["step"]),
-                               cfg.predict.probability_dtype, not continuing, manifest)
+                _create_output(out, plan, _attrs(plan, settings, key, cfg, input, ckpt, state["step"]),
+                               cfg.predict.probability_dtype, not continuing, manifest, voxel_size(in_group))
             dist.barrier()
             done = dist.broadcast_object(manifest.done() if dist.is_main() else None)
             return _predict(plan, cfg, model, torch_device, precision, raw, label_arr, out, manifest, done,
@@ -600,7 +579,10 @@ def _predict(plan, cfg, model, device, precision, raw, labels, out, manifest, do
               "voxels_per_s": round(predicted / seconds) if seconds > 0 else None}
     if labels is not None:
         result |= scores_from_confusion(counts)
-    dist.barrier()
+    dist.barrier()  # every block of level 0 is written before any coarser level reads it
+    started = time.perf_counter()
+    build_pyramids(group, rank, world, barrier=dist.barrier)
+    result["pyramid_seconds"] = round(time.perf_counter() - started, 3)
     if main:
         attrs = dict(group.attrs["unet_dist"])
         attrs["predict"] = {**attrs["predict"], "complete": True,
@@ -608,12 +590,3 @@ def _predict(plan, cfg, model, device, precision, raw, labels, out, manifest, do
                                         if k in result}}
         group.attrs["unet_dist"] = attrs
     return result
-
-
-# ------------------------------------------------------------------------- reading predictions
-
-def open_prediction(path, arrays: Sequence[str] = ARRAYS):
-    """A prediction store and the first input slice it covers."""
-    group = open_store(path, arrays=arrays)
-    settings = group.attrs.get("unet_dist", {}).get("predict", {}).get("settings", {})
-    return group, int(settings.get("slices", [0])[0])

@@ -220,14 +220,14 @@ def curves(rows: dict[int, dict]) -> Image.Image:
 # ----------------------------------------------------------------------------- the command
 
 def _rows_from_pred(pred, zs) -> list[dict]:
-    from .predict import open_prediction, probability_float
+    from .data.prediction import MASK, PROBABILITY, open_prediction, probability_float
 
     group, z0 = open_prediction(pred)
-    depth = group["probability"].shape[0]
+    depth = group[PROBABILITY].shape[0]
     if zs[0] < z0 or zs[-1] >= z0 + depth:
         raise UserError(f"{pred}: holds slices {z0}:{z0 + depth}, not the requested {zs[0]}:{zs[-1] + 1}")
-    return [{"z": z, "prob": probability_float(group["probability"][z - z0]),
-             "mask": np.asarray(group["mask"][z - z0])} for z in zs]
+    return [{"z": z, "prob": probability_float(group[PROBABILITY][z - z0]),
+             "mask": np.asarray(group[MASK][z - z0])} for z in zs]
 
 
 def _rows_from_checkpoint(ckpt: Path, raw, lo: int, hi: int, zs, threshold: float) -> list[dict]:
@@ -268,7 +268,7 @@ def report(run_dir, pred=None, store=None, slices=None, max_rows: int = 6, panel
     """Write RUN_DIR/report/{slices,curves}.png (what can be drawn); returns the files written."""
     from .config import load_config
     from .data.patches import to_unit_float
-    from .data.store import open_store
+    from .data.store import RAW, TARGET_PATH, open_store
     from .predict import parse_slices
 
     run_dir = Path(run_dir)
@@ -289,8 +289,8 @@ def report(run_dir, pred=None, store=None, slices=None, max_rows: int = 6, panel
     out_dir.mkdir(exist_ok=True)
     written: list[Path] = []
     if grid:
-        group = open_store(store, arrays=("raw", "labels"))
-        raw, labels = group["raw"], group["labels"]
+        group = open_store(store, arrays=(RAW, TARGET_PATH))
+        raw, labels = group[RAW], group[TARGET_PATH]
         lo, hi = parse_slices(slices or (cfg.data.val_slices if cfg else None), raw.shape[0], str(store))
         zs = sorted({int(round(z)) for z in np.linspace(lo, hi - 1, min(max_rows, hi - lo))})
         if pred:

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import checkpoint, dist
 from .config import Config, dump_yaml, to_dict
 from .data.patches import PatchSpec, PatchStream, make_loader, patch_z_starts, to_unit_float
-from .data.store import open_store, read_region
+from .data.store import RAW, TARGET_PATH, open_store, read_region
 from .errors import UserError
 from .infer import forward_whole
 from .metrics import confusion_counts, scores_from_confusion
@@ -50,10 +50,10 @@ class TrainResult:
 
 def check_inputs(cfg: Config) -> tuple[tuple[int, int, int], tuple[int, ...]]:
     """Every user-fixable problem, before any process group; returns volume shape, label crop."""
-    group = open_store(cfg.data.store, arrays=("raw", "labels"))
-    shape = tuple(group["raw"].shape)
-    if tuple(group["labels"].shape) != shape:
-        raise UserError(f"{cfg.data.store}: raw {shape} and labels {tuple(group['labels'].shape)} differ in shape")
+    group = open_store(cfg.data.store, arrays=(RAW, TARGET_PATH))
+    shape = tuple(group[RAW].shape)
+    if tuple(group[TARGET_PATH].shape) != shape:
+        raise UserError(f"{cfg.data.store}: raw {shape} and labels {tuple(group[TARGET_PATH].shape)} differ in shape")
     depth = shape[0]
     for key in ("train_slices", "val_slices"):
         lo, hi = getattr(cfg.data, key)
@@ -131,26 +131,26 @@ def build_training(cfg: Config, device: torch.device):
 
 def validate(model, cfg: Config, device, autocast_ctx, want_panel: bool):
     """Whole validation slices spread over ranks; confusion counts summed, so N ranks = 1 rank."""
-    group = open_store(cfg.data.store, arrays=("raw", "labels"))
+    group = open_store(cfg.data.store, arrays=(RAW, TARGET_PATH))
     lo, hi = cfg.data.val_slices
     counts = np.zeros(4, dtype=np.int64)
     panel = None
     model.eval()
     if cfg.model.dims == 2:
         for z in range(lo + dist.rank(), hi, dist.world_size()):
-            raw = to_unit_float(read_region(group["raw"], (slice(z, z + 1),))[0])
-            label = read_region(group["labels"], (slice(z, z + 1),))[0]
+            raw = to_unit_float(read_region(group[RAW], (slice(z, z + 1),))[0])
+            label = read_region(group[TARGET_PATH], (slice(z, z + 1),))[0]
             prob = forward_whole(model, cfg.model, raw[None], device, autocast_ctx)[0]
             counts += confusion_counts(prob, label, cfg.predict.threshold)
             if want_panel and panel is None:
                 panel = np.concatenate([raw, label, prob], axis=1)
     else:
         # 3D: the validation sub-volume cut into bands along y, one per rank, counted on the cores.
-        rows = np.array_split(np.arange(group["raw"].shape[1]), dist.world_size())[dist.rank()]
+        rows = np.array_split(np.arange(group[RAW].shape[1]), dist.world_size())[dist.rank()]
         if len(rows):
             band = (slice(lo, hi), slice(rows[0], rows[-1] + 1))
-            raw = to_unit_float(read_region(group["raw"], band))
-            label = read_region(group["labels"], band)
+            raw = to_unit_float(read_region(group[RAW], band))
+            label = read_region(group[TARGET_PATH], band)
             prob = forward_whole(model, cfg.model, raw[None], device, autocast_ctx)[0]
             counts += confusion_counts(prob, label, cfg.predict.threshold)
             if want_panel:

@@ -318,9 +318,8 @@ def make_volume_store(out: Path, shape, chunks="2d", seed: int = 0, distinct: in
     """A volume store (raw + labels, our layout and codecs, optionally sharded) of any size from
     `synthetic_slices`; for volumes of at most `distinct` slices and no shards this is exactly
     `unet-dist synth`'s output."""
-    import zarr
-
     from ..data import store as st
+    from ..data.ome import write_em_store
     from ..data.synth import synthesize
 
     shape = tuple(int(s) for s in shape)
@@ -329,12 +328,9 @@ def make_volume_store(out: Path, shape, chunks="2d", seed: int = 0, distinct: in
         return Path(out)
     layout = st.resolve_layout(shape, chunks, shard)
     with st.atomic_store_dir(out, overwrite=True) as tmp:
-        attrs = st.ome_multiscales_attrs({"raw": "raw", "labels": "labels"}, (50.0, 4.0, 4.0))
-        attrs |= st.provenance({"synthetic": {"generator": "unet_dist.bench.common.synthetic_slices",
-                                              "seed": seed, "shape": list(shape), "distinct": distinct}})
-        group = zarr.open_group(str(tmp), mode="w", zarr_format=3, attributes=attrs)
-        st.write_volumes(group, layout, {"raw": np.uint8, "labels": np.uint8},
-                         synthetic_slices(shape, distinct, seed))
+        attrs = st.provenance({"synthetic": {"generator": "unet_dist.bench.common.synthetic_slices",
+                                             "seed": seed, "shape": list(shape), "distinct": distinct}})
+        write_em_store(tmp, layout, (50.0, 4.0, 4.0), np.uint8, True, synthetic_slices(shape, distinct, seed), attrs)
     return Path(out)
 
 

@@ -117,12 +117,12 @@ def run_read(ckpt: str, store: str, readers: int = 2) -> dict:
     threads as the predictor reads them, without the network (which hides I/O on a CPU)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from ..data.store import open_store
+    from ..data.store import RAW, open_store
     from ..predict import block_core, input_region, load_model, make_plan, read_mirrored
     from .common import measure
 
     _, cfg, _ = load_model(ckpt)
-    raw = open_store(store, arrays=("raw",))["raw"]
+    raw = open_store(store)[RAW]
     plan = make_plan(cfg.model, cfg.predict, raw.shape, (0, raw.shape[0]))
 
     def go() -> dict:

@@ -86,7 +86,7 @@ def run(args) -> dict:
     from .. import dist
     from ..config import to_dict
     from ..data.patches import PatchSpec, PatchStream
-    from ..data.store import open_store
+    from ..data.store import RAW, TARGET_PATH, open_store
     from ..train import check_inputs
     from . import common
     from .train import Batch, OurStep, Variant
@@ -105,7 +105,7 @@ def run(args) -> dict:
             shape = _volume(args.volume, VOLUMES["tiny" if args.tiny else "cuda" if cuda else "cpu"])
             common.log(f"loader: writing a synthetic volume {shape}")
             store = str(common.make_volume_store(work / "volume.zarr", shape))
-        depth = open_store(store, arrays=("raw", "labels"))["raw"].shape[0]
+        depth = open_store(store, arrays=(RAW, TARGET_PATH))[RAW].shape[0]
         cfg.data.store = store
         if not args.store or cfg.data.train_slices[1] > depth:
             cfg.data.train_slices, cfg.data.val_slices = [0, depth], [depth - 1, depth]

@@ -87,8 +87,9 @@ def run_monai(ckpt: str, store: str, out: str, device: str, precision: str, tile
 
     from .. import dist
     from ..data.patches import to_unit_float
-    from ..data.store import Layout, create_volume_array, open_store
-    from ..predict import load_model, quantize
+    from ..data.prediction import MASK, PROBABILITY, build_pyramids, create_prediction, quantize
+    from ..data.store import RAW, open_store, voxel_size
+    from ..predict import load_model
     from .common import measure
 
     dev = torch.device(device)
@@ -98,7 +99,8 @@ def run_monai(ckpt: str, store: str, out: str, device: str, precision: str, tile
         model, cfg, _ = load_model(ckpt)
         model = model.to(dev)
         autocast = dist.autocast(dev, precision)
-        volume = to_unit_float(np.asarray(open_store(store)["raw"][:]))  # the whole volume in memory
+        source = open_store(store)
+        volume = to_unit_float(np.asarray(source[RAW][:]))  # the whole volume in memory
         x = torch.from_numpy(volume)
         x = x[:, None] if cfg.model.dims == 2 else x[None, None]  # 2D: slices are the batch
 
@@ -112,13 +114,13 @@ def run_monai(ckpt: str, store: str, out: str, device: str, precision: str, tile
                                             device=dev if aggregate_on == "compute" else torch.device("cpu"))
         prob = (prob[:, 0] if cfg.model.dims == 2 else prob[0, 0]).cpu().numpy()
         del x, volume
+        # the same store format as ours, pyramid included, so both do the same work after the network
         group = zarr.open_group(out, mode="w", zarr_format=3)
-        layout = Layout(prob.shape, tuple(cfg.predict.block_size), None)
-        layout = Layout(prob.shape, tuple(min(b, n) for b, n in zip(layout.chunks, prob.shape)), None)
-        create_volume_array(group, "probability", layout, cfg.predict.probability_dtype, "raw")[:] = \
-            quantize(prob, cfg.predict.probability_dtype)
-        create_volume_array(group, "mask", layout, np.uint8, "labels")[:] = \
-            (prob > cfg.predict.threshold).astype(np.uint8)
+        block = tuple(min(b, n) for b, n in zip(cfg.predict.block_size, prob.shape))
+        create_prediction(group, prob.shape, block, cfg.predict.probability_dtype, voxel_size(source), 0)
+        group[PROBABILITY][:] = quantize(prob, cfg.predict.probability_dtype)
+        group[MASK][:] = (prob > cfg.predict.threshold).astype(np.uint8)
+        build_pyramids(group)
         return {"voxels": int(prob.size)}
 
     return measure(go, dev)
@@ -134,12 +136,12 @@ def _checkpoint(folder, cfg, store: str, device, seed: int = 0) -> str:
     from .. import checkpoint
     from ..config import to_dict
     from ..data.patches import to_unit_float
-    from ..data.store import open_store
+    from ..data.store import RAW, open_store
     from ..model import build_model, valid_input_shape
 
     torch.manual_seed(seed)
     model = build_model(cfg.model).to(device)
-    raw = open_store(store)["raw"]
+    raw = open_store(store)[RAW]
     dims = cfg.model.dims
     size = valid_input_shape(cfg.model, tuple(min(n, 128) for n in raw.shape[-dims:]))
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -183,22 +185,22 @@ def compare(ours: str, peer: str, border: tuple[int, ...], slab: int = 8) -> dic
     import numpy as np
     import zarr
 
-    from ..predict import probability_float
+    from ..data.prediction import MASK, PROBABILITY, probability_float
 
     a, b = (zarr.open_group(p, mode="r") for p in (ours, peer))
-    shape = a["probability"].shape
+    shape = a[PROBABILITY].shape
     by, bx = border[-2:]
     inner = (slice(None), slice(by, max(by, shape[1] - by)), slice(bx, max(bx, shape[2] - bx)))
     worst = worst_in = total = 0.0
     masks = 0
     for z0 in range(0, shape[0], slab):
         z = slice(z0, min(z0 + slab, shape[0]))
-        d = np.abs(probability_float(a["probability"][z]) - probability_float(b["probability"][z]))
+        d = np.abs(probability_float(a[PROBABILITY][z]) - probability_float(b[PROBABILITY][z]))
         worst = max(worst, float(d.max()))
         if d[inner].size:
             worst_in = max(worst_in, float(d[inner].max()))
         total += float(d.sum(dtype=np.float64))
-        masks += int(np.count_nonzero(a["mask"][z] != b["mask"][z]))
+        masks += int(np.count_nonzero(a[MASK][z] != b[MASK][z]))
     n = math.prod(shape)
     return {"max_abs_diff": worst, "max_abs_diff_interior": worst_in, "mean_abs_diff": total / n,
             "mask_differs_frac": masks / n, "interior_border_px": [by, bx]}
@@ -207,7 +209,7 @@ def compare(ours: str, peer: str, border: tuple[int, ...], slab: int = 8) -> dic
 def run(args) -> dict:
     from .. import dist
     from ..config import to_dict
-    from ..data.store import open_store
+    from ..data.store import RAW, open_store
     from ..model import halo
     from ..predict import make_plan
     from . import common
@@ -227,7 +229,7 @@ def run(args) -> dict:
             shape = parse_zyx(args.volume, "--volume") if args.volume else VOLUMES[profile]
             common.log(f"predict: writing a synthetic volume {shape}")
             store = str(common.make_volume_store(work / "volume.zarr", shape))
-        raw_shape = tuple(open_store(store)["raw"].shape)
+        raw_shape = tuple(open_store(store)[RAW].shape)
         plan = make_plan(cfg.model, cfg.predict, raw_shape, (0, raw_shape[0]))
         tile = list(plan.model_tile)
         block = list(plan.block[1:] if cfg.model.dims == 2 else plan.block)

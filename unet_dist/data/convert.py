@@ -20,6 +20,7 @@ import zarr
 from PIL import Image
 
 from unet_dist.data import store as st
+from unet_dist.data.ome import image_levels, write_em_store
 from unet_dist.errors import UserError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -365,13 +366,13 @@ def convert(
             provenance = {"raw": _source_record(raw_src)}
             if label_src is not None:
                 provenance["labels"] = _source_record(label_src)
-            group = _create_group(tmp, list(dtypes), resolution, provenance,
-                                  label_threshold=label_threshold, invert=invert)
-            st.write_volumes(group, layout, dtypes, read_slab, progress)
+            attrs = st.provenance(provenance, label_threshold=label_threshold, invert=invert)
+            plan = write_em_store(tmp, layout, resolution, raw_dtype, label_src is not None, read_slab, attrs,
+                                  progress)
     finally:
         for source in sources:
             source.close()
-    return _summary(out, layout, dtypes, resolution, ones if label_src is not None else None, started)
+    return _summary(out, layout, dtypes, resolution, ones if label_src is not None else None, started, plan)
 
 
 def _check_resolution(resolution) -> tuple[float, float, float]:
@@ -392,13 +393,7 @@ def _source_record(source: VolumeSource) -> dict:
     }
 
 
-def _create_group(tmp, names, resolution, sources, **extra):
-    attrs = st.ome_multiscales_attrs({n: n for n in names}, resolution)
-    attrs |= st.provenance(sources, **extra)
-    return zarr.open_group(str(tmp), mode="w", zarr_format=3, attributes=attrs)
-
-
-def _summary(out, layout, dtypes, resolution, ones, started) -> dict:
+def _summary(out, layout, dtypes, resolution, ones, started, plan) -> dict:
     voxels = int(np.prod(layout.shape))
     return {
         "out": str(out),
@@ -407,6 +402,7 @@ def _summary(out, layout, dtypes, resolution, ones, started) -> dict:
         "chunks": list(layout.chunks),
         "shards": list(layout.shards) if layout.shards else None,
         "voxel_size": list(resolution) if resolution else None,
+        "levels": [list(shape) for shape in plan.shapes],
         "label_fraction": ones / voxels if ones is not None else None,
         "stored_bytes": st.stored_bytes(out),
         "seconds": round(time.perf_counter() - started, 3),
@@ -417,14 +413,23 @@ def _summary(out, layout, dtypes, resolution, ones, started) -> dict:
 
 
 def store_info(path) -> dict:
-    """What `unet-dist info` shows: per array layout, codecs and sizes; voxel size; provenance."""
+    """What `unet-dist info` shows: per array layout, codecs and sizes; voxel size; provenance.
+
+    Arrays are keyed by their path: the image's levels first, then each label image's levels.
+    """
     group = st.open_store(path, arrays=())
+    image_name = group.attrs.get("ome", {}).get("multiscales", [{}])[0].get("name", "image")
+    roles = [(str(level), f"{image_name} level {level}", array)
+             for level, array in enumerate(image_levels(group))]
+    for name in st.label_names(group):
+        roles += [(f"labels/{name}/{level}", f"label image '{name}' level {level}", array)
+                  for level, array in enumerate(image_levels(group["labels"][name]))]
     arrays = {}
-    # raw first, then labels, then anything else (a prediction store's arrays) by name
-    for name, array in sorted(group.arrays(), key=lambda kv: (kv[0] != "raw", kv[0] != "labels", kv[0])):
-        stored = st.stored_bytes(Path(path) / name)
+    for key, role, array in roles:
+        stored = st.stored_bytes(Path(path) / key)
         raw_bytes = st.nbytes(array.shape, array.dtype)
         entry = {
+            "role": role,
             "shape": list(array.shape),
             "dtype": str(array.dtype),
             "chunks": list(array.chunks),
@@ -434,10 +439,10 @@ def store_info(path) -> dict:
             "uncompressed_bytes": raw_bytes,
             "ratio": raw_bytes / stored if stored else None,
         }
-        if name == "labels":
+        if key == st.TARGET_PATH:
             ones = sum(int(np.count_nonzero(array[z0:z1])) for z0, z1 in st.iter_slabs(array))
             entry["label_fraction"] = ones / max(1, int(np.prod(array.shape)))
-        arrays[name] = entry
+        arrays[key] = entry
     return {
         "path": str(path),
         "arrays": arrays,
@@ -467,8 +472,9 @@ def format_info(info: dict) -> str:
     lines.append("voxel size  " + (" x ".join(f"{v:g}" for v in vs) + " nm (z, y, x)" if vs else "unknown"))
     for name, a in info["arrays"].items():
         ratio = f"{a['ratio']:.2f}x" if a["ratio"] else "n/a"
+        lines.append(f"{name:<11} {a['role']}")
         lines.append(
-            f"{name:<11} {' x '.join(map(str, a['shape']))}  {a['dtype']}  "
+            f"{'':<11} {' x '.join(map(str, a['shape']))}  {a['dtype']}  "
             f"chunks {'x'.join(map(str, a['chunks']))}  "
             f"shards {'x'.join(map(str, a['shards'])) if a['shards'] else 'none'}"
         )

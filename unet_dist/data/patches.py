@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .augment import Augmenter, unet_weight_map
 from ..errors import UserError
-from .store import open_store, read_region
+from .store import RAW, TARGET_PATH, open_store, read_region
 
 
 def to_unit_float(raw: np.ndarray) -> np.ndarray:
@@ -61,8 +61,8 @@ class PatchStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        group = open_store(self.spec.store, arrays=("raw", "labels"))
-        raw, labels = group["raw"], group["labels"]
+        group = open_store(self.spec.store, arrays=(RAW, TARGET_PATH))
+        raw, labels = group[RAW], group[TARGET_PATH]
         augmenter = Augmenter(self.augment_cfg)
         index = self.start_batch + worker
         while True:

@@ -1,8 +1,16 @@
-"""The volume store: one Zarr v3 group per volume, shared by convert, synth, train and predict.
+"""The volume store: one Zarr v3 group per volume, valid OME-Zarr 0.5, shared by every step.
 
-Layout (the contract in DESIGN.md): arrays `raw` (Z, Y, X, source dtype) and `labels` (Z, Y, X,
-uint8, 1 = neuron interior, 0 = membrane), voxel size in OME-Zarr 0.5 group attributes, our
-provenance under the `unet_dist` attribute key.
+Layout (ARCHITECTURE.md, Formats):
+- the image at the group's root, as multiscale levels `0`, `1`, ... (the raw EM volume; in a
+  prediction store, the probability);
+- label images under `labels/<name>/0`, `1`, ... with `image-label` metadata and the image's
+  levels: `neuron_interior` is the binary training target (1 = neuron interior, 0 = membrane);
+  a prediction store's `mask` is one too;
+- voxel size in nm in the OME coordinate transformations; our provenance under `unet_dist`.
+
+The first layout (arrays `raw` and `labels` at the root) is not valid OME-Zarr (`labels` is
+reserved for a group of label images); such a store is refused with a line that says how to
+upgrade it.
 
 A store is written into a hidden temporary sibling and renamed onto its name only when complete,
 so a crash, a user's mistake or Ctrl-C never leaves a half-written store where a store is expected.
@@ -47,8 +55,20 @@ READ_AHEAD_BYTES = 256 << 20  # read the next slab during a write only below thi
 # ---------------------------------------------------------------- opening and reading
 
 
-def open_store(path, arrays: Sequence[str] = ("raw",), mode: str = "r") -> zarr.Group:
-    """Open an existing Zarr v3 group and check that it holds `arrays`; UserError if not."""
+RAW = "0"  # level 0 of the image at the root: the raw volume (in a prediction store, the probability)
+TARGET = "neuron_interior"  # the binary training target's label image
+OLD_LAYOUT = ("raw", "probability")  # root arrays of the first layout
+
+
+def label_path(name: str, level: int = 0) -> str:
+    return f"labels/{name}/{level}"
+
+
+TARGET_PATH = label_path(TARGET)
+
+
+def open_store(path, arrays: Sequence[str] = (RAW,), mode: str = "r") -> zarr.Group:
+    """Open an existing Zarr v3 group and check that it holds `arrays` (paths); UserError if not."""
     path = Path(path)
     if (path / ".zgroup").is_file():
         raise UserError(f"{path}: a Zarr v2 store; unet_dist reads Zarr v3 (convert it again)")
@@ -60,16 +80,43 @@ def open_store(path, arrays: Sequence[str] = ("raw",), mode: str = "r") -> zarr.
         raise UserError(f"{path}: not a Zarr store ({exc})") from None
     if group.metadata.zarr_format != 3:
         raise UserError(f"{path}: a Zarr v{group.metadata.zarr_format} store; Zarr v3 is needed")
-    present = sorted(name for name, _ in group.arrays())
+    roots = {name for name, _ in group.arrays()}
+    if RAW not in roots and roots & set(OLD_LAYOUT):
+        raise UserError(f"{path}: a store in the first unet-dist layout (arrays {', '.join(sorted(roots))} at "
+                        f"the root, not OME-Zarr); run `unet-dist upgrade {path}` (moves them, copies no chunk "
+                        "data) or convert it again")
     for name in arrays:
-        if name not in present:
-            listed = ", ".join(present) or "none"
-            raise UserError(f"{path}: no array '{name}' (arrays: {listed})")
+        if not _is_array(group, name):
+            raise UserError(f"{path}: {_missing(group, name)}")
     return group
 
 
+def _is_array(group: zarr.Group, name: str) -> bool:
+    try:
+        return isinstance(group[name], zarr.Array)
+    except KeyError:
+        return False
+
+
+def _missing(group: zarr.Group, name: str) -> str:
+    parts = name.split("/")
+    if len(parts) == 3 and parts[0] == "labels":
+        names = label_names(group)
+        return f"no label image '{parts[1]}' (label images: {', '.join(names) or 'none'})"
+    present = sorted(n for n, _ in group.arrays())
+    return f"no array '{name}' (arrays: {', '.join(present) or 'none'})"
+
+
+def label_names(group: zarr.Group) -> list[str]:
+    """The label images a store lists (OME `labels` attribute of its `labels` group)."""
+    try:
+        return list(group["labels"].attrs["ome"]["labels"])
+    except (KeyError, TypeError):
+        return []
+
+
 def voxel_size(group: zarr.Group) -> tuple[float, ...] | None:
-    """The voxel size in nm from the OME metadata, or None when the store does not give one."""
+    """The voxel size in nm of level 0 from the OME metadata, or None when the store gives none."""
     try:
         multiscale = group.attrs["ome"]["multiscales"][0]
         transforms = multiscale["datasets"][0]["coordinateTransformations"]
@@ -80,33 +127,6 @@ def voxel_size(group: zarr.Group) -> tuple[float, ...] | None:
     if not all(axis.get("unit") for axis in multiscale["axes"]):
         return None
     return tuple(float(s) for s in scale)
-
-
-def ome_multiscales_attrs(
-    name_to_path: Mapping[str, str], voxel_size_nm: Sequence[float] | None, ndim: int = 3
-) -> dict:
-    """OME-Zarr 0.5 group attributes with one single-level multiscale per array."""
-    axis_names = AXES[-ndim:]
-    axes = [{"name": n, "type": "space"} for n in axis_names]
-    if voxel_size_nm is None:
-        scale = [1.0] * ndim
-    else:
-        scale = [float(s) for s in voxel_size_nm]
-        if len(scale) != ndim:
-            raise ValueError(f"voxel size {voxel_size_nm} does not have {ndim} values")
-        for axis in axes:
-            axis["unit"] = "nanometer"
-    multiscales = [
-        {
-            "name": name,
-            "axes": axes,
-            "datasets": [
-                {"path": path, "coordinateTransformations": [{"type": "scale", "scale": scale}]}
-            ],
-        }
-        for name, path in name_to_path.items()
-    ]
-    return {"ome": {"version": "0.5", "multiscales": multiscales}}
 
 
 def provenance(sources: dict, **extra) -> dict:
@@ -355,24 +375,19 @@ def read_region(array, region: tuple[slice, ...]) -> np.ndarray:
 
 
 def write_volumes(
-    group: zarr.Group,
+    arrays: Mapping[str, zarr.Array],
     layout: Layout,
-    dtypes: Mapping[str, object],
     read_slab: Callable[[int, int], Mapping[str, np.ndarray]],
     progress: Progress | None = None,
 ) -> None:
-    """Create one array per name in `dtypes` and fill them slab by slab from read_slab(z0, z1).
+    """Fill `arrays` (all of `layout`'s shape) slab by slab from read_slab(z0, z1) -> {name: slab}.
 
     While one slab is compressed and written, the next is read (or generated) in a thread: Blosc
     and numpy release the GIL, so the two overlap (10-25% faster). That holds two slabs, so it is
     done only for slabs under READ_AHEAD_BYTES; peak memory stays O(slab) for any volume size.
     """
-    arrays = {
-        name: create_volume_array(group, name, layout, dtype, "labels" if name == "labels" else "raw")
-        for name, dtype in dtypes.items()
-    }
     slabs = list(layout.slabs())
-    slab_bytes = sum(nbytes((layout.slab_depth, *layout.shape[1:]), d) for d in dtypes.values())
+    slab_bytes = sum(nbytes((layout.slab_depth, *layout.shape[1:]), a.dtype) for a in arrays.values())
     read_ahead = slab_bytes <= READ_AHEAD_BYTES
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slab-reader") as reader:
         pending = reader.submit(read_slab, *slabs[0]) if read_ahead else None

@@ -19,6 +19,7 @@ import numpy as np
 import zarr
 
 from unet_dist.data import store as st
+from unet_dist.data.ome import write_em_store
 
 SPACING = 40  # px between seeds: neurite cross-sections of ~160 nm at 4 nm/px, as in ISBI
 THICKNESS = 4.3  # px; sqrt(d2) - sqrt(d1) below this is membrane: ~22% of pixels, as in ISBI
@@ -197,16 +198,14 @@ def synthesize(
         }
     }
     with st.atomic_store_dir(out, overwrite) as tmp:
-        attrs = st.ome_multiscales_attrs({"raw": "raw", "labels": "labels"}, resolution)
-        attrs |= st.provenance(sources)
-        group = zarr.open_group(str(tmp), mode="w", zarr_format=3, attributes=attrs)
-        st.write_volumes(group, layout, {"raw": np.uint8, "labels": np.uint8}, read_slab, progress)
+        plan = write_em_store(tmp, layout, resolution, np.uint8, True, read_slab, st.provenance(sources), progress)
     voxels = math.prod(shape)
     return {
         "out": str(out),
         "shape": list(shape),
         "chunks": list(layout.chunks),
         "shards": list(layout.shards) if layout.shards else None,
+        "levels": [list(level) for level in plan.shapes],
         "label_fraction": ones / voxels,
         "stored_bytes": st.stored_bytes(out),
         "seconds": round(time.perf_counter() - started, 3),

@@ -1,0 +1,206 @@
+"""The OME-Zarr 0.5 side of a store: metadata, multiscale images and label images, the upgrade.
+
+`store.py` owns the array-level rules (codecs, every chunk stored, atomic directories, damaged
+chunks named); this module arranges arrays into what OME-Zarr readers (ome-zarr-py and napari,
+neuroglancer, ome-zarr-models) expect: an image at the root with levels `0..n-1`, a `labels`
+group listing its label images, each a multiscale image of its own with `image-label` metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from . import pyramid
+from .store import (AXES, RAW, TARGET, Layout, Progress, create_volume_array, label_names, label_path,
+                    open_store, resolve_layout, write_volumes)
+from ..errors import UserError
+
+VERSION = "0.5"
+# label value -> (what it means, RGBA shown by viewers that read `colors`)
+LABEL_VALUES = {
+    TARGET: {0: ("membrane", (0, 0, 0, 0)), 1: ("neuron interior", (60, 200, 90, 110))},
+    "mask": {0: ("membrane", (0, 0, 0, 0)), 1: ("neuron interior", (230, 120, 40, 110))},
+}
+
+
+def _axes(known: bool) -> list[dict]:
+    # Axes without a unit record "voxel size unknown"; the scale is then a placeholder of 1.
+    return [{"name": n, "type": "space", **({"unit": "nanometer"} if known else {})} for n in AXES]
+
+
+def multiscale(name: str, scales: Sequence[Sequence[float]], known: bool,
+               translation: Sequence[float] | None = None) -> dict:
+    datasets = []
+    for level, scale in enumerate(scales):
+        transforms = [{"type": "scale", "scale": [float(v) for v in scale]}]
+        if translation is not None and any(translation):
+            transforms.append({"type": "translation", "translation": [float(v) for v in translation]})
+        datasets.append({"path": str(level), "coordinateTransformations": transforms})
+    return {"name": name, "axes": _axes(known), "datasets": datasets}
+
+
+def image_attrs(name: str, scales, known: bool, translation=None) -> dict:
+    return {"ome": {"version": VERSION, "multiscales": [multiscale(name, scales, known, translation)]}}
+
+
+def label_image_attrs(name: str, scales, known: bool, translation=None) -> dict:
+    attrs = image_attrs(name, scales, known, translation)
+    label = {"version": VERSION, "source": {"image": "../../"}}
+    if name in LABEL_VALUES:
+        values = LABEL_VALUES[name]
+        label["colors"] = [{"label-value": v, "rgba": list(rgba)} for v, (_, rgba) in values.items()]
+        label["properties"] = [{"label-value": v, "class": meaning} for v, (meaning, _) in values.items()]
+    attrs["ome"]["image-label"] = label
+    return attrs
+
+
+@dataclass(frozen=True)
+class Pyramid:
+    """The levels a volume of `layout` gets: factors between levels, their shapes and voxel sizes."""
+
+    layout: Layout
+    steps: tuple[tuple[int, ...], ...]
+    voxel_size: tuple[float, ...] | None
+
+    @classmethod
+    def plan(cls, layout: Layout, voxel_size) -> "Pyramid":
+        vs = tuple(float(v) for v in voxel_size) if voxel_size else None
+        return cls(layout, tuple(pyramid.plan_levels(layout.shape, vs)), vs)
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        return pyramid.level_shapes(self.layout.shape, self.steps)
+
+    @property
+    def scales(self) -> list[list[float]]:
+        return pyramid.level_scales(self.voxel_size or (1.0,) * 3, self.steps)
+
+    def level_layout(self, level: int) -> Layout:
+        if level == 0:
+            return self.layout
+        shape = self.shapes[level]
+        chunks = tuple(min(c, n) for c, n in zip(self.layout.chunks, shape))
+        return resolve_layout(shape, chunks, self.layout.shards)
+
+
+def create_image(group: zarr.Group, name: str, plan: Pyramid, dtype, kind: str,
+                 translation=None) -> list[zarr.Array]:
+    """The image at `group`'s root: metadata and empty levels."""
+    group.attrs.update(image_attrs(name, plan.scales, plan.voxel_size is not None, translation))
+    return _levels(group, plan, dtype, kind)
+
+
+def create_label_image(group: zarr.Group, name: str, plan: Pyramid, dtype, translation=None) -> list[zarr.Array]:
+    """`labels/<name>` under the image `group`, listed in `labels`' metadata, with empty levels."""
+    labels = group.require_group("labels")
+    names = label_names(group)
+    if name not in names:
+        labels.attrs.update({"ome": {"version": VERSION, "labels": [*names, name]}})
+    image = labels.require_group(name)
+    image.attrs.update(label_image_attrs(name, plan.scales, plan.voxel_size is not None, translation))
+    return _levels(image, plan, dtype, "labels")
+
+
+def _levels(group: zarr.Group, plan: Pyramid, dtype, kind: str) -> list[zarr.Array]:
+    present = {n for n, _ in group.arrays()}
+    levels = []
+    for level in range(len(plan.steps) + 1):
+        if str(level) in present:  # a resumed prediction whose creator died early
+            levels.append(group[str(level)])
+        else:
+            levels.append(create_volume_array(group, str(level), plan.level_layout(level), dtype, kind))
+    return levels
+
+
+def write_em_store(tmp: Path, layout: Layout, voxel_size, raw_dtype, labels: bool,
+                   read_slab: Callable[[int, int], Mapping[str, np.ndarray]], attrs: dict,
+                   progress: Progress | None = None) -> Pyramid:
+    """A new input store in `tmp`: raw (and the training target) slab by slab, then their pyramids.
+
+    `read_slab(z0, z1)` returns {"raw": ..., "labels": ...}; `attrs` are our provenance attributes.
+    """
+    plan = Pyramid.plan(layout, voxel_size)
+    group = zarr.open_group(str(tmp), mode="w", zarr_format=3, attributes=attrs)
+    raws = create_image(group, "raw", plan, raw_dtype, "raw")
+    arrays = {"raw": raws[0]}
+    if labels:
+        targets = create_label_image(group, TARGET, plan, np.uint8)
+        arrays["labels"] = targets[0]
+    write_volumes(arrays, layout, read_slab, progress)
+    pyramid.build(raws, plan.steps, "mean")
+    if labels:
+        pyramid.build(targets, plan.steps, "mode")
+    return plan
+
+
+def image_levels(group: zarr.Group) -> list[zarr.Array]:
+    """The levels of the image at `group`'s root (or of a label image group), in order."""
+    datasets = group.attrs["ome"]["multiscales"][0]["datasets"]
+    return [group[d["path"]] for d in datasets]
+
+
+# ------------------------------------------------------------------------------- the upgrade
+
+# the first layout's root arrays -> (image name, label image name)
+_FIRST_LAYOUT = {"raw": ("raw", "labels", TARGET), "probability": ("probability", "mask", "mask")}
+
+
+def upgrade(path) -> dict:
+    """Move a store of the first layout (root arrays raw/labels or probability/mask) into the
+    OME-Zarr layout: level 0 arrays are renamed (no chunk data copied), metadata rewritten, the
+    pyramid levels written. Returns what was done."""
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        raise UserError(f"{path}: not a Zarr store")
+    group = zarr.open_group(str(path), mode="r+")
+    roots = {n for n, _ in group.arrays()}
+    kind = next((k for k in _FIRST_LAYOUT if k in roots), None)
+    if RAW in roots or kind is None:
+        raise UserError(f"{path}: not a store of the first layout (root arrays: {', '.join(sorted(roots)) or 'none'})"
+                        "; nothing to upgrade")
+    image_name, old_label, label_name = _FIRST_LAYOUT[kind]
+    old = group.attrs.asdict()
+    first = old.get("ome", {}).get("multiscales", [{}])[0].get("datasets", [{}])[0]
+    transforms = {t["type"]: t[t["type"]] for t in first.get("coordinateTransformations", [])}
+    source = group[kind]
+    layout = Layout(tuple(source.shape), tuple(source.chunks), source.shards)
+    known = all(a.get("unit") for a in old.get("ome", {}).get("multiscales", [{}])[0].get("axes", [{}]))
+    plan = Pyramid.plan(layout, transforms.get("scale") if known else None)
+    has_label = old_label in roots
+    # Rename first: a crash after this point leaves a store that the next `upgrade` cannot read,
+    # so the order is: move arrays into place (atomic renames), then write metadata last.
+    if has_label:
+        os.replace(path / old_label, path / ".upgrade-label")
+    os.replace(path / kind, path / RAW)
+    if has_label:
+        (path / "labels" / label_name).mkdir(parents=True, exist_ok=True)
+        os.replace(path / ".upgrade-label", path / label_path(label_name))
+    attrs = {k: v for k, v in old.items() if k != "ome"}
+    _write_group_json(path, attrs)
+    group = zarr.open_group(str(path), mode="r+")
+    translation = transforms.get("translation")
+    levels = create_image(group, image_name, plan, source.dtype, "raw", translation)
+    pyramid.build(levels, plan.steps, "mean")
+    if has_label:
+        _write_group_json(path / "labels", {})
+        _write_group_json(path / "labels" / label_name, {})
+        group = zarr.open_group(str(path), mode="r+")
+        targets = create_label_image(group, label_name, plan, np.uint8, translation)
+        pyramid.build(targets, plan.steps, "mode")
+    open_store(path)  # the result opens as the current layout
+    return {"path": str(path), "image": image_name, "labels": [label_name] if has_label else [],
+            "levels": len(plan.steps) + 1}
+
+
+def _write_group_json(folder: Path, attributes: dict) -> None:
+    meta = {"zarr_format": 3, "node_type": "group", "attributes": attributes}
+    tmp = folder / "zarr.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, folder / "zarr.json")

@@ -1,0 +1,145 @@
+"""Multiscale pyramids: which levels a volume gets, and how each level is made from the one below.
+
+Levels halve the finest axes until the largest y/x side is at most MAX_SIDE pixels. An axis is
+halved while its voxel is less than twice the finest voxel of the level, so anisotropic EM
+(50 x 4 x 4 nm) shrinks in y and x only until its pixels approach the section thickness, and
+near-isotropic FIB-SEM shrinks in z too; an axis of one voxel is never halved.
+
+Rules: `mean` for intensities (raw, probability), rounded for integer types; `mode` for label
+images (the most frequent value of each block, ties to the smallest value): a mean or a max would
+invent IDs that are not in the data, and for the binary target (0 = membrane) the tie rule keeps
+a membrane crossing a 2 x 2 block, so coarse levels do not lose the membranes a viewer looks for.
+
+A level is written unit by unit (a unit is a chunk, or a shard when the array is sharded), each
+unit from its own region of the level below: memory is bounded by the unit, whatever the volume,
+and units can be spread over ranks (unit i goes to rank i % world) because no two units share a
+chunk file. Each level needs the one below complete: callers with several ranks put a barrier
+between levels (`barrier`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+import numpy as np
+
+MAX_SIDE = 256
+Rule = Literal["mean", "mode"]
+
+
+def plan_levels(shape: Sequence[int], voxel_size: Sequence[float] | None,
+                max_side: int = MAX_SIDE) -> list[tuple[int, ...]]:
+    """The factor from each level to the one above it: [] when level 0 is small enough already.
+
+    An unknown voxel size counts as isotropic.
+    """
+    shape = [int(s) for s in shape]
+    size = [float(v) for v in voxel_size] if voxel_size else [1.0] * len(shape)
+    steps: list[tuple[int, ...]] = []
+    while max(shape[-2:]) > max_side:
+        finest = min(v for v, n in zip(size, shape) if n > 1)
+        step = tuple(2 if n > 1 and v < 2 * finest else 1 for v, n in zip(size, shape))
+        steps.append(step)
+        shape = [-(-n // f) for n, f in zip(shape, step)]
+        size = [v * f for v, f in zip(size, step)]
+    return steps
+
+
+def level_shapes(shape: Sequence[int], steps: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    shapes = [tuple(int(s) for s in shape)]
+    for step in steps:
+        shapes.append(tuple(-(-n // f) for n, f in zip(shapes[-1], step)))
+    return shapes
+
+
+def level_scales(voxel_size: Sequence[float], steps: Sequence[Sequence[int]]) -> list[list[float]]:
+    """Voxel size of every level, for the OME coordinate transformations."""
+    scales = [[float(v) for v in voxel_size]]
+    for step in steps:
+        scales.append([v * f for v, f in zip(scales[-1], step)])
+    return scales
+
+
+def downsample(block: np.ndarray, step: Sequence[int], rule: Rule) -> np.ndarray:
+    """Reduce each `step`-sized box of `block` to one value; a partial box at the far edge is
+    completed by repeating the edge (so a border voxel is not diluted by zeros)."""
+    step = tuple(int(f) for f in step)
+    pad = [(0, -n % f) for n, f in zip(block.shape, step)]
+    if any(p for _, p in pad):
+        block = np.pad(block, pad, mode="edge")
+    out_shape = tuple(n // f for n, f in zip(block.shape, step))
+    # (z, fz, y, fy, x, fx) -> (z, y, x, fz * fy * fx)
+    split = block.reshape([v for n, f in zip(out_shape, step) for v in (n, f)])
+    ndim = len(step)
+    boxes = split.transpose([*range(0, 2 * ndim, 2), *range(1, 2 * ndim, 2)]).reshape(*out_shape, -1)
+    if rule == "mean":
+        return _mean(boxes, block.dtype)
+    if rule == "mode":
+        return _mode(boxes)
+    raise ValueError(f"unknown downsampling rule {rule!r}")
+
+
+def _mean(boxes: np.ndarray, dtype) -> np.ndarray:
+    k = boxes.shape[-1]
+    if np.issubdtype(dtype, np.integer):
+        total = boxes.sum(axis=-1, dtype=np.int64)
+        return ((total + k // 2) // k).astype(dtype)  # round half up, exactly, in integers
+    return boxes.mean(axis=-1, dtype=np.float64).astype(dtype)
+
+
+def _mode(boxes: np.ndarray) -> np.ndarray:
+    ordered = np.sort(boxes, axis=-1)
+    # For each candidate, how many members equal it; argmax takes the first (smallest) on ties.
+    counts = np.empty(ordered.shape, np.uint8)
+    for i in range(ordered.shape[-1]):
+        counts[..., i] = (ordered == ordered[..., i:i + 1]).sum(axis=-1)
+    pick = counts.argmax(axis=-1)[..., None]
+    return np.take_along_axis(ordered, pick, axis=-1)[..., 0]
+
+
+def units(array) -> list[tuple[slice, ...]]:
+    """The write units of a zarr array (shards when sharded, else chunks), as regions."""
+    unit = array.shards or array.chunks
+    grid = [range(0, n, u) for n, u in zip(array.shape, unit)]
+    return [tuple(slice(a, min(a + u, n)) for a, u, n in zip(corner, unit, array.shape))
+            for corner in itertools.product(*grid)]
+
+
+def write_level(source, target, step: Sequence[int], rule: Rule, rank: int = 0, world: int = 1,
+                threads: int = 2) -> int:
+    """Fill this rank's units of `target` from `source` (the level below); returns voxels written."""
+    from .store import read_region  # a damaged source chunk is named, as everywhere else
+
+    mine = units(target)[rank::world]
+
+    def one(region: tuple[slice, ...]) -> int:
+        below = tuple(slice(r.start * f, min(r.stop * f, n)) for r, f, n in zip(region, step, source.shape))
+        reduced = downsample(read_region(source, below), step, rule)
+        target[region] = reduced
+        return reduced.size
+
+    if threads <= 1 or len(mine) <= 1:
+        return sum(map(one, mine))
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pyramid") as pool:
+        return sum(pool.map(one, mine))
+
+
+def build(levels: Sequence, steps: Sequence[Sequence[int]], rule: Rule, rank: int = 0, world: int = 1,
+          barrier: Callable[[], None] | None = None, threads: int = 2) -> int:
+    """Write levels[1:] from levels[0], level by level; `barrier` runs after each level (ranks > 1)."""
+    if len(levels) != len(steps) + 1:
+        raise ValueError(f"{len(levels)} levels for {len(steps)} steps")
+    written = 0
+    for below, above, step in zip(levels, levels[1:], steps):
+        written += write_level(below, above, step, rule, rank, world, threads)
+        if barrier is not None:
+            barrier()
+    return written
+
+
+def bytes_of(shapes: Sequence[Sequence[int]], itemsize: int) -> int:
+    return sum(math.prod(s) for s in shapes) * itemsize
