@@ -23,8 +23,12 @@ from unet_dist.errors import UserError
 
 
 def read_store(path) -> dict:
+    """Level 0 of raw and of the training target (when the store has one)."""
     group = zarr.open_group(str(path), mode="r")
-    return {name: array[:] for name, array in group.arrays()}
+    data = {"raw": group[st.RAW][:]}
+    if st.TARGET in st.label_names(group):
+        data["labels"] = group[st.TARGET_PATH][:]
+    return data
 
 
 def assert_nothing_left(out: Path) -> None:
@@ -60,16 +64,9 @@ def test_isbi_roundtrip(isbi_store, isbi_arrays):
 
 
 def test_isbi_metadata(isbi_store, isbi_dir):
-    from ome_zarr_models.v05.image import ImageAttrs
-
-    group = st.open_store(isbi_store, arrays=("raw", "labels"))
-    ome = ImageAttrs.model_validate(group.attrs["ome"])
-    for multiscale in ome.multiscales:
-        axes = tuple(axis.name for axis in multiscale.axes)
-        assert axes == ("z", "y", "x")
-        for dataset in multiscale.datasets:
-            assert group[dataset.path].metadata.dimension_names == axes
-    assert [m.name for m in ome.multiscales] == ["raw", "labels"]
+    group = st.open_store(isbi_store, arrays=(st.RAW, st.TARGET_PATH))
+    assert [m["name"] for m in group.attrs["ome"]["multiscales"]] == ["raw"]
+    assert st.label_names(group) == [st.TARGET]
     assert st.voxel_size(group) == (50.0, 4.0, 4.0)
     prov = group.attrs["unet_dist"]
     for role, name in (("raw", "train-volume.tif"), ("labels", "train-labels.tif")):
@@ -81,20 +78,19 @@ def test_isbi_metadata(isbi_store, isbi_dir):
 
 
 def test_raw_only_store_is_a_valid_ome_zarr_image(isbi_dir, tmp_path):
-    # The full ome-zarr-models check (arrays, dimension names). It cannot run on a store with a
-    # `labels` array: OME-Zarr reserves "labels" in an image group for a labels *group*.
     from ome_zarr_models.v05.image import Image as OmeImage
 
     out = tmp_path / "raw.zarr"
     convert(isbi_dir / "train-volume.tif", out, resolution=(40, 5, 5))
     image = OmeImage.from_zarr(zarr.open_group(str(out), mode="r"))
-    assert image.datasets[0][0].path == "raw"
+    assert [d.path for d in image.datasets[0]] == ["0", "1"] and image.labels is None
     assert st.voxel_size(zarr.open_group(str(out), mode="r")) == (40.0, 5.0, 5.0)
 
 
 def test_isbi_info(isbi_store, isbi_arrays):
     info = store_info(isbi_store)
-    raw, labels = info["arrays"]["raw"], info["arrays"]["labels"]
+    raw, labels = info["arrays"]["0"], info["arrays"][st.TARGET_PATH]
+    assert info["arrays"]["1"]["shape"] == info["arrays"]["labels/neuron_interior/1"]["shape"] == [30, 256, 256]
     assert raw["shape"] == labels["shape"] == [30, 512, 512]
     assert raw["dtype"] == labels["dtype"] == "uint8"
     assert raw["chunks"] == [1, 512, 512] and raw["shards"] is None
@@ -141,13 +137,13 @@ def test_sharded_and_3d_chunks(isbi_dir, isbi_arrays, tmp_path):
     np.testing.assert_array_equal(data["labels"], isbi_arrays["labels"] // 255)
     count = lambda p: sum(len(files) for _, _, files in os.walk(p))  # noqa: E731
     assert count(sharded) < count(plain) / 10
-    info = store_info(sharded)["arrays"]["raw"]
+    info = store_info(sharded)["arrays"]["0"]
     assert info["chunks"] == [1, 128, 128] and info["shards"] == [8, 512, 512]
     assert info["codecs"][0] == "sharding_indexed"
 
     cube = tmp_path / "cube.zarr"
     convert(isbi_dir / "train-volume.tif", cube, chunks="3d", shard=(32, 512, 512))
-    array = zarr.open_group(str(cube))["raw"]
+    array = zarr.open_group(str(cube))[st.RAW]
     assert array.chunks == (30, 256, 256) and array.shards == (30, 512, 512)
     np.testing.assert_array_equal(array[:], isbi_arrays["raw"])
 
@@ -192,7 +188,7 @@ def test_single_image_and_float_raw(small, tmp_path):
     write_stack(tmp_path / "f.tif", raw.astype(np.float32) / 255)
     convert(tmp_path / "f.tif", tmp_path / "f.zarr", resolution=None)
     group = zarr.open_group(str(tmp_path / "f.zarr"))
-    assert group["raw"].dtype == np.float32 and st.voxel_size(group) is None
+    assert group[st.RAW].dtype == np.float32 and st.voxel_size(group) is None
 
 
 def test_progress_reports_every_slab(small, tmp_path):
@@ -386,7 +382,7 @@ def test_sigterm_removes_the_temporary_store(tmp_path):
     )
     proc = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".big.zarr.tmp-*/raw/c")) and time.monotonic() < deadline:
+    while not list(tmp_path.glob(".big.zarr.tmp-*/0/c")) and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
@@ -407,11 +403,12 @@ def test_open_store_errors(isbi_store, tmp_path):
         st.open_store(tmp_path / "old.zarr")
     raw_only = tmp_path / "raw_only.zarr"
     group = zarr.open_group(str(raw_only), mode="w")
-    group.create_array("raw", shape=(1, 2, 2), dtype="u1")
-    with pytest.raises(UserError, match=r"raw_only\.zarr: no array 'labels' \(arrays: raw\)"):
-        st.open_store(raw_only, arrays=("raw", "labels"))
-    assert set(dict(st.open_store(isbi_store, arrays=("raw", "labels")).arrays())) == {
-        "raw", "labels"}
+    group.create_array("0", shape=(1, 2, 2), dtype="u1")
+    with pytest.raises(UserError, match=r"raw_only\.zarr: no label image 'neuron_interior' \(label images: none\)"):
+        st.open_store(raw_only, arrays=(st.RAW, st.TARGET_PATH))
+    with pytest.raises(UserError, match=r"raw_only\.zarr: no array 'x' \(arrays: 0\)"):
+        st.open_store(raw_only, arrays=("x",))
+    assert st.open_store(isbi_store, arrays=(st.RAW, st.TARGET_PATH))[st.TARGET_PATH].shape == (30, 512, 512)
 
 
 def test_reader_reads_slabs_lazily(isbi_dir, isbi_arrays):

@@ -14,7 +14,7 @@ import zarr
 from unet_dist.cli import main
 from unet_dist.evaluate import evaluate
 from unet_dist.metrics import evaluate_volume
-from unet_dist.predict import probability_float
+from unet_dist.data.prediction import MASK, PROBABILITY, create_prediction, probability_float
 
 from conftest import ROOT, torchrun_cmd
 
@@ -32,14 +32,15 @@ def fake_prediction(out: Path, labels: np.ndarray, first: int = 0, seed: int = 0
     u8 = np.rint(prob * 255).astype(np.uint8)
     group = zarr.open_group(str(out), mode="w", zarr_format=3,
                             attributes={"unet_dist": {"predict": {"settings": {"slices": [first, first + len(u8)]}}}})
-    group.create_array("probability", data=u8, chunks=(1, *u8.shape[1:]))
-    group.create_array("mask", data=(probability_float(u8) > 0.5).astype(np.uint8), chunks=(1, *u8.shape[1:]))
+    create_prediction(group, u8.shape, (1, *u8.shape[1:]), "uint8", (50.0, 4.0, 4.0), first)
+    group[PROBABILITY][:] = u8
+    group[MASK][:] = (probability_float(u8) > 0.5).astype(np.uint8)
     return u8
 
 
 @pytest.fixture(scope="module")
 def labels(synth_store) -> np.ndarray:
-    return zarr.open_group(str(synth_store), mode="r")["labels"][:]
+    return zarr.open_group(str(synth_store), mode="r")["labels/neuron_interior/0"][:]
 
 
 def test_equals_one_process_metrics_and_writes_json(synth_store, labels, tmp_path):
@@ -63,9 +64,9 @@ def test_slices_follow_the_labels_numbering(synth_store, labels, tmp_path, capsy
     assert main(["evaluate", "--pred", str(pred), "--labels", str(synth_store), "--slices", "2:6"]) == 2
     assert "slices 2:6 are not within its slices 4:9" in capsys.readouterr().err
     assert main(["evaluate", "--pred", str(pred), "--labels", str(pred)]) == 2
-    assert "no array 'labels'" in capsys.readouterr().err
+    assert "pred.zarr: no label image 'neuron_interior' (label images: mask)" in capsys.readouterr().err
     assert main(["evaluate", "--pred", str(synth_store), "--labels", str(synth_store)]) == 2
-    assert "no array 'probability'" in capsys.readouterr().err
+    assert "no label image 'mask' (label images: neuron_interior)" in capsys.readouterr().err
     assert main(["evaluate", "--pred", str(pred), "--labels", str(synth_store), "--slices", "6:x"]) == 2
 
 

@@ -9,7 +9,7 @@ import torch
 from unet_dist.config import AugmentConfig
 from unet_dist.data.patches import PatchSpec, PatchStream, make_loader
 from unet_dist.data.augment import Augmenter
-from unet_dist.data.store import open_store
+from unet_dist.data.store import RAW, TARGET_PATH, open_store
 
 
 def spec(store, rank=0, **kw):
@@ -54,7 +54,7 @@ def test_stream_independent_of_workers_and_resumable(synth_store):
 def test_loader_workers_after_parent_read(synth_store, method):
     # zarr's codec pipeline has deadlocked in forked workers after the parent decoded a chunk;
     # the parent reads here first, then the workers must still deliver.
-    np.asarray(open_store(synth_store, arrays=("raw", "labels"))["raw"][0])
+    np.asarray(open_store(synth_store)[RAW][0])
     batches = take(spec(synth_store), workers=2, n=3, method=method)
     assert len(batches) == 3
 
@@ -80,13 +80,13 @@ def test_holdout_slices_never_sampled(tmp_path):
 
     store = tmp_path / "slices.zarr"
     group = zarr.open_group(store, mode="w")
-    raw = group.create_array("raw", shape=(8, 40, 40), chunks=(1, 40, 40), dtype="uint8")
+    raw = group.create_array(RAW, shape=(8, 40, 40), chunks=(1, 40, 40), dtype="uint8")
     raw[:] = (np.arange(8, dtype=np.uint8) * 10 + 5)[:, None, None]
-    group.create_array("labels", shape=(8, 40, 40), chunks=(1, 40, 40), dtype="uint8")[:] = 1
+    group.create_array(TARGET_PATH, shape=(8, 40, 40), chunks=(1, 40, 40), dtype="uint8")[:] = 1
     quiet = AugmentConfig(intensity=False, noise_std=0.0)
     stream = PatchStream(spec(store, holdout=(2, 6), batch_size=8), quiet)
     seen = set()
     for index in range(10):
-        batch = stream.make_batch(group["raw"], group["labels"], Augmenter(quiet), index)
+        batch = stream.make_batch(group[RAW], group[TARGET_PATH], Augmenter(quiet), index)
         seen |= {round((float(p.mean()) * 255 - 5) / 10) for p in batch["raw"][:, 0]}
     assert seen == {0, 1, 6, 7}

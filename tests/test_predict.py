@@ -22,8 +22,10 @@ from unet_dist.data.synth import synthesize
 from unet_dist.errors import UserError
 from unet_dist.infer import forward_whole
 from unet_dist.model import build_model, halo, pooling_factor
+from unet_dist.data.prediction import MASK, PROBABILITY, probability_float
+from unet_dist.data.store import RAW
 from unet_dist.predict import (assign, block_core, input_region, make_plan, mirror_indices, predict,
-                               probability_float, read_mirrored, tta_average)
+                               read_mirrored, tta_average)
 
 from conftest import ROOT, run_cli, torchrun_cmd
 
@@ -57,8 +59,10 @@ def volume(tmp_path_factory) -> Path:
 
 
 def arrays(pred: Path) -> dict[str, np.ndarray]:
+    """Every level of probability and mask, keyed by path ("0", "1", ..., "labels/mask/0", ...)."""
     group = zarr.open_group(str(pred), mode="r")
-    return {name: group[name][:] for name in ("probability", "mask")}
+    return {path: array[:] for path, array in group.arrays()} | {
+        f"labels/mask/{path}": array[:] for path, array in group["labels/mask"].arrays()}
 
 
 def last_json(text: str) -> dict:
@@ -132,9 +136,9 @@ def test_seamless_2d_equals_whole_image_away_from_the_border(ckpt, volume, tmp_p
     result = predict(ckpt, volume, out, overrides=["predict.block_size=[2,32,48]", "predict.probability_dtype=float16",
                                                    "predict.batch_size=3"])
     assert result["blocks"] == 3 * 4 * 3  # more than one block along every axis
-    tiled = probability_float(zarr.open_group(str(out))["probability"][:])
+    tiled = probability_float(zarr.open_group(str(out))[PROBABILITY][:])
     model = checkpoint_model(ckpt, SMALL)
-    raw = zarr.open_group(str(volume))["raw"][:].astype(np.float32) / 255
+    raw = zarr.open_group(str(volume))[RAW][:].astype(np.float32) / 255
     whole = forward_whole(model, SMALL, raw, torch.device("cpu"), torch.autocast("cpu", enabled=False))
     m = halo(SMALL)[0]
     inner = (slice(None), slice(m, -m), slice(m, -m))
@@ -148,8 +152,8 @@ def test_seamless_valid_padding_equals_whole_image_everywhere(volume, tmp_path):
     ckpt = save_checkpoint(tmp_path / "ck", cfg, seed=2)
     out = tmp_path / "pred.zarr"
     predict(ckpt, volume, out, overrides=["predict.block_size=[1,32,32]", "predict.probability_dtype=float16"])
-    tiled = probability_float(zarr.open_group(str(out))["probability"][:])
-    raw = zarr.open_group(str(volume))["raw"][:].astype(np.float32) / 255
+    tiled = probability_float(zarr.open_group(str(out))[PROBABILITY][:])
+    raw = zarr.open_group(str(volume))[RAW][:].astype(np.float32) / 255
     whole = forward_whole(checkpoint_model(ckpt, cfg), cfg, raw, torch.device("cpu"),
                           torch.autocast("cpu", enabled=False))
     assert np.abs(tiled - whole).max() < 5e-4  # both mirror the volume: equal up to the borders
@@ -164,9 +168,9 @@ def test_seamless_3d_volume_larger_than_a_block_on_every_axis(tmp_path):
     result = predict(ckpt, store, out, labels=store,
                      overrides=["predict.block_size=[8,16,16]", "predict.probability_dtype=float16"])
     assert result["blocks"] == 3 * 3 * 3 and 0 <= result["dice_neuron"] <= 1
-    assert zarr.open_group(str(out))["probability"].chunks == (8, 16, 16)
-    tiled = probability_float(zarr.open_group(str(out))["probability"][:])
-    raw = zarr.open_group(str(store))["raw"][:].astype(np.float32) / 255
+    assert zarr.open_group(str(out))[PROBABILITY].chunks == (8, 16, 16)
+    tiled = probability_float(zarr.open_group(str(out))[PROBABILITY][:])
+    raw = zarr.open_group(str(store))[RAW][:].astype(np.float32) / 255
     whole = forward_whole(checkpoint_model(ckpt, cfg), cfg, raw[None], torch.device("cpu"),
                           torch.autocast("cpu", enabled=False))[0]
     m = halo(cfg)[0]
@@ -188,20 +192,22 @@ def test_outputs_metadata_slices_and_export(ckpt, volume, tmp_path):
     whole = predict(ckpt, volume, full, labels=volume, overrides=args)
     predict(ckpt, volume, part, slices=(2, 5), overrides=args)
     a, b = arrays(full), arrays(part)
-    assert b["probability"].shape == (3, 100, 120) and b["probability"].dtype == np.uint8
-    assert np.array_equal(a["probability"][2:5], b["probability"])  # 2D: slices are independent
-    u8, mask = a["probability"], a["mask"].astype(bool)
+    assert b["0"].shape == (3, 100, 120) and b["0"].dtype == np.uint8
+    assert np.array_equal(a["0"][2:5], b["0"])  # 2D: slices are independent
+    u8, mask = a["0"], a["labels/mask/0"].astype(bool)
     assert ((u8 >= 129) <= mask).all() and (mask <= (u8 >= 128)).all()  # mask = p > 0.5 before rounding
 
     from ome_zarr_models.v05.image import Image as OmeImage
 
     group = zarr.open_group(str(part), mode="r")
-    ome = OmeImage.from_zarr(group).ome_attributes  # arrays, dimension names and all
-    assert [m.name for m in ome.multiscales] == ["probability", "mask"]
-    transforms = group.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
-    assert transforms == [{"type": "scale", "scale": [50.0, 4.0, 4.0]},
-                          {"type": "translation", "translation": [100.0, 0.0, 0.0]}]
-    assert group["mask"].metadata.dimension_names == ("z", "y", "x")
+    image = OmeImage.from_zarr(group)  # arrays, dimension names, label images and all
+    assert [m.name for m in image.ome_attributes.multiscales] == ["probability"]
+    assert image.labels.attributes.ome.labels == ["mask"]
+    for levels in (group, group["labels/mask"]):  # the slice range as a translation on every level
+        transforms = levels.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+        assert transforms == [{"type": "scale", "scale": [50.0, 4.0, 4.0]},
+                              {"type": "translation", "translation": [100.0, 0.0, 0.0]}]
+    assert group[MASK].metadata.dimension_names == ("z", "y", "x")
     info = group.attrs["unet_dist"]
     assert info["predict"]["complete"] and info["predict"]["settings"]["slices"] == [2, 5]
     assert info["predict"]["checkpoint_step"] == 7 and info["version"]
@@ -215,7 +221,7 @@ def test_outputs_metadata_slices_and_export(ckpt, volume, tmp_path):
     assert main(["export", str(part), "--out", str(tif), "--slices", "3:5"]) == 0
     pages = tifffile.imread(tif)
     assert pages.dtype == np.float32 and pages.shape == (2, 100, 120)
-    assert np.array_equal(pages, probability_float(b["probability"][1:3]))
+    assert np.array_equal(pages, probability_float(b["0"][1:3]))
     assert main(["export", str(part), "--out", str(tif)]) == 2  # exists
     assert main(["export", str(part), "--out", str(tmp_path / "m.tif"), "--array", "mask"]) == 0
     assert set(np.unique(tifffile.imread(tmp_path / "m.tif"))) <= {0, 255}
@@ -227,7 +233,7 @@ def test_tta_runs_and_stays_close_to_plain(ckpt, volume, tmp_path):
     tta = predict(ckpt, volume, tmp_path / "b.zarr", slices=(0, 1),
                   overrides=["predict.block_size=[1,64,64]", "predict.tta=true"])
     assert plain["blocks"] == tta["blocks"] == 4
-    a, b = arrays(tmp_path / "a.zarr")["probability"], arrays(tmp_path / "b.zarr")["probability"]
+    a, b = arrays(tmp_path / "a.zarr")["0"], arrays(tmp_path / "b.zarr")["0"]
     assert not np.array_equal(a, b)
 
 
@@ -253,7 +259,7 @@ def test_bad_input_gives_one_line_and_loses_nothing(ckpt, volume, tmp_path, caps
     raw_less = tmp_path / "labels_only.zarr"
     zarr.open_group(str(raw_less), mode="w").create_array("labels", shape=(2, 8, 8), dtype="uint8")
     assert main(["predict", "--checkpoint", str(ckpt), "--input", str(raw_less), "--out", str(out)]) == 2
-    assert "no array 'raw'" in capsys.readouterr().err
+    assert "no array '0' (arrays: labels)" in capsys.readouterr().err
     fails("--slices", "4:9", match="slices 4:9 are not within")
     fails("predict.block_size=[1,30,30]", match="pooling factor")
     fails("model.depth=3", match="only predict.* settings")
@@ -277,12 +283,13 @@ def test_bad_input_gives_one_line_and_loses_nothing(ckpt, volume, tmp_path, caps
                  "--overwrite"]) == 2
     assert (not_a_store / "precious.txt").read_text() == "keep"
     assert main([*base, "--slices", "0:2", "predict.block_size=[1,64,64]", "--overwrite"]) == 0
-    assert zarr.open_group(str(out))["probability"].chunks == (1, 64, 64)
+    assert zarr.open_group(str(out))[PROBABILITY].chunks == (1, 64, 64)
 
 
 # ---------------------------------------------------------------------- real processes: ranks
 
-PRED_ARGS = ["predict.block_size=[1,32,32]", "predict.batch_size=2"]
+# levels 1 and 2 of 60 and 30 pixels: a level-1 chunk covers blocks of both ranks
+PRED_ARGS = ["predict.block_size=[1,32,32]", "predict.batch_size=2", "predict.pyramid_max_side=32"]
 
 
 @pytest.fixture(scope="module")
@@ -308,6 +315,7 @@ def test_two_ranks_equal_one_rank(ckpt, volume, reference, tmp_path, free_port):
     for key in ("dice_neuron", "dice_membrane", "pixel_error", "blocks", "voxels_predicted"):
         assert two[key] == ref[key]
     a, b = arrays(ref_out), arrays(out)
+    assert sorted(a) == sorted(b) == ["0", "1", "2", "labels/mask/0", "labels/mask/1", "labels/mask/2"]
     assert all(np.array_equal(a[k], b[k]) for k in a)
     entries = [json.loads(f.read_text()) for f in (out / ".manifest").glob("block-*.json")]
     owners = {e["block"]: e["rank"] for e in entries}
@@ -353,5 +361,5 @@ def test_every_rank_reports_a_mistake_before_any_collective(ckpt, tmp_path, free
     out = tmp_path / "pred.zarr"
     proc = subprocess.run(torchrun_cmd(2, free_port, "predict", "--checkpoint", ckpt, "--input", raw_less,
                                        "--out", out), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and proc.stderr.count("no array 'raw'") == 2
+    assert proc.returncode != 0 and proc.stderr.count("no array '0'") == 2
     assert not out.exists()

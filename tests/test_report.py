@@ -84,7 +84,7 @@ def test_report_from_the_runs_checkpoint(tmp_path, synth_store):
 
 
 def test_report_from_a_prediction_store_and_cli(tmp_path, synth_store, capsys):
-    labels = zarr.open_group(str(synth_store), mode="r")["labels"][:]
+    labels = zarr.open_group(str(synth_store), mode="r")["labels/neuron_interior/0"][:]
     pred = tmp_path / "pred.zarr"
     fake_prediction(pred, labels[3:11], first=3)
     run = make_run(tmp_path / "run", synth_store, metrics=False)

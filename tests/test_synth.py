@@ -15,7 +15,7 @@ from unet_dist.errors import UserError
 
 def arrays(path):
     group = zarr.open_group(str(path), mode="r")
-    return group["raw"][:], group["labels"][:]
+    return group[st.RAW][:], group[st.TARGET_PATH][:]
 
 
 def test_deterministic_and_slab_independent(tiny_synth_store, tmp_path, monkeypatch):
@@ -54,15 +54,15 @@ def test_plausible_em(tmp_path):
 
 
 def test_store_layout_and_metadata(tiny_synth_store):
-    group = st.open_store(tiny_synth_store, arrays=("raw", "labels"))
+    group = st.open_store(tiny_synth_store, arrays=(st.RAW, st.TARGET_PATH))
     assert st.voxel_size(group) == (50.0, 4.0, 4.0)
-    assert [m["name"] for m in group.attrs["ome"]["multiscales"]] == ["raw", "labels"]
-    assert group["raw"].metadata.dimension_names == ("z", "y", "x")
+    assert [m["name"] for m in group.attrs["ome"]["multiscales"]] == ["raw"]
+    assert group[st.RAW].metadata.dimension_names == ("z", "y", "x")
     source = group.attrs["unet_dist"]["sources"]["synthetic"]
     assert source["seed"] == 0 and source["shape"] == [8, 96, 128]
     info = store_info(tiny_synth_store)
-    assert info["arrays"]["raw"]["chunks"] == [1, 96, 128]
-    assert 0.7 < info["arrays"]["labels"]["label_fraction"] < 0.85
+    assert info["arrays"]["0"]["chunks"] == [1, 96, 128]
+    assert 0.7 < info["arrays"][st.TARGET_PATH]["label_fraction"] < 0.85
 
 
 def test_refuses_existing_store(tiny_synth_store):

@@ -98,6 +98,8 @@ class PredictConfig:
     tta: bool = False
     probability_dtype: Literal["uint8", "float16"] = "uint8"
     threshold: float = 0.5
+    # coarser levels (for viewers) halve y, x (and z when near-isotropic) down to this largest side
+    pyramid_max_side: int = 256
 
 
 @dataclass
@@ -285,6 +287,7 @@ def validate(cfg: Config, source: str) -> None:
     check(len(cfg.predict.halo) == 3 and all(h >= 0 for h in cfg.predict.halo),
           "predict.halo", "expected 3 non-negative sizes (Z, Y, X)")
     check(0.0 <= cfg.predict.threshold <= 1.0, "predict.threshold", "must be within [0, 1]")
+    check(cfg.predict.pyramid_max_side >= 8, "predict.pyramid_max_side", "must be >= 8")
 
 
 def to_dict(cfg: Any) -> dict:

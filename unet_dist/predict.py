@@ -187,7 +187,8 @@ def run_settings(plan: Plan, cfg: Config, weights: str, precision: str, input_pa
     return {"weights_sha256": weights, "model": to_dict(cfg.model), "input": str(Path(input_path).resolve()),
             "input_shape": list(plan.in_shape), "slices": [plan.z0, plan.z0 + plan.shape[0]],
             "block_size": list(plan.block), "halo": list(plan.before), "tta": p.tta,
-            "probability_dtype": p.probability_dtype, "threshold": p.threshold, "precision": precision}
+            "probability_dtype": p.probability_dtype, "threshold": p.threshold, "precision": precision,
+            "pyramid_max_side": p.pyramid_max_side}
 
 
 def run_key(settings: dict) -> str:
@@ -465,12 +466,12 @@ class OutputLock:
             self.mine = False
 
 
-def _create_output(out: Path, plan: Plan, attrs: dict, dtype: str, fresh: bool, manifest: Manifest, voxel):
+def _create_output(out: Path, plan: Plan, attrs: dict, cfg: PredictConfig, fresh: bool, manifest: Manifest, voxel):
     if fresh and out.exists():
         shutil.rmtree(out)
     group = zarr.open_group(str(out), mode="a" if not fresh else "w", zarr_format=3, attributes=attrs)
     # levels missing after a resumed run whose creator died early are created too
-    create_prediction(group, plan.shape, plan.block, dtype, voxel, plan.z0)
+    create_prediction(group, plan.shape, plan.block, cfg.probability_dtype, voxel, plan.z0, cfg.pyramid_max_side)
     manifest.create()
 
 
@@ -535,7 +536,7 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
             manifest = Manifest(out, key)
             if dist.is_main():
                 _create_output(out, plan, _attrs(plan, settings, key, cfg, input, ckpt, state["step"]),
-                               cfg.predict.probability_dtype, not continuing, manifest, voxel_size(in_group))
+                               cfg.predict, not continuing, manifest, voxel_size(in_group))
             dist.barrier()
             done = dist.broadcast_object(manifest.done() if dist.is_main() else None)
             return _predict(plan, cfg, model, torch_device, precision, raw, label_arr, out, manifest, done,

@@ -70,9 +70,9 @@ class Pyramid:
     voxel_size: tuple[float, ...] | None
 
     @classmethod
-    def plan(cls, layout: Layout, voxel_size) -> "Pyramid":
+    def plan(cls, layout: Layout, voxel_size, max_side: int = pyramid.MAX_SIDE) -> "Pyramid":
         vs = tuple(float(v) for v in voxel_size) if voxel_size else None
-        return cls(layout, tuple(pyramid.plan_levels(layout.shape, vs)), vs)
+        return cls(layout, tuple(pyramid.plan_levels(layout.shape, vs, max_side)), vs)
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:

@@ -40,9 +40,10 @@ def probability_float(values: np.ndarray) -> np.ndarray:
     return values.astype(np.float32)
 
 
-def create_prediction(group: zarr.Group, shape, block, dtype: str, voxel_size, z0: int) -> Pyramid:
+def create_prediction(group: zarr.Group, shape, block, dtype: str, voxel_size, z0: int,
+                      max_side: int = pyramid.MAX_SIDE) -> Pyramid:
     """Metadata and empty levels of probability and mask in `group` (missing ones only)."""
-    plan = Pyramid.plan(Layout(tuple(shape), tuple(block), None), voxel_size)
+    plan = Pyramid.plan(Layout(tuple(shape), tuple(block), None), voxel_size, max_side)
     translation = [z0 * plan.scales[0][0], 0.0, 0.0]
     create_image(group, "probability", plan, dtype, "raw", translation)
     create_label_image(group, MASK_NAME, plan, np.uint8, translation)

@@ -43,6 +43,8 @@ def plan_levels(shape: Sequence[int], voxel_size: Sequence[float] | None,
     while max(shape[-2:]) > max_side:
         finest = min(v for v, n in zip(size, shape) if n > 1)
         step = tuple(2 if n > 1 and v < 2 * finest else 1 for v, n in zip(size, shape))
+        if step == (1,) * len(shape):
+            break
         steps.append(step)
         shape = [-(-n // f) for n, f in zip(shape, step)]
         size = [v * f for v, f in zip(size, step)]
