@@ -1,0 +1,174 @@
+"""Every store the project writes is OME-Zarr 0.5 as the field's readers see it; pyramids; the upgrade."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from unet_dist.data import pyramid
+from unet_dist.data import store as st
+from unet_dist.data.convert import convert
+from unet_dist.data.ome import image_levels
+from unet_dist.data.synth import synthesize
+
+from conftest import run_cli
+
+
+def check_ome(path: Path, image: str, labels: list[str], levels: int) -> None:
+    """ome-zarr-models validates image, labels group and every label image; ome-zarr-py's Reader
+    (what napari's OME-Zarr plugin uses) finds the image and every label image with all levels."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Multiscales, Reader
+    from ome_zarr_models.v05.image import Image
+    from ome_zarr_models.v05.image_label import ImageLabel
+
+    group = zarr.open_group(str(path), mode="r")
+    model = Image.from_zarr(group)
+    assert [m.name for m in model.ome_attributes.multiscales] == [image]
+    assert len(model.datasets[0]) == levels
+    if labels:
+        assert list(model.labels.attributes.ome.labels) == labels
+        for name in labels:
+            label = ImageLabel.from_zarr(group["labels"][name])
+            assert label.attributes.ome.image_label.source.image == "../../"
+            assert len(label.attributes.ome.multiscales[0].datasets) == levels
+    else:
+        assert model.labels is None
+
+    nodes = list(Reader(parse_url(str(path)))())
+    found = {}
+    for node in nodes:
+        kinds = {type(spec) for spec in node.specs}
+        if Multiscales in kinds:
+            found[node.metadata["name"]] = (Label in kinds, len(node.data))
+    assert found == {image: (False, levels), **{name: (True, levels) for name in labels}}
+
+
+def test_convert_and_synth_stores_are_valid_ome_zarr(isbi_dir, tmp_path):
+    isbi = tmp_path / "isbi.zarr"
+    convert(isbi_dir / "train-volume.tif", isbi, labels=isbi_dir / "train-labels.tif")
+    check_ome(isbi, "raw", [st.TARGET], levels=2)  # 512 -> 256 in y, x
+    raw_only = tmp_path / "raw.zarr"
+    convert(isbi_dir / "train-volume.tif", raw_only, chunks="3d", shard=(32, 512, 512))
+    check_ome(raw_only, "raw", [], levels=2)
+    synth = tmp_path / "synth.zarr"
+    synthesize(synth, shape=(4, 600, 520), seed=0)
+    check_ome(synth, "raw", [st.TARGET], levels=3)  # 600 -> 300 -> 150
+    group = zarr.open_group(str(synth), mode="r")
+    scales = [d["coordinateTransformations"][0]["scale"] for d in group.attrs["ome"]["multiscales"][0]["datasets"]]
+    assert scales == [[50.0, 4.0, 4.0], [50.0, 8.0, 8.0], [50.0, 16.0, 16.0]]  # anisotropic: z kept
+    assert [a.shape for a in image_levels(group)] == [(4, 600, 520), (4, 300, 260), (4, 150, 130)]
+
+
+def test_prediction_store_is_valid_ome_zarr(tmp_path, tiny_synth_store):
+    from test_predict import SMALL, save_checkpoint
+
+    from unet_dist.predict import predict
+
+    ckpt = save_checkpoint(tmp_path / "ck", SMALL)
+    out = tmp_path / "pred.zarr"
+    predict(ckpt, tiny_synth_store, out, slices=(2, 6),
+            overrides=["predict.block_size=[1,32,32]", "predict.pyramid_max_side=32"])
+    check_ome(out, "probability", ["mask"], levels=3)  # 128 -> 64 -> 32
+
+
+# ------------------------------------------------------------------------------------ pyramids
+
+def reference_downsample(data: np.ndarray, step, rule: str) -> np.ndarray:
+    """The plain definition, one output voxel at a time: the box of `step` voxels, cut at the far
+    edge and completed by repeating the edge voxel; mean rounded half up, or the most frequent value
+    (smallest on ties)."""
+    out_shape = tuple(-(-n // f) for n, f in zip(data.shape, step))
+    out = np.zeros(out_shape, data.dtype)
+    for index in itertools.product(*map(range, out_shape)):
+        members = [data[tuple(min(i * f + o, n - 1) for i, f, o, n in zip(index, step, offset, data.shape))]
+                   for offset in itertools.product(*map(range, step))]
+        if rule == "mean":
+            out[index] = int(np.floor(sum(int(m) for m in members) / len(members) + 0.5))
+        else:
+            values, counts = np.unique(members, return_counts=True)
+            out[index] = values[counts.argmax()]
+    return out
+
+
+@pytest.mark.parametrize("step", [(1, 2, 2), (2, 2, 2)])
+def test_levels_equal_a_plain_numpy_downsampling(tmp_path, step):
+    rng = np.random.default_rng(1)
+    raw = rng.integers(0, 256, (5, 37, 42), dtype=np.uint8)  # odd sides: partial boxes at the edges
+    ids = rng.integers(0, 4, (5, 37, 42), dtype=np.uint8)
+    group = zarr.open_group(str(tmp_path / "p.zarr"), mode="w")
+    for name, data, rule in (("raw", raw, "mean"), ("ids", ids, "mode")):
+        level0 = group.create_array(f"{name}0", data=data, chunks=(2, 8, 8))
+        # level 1 with chunks of (2, 5, 5): every level-1 chunk reads a region spanning level-0 chunks
+        shape1 = tuple(-(-n // f) for n, f in zip(data.shape, step))
+        level1 = group.create_array(f"{name}1", shape=shape1, dtype=data.dtype, chunks=(2, 5, 5))
+        written = sum(pyramid.write_level(level0, level1, step, rule, rank, 3) for rank in range(3))
+        assert written == level1.size
+        np.testing.assert_array_equal(level1[:], reference_downsample(data, step, rule))
+
+
+def test_mode_keeps_thin_membranes_and_never_invents_ids():
+    target = np.ones((1, 4, 4), np.uint8)
+    target[0, :, 1] = 0  # a one-pixel membrane: half of each 2 x 2 box on its column
+    assert (pyramid.downsample(target, (1, 2, 2), "mode")[0, :, 0] == 0).all()
+    ids = np.array([[[7, 9], [9, 300]]], np.uint16)
+    assert pyramid.downsample(ids, (1, 2, 2), "mode").tolist() == [[[9]]]
+    assert pyramid.downsample(ids, (1, 2, 2), "mean").tolist() == [[[81]]]  # why labels never use mean
+
+
+def test_level_plan_follows_the_voxel_size():
+    plan = pyramid.plan_levels
+    assert plan((30, 512, 512), (50, 4, 4)) == [(1, 2, 2)]
+    assert plan((1000, 10000, 10000), (50, 4, 4))[:4] == [(1, 2, 2)] * 3 + [(2, 2, 2)]  # 32 nm: near 50
+    assert plan((500, 2048, 2048), (8, 8, 8)) == [(2, 2, 2)] * 3  # FIB-SEM: z too
+    assert plan((1, 2048, 2048), (50, 4, 4)) == [(1, 2, 2)] * 3  # one slice: z is never halved
+    assert plan((30, 256, 200), (50, 4, 4)) == []
+    steps = plan((1000, 10000, 10000), (50, 4, 4))
+    assert max(pyramid.level_shapes((1000, 10000, 10000), steps)[-1][1:]) <= pyramid.MAX_SIDE
+
+
+# ---------------------------------------------------------------------------- the first layout
+
+def first_layout_store(path: Path, raw: np.ndarray, labels: np.ndarray) -> None:
+    """A store as unet-dist wrote it before the OME-Zarr layout: raw and labels at the root."""
+    scale = {"type": "scale", "scale": [50.0, 4.0, 4.0]}
+    axes = [{"name": n, "type": "space", "unit": "nanometer"} for n in "zyx"]
+    attrs = {"ome": {"version": "0.5", "multiscales": [
+        {"name": n, "axes": axes, "datasets": [{"path": n, "coordinateTransformations": [scale]}]}
+        for n in ("raw", "labels")]}, "unet_dist": {"version": "0.1.0", "sources": {}}}
+    group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attrs)
+    for name, data in (("raw", raw), ("labels", labels)):
+        group.create_array(name, data=data, chunks=(1, *data.shape[1:]), dimension_names=("z", "y", "x"))
+
+
+def test_first_layout_is_refused_in_one_line_then_upgraded_without_copying(tmp_path):
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (3, 300, 260), dtype=np.uint8)
+    labels = (rng.random((3, 300, 260)) > 0.3).astype(np.uint8)
+    old = tmp_path / "old.zarr"
+    first_layout_store(old, raw, labels)
+    for args in (["info", old], ["train", "--config", "configs/smoke.yaml", f"data.store={old}",
+                                 f"run.dir={tmp_path / 'run'}"]):
+        done = run_cli(*args)
+        assert done.code == 2 and done.err.count("\n") == 1, done.err
+        assert "first unet-dist layout" in done.err and f"unet-dist upgrade {old}" in done.err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+    chunk = old / "raw" / "c" / "1" / "0" / "0"
+    inode = os.stat(chunk).st_ino
+    done = run_cli("upgrade", old)
+    assert done.code == 0, done.err
+    assert os.stat(old / "0" / "c" / "1" / "0" / "0").st_ino == inode  # moved, not copied
+    check_ome(old, "raw", [st.TARGET], levels=2)
+    group = st.open_store(old, arrays=(st.RAW, st.TARGET_PATH))
+    np.testing.assert_array_equal(group[st.RAW][:], raw)
+    np.testing.assert_array_equal(group[st.TARGET_PATH][:], labels)
+    np.testing.assert_array_equal(group["1"][:], reference_downsample(raw, (1, 2, 2), "mean"))
+    assert st.voxel_size(group) == (50.0, 4.0, 4.0) and group.attrs["unet_dist"]["version"] == "0.1.0"
+    again = run_cli("upgrade", old)
+    assert again.code == 2 and "nothing to upgrade" in again.err and again.err.count("\n") == 1
