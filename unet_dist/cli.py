@@ -43,11 +43,10 @@ def _chunks(text: str):
 
 
 def _progress(label: str):
-    """Progress lines for long conversions (stderr, so stdout stays the result)."""
-    def report(done: int, total: int) -> None:
-        if total and (done == total or done % max(1, total // 20) == 0):
-            print(f"{label}: {done}/{total} slices", file=sys.stderr, flush=True)
-    return report
+    """Progress with rate and ETA for long conversions (stderr, so stdout stays the result)."""
+    from .progress import Progress
+
+    return Progress(label, 0, "slices")
 
 
 def cmd_convert(args) -> int:

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from .progress import format_eta
+
 
 def resolve_wandb_mode(mode: str, environ=os.environ) -> str:
     """`auto`: online with an API key, offline without one (the usual case on compute nodes)."""
@@ -32,12 +34,6 @@ def resolve_wandb_mode(mode: str, environ=os.environ) -> str:
     except OSError:
         pass
     return "offline"
-
-
-def _format_eta(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
 
 class Monitor:
@@ -87,7 +83,7 @@ class Monitor:
         eta = elapsed / done * (self.total_steps - step) if done > 0 else 0.0
         shown = "  ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in values.items()
                           if isinstance(v, (int, float)) and k in _CONSOLE_KEYS)
-        line = f"step {step}/{self.total_steps}  {shown}  eta {_format_eta(eta)}"
+        line = f"step {step}/{self.total_steps}  {shown}  eta {format_eta(eta)}"
         if self.bar and not any(k.startswith("val/") for k in values):
             width = 24
             filled = int(width * step / max(1, self.total_steps))

@@ -45,6 +45,7 @@ from .errors import UserError
 from .infer import padded_input_shape
 from .metrics import confusion_counts, scores_from_confusion
 from .model import build_model, halo, pooling_factor
+from .progress import Progress
 
 MANIFEST = ".manifest"
 
@@ -558,13 +559,15 @@ def _predict(plan, cfg, model, device, precision, raw, labels, out, manifest, do
     runner = _Runner(plan, TileNet(model, device, precision, cfg.predict.batch_size, cfg.predict.tta, plan.dims),
                      raw, labels, group, manifest, cfg.predict)
     started, count = time.perf_counter(), 0
+    # rank 0's share stands for all: blocks go round-robin, so every rank has about as many
+    progress = Progress("predict" if world == 1 else f"predict (rank 0 of {world})", len(todo), "blocks",
+                        mode=cfg.logging.progress)
 
     def on_block():
         nonlocal count
         count += 1
-        if main and (count == len(todo) or count % max(1, len(todo) // 10) == 0):
-            print(f"predict: rank 0 {count}/{len(todo)} blocks, {time.perf_counter() - started:.1f} s",
-                  file=sys.stderr, flush=True)
+        if main:
+            progress.update(count)
 
     counts = runner.run(todo, readers, writers, on_block)
     times = np.zeros(world)
@@ -584,6 +587,8 @@ def _predict(plan, cfg, model, device, precision, raw, labels, out, manifest, do
     started = time.perf_counter()
     build_pyramids(group, rank, world, barrier=dist.barrier)
     result["pyramid_seconds"] = round(time.perf_counter() - started, 3)
+    if main:
+        print(f"predict: coarser levels written in {result['pyramid_seconds']:.1f} s", file=sys.stderr, flush=True)
     if main:
         attrs = dict(group.attrs["unet_dist"])
         attrs["predict"] = {**attrs["predict"], "complete": True,
