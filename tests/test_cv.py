@@ -64,6 +64,9 @@ def test_fold_config_holds_the_fold_out_and_validates_on_it():
     assert out.data.holdout_slices == [12, 18] and out.data.val_slices == [12, 18]
     assert out.run.dir == os.path.join("runs/x", "fold-2") and out.run.name == "exp-fold-2"
     assert cfg.data.holdout_slices == [] and cfg.run.dir == "runs/x"  # the original is untouched
+    assert out.logging.group == "cv-x" and out.logging.job_type == "cv-fold"  # one W&B group for the folds
+    named = fold_config(load_config(SMOKE, ["logging.group=mine"]), 30, Fold("fold-0", 0, (0, 6)))
+    assert named.logging.group == "mine"
 
 
 # ----------------------------------------------------------------------- thresholds, summary

@@ -204,10 +204,11 @@ def test_bad_inputs_fail_fast_with_one_line(isbi_store, synth_store, tmp_path, f
 
 
 def test_wandb_offline_logs_and_resume_continues_run(synth_store, tmp_path):
-    from wandb_records import history, run_ids
+    from wandb_records import history, of_type, run_ids
 
     run = tmp_path / "run"
     args = ["--config", SMOKE, f"data.store={synth_store}", f"run.dir={run}", "logging.wandb=offline",
+            "logging.artifact_max_mb=0.1",
             "logging.images=true", "data.val_slices=[8,12]", "data.train_slices=[0,8]", "train.val_every=10",
             "train.ckpt_every=10"]
     env = {"WANDB_MODE": None, "WANDB_API_KEY": None}
@@ -223,8 +224,48 @@ def test_wandb_offline_logs_and_resume_continues_run(synth_store, tmp_path):
     rows = history(files[0]) + history(files[1])
     logged = set().union(*rows)
     assert {"train/loss", "train/lr", "train/images_per_s", "val/dice_membrane", "val/dice_neuron"} <= logged
-    assert any(key.startswith("val/raw|label|prediction") for key in logged)
+    assert {"val/masks", "val/errors", "val/probability"} <= logged
     assert {r["_step"] for r in rows if "val/dice_membrane" in r} == {10, 20}
+    # checkpoints of 0.4 MB over logging.artifact_max_mb=0.1 are not uploaded, and the run says so
+    assert not of_type(files[0], "artifact") and "not uploaded as W&B artifacts" in first.out
+
+
+@pytest.mark.slow
+def test_wandb_offline_two_ranks_masks_summary_artifacts_console(synth_store, tmp_path, free_port):
+    from wandb_records import history, of_type, summary
+
+    run = tmp_path / "run"
+    env = {**ENV, "WANDB_MODE": "offline"}
+    env.pop("WANDB_API_KEY", None)
+    proc = subprocess.run(torchrun_cmd(2, free_port, "train", "--config", SMOKE, f"data.store={synth_store}",
+                                       f"run.dir={run}", "logging.wandb=offline", "logging.images=true",
+                                       "data.val_slices=[8,12]", "data.train_slices=[0,8]", "train.steps=20",
+                                       "train.val_every=10", "train.ckpt_every=10", "logging.tags=[smoke,ci]",
+                                       "logging.group=g7"),
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (folder,) = (run / "wandb").glob("offline-run-*")  # rank 0 alone logs to W&B
+    (file,) = folder.glob("run-*.wandb")
+    (info,) = of_type(file, "run")
+    assert list(info.tags) == ["smoke", "ci"] and info.run_group == "g7" and info.job_type == "train"
+
+    masks = [row["val/masks"] for row in history(file) if "val/masks" in row]
+    assert len(masks) == 2 and all(set(m["masks"]) == {"prediction", "ground_truth"} for m in masks)
+    for m in masks:  # the mask files exist and hold the class ids of the labels
+        for layer in m["masks"].values():
+            assert (folder / "files" / layer["path"]).is_file()
+
+    jsonl = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final = summary(file)
+    assert final["val/dice_membrane"] == {"max": max(r["val/dice_membrane"] for r in jsonl if "val/dice_membrane" in r)}
+    assert final["train/loss"] == {"min": min(r["train/loss"] for r in jsonl if "train/loss" in r)}
+
+    artifacts = of_type(file, "artifact")
+    assert [a.type for a in artifacts] == ["model", "model"] and artifacts[0].name == f"model-{info.run_id}"
+    assert {"latest", "step-20"} <= set(artifacts[-1].aliases)
+    assert any("best" in a.aliases for a in artifacts)
+    console = "".join(line.line for line in of_type(file, "output_raw"))
+    assert "training 20 steps on 2 rank(s)" in console
 
 
 def test_model_command(cli):

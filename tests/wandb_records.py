@@ -49,17 +49,39 @@ def iter_records(path: Path):
 
 
 def history(path: Path) -> list[dict]:
-    """The logged history rows: one dict of key -> value per `wandb.log` call."""
+    """The logged history rows: one dict of key -> value (a dict for images) per `wandb.log` call."""
     rows = []
     for record in iter_records(path):
         if record.WhichOneof("record_type") == "history":
-            row = {}
-            for item in record.history.item:
-                key = item.key or "/".join(item.nested_key)
-                row[key] = json.loads(item.value_json)
-            rows.append(row)
+            rows.append(_nested(record.history.item))
     return rows
 
 
 def run_ids(path: Path) -> list[str]:
     return [r.run.run_id for r in iter_records(path) if r.WhichOneof("record_type") == "run"]
+
+
+def of_type(path: Path, kind: str) -> list:
+    """The records of one type ('run', 'metric', 'artifact', 'output_raw', ...), in order."""
+    return [getattr(r, kind) for r in iter_records(path) if r.WhichOneof("record_type") == kind]
+
+
+def summary(path: Path) -> dict:
+    """The run summary as the file leaves it: summary updates applied in order, nested keys joined by '/'
+    only below the metric name (e.g. {'val/dice_membrane': {'max': 0.8}})."""
+    out: dict = {}
+    for record in of_type(path, "summary"):
+        _nested(record.update, out)
+    return out
+
+
+def _nested(items, out: dict | None = None) -> dict:
+    """Items with a key, or a nested key path (a logged image: ['val/masks', 'masks', ...]), as dicts."""
+    out = {} if out is None else out
+    for item in items:
+        keys = list(item.nested_key) or [item.key]
+        node = out
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = json.loads(item.value_json)
+    return out

@@ -108,7 +108,14 @@ class LoggingConfig:
     project: str = "unet_dist"
     entity: str = ""
     progress: Literal["auto", "bar", "plain"] = "auto"  # auto: a bar on a TTY, lines otherwise
-    images: bool = True  # raw | label | prediction panels at each validation
+    images: bool = True  # raw with prediction / ground-truth masks and the error overlay at each validation
+    tags: list[str] = field(default_factory=list)
+    group: str = ""  # W&B group: cv puts its folds in one ("cv-<run dir name>" unless set)
+    job_type: str = "train"
+    # checkpoints as W&B artifacts (aliases latest, best): auto = only when a checkpoint file is at
+    # most artifact_max_mb (each upload is a full copy; large models would flood the project)
+    checkpoint_artifacts: Literal["auto", "always", "never"] = "auto"
+    artifact_max_mb: float = 100.0
 
 
 @dataclass

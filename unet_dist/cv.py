@@ -81,6 +81,10 @@ def fold_config(cfg: Config, n: int, fold: Fold) -> Config:
     out.run.dir = str(Path(cfg.run.dir) / fold.name)
     if out.run.name:
         out.run.name = f"{out.run.name}-{fold.name}"
+    # the folds of one cv are one W&B group, each fold a run of job type cv-fold
+    out.logging.group = cfg.logging.group or f"cv-{Path(cfg.run.dir).name}"
+    if out.logging.job_type == "train":
+        out.logging.job_type = "cv-fold"
     return out
 
 

@@ -16,7 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from .config import Config, to_dict
+from .overlay import CLASS_LABELS, error_panel
 from .progress import format_eta
+
+SUMMARIES = {"train/loss": "min", "val/dice_membrane": "max", "val/dice_neuron": "max", "val/pixel_error": "min"}
 
 
 def resolve_wandb_mode(mode: str, environ=os.environ) -> str:
@@ -37,36 +41,44 @@ def resolve_wandb_mode(mode: str, environ=os.environ) -> str:
 
 
 class Monitor:
-    def __init__(self, run_dir: Path, config: dict, total_steps: int, start_step: int,
-                 wandb_mode: str = "disabled", project: str = "unet_dist", entity: str = "",
-                 run_name: str = "", run_id: str | None = None, progress: str = "auto"):
+    """Built from the config: `logging.*` (W&B mode, project, tags, group, images, artifacts),
+    `train.steps` for the ETA and `run.name`; `run_id` continues an earlier W&B run."""
+
+    def __init__(self, run_dir: Path, cfg: Config, start_step: int, run_id: str | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.total_steps = total_steps
+        self.logging = cfg.logging
+        self.total_steps = cfg.train.steps
         self.start_step = start_step
         self.started = time.monotonic()
-        self.bar = sys.stderr.isatty() if progress == "auto" else progress == "bar"
-        self.wandb_mode = resolve_wandb_mode(wandb_mode)
+        self.bar = sys.stderr.isatty() if cfg.logging.progress == "auto" else cfg.logging.progress == "bar"
+        self.wandb_mode = resolve_wandb_mode(cfg.logging.wandb)
         self.wandb_run = None
         self.run_id = run_id
         if self.wandb_mode != "disabled":
-            self._start_wandb(config, project, entity, run_name, run_id)
+            self._start_wandb(to_dict(cfg), cfg.run.name, run_id)
 
-    def _start_wandb(self, config, project, entity, run_name, run_id) -> None:
+    def _start_wandb(self, config: dict, run_name: str, run_id: str | None) -> None:
         try:
             import wandb
         except ImportError:
             print("warning: wandb is not installed; logging to metrics.jsonl only", file=sys.stderr)
             self.wandb_mode = "disabled"
             return
+        log = self.logging
         self.run_id = run_id or uuid.uuid4().hex[:8]
         # resume="allow" with a fixed id: a requeued or resumed job continues the same W&B run.
+        # console="wrap" keeps the console log in the run (W&B's Logs tab), as users of a job expect.
         self.wandb_run = wandb.init(
-            project=project, entity=entity or None, name=run_name or None, id=self.run_id,
+            project=log.project, entity=log.entity or None, name=run_name or None, id=self.run_id,
             resume="allow", mode=self.wandb_mode, dir=str(self.run_dir), config=config,
-            settings=wandb.Settings(console="off", silent=True),
+            tags=list(log.tags) or None, group=log.group or None, job_type=log.job_type or None,
+            settings=wandb.Settings(console="wrap", silent=True),
         )
+        # the run summary shows the best validation Dice and the lowest loss, not the last values
+        for key, summary in SUMMARIES.items():
+            self.wandb_run.define_metric(key, summary=summary)
 
     def log(self, step: int, values: dict[str, float], console: bool = True) -> None:
         """One line of metrics.jsonl, the console and W&B for this step."""
@@ -94,13 +106,53 @@ class Monitor:
                 sys.stderr.write("\n")
             print(line, flush=True)
 
-    def log_images(self, step: int, panels: dict[str, np.ndarray]) -> None:
-        """Image panels (e.g. raw | label | prediction side by side) to W&B."""
-        if self.wandb_run is None or not panels:
+    def log_images(self, step: int, raw: np.ndarray, label: np.ndarray, prob: np.ndarray,
+                   threshold: float) -> None:
+        """A validation slice to W&B: raw with the prediction and ground truth as toggleable masks,
+        the probability, and the error overlay that `report` draws."""
+        if self.wandb_run is None or not self.logging.images:
             return
         import wandb
 
-        self._wandb(lambda run: run.log({k: wandb.Image(v) for k, v in panels.items()}, step=step))
+        mask = (prob > threshold).astype(np.uint8)
+        grey = (np.clip(raw, 0, 1) * 255).astype(np.uint8)
+        masks = {"prediction": {"mask_data": mask, "class_labels": CLASS_LABELS},
+                 "ground_truth": {"mask_data": (label > 0).astype(np.uint8), "class_labels": CLASS_LABELS}}
+        images = {
+            "val/masks": wandb.Image(grey, masks=masks, caption=f"step {step}: toggle prediction / ground truth"),
+            "val/probability": wandb.Image((np.clip(prob, 0, 1) * 255).astype(np.uint8),
+                                           caption="probability of neuron interior"),
+            "val/errors": wandb.Image(error_panel(raw, label, mask),
+                                      caption="red: missed membrane (merges), blue: invented membrane (splits)"),
+        }
+        self._wandb(lambda run: run.log(images, step=step))
+
+    def log_checkpoint(self, path: str | Path | None, step: int, aliases: list[str]) -> None:
+        """A checkpoint as a version of the run's `model-<id>` artifact (see logging.checkpoint_artifacts)."""
+        if self.wandb_run is None or path is None or not self._artifact_wanted(Path(path)):
+            return
+        import wandb
+
+        def log(run):
+            artifact = wandb.Artifact(f"model-{self.run_id}", type="model", metadata={"step": step})
+            artifact.add_file(str(path), name="checkpoint.pt")
+            run.log_artifact(artifact, aliases=aliases)
+
+        self._wandb(log)
+
+    def _artifact_wanted(self, path: Path) -> bool:
+        policy = self.logging.checkpoint_artifacts
+        if policy == "never":
+            return False
+        if policy == "always":
+            return True
+        size_mb = path.stat().st_size / 1e6
+        if size_mb > self.logging.artifact_max_mb and not getattr(self, "_told_artifact_size", False):
+            self._told_artifact_size = True
+            self.message(f"checkpoints of {size_mb:.0f} MB are not uploaded as W&B artifacts "
+                         f"(over logging.artifact_max_mb={self.logging.artifact_max_mb:g}; "
+                         "logging.checkpoint_artifacts=always uploads them)")
+        return size_mb <= self.logging.artifact_max_mb
 
     def _wandb(self, call) -> None:
         """W&B is a side channel: if its service dies (SLURM's SIGTERM reaches it too), training
@@ -141,6 +193,7 @@ class NullMonitor:
 
     def log(self, *args: Any, **kwargs: Any) -> None: ...
     def log_images(self, *args: Any, **kwargs: Any) -> None: ...
+    def log_checkpoint(self, *args: Any, **kwargs: Any) -> None: ...
     def message(self, *args: Any, **kwargs: Any) -> None: ...
     def close(self) -> None: ...
 

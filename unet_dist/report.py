@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import UserError
+from .overlay import INVENTED, MISSED, error_panel
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
-MISSED, INVENTED = (230, 30, 30), (40, 120, 255)  # missed membrane, invented membrane
 WHITE, BLACK, GRID, TEXT = (255, 255, 255), (0, 0, 0), (225, 225, 225), (40, 40, 40)
 
 
@@ -34,16 +34,6 @@ def _font(size: int):
 
 
 # ---------------------------------------------------------------------------------- slice grid
-
-def error_panel(raw: np.ndarray, label: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """RGB uint8 (Y, X, 3): dimmed raw, red = missed membrane, blue = invented membrane."""
-    gray = (np.clip(raw, 0, 1) * 150 + 40).astype(np.uint8)
-    rgb = np.repeat(gray[..., None], 3, axis=2)
-    truth, pred = label > 0, mask > 0
-    rgb[pred & ~truth] = MISSED
-    rgb[~pred & truth] = INVENTED
-    return rgb
-
 
 def _panel(image: np.ndarray, size: int, smooth: bool) -> Image.Image:
     if image.ndim == 2:

@@ -143,7 +143,7 @@ def validate(model, cfg: Config, device, autocast_ctx, want_panel: bool):
             prob = forward_whole(model, cfg.model, raw[None], device, autocast_ctx)[0]
             counts += confusion_counts(prob, label, cfg.predict.threshold)
             if want_panel and panel is None:
-                panel = np.concatenate([raw, label, prob], axis=1)
+                panel = (raw, label, prob)
     else:
         # 3D: the validation sub-volume cut into bands along y, one per rank, counted on the cores.
         rows = np.array_split(np.arange(group[RAW].shape[1]), dist.world_size())[dist.rank()]
@@ -155,7 +155,7 @@ def validate(model, cfg: Config, device, autocast_ctx, want_panel: bool):
             counts += confusion_counts(prob, label, cfg.predict.threshold)
             if want_panel:
                 mid = (hi - lo) // 2
-                panel = np.concatenate([raw[mid], label[mid], prob[mid]], axis=1)
+                panel = (raw[mid], label[mid], prob[mid])
     model.train()
     scores = scores_from_confusion(dist.all_reduce_sum(counts))
     return {f"val/{k}": float(v) for k, v in scores.items()}, panel
@@ -229,9 +229,7 @@ def _train(cfg, env, device, precision, label_crop, state) -> TrainResult:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-        monitor = Monitor(run_dir, to_dict(cfg), cfg.train.steps, step, cfg.logging.wandb, cfg.logging.project,
-                          cfg.logging.entity, cfg.run.name, (state or {}).get("wandb_run_id") or None,
-                          cfg.logging.progress)
+        monitor = Monitor(run_dir, cfg, step, (state or {}).get("wandb_run_id") or None)
         monitor.message(f"training {cfg.train.steps} steps on {dist.world_size()} rank(s), device {device.type}, "
                         f"precision {precision}" + (f", resumed at step {step}" if step else ""))
     else:
@@ -258,9 +256,11 @@ def _train(cfg, env, device, precision, label_crop, state) -> TrainResult:
 
     def save(at_step: int, is_best: bool = False):
         if main:
-            return str(checkpoint.save(run_dir / "checkpoints", _state(
+            path = str(checkpoint.save(run_dir / "checkpoints", _state(
                 at_step, model, optimizer, scheduler, scaler, cfg, at_step * accumulate, monitor.run_id, best),
                 cfg.train.keep_last, is_best))
+            monitor.log_checkpoint(path, at_step, ["latest", f"step-{at_step}"] + (["best"] if is_best else []))
+            return path
         return None
 
     net.train()
@@ -334,14 +334,15 @@ def _train(cfg, env, device, precision, label_crop, state) -> TrainResult:
             val_metrics["val/replica_spread"] = dist.replica_spread(model)
             monitor.log(step, val_metrics)
             if panel is not None:
-                monitor.log_images(step, {"val/raw|label|prediction": (np.clip(panel, 0, 1) * 255).astype(np.uint8)})
+                monitor.log_images(step, *panel, cfg.predict.threshold)
             is_best = val_metrics["val/dice_membrane"] > best
             best = max(best, val_metrics["val/dice_membrane"])
             if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
                 last_ckpt = save(step, is_best) or last_ckpt
             elif is_best and main:
-                checkpoint.save_best(run_dir / "checkpoints", _state(
+                path = checkpoint.save_best(run_dir / "checkpoints", _state(
                     step, model, optimizer, scheduler, scaler, cfg, step * accumulate, monitor.run_id, best))
+                monitor.log_checkpoint(path, step, ["best", f"step-{step}"])
         elif step % cfg.train.ckpt_every == 0:
             last_ckpt = save(step) or last_ckpt
 
