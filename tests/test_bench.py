@@ -17,7 +17,7 @@ import pytest
 
 from conftest import ROOT, Completed, run_cli
 
-SUITES = ("train", "loader", "predict", "convert", "load")
+SUITES = ("train", "loader", "predict", "convert", "load", "view")
 
 
 def bench(*args, timeout: float = 600) -> Completed:
@@ -43,6 +43,7 @@ NUMBERS = {
     "load": ("files", "stored_mb", "write_mb_per_s", "write_peak_rss_mb", "train_images_per_s", "train_peak_rss_mb",
              "train_tree_peak_rss_mb", "read_mb_per_s", "read_s", "predict_voxels_per_s", "predict_peak_rss_mb",
              "predict_tree_peak_rss_mb"),
+    "view": ("xy_files", "xz_files", "yz_files", "view_files", "view_ms", "xy_read_amplification"),
 }
 
 
@@ -52,7 +53,7 @@ def test_suite_runs_tiny_and_writes_a_report(suite, tmp_path):
     out = tmp_path / "report" / f"{suite}.json"
     work = tmp_path / "work"
     work.mkdir()
-    device = [] if suite == "convert" else ["--device", "cpu"]
+    device = [] if suite in ("convert", "view") else ["--device", "cpu"]
     done = bench(suite, "--tiny", "--json", out, "--workdir", work, *device)
     assert done.code == 0, done.err
     assert "speedup" in done.out and any(f"x {p}" in done.out for p in ("peer", "consumption", "small-chunks"))
@@ -93,6 +94,11 @@ def test_suite_runs_tiny_and_writes_a_report(suite, tmp_path):
     if suite == "convert":
         assert positive(report["ours"]["compression_ratio"])
         assert report["config"]["shape"][0] * report["config"]["shape"][1] ** 2 >= 8 << 20
+    if suite == "view":  # 16 x 512 x 512: an xz panel spans all 16 slices, xy one slice
+        rows = {row["layout"]: row for row in report["results"]}
+        assert (rows["2d"]["xy_files"], rows["2d"]["xz_files"], rows["2d"]["yz_files"]) == (1, 16, 16)
+        assert (rows["3d"]["xy_files"], rows["3d"]["xz_files"], rows["3d"]["yz_files"]) == (4, 2, 2)
+        assert rows["2d"]["xz_read_amplification"] == 512  # each 512 x 512 chunk for one row of it
     if suite == "load":
         rows = {row["layout"]: row for row in report["results"]}
         assert list(rows) == ["small-chunks", "sharded", "default"]

@@ -5,6 +5,7 @@
     unet-dist bench predict [--json FILE] [--tiny] [overrides...]   our predictor vs MONAI sliding_window_inference
     unet-dist bench convert [--json FILE] [--tiny] [--size MB]      TIFF -> Zarr vs merely reading the TIFF
     unet-dist bench load    [--json FILE] [--tiny] [--size GB]      train + predict a GB volume: memory, layouts
+    unet-dist bench view    [--json FILE] [--tiny] [--layouts 2d,3d] a viewer's plane reads per chunk layout
 
 Each prints a table on stdout (progress on stderr) and, with --json, writes the report: machine,
 versions, config, the raw numbers per row, and a top-level `speedup` (ours over the peer). `--tiny`
@@ -23,6 +24,7 @@ SUITES = {
     "predict": "voxels/s, peak memory and max |difference| of our predictor vs MONAI's sliding_window_inference",
     "convert": "MB/s and peak RSS converting a multi-page TIFF to Zarr vs merely reading it with tifffile",
     "load": "training and whole-volume prediction on a volume of several GB: peak RSS, small chunks vs shards",
+    "view": "chunk files, read amplification and ms of a viewer's plane reads (xy, xz, yz) per chunk layout",
 }
 
 
@@ -50,7 +52,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     suites = p.add_subparsers(dest="suite", required=True, metavar="SUITE")
     for name, help_text in SUITES.items():
         sp = suites.add_parser(name, help=help_text, description=help_text)
-        _common_arguments(sp, overrides=name != "convert")
+        _common_arguments(sp, overrides=name not in ("convert", "view"))
         _suite(name).add_arguments(sp)
         sp.set_defaults(func=cmd_bench)
     return p

@@ -119,8 +119,13 @@ def run(args) -> dict:
         "tifffile's read time / our convert time (1.0 = converting costs no more than reading)", rows[0], rows[1],
         notes=["MB = MiB of uint8 voxels; the TIFF was in the page cache for both",
                "convert includes the sha256 of the source (provenance) and the temporary-sibling rename"])
+    made = runs["convert"][-1]["summary"]
     report["summary"] = {"compression_ratio": round(ratio, 3) if ratio else None,
-                         "stored_mb": round(stored / common.MB, 1)}
+                         "stored_mb": round(stored / common.MB, 1),
+                         # what the coarser levels (for viewers) cost within our convert
+                         "levels": len(made["levels"]),
+                         "pyramid_time_frac": round(made["pyramid_seconds"] / rows[0]["seconds"], 4),
+                         "pyramid_bytes_frac": round(made["pyramid_stored_bytes"] / stored, 4) if stored else None}
     return report
 
 

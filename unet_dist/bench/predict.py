@@ -179,6 +179,23 @@ def _overlap(tile, block) -> list[float]:
     return overlaps
 
 
+def level_bytes(pred: str) -> dict[str, int]:
+    """Stored bytes of each level of probability and mask, keyed by array path."""
+    from pathlib import Path
+
+    from ..data.store import stored_bytes
+
+    root = Path(pred)
+    return {str(p.parent.relative_to(root)): stored_bytes(p.parent) for p in root.rglob("zarr.json")
+            if p.parent != root and (p.parent / "c").exists()}
+
+
+def pyramid_bytes_frac(sizes: dict[str, int]) -> float:
+    """Bytes of levels above 0 over all stored bytes."""
+    coarse = sum(n for path, n in sizes.items() if not path.endswith("0"))
+    return coarse / max(1, sum(sizes.values()))
+
+
 def compare(ours: str, peer: str, border: tuple[int, ...], slab: int = 8) -> dict:
     """Max and mean |difference| of the stored probabilities, everywhere and away from y, x borders;
     the fraction of mask voxels that differ. Streams slabs of slices."""
@@ -252,6 +269,7 @@ def run(args) -> dict:
         common.log("predict: comparing the outputs")
         border = (0, *halo(cfg.model)) if cfg.model.dims == 2 else tuple(halo(cfg.model))
         diff = compare(outs["ours"], outs["monai"], border)
+        outs_bytes = level_bytes(outs["ours"])
     voxels = math.prod(plan.shape)
     for name, role in (("ours", "ours"), ("monai", "peer")):
         seconds = common.median([m["seconds"] for m in runs[name]])
@@ -265,6 +283,7 @@ def run(args) -> dict:
                "cuda_peak_mb": last["cuda_peak_bytes"] / common.MB if "cuda_peak_bytes" in last else None}
         if name == "ours":
             row["pipeline_voxels_per_s"] = last["result"].get("voxels_per_s")
+            row["pyramid_s"] = last["result"].get("pyramid_seconds")
         rows.append(row)
     for row in rows:
         row["x_peer"] = row["voxels_per_s"] / rows[1]["voxels_per_s"]
@@ -283,10 +302,14 @@ def run(args) -> dict:
                "MONAI's gaussian blending of tile edges; uint8 storage rounds to 1/255"])
     report["comparison"] = diff
     report["summary"] = {k: round(v, 5) if isinstance(v, float) else v for k, v in diff.items()}
+    # what the coarser levels cost: their share of our time and of the output's bytes
+    report["summary"]["pyramid_time_frac"] = round(rows[0]["pyramid_s"] / rows[0]["seconds"], 4) \
+        if rows[0].get("pyramid_s") is not None else None
+    report["summary"]["pyramid_bytes_frac"] = round(pyramid_bytes_frac(outs_bytes), 4) if outs_bytes else None
     return report
 
 
 COLUMNS = [("method", "method"), ("voxels_per_s", "voxels/s"), ("seconds", "seconds"),
-           ("pipeline_voxels_per_s", "pipeline vox/s"), ("peak_rss_mb", "peak RSS MB"),
+           ("pipeline_voxels_per_s", "pipeline vox/s"), ("pyramid_s", "pyramid s"), ("peak_rss_mb", "peak RSS MB"),
            ("peak_rss_above_baseline_mb", "above base MB"), ("cuda_peak_mb", "GPU peak MB"),
            ("cpu_s", "CPU s"), ("x_peer", "x peer"), ("x_peer_cpu_time", "x peer CPU")]

@@ -367,12 +367,13 @@ def convert(
             if label_src is not None:
                 provenance["labels"] = _source_record(label_src)
             attrs = st.provenance(provenance, label_threshold=label_threshold, invert=invert)
-            plan = write_em_store(tmp, layout, resolution, raw_dtype, label_src is not None, read_slab, attrs,
-                                  progress)
+            plan, pyramid_s = write_em_store(tmp, layout, resolution, raw_dtype, label_src is not None, read_slab,
+                                             attrs, progress)
     finally:
         for source in sources:
             source.close()
-    return _summary(out, layout, dtypes, resolution, ones if label_src is not None else None, started, plan)
+    return _summary(out, layout, dtypes, resolution, ones if label_src is not None else None, started, plan,
+                    pyramid_s)
 
 
 def _check_resolution(resolution) -> tuple[float, float, float]:
@@ -393,7 +394,7 @@ def _source_record(source: VolumeSource) -> dict:
     }
 
 
-def _summary(out, layout, dtypes, resolution, ones, started, plan) -> dict:
+def _summary(out, layout, dtypes, resolution, ones, started, plan, pyramid_s) -> dict:
     voxels = int(np.prod(layout.shape))
     return {
         "out": str(out),
@@ -403,6 +404,9 @@ def _summary(out, layout, dtypes, resolution, ones, started, plan) -> dict:
         "shards": list(layout.shards) if layout.shards else None,
         "voxel_size": list(resolution) if resolution else None,
         "levels": [list(shape) for shape in plan.shapes],
+        "pyramid_seconds": round(pyramid_s, 3),
+        "pyramid_stored_bytes": sum(st.stored_bytes(out / prefix / str(level)) for level in range(1, len(plan.shapes))
+                                    for prefix in ("", "labels/" + st.TARGET)),
         "label_fraction": ones / voxels if ones is not None else None,
         "stored_bytes": st.stored_bytes(out),
         "seconds": round(time.perf_counter() - started, 3),

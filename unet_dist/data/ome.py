@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,10 +122,11 @@ def _levels(group: zarr.Group, plan: Pyramid, dtype, kind: str) -> list[zarr.Arr
 
 def write_em_store(tmp: Path, layout: Layout, voxel_size, raw_dtype, labels: bool,
                    read_slab: Callable[[int, int], Mapping[str, np.ndarray]], attrs: dict,
-                   progress: Progress | None = None) -> Pyramid:
+                   progress: Progress | None = None) -> tuple[Pyramid, float]:
     """A new input store in `tmp`: raw (and the training target) slab by slab, then their pyramids.
 
     `read_slab(z0, z1)` returns {"raw": ..., "labels": ...}; `attrs` are our provenance attributes.
+    Returns the levels' plan and the seconds the coarser levels took.
     """
     plan = Pyramid.plan(layout, voxel_size)
     group = zarr.open_group(str(tmp), mode="w", zarr_format=3, attributes=attrs)
@@ -134,10 +136,11 @@ def write_em_store(tmp: Path, layout: Layout, voxel_size, raw_dtype, labels: boo
         targets = create_label_image(group, TARGET, plan, np.uint8)
         arrays["labels"] = targets[0]
     write_volumes(arrays, layout, read_slab, progress)
+    started = time.perf_counter()
     pyramid.build(raws, plan.steps, "mean")
     if labels:
         pyramid.build(targets, plan.steps, "mode")
-    return plan
+    return plan, time.perf_counter() - started
 
 
 def image_levels(group: zarr.Group) -> list[zarr.Array]:

@@ -198,7 +198,7 @@ def synthesize(
         }
     }
     with st.atomic_store_dir(out, overwrite) as tmp:
-        plan = write_em_store(tmp, layout, resolution, np.uint8, True, read_slab, st.provenance(sources), progress)
+        plan, _ = write_em_store(tmp, layout, resolution, np.uint8, True, read_slab, st.provenance(sources), progress)
     voxels = math.prod(shape)
     return {
         "out": str(out),
