@@ -41,14 +41,44 @@ def cli():
     return run_cli
 
 
+def pick_free_port() -> int:
+    """A free TCP port on this host, for a torchrun rendezvous."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture
 def free_port():
-    from unet_dist.dist import free_port as pick
+    return pick_free_port()
 
-    return pick()
+
+def evaluate_volume(prob3d, label3d, threshold: float = 0.5) -> dict:
+    """The one-process reference: Dice per class and pixel error plus V_rand / V_info of all the
+    data at once, which the distributed `evaluate` (reduced sums) must reproduce."""
+    from unet_dist.metrics import (ISBI_THRESHOLDS, confusion_counts, isbi_scores_from_sums, isbi_sums,
+                                   scores_from_confusion)
+
+    scores = scores_from_confusion(confusion_counts(prob3d, label3d, threshold))
+    isbi = isbi_sums(prob3d, label3d, ISBI_THRESHOLDS)
+    return {**scores, **isbi_scores_from_sums(isbi["sums"], isbi["n_slices"], ISBI_THRESHOLDS)}
 
 
 ISBI_ENV = "UNET_DIST_ISBI_DIR"
+# .ci/run sets this: there the ISBI data, the SLURM cluster and Chromium are part of the machine, so a
+# test that needs one fails when it is missing instead of skipping (a skip in CI hides a gap).
+REQUIRE_ENV = "UNET_DIST_REQUIRE_ALL"
+
+
+def require(problem: str | None) -> None:
+    """Skip (on a developer's machine) or fail (under .ci/run) when a prerequisite is missing."""
+    if problem is None:
+        return
+    if os.environ.get(REQUIRE_ENV):
+        pytest.fail(f"{problem} (required: ${REQUIRE_ENV} is set)")
+    pytest.skip(problem)
 
 
 @pytest.fixture(scope="session")
@@ -56,8 +86,7 @@ def isbi_dir() -> Path:
     """The ISBI 2012 folder: $UNET_DIST_ISBI_DIR, else data/isbi2012 in the checkout (as conftest.py)."""
     path = Path(os.environ.get(ISBI_ENV) or Path(__file__).resolve().parents[1] / "data" / "isbi2012")
     missing = [n for n in ("train-volume.tif", "train-labels.tif") if not (path / n).is_file()]
-    if missing:
-        pytest.skip(f"ISBI data not found: {path} lacks {', '.join(missing)}; set ${ISBI_ENV}")
+    require(f"ISBI data not found: {path} lacks {', '.join(missing)}; set ${ISBI_ENV}" if missing else None)
     return path
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,13 +19,8 @@ SUITES = ("train", "loader", "predict", "convert", "load", "view")
 
 
 def bench(*args, timeout: float = 600) -> Completed:
-    """`unet-dist bench ...` as a user runs it. Until cli.py registers the command (one line calling
-    `unet_dist.bench.add_bench_parser`), the same parser is reached through `python -m unet_dist.bench`."""
-    if "add_bench_parser" in (ROOT / "unet_dist" / "cli.py").read_text():
-        return run_cli("bench", *args, timeout=timeout)
-    proc = subprocess.run([sys.executable, "-m", "unet_dist.bench", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
-    return Completed(proc.returncode, proc.stdout, proc.stderr)
+    """`unet-dist bench ...` as a user runs it."""
+    return run_cli("bench", *args, timeout=timeout)
 
 
 def positive(value) -> bool:

@@ -13,10 +13,9 @@ import zarr
 
 from unet_dist.cli import main
 from unet_dist.evaluate import evaluate
-from unet_dist.metrics import evaluate_volume
 from unet_dist.data.prediction import MASK, PROBABILITY, create_prediction, probability_float
 
-from conftest import ROOT, torchrun_cmd
+from conftest import ROOT, evaluate_volume, torchrun_cmd
 
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 KEYS = ("dice_neuron", "dice_membrane", "pixel_error", "v_rand", "v_info")

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unet_dist.metrics import (ISBI_THRESHOLDS, confusion_counts, evaluate_volume, isbi_scores_from_sums,
-                               isbi_slice_scores, isbi_sums, java_thresholds, scores_from_confusion,
-                               thin_by_watershed)
+from unet_dist.metrics import (ISBI_THRESHOLDS, confusion_counts, isbi_scores_from_sums, isbi_slice_scores,
+                               isbi_sums, java_thresholds, scores_from_confusion, thin_by_watershed)
+
+from conftest import evaluate_volume
 
 # ---------------------------------------------------------------------------------------------
 # Literal transcriptions of the Java (reference only)
@@ -368,10 +369,8 @@ def test_slice_scores_match_java_transcription(seed):
         assert ours[k] == pytest.approx(ref, abs=1e-9), (th, ours[k], ref)
 
 
-def test_real_isbi_crops_match_java_transcription():
-    folder = Path(os.environ.get("UNET_DIST_ISBI_DIR", Path(__file__).resolve().parents[1] / "data" / "isbi2012"))
-    if not (folder / "train-labels.tif").exists():
-        pytest.skip("ISBI data not found: set UNET_DIST_ISBI_DIR")
+def test_real_isbi_crops_match_java_transcription(isbi_dir):
+    folder = isbi_dir
     import tifffile
     from scipy import ndimage
 

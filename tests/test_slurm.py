@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import CONFIGS, ROOT, run_cli
+from conftest import CONFIGS, ROOT, require, run_cli
 
 TRAIN_SBATCH = ROOT / "slurm" / "train.sbatch"
 PREDICT_SBATCH = ROOT / "slurm" / "predict.sbatch"
@@ -44,9 +44,7 @@ def _cluster_problem() -> str | None:
 @pytest.fixture(scope="module")
 def cluster() -> dict:
     """The environment jobs are submitted with (sbatch exports it to the job)."""
-    problem = _cluster_problem()
-    if problem:
-        pytest.skip(problem)
+    require(_cluster_problem())
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("WANDB_", "SUBMITIT_", "SLURM_")) or k == "SLURM_CONF"}
     env.update(PATH=f"{VENV_BIN}:{env.get('PATH', '')}", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

@@ -80,7 +80,7 @@ def test_two_ranks_torchrun_stay_in_sync(isbi_store, tmp_path, free_port):
     state = checkpoint.load(run / "checkpoints" / "step-000000040.pt")
     cfg = from_dict(state["config"])
     model = build_model(cfg.model)
-    model.load_state_dict({k.replace("module.", ""): v for k, v in state["model"].items()})
+    model.load_state_dict(state["model"])  # saved from the unwrapped model: no "module." prefix
     cpu = torch.device("cpu")
     single, _ = validate(model, cfg, cpu, autocast(cpu, "fp32"), want_panel=False)
     for key in ("val/dice_neuron", "val/dice_membrane", "val/pixel_error"):
@@ -111,7 +111,7 @@ def test_exact_resume_after_kill_9(isbi_store, tmp_path):
         return subprocess.Popen(cmd, cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True, **popen)
 
-    from unet_dist.dist import free_port
+    from conftest import pick_free_port as free_port
 
     straight = tmp_path / "straight"
     proc = torchrun(straight, free_port())

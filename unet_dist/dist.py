@@ -13,7 +13,6 @@ import ctypes
 import datetime
 import os
 import re
-import socket
 import sys
 from dataclasses import dataclass
 from typing import Mapping
@@ -214,13 +213,6 @@ def broadcast_object(obj):
     box = [obj]
     tdist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def free_port() -> int:
-    """A free TCP port on this host (tests and single-node launches)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:

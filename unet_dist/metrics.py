@@ -273,12 +273,3 @@ def isbi_scores_from_sums(sums, n_slices: int, thresholds=ISBI_THRESHOLDS) -> di
         out[name], out[f"{name}_threshold"] = best, best_th
     return out
 
-
-def evaluate_volume(prob3d, label3d, threshold: float = 0.5, thresholds=ISBI_THRESHOLDS) -> dict:
-    """Dice per class and pixel error (at ``threshold``) plus V_rand / V_info of one process's data.
-
-    Distributed callers should instead sum ``confusion_counts`` and ``isbi_sums`` across ranks.
-    """
-    scores = scores_from_confusion(confusion_counts(prob3d, label3d, threshold))
-    isbi = isbi_sums(prob3d, label3d, thresholds)
-    return {**scores, **isbi_scores_from_sums(isbi["sums"], isbi["n_slices"], thresholds)}
