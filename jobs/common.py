@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unet_dist.config import Config, load_config
+from unet_dist.commandline import run_command
 from unet_dist.errors import UserError
 
 REQUEUE_LOG = "requeues"
@@ -294,11 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reason", default="signal", help="what interrupted the run (for the requeue log)")
     p.set_defaults(func=cmd_after)
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(lambda: args.func(args))
 
 
 if __name__ == "__main__":

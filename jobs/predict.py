@@ -26,6 +26,7 @@ from pathlib import Path
 
 import submitit
 
+from unet_dist.commandline import slice_range
 from unet_dist.errors import UserError
 
 from . import common
@@ -51,7 +52,8 @@ class PredictJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict:
         from unet_dist import dist
-        from unet_dist.predict import predict, write_json
+        from unet_dist.files import write_json_atomic
+        from unet_dist.predict import predict
 
         resume, overwrite = self.resume, self.overwrite
         if int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:  # requeued by SLURM: continue, never replace
@@ -60,7 +62,7 @@ class PredictJob(submitit.helpers.Checkpointable):
                          overrides=self.overrides, resume=resume, overwrite=overwrite, device=self.device,
                          precision=self.precision)
         if self.json_out and dist.detect_env().is_main:
-            write_json(self.json_out, result)
+            write_json_atomic(self.json_out, result)
         return result
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
@@ -114,20 +116,6 @@ def submit(checkpoint: str | Path, input: str | Path, out: str | Path, *, labels
     return SubmittedJob(job, kind)
 
 
-def parse_slices(text: str | None) -> tuple[int, int] | None:
-    """'25:30' -> (25, 30); '25' -> (25, 26), as `unet-dist predict --slices` reads it."""
-    if text is None:
-        return None
-    lo, sep, hi = text.partition(":")
-    try:
-        start, stop = int(lo), int(hi) if sep else int(lo) + 1
-    except ValueError:
-        raise UserError(f"--slices '{text}': expected START:STOP, e.g. 25:30") from None
-    if start < 0 or stop <= start:
-        raise UserError(f"--slices '{text}': expected 0 <= START < STOP")
-    return start, stop
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.predict", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
@@ -146,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="predict.* overrides, e.g. predict.block_size=[1,256,256]")
     args = parser.parse_args(argv)
     return submit_and_report(lambda: submit(
-        args.checkpoint, args.input, args.out, labels=args.labels, slices=parse_slices(args.slices),
+        args.checkpoint, args.input, args.out, labels=args.labels, slices=slice_range(args.slices),
         overrides=args.overrides, resume=args.resume, overwrite=args.overwrite, device=args.device,
         precision=args.precision, json_out=args.json_out, max_requeues=args.max_requeues, **launch_from(args)),
         args.wait)

@@ -33,6 +33,7 @@ from typing import Callable
 
 import submitit
 
+from unet_dist.commandline import run_command
 from unet_dist.errors import UserError
 
 from . import common
@@ -299,12 +300,7 @@ def report(job: SubmittedJob, wait: bool) -> int:
 
 def submit_and_report(submit_job: Callable[[], SubmittedJob], wait: bool) -> int:
     """The launchers' command line: submit (a user's mistake is one line and exit 2), then report."""
-    try:
-        job = submit_job()
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return report(job, wait)
+    return run_command(lambda: report(submit_job(), wait))
 
 
 def main(argv: list[str] | None = None) -> int:

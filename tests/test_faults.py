@@ -142,7 +142,7 @@ def _copy_store(src: Path, dst: Path) -> Path:
 @pytest.mark.parametrize("damage", ["deleted", "corrupted"])
 def test_damaged_chunk_is_named_in_training_and_prediction(synth_store, tmp_path, damage):
     store = _copy_store(synth_store, tmp_path / "damaged.zarr")
-    chunk = store / "raw" / "c" / "3" / "0" / "0"
+    chunk = store / "0" / "c" / "3" / "0" / "0"
     assert chunk.is_file()
     if damage == "deleted":
         chunk.unlink()
@@ -170,8 +170,10 @@ def _float_store(path: Path, raw: "np.ndarray", labels: "np.ndarray") -> Path:
     import zarr
 
     group = zarr.open_group(path, mode="w")
-    group.create_array("raw", shape=raw.shape, chunks=(1, *raw.shape[1:]), dtype=raw.dtype)[:] = raw
-    group.create_array("labels", shape=labels.shape, chunks=(1, *raw.shape[1:]), dtype=labels.dtype)[:] = labels
+    from unet_dist.data.store import RAW, TARGET_PATH
+
+    group.create_array(RAW, shape=raw.shape, chunks=(1, *raw.shape[1:]), dtype=raw.dtype)[:] = raw
+    group.create_array(TARGET_PATH, shape=labels.shape, chunks=(1, *raw.shape[1:]), dtype=labels.dtype)[:] = labels
     return path
 
 

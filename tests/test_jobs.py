@@ -234,7 +234,7 @@ def test_local_prediction_job_requeues_and_matches_a_single_process(synth_store,
 
     local_env(monkeypatch)
     ckpt = _checkpoint(tmp_path / "ckpt")
-    blocks = ["predict.block_size=[1,32,32]"]
+    blocks = ["predict.block_size=[1,32,32]", "predict.pyramid_max_side=64"]  # levels 0 and 1
     single = run_cli("predict", "--checkpoint", ckpt, "--input", synth_store, "--out", tmp_path / "one.zarr", *blocks,
                      env={"OMP_NUM_THREADS": "1"})
     assert single.code == 0, single.err
@@ -248,5 +248,5 @@ def test_local_prediction_job_requeues_and_matches_a_single_process(synth_store,
     assert job.folder == tmp_path / "two.zarr.jobs" / job.job_id
     assert "requeue 1 of at most 3" in (job.folder / f"{job.job_id}_0_log.out").read_text()
     a, b = (zarr.open_group(str(p), mode="r") for p in (tmp_path / "one.zarr", out))
-    for name in ("probability", "mask"):
+    for name in ("0", "1", "labels/mask/0", "labels/mask/1"):  # every level of probability and mask
         assert np.array_equal(a[name][:], b[name][:]), name

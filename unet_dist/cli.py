@@ -12,9 +12,10 @@ import sys
 
 from . import __version__
 from .bench import add_bench_parser
+from .commandline import run_command, slice_range
 from .errors import UserError
+from .files import write_json_atomic
 
-EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 
 
@@ -125,31 +126,16 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _slices(text: str | None) -> tuple[int, int] | None:
-    """'25:30' -> (25, 30); '25' -> (25, 26); None -> None (every slice)."""
-    if text is None:
-        return None
-    lo, sep, hi = text.partition(":")
-    try:
-        start = int(lo)
-        stop = int(hi) if sep else start + 1
-    except ValueError:
-        raise UserError(f"--slices '{text}': expected START:STOP, e.g. 25:30") from None
-    if start < 0 or stop <= start:
-        raise UserError(f"--slices '{text}': expected 0 <= START < STOP")
-    return start, stop
-
-
 def cmd_predict(args) -> int:
     from . import dist
-    from .predict import predict, write_json
+    from .predict import predict
 
-    result = predict(args.checkpoint, args.input, args.out, labels=args.labels, slices=_slices(args.slices),
+    result = predict(args.checkpoint, args.input, args.out, labels=args.labels, slices=slice_range(args.slices),
                      overrides=args.overrides, resume=args.resume, overwrite=args.overwrite, device=args.device,
                      precision=args.precision)
     if dist.detect_env().is_main:
         if args.json:
-            write_json(args.json, result)
+            write_json_atomic(args.json, result)
         print(json.dumps(result), flush=True)
     return 0
 
@@ -157,7 +143,7 @@ def cmd_predict(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate
 
-    result = evaluate(args.pred, args.labels, slices=_slices(args.slices), json_out=args.json)
+    result = evaluate(args.pred, args.labels, slices=slice_range(args.slices), json_out=args.json)
     if result is not None:
         print(json.dumps(result), flush=True)
     return 0
@@ -166,7 +152,7 @@ def cmd_evaluate(args) -> int:
 def cmd_export(args) -> int:
     from .evaluate import export_tiff
 
-    print(json.dumps(export_tiff(args.pred, args.out, array=args.array, slices=_slices(args.slices),
+    print(json.dumps(export_tiff(args.pred, args.out, array=args.array, slices=slice_range(args.slices),
                                  overwrite=args.overwrite)))
     return 0
 
@@ -174,7 +160,7 @@ def cmd_export(args) -> int:
 def cmd_report(args) -> int:
     from .report import report
 
-    for path in report(args.run_dir, pred=args.pred, store=args.store, slices=_slices(args.slices),
+    for path in report(args.run_dir, pred=args.pred, store=args.store, slices=slice_range(args.slices),
                        max_rows=args.max_rows, panel=args.panel):
         print(path)
     return 0
@@ -183,7 +169,7 @@ def cmd_report(args) -> int:
 def cmd_cv(args) -> int:
     from .cv import cv
 
-    holdout = _slices(args.holdout) if args.holdout else None
+    holdout = slice_range(args.holdout) if args.holdout else None
     cv(args.config, args.overrides, folds=args.folds, only=args.only, holdout=holdout, resume=args.resume,
        tta=args.tta, which=args.checkpoint)
     return 0
@@ -319,10 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return run_command(lambda: args.func(args))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -37,6 +37,7 @@ from . import checkpoint, dist
 from .config import Config, load_config, to_dict
 from .data.store import RAW, TARGET_PATH, open_store
 from .errors import UserError
+from .files import write_json_atomic
 
 METRICS = ("dice_neuron", "dice_membrane", "dice_mean", "pixel_error", "v_rand", "v_info")
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
@@ -250,7 +251,7 @@ def run_fold(cfg: Config, n: int, fold: Fold, resume: str, tta: bool, which: str
     Returns "done", or "stopped" when a stop signal interrupted it (run again with --resume auto)."""
     from .evaluate import evaluate
     from .data.prediction import PROBABILITY, open_prediction, probability_float
-    from .predict import predict, write_json
+    from .predict import predict
     from .train import train
 
     fcfg = fold_config(cfg, n, fold)
@@ -313,7 +314,7 @@ def run_fold(cfg: Config, n: int, fold: Fold, resume: str, tta: bool, which: str
             "sweep": {"thresholds": list(THRESHOLDS), "counts": counts.tolist()},
         }
     if dist.detect_env().is_main:
-        write_json(run_dir / FOLD_FILE, out)
+        write_json_atomic(run_dir / FOLD_FILE, out)
     return "done"
 
 
@@ -331,7 +332,6 @@ def cv(config: str, overrides: Sequence[str] = (), folds: int = 5, only: int | N
        holdout: tuple[int, int] | None = None, resume: str = "never", tta: bool = False,
        which: str = "best") -> dict | None:
     """Run the folds; rank 0 writes RUN_DIR/cv.json and returns it (other ranks return None)."""
-    from .predict import write_json
 
     if resume not in ("never", "auto"):
         raise UserError(f"--resume {resume}: expected never or auto")
@@ -361,7 +361,7 @@ def cv(config: str, overrides: Sequence[str] = (), folds: int = 5, only: int | N
         "checkpoint": which, "tta": tta, "seconds_this_call": round(time.perf_counter() - started, 1),
         "resolved_config": to_dict(cfg), "fold_results": results, "summary": summarize(results),
     }
-    write_json(root / "cv.json", report)
+    write_json_atomic(root / "cv.json", report)
     print(format_table(report), flush=True)
     return report
 

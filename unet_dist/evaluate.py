@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from . import dist
-from .data.store import TARGET_PATH, open_store
+from .data.store import TARGET_PATH, open_store, slices_within
 from .errors import UserError
 from .metrics import ISBI_THRESHOLDS, confusion_counts, isbi_scores_from_sums, isbi_sums, scores_from_confusion
 from .data.prediction import MASK, PROBABILITY, open_prediction, probability_float
-from .predict import parse_slices, write_json
+from .files import write_json_atomic
 
 
 def _open(pred, labels, slices):
@@ -34,7 +34,7 @@ def _open(pred, labels, slices):
     if tuple(label_arr.shape[1:]) != tuple(prob.shape[1:]) or z0 + depth > label_arr.shape[0]:
         raise UserError(f"{labels}: labels {tuple(label_arr.shape)} do not cover the prediction "
                         f"{tuple(prob.shape)} of slices {z0}:{z0 + depth} ({pred})")
-    lo, hi = parse_slices(slices, depth, str(pred), z0)
+    lo, hi = slices_within(slices, depth, str(pred), z0)
     return prob, mask, label_arr, z0, (lo, hi)
 
 
@@ -63,7 +63,7 @@ def evaluate(pred, labels, slices=None, json_out=None) -> dict | None:
     result = {**scores_from_confusion(counts), **isbi_scores_from_sums(sums, hi - lo),
               "slices": [lo, hi], "n_slices": hi - lo, "pred": str(Path(pred)), "labels": str(Path(labels))}
     if json_out:
-        write_json(json_out, result)
+        write_json_atomic(json_out, result)
     return result
 
 
@@ -78,7 +78,7 @@ def export_tiff(pred, out, array: str = "probability", slices=None, overwrite: b
     path = PROBABILITY if array == "probability" else MASK
     group, z0 = open_prediction(pred, arrays=(path,))
     arr = group[path]
-    lo, hi = (z - z0 for z in parse_slices(slices, arr.shape[0], str(pred), z0))
+    lo, hi = (z - z0 for z in slices_within(slices, arr.shape[0], str(pred), z0))
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     dtype = np.float32 if array == "probability" else np.uint8
     big = (hi - lo) * arr.shape[1] * arr.shape[2] * np.dtype(dtype).itemsize > 2**31

@@ -38,9 +38,10 @@ import zarr
 from . import __version__, checkpoint, dist
 from .config import Config, PredictConfig, from_dict, parse_override, to_dict, validate
 from .data.patches import to_unit_float
-from .data.prediction import (MASK, PROBABILITY, build_pyramids, create_prediction, open_prediction,
-                              probability_float, quantize)
-from .data.store import RAW, TARGET_PATH, check_out, open_store, provenance, read_region, voxel_size
+from .data.prediction import MASK, PROBABILITY, build_pyramids, create_prediction, quantize
+from .data.store import (RAW, TARGET_PATH, check_out, open_store, provenance, read_region, slices_within,
+                         voxel_size)
+from .files import write_json_atomic
 from .errors import UserError
 from .infer import padded_input_shape
 from .metrics import confusion_counts, scores_from_confusion
@@ -196,14 +197,6 @@ def run_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def write_json(path, obj) -> None:
-    """Atomic: a temporary sibling renamed into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 class Manifest:
     """One small JSON per finished block; an entry counts only with the current run key."""
 
@@ -228,7 +221,7 @@ class Manifest:
         return found
 
     def mark(self, index: int, core) -> None:
-        write_json(self.dir / f"block-{index}.json",
+        write_json_atomic(self.dir / f"block-{index}.json",
                    {"block": index, "key": self.key, "core": list(core), "rank": dist.rank()})
 
 
@@ -387,16 +380,6 @@ class _Runner:
 
 # ---------------------------------------------------------------------------------- the command
 
-def parse_slices(slices, depth: int, source: str, first: int = 0) -> tuple[int, int]:
-    """(start, stop) within slices first .. first + depth (all of them for None)."""
-    if slices is None:
-        return first, first + depth
-    lo, hi = (int(s) for s in slices)
-    if not first <= lo < hi <= first + depth:
-        raise UserError(f"{source}: slices {lo}:{hi} are not within its slices {first}:{first + depth}")
-    return lo, hi
-
-
 def _check_output(out: Path, key: str, settings: dict, resume: bool, overwrite: bool) -> bool:
     """Whether an existing output is continued; refuses anything else before a byte is written."""
     if not (out.exists() or out.is_symlink()):
@@ -499,7 +482,7 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
     raw = in_group[RAW]
     if raw.ndim != 3:
         raise UserError(f"{input}: 'raw' has {raw.ndim} axes; expected (Z, Y, X)")
-    z_range = parse_slices(slices, raw.shape[0], str(input))
+    z_range = slices_within(slices, raw.shape[0], str(input))
     label_arr = None
     if labels is not None:
         label_arr = open_store(labels, arrays=(TARGET_PATH,))[TARGET_PATH]

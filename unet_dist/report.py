@@ -259,7 +259,7 @@ def report(run_dir, pred=None, store=None, slices=None, max_rows: int = 6, panel
     from .config import load_config
     from .data.patches import to_unit_float
     from .data.store import RAW, TARGET_PATH, open_store
-    from .predict import parse_slices
+    from .data.store import slices_within
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -281,7 +281,7 @@ def report(run_dir, pred=None, store=None, slices=None, max_rows: int = 6, panel
     if grid:
         group = open_store(store, arrays=(RAW, TARGET_PATH))
         raw, labels = group[RAW], group[TARGET_PATH]
-        lo, hi = parse_slices(slices or (cfg.data.val_slices if cfg else None), raw.shape[0], str(store))
+        lo, hi = slices_within(slices or (cfg.data.val_slices if cfg else None), raw.shape[0], str(store))
         zs = sorted({int(round(z)) for z in np.linspace(lo, hi - 1, min(max_rows, hi - lo))})
         if pred:
             rows, source = _rows_from_pred(pred, zs), f"prediction {Path(pred).name}"

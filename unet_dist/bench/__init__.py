@@ -59,7 +59,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_bench(args) -> int:
-    from .common import format_table, log, write_json
+    from ..files import write_json_atomic
+    from .common import format_table, log
 
     suite = _suite(args.suite)
     report = suite.run(args)
@@ -72,23 +73,19 @@ def cmd_bench(args) -> int:
     for key, value in report.get("summary", {}).items():
         print(f"{key}: {value}")
     if args.json:
-        write_json(args.json, report)
+        write_json_atomic(args.json, report)
         log(f"wrote {args.json}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m unet_dist.bench SUITE ...`: the same as `unet-dist bench SUITE ...`."""
-    from ..errors import UserError
+    from ..commandline import run_command
 
     parser = argparse.ArgumentParser(prog="unet-dist")
     add_bench_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(lambda: args.func(args))
 
 
 __all__ = ["SUITES", "add_bench_parser", "cmd_bench", "main"]

@@ -397,14 +397,6 @@ def format_table(rows: list[dict], columns: Sequence[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path, report: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def log(message: str) -> None:
     """Progress on stderr, so stdout stays the table."""
     print(f"bench: {message}", file=sys.stderr, flush=True)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-import zarr
 from PIL import Image
 
 from unet_dist.data import store as st

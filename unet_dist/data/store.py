@@ -107,6 +107,16 @@ def _missing(group: zarr.Group, name: str) -> str:
     return f"no array '{name}' (arrays: {', '.join(present) or 'none'})"
 
 
+def slices_within(slices, depth: int, source: str, first: int = 0) -> tuple[int, int]:
+    """(start, stop) within slices first .. first + depth (all of them for None)."""
+    if slices is None:
+        return first, first + depth
+    lo, hi = (int(s) for s in slices)
+    if not first <= lo < hi <= first + depth:
+        raise UserError(f"{source}: slices {lo}:{hi} are not within its slices {first}:{first + depth}")
+    return lo, hi
+
+
 def label_names(group: zarr.Group) -> list[str]:
     """The label images a store lists (OME `labels` attribute of its `labels` group)."""
     try:

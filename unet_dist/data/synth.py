@@ -16,7 +16,6 @@ import math
 import time
 
 import numpy as np
-import zarr
 
 from unet_dist.data import store as st
 from unet_dist.data.ome import write_em_store
