@@ -72,6 +72,10 @@ LAYER_STATUS_JS = """() => window.viewer.layerManager.managedLayers.map(m => ({
   shaderError: (m.layer && m.layer.shaderError && m.layer.shaderError.value) ? String(m.layer.shaderError.value.message || m.layer.shaderError.value) : null,
 }))"""
 
+# In the page: where each 2D panel is (x, y, width, height in CSS pixels = PNG pixels), in DOM order.
+PANEL_RECTS_JS = """() => Array.from(document.querySelectorAll('.neuroglancer-rendered-data-panel')).map(e => {
+  const r = e.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; })"""
+
 
 @dataclass
 class Store:
@@ -179,7 +183,9 @@ def plan(stores: list[Store], base_url: str, slices: tuple[int, int] | None = No
     vs = first.voxel_size
     dimensions = neuroglancer.CoordinateSpace(names=["z", "y", "x"], units="nm" if vs else "",
                                               scales=list(vs) if vs else [1, 1, 1])
-    return Plan(layers, panels, [z + 0.5, first.shape[1] / 2, first.shape[2] / 2], dimensions)
+    # OME coordinates are voxel centres (neuroglancer draws voxel i of a level over i +- 0.5 of its
+    # scale): slice z is at z, not z + 0.5.
+    return Plan(layers, panels, [float(z), first.shape[1] / 2, first.shape[2] / 2], dimensions)
 
 
 def _segmentation(source: str, colors: list[dict]):
@@ -205,11 +211,17 @@ def _layout(panels: list[list[str]]):
     return rows[0] if len(rows) == 1 else neuroglancer.column_layout(rows)
 
 
+def _panel_side(size, panels: int) -> float:
+    """About the side of one panel in a window of `size` (rows of two; bars above and in each)."""
+    rows = -(-panels // 2)
+    return max(50.0, min(size[0] / (2 if panels > 1 else 1) - 10, (size[1] - 50) / rows - 35))
+
+
 class Session:
     """The neuroglancer server with the stores' routes and one viewer; `close()` stops it."""
 
     def __init__(self, stores: list[Store], bind: str = "127.0.0.1", port: int = 0,
-                 slices: tuple[int, int] | None = None, panel_px: int = 500):
+                 slices: tuple[int, int] | None = None, size=SCREENSHOT_SIZE, crosshair: bool = True):
         _need("neuroglancer")
         import neuroglancer
         import neuroglancer.server
@@ -238,8 +250,9 @@ class Session:
             s.dimensions = self.plan.dimensions
             s.display_dimensions = ["x", "y", "z"]
             s.position = self.plan.position
-            s.cross_section_scale = max(first.shape[1:]) / (0.9 * panel_px)
+            s.cross_section_scale = max(first.shape[1:]) / (0.9 * _panel_side(size, len(self.plan.panels)))
             s.show_default_annotations = False
+            s.show_axis_lines = crosshair
             for name, layer in self.plan.layers.items():
                 s.layers[name] = layer
             s.layout = _layout(self.plan.panels)
@@ -330,10 +343,13 @@ def screenshot(session: Session, out, size=SCREENSHOT_SIZE, timeout: float = 180
             page.goto(session.url)
             _wait_drawn(session.viewer, timeout)
             status = {layer["name"]: layer for layer in page.evaluate(LAYER_STATUS_JS)}
+            rects = page.evaluate(PANEL_RECTS_JS)
             page.screenshot(path=str(out))
         finally:
             browser.close()
-    result = {"screenshot": str(out), "layers": {}, "page_errors": errors}
+    # Panels in layout order (rows of two, left to right), with their place in the PNG.
+    panels = [{"layers": names, "rect": rect} for names, rect in zip(session.plan.panels, rects)]
+    result = {"screenshot": str(out), "layers": {}, "panels": panels, "page_errors": errors}
     for name in session.plan.layers:
         layer = status.get(name)
         if layer is None:
@@ -362,8 +378,7 @@ def view(stores, slices: tuple[int, int] | None = None, port: int = 0, bind: str
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port}: expected 0..65535")
     infos = [inspect(s) for s in stores]
-    panel = min(size[0] / 2, size[1] / 2 - 40) if screenshot_out else 500
-    session = Session(infos, bind=bind, port=port, slices=slices, panel_px=panel)
+    session = Session(infos, bind=bind, port=port, slices=slices, size=size, crosshair=screenshot_out is None)
     try:
         if screenshot_out is not None:
             result = screenshot(session, screenshot_out, size, timeout)
