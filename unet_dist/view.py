@@ -26,7 +26,6 @@ and writes the page (panels with their layer names) as PNG.
 from __future__ import annotations
 
 import getpass
-import json
 import logging
 import os
 import shutil
@@ -122,6 +121,9 @@ def inspect(path) -> Store:
 def _contrast(array) -> tuple[float, float]:
     """A grey range from the middle slice of the coarsest level (0.5 and 99.5 percentiles)."""
     sample = np.asarray(array[array.shape[0] // 2], dtype=np.float64)
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        return 0.0, 1.0
     lo, hi = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
     return (lo, hi) if hi > lo else (lo, lo + 1.0)
 
@@ -143,7 +145,7 @@ def plan(stores: list[Store], base_url: str, slices: tuple[int, int] | None = No
 
     first = stores[0]
     depth = first.shape[0]
-    if slices is not None and not (0 <= slices[0] < slices[1] <= first.z0 + depth and slices[0] >= first.z0):
+    if slices is not None and not first.z0 <= slices[0] < slices[1] <= first.z0 + depth:
         raise UserError(f"--slices {slices[0]}:{slices[1]}: outside {first.path}'s slices "
                         f"{first.z0}:{first.z0 + depth}")
     if slices is not None:
@@ -323,6 +325,7 @@ def find_chromium() -> str:
 def screenshot(session: Session, out, size=SCREENSHOT_SIZE, timeout: float = 180.0) -> dict:
     """Render the viewer in headless Chromium, wait for the data, write OUT (PNG); layer states."""
     _need("playwright")
+    from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import sync_playwright
 
     out = Path(out)
@@ -335,8 +338,13 @@ def screenshot(session: Session, out, size=SCREENSHOT_SIZE, timeout: float = 180
         args.append("--no-sandbox")  # Chromium refuses to run as root with its sandbox
     width, height = size
     errors: list[str] = []
+    chromium = find_chromium()
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=find_chromium(), args=args, headless=True)
+        try:
+            browser = pw.chromium.launch(executable_path=chromium, args=args, headless=True)
+        except PlaywrightError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"--screenshot: cannot start Chromium ({chromium}): {first}") from None
         try:
             page = browser.new_page(viewport={"width": width, "height": height})
             page.on("pageerror", lambda exc: errors.append(str(exc)))
