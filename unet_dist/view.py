@@ -119,12 +119,12 @@ def inspect(path) -> Store:
 
 
 def _contrast(array) -> tuple[float, float]:
-    """A grey range from the middle slice of the coarsest level (0.5 and 99.5 percentiles)."""
+    """A grey range from the middle slice of the coarsest level (0.1 and 99.9 percentiles)."""
     sample = np.asarray(array[array.shape[0] // 2], dtype=np.float64)
     sample = sample[np.isfinite(sample)]
     if sample.size == 0:
         return 0.0, 1.0
-    lo, hi = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
+    lo, hi = (float(v) for v in np.percentile(sample, [0.1, 99.9]))
     return (lo, hi) if hi > lo else (lo, lo + 1.0)
 
 
