@@ -175,6 +175,18 @@ def cmd_cv(args) -> int:
     return 0
 
 
+def cmd_view(args) -> int:
+    from .view import view
+
+    size = _ints(args.size, "--size", 2) if args.size else None
+    result = view([args.store, *args.pred], slices=_slices(args.slices), port=args.port, bind=args.bind,
+                  screenshot_out=args.screenshot, timeout=args.timeout,
+                  **({"size": size} if size else {}))
+    if args.screenshot:
+        print(json.dumps(result), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unet-dist", description="Distributed U-Net training and tiled prediction for EM volumes in Zarr.")
@@ -291,6 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="predict with best.pt (by validation membrane Dice) or the last step checkpoint")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=1000 data.store=X.zarr")
     p.set_defaults(func=cmd_cv)
+
+    p = sub.add_parser("view", help="raw, label images, probability and mask in neuroglancer (a local web "
+                                    "server; --screenshot renders a PNG headless and exits)")
+    p.add_argument("store", help="a store (STORE.zarr or PRED.zarr)")
+    p.add_argument("pred", nargs="*", help="more stores shown aligned on the first, e.g. predictions")
+    p.add_argument("--slices", help="START:STOP: open at slice START (default: the first predicted slice)")
+    p.add_argument("--port", type=int, default=0, help="port to serve on (default 0: any free port)")
+    p.add_argument("--bind", default="127.0.0.1",
+                   help="address to serve on (default 127.0.0.1: only this machine, e.g. through ssh -L)")
+    p.add_argument("--screenshot", metavar="OUT.png", help="render in headless Chromium, write a PNG, exit")
+    p.add_argument("--size", help="screenshot size W,H in pixels (default 1280,1040)")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the data to be drawn")
+    p.set_defaults(func=cmd_view)
     add_bench_parser(sub)
     return parser
 
