@@ -62,6 +62,10 @@ def test_convert_and_synth_stores_are_valid_ome_zarr(isbi_dir, tmp_path):
     group = zarr.open_group(str(synth), mode="r")
     scales = [d["coordinateTransformations"][0]["scale"] for d in group.attrs["ome"]["multiscales"][0]["datasets"]]
     assert scales == [[50.0, 4.0, 4.0], [50.0, 8.0, 8.0], [50.0, 16.0, 16.0]]  # anisotropic: z kept
+    # voxel centres: a level-1 voxel (mean of 2 x 2) sits half a fine voxel further on in y and x
+    shifts = [d["coordinateTransformations"][1:] for d in group.attrs["ome"]["multiscales"][0]["datasets"]]
+    assert shifts == [[], [{"type": "translation", "translation": [0.0, 2.0, 2.0]}],
+                      [{"type": "translation", "translation": [0.0, 6.0, 6.0]}]]
     assert [a.shape for a in image_levels(group)] == [(4, 600, 520), (4, 300, 260), (4, 150, 130)]
 
 

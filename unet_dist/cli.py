@@ -179,7 +179,7 @@ def cmd_view(args) -> int:
     from .view import view
 
     size = _ints(args.size, "--size", 2) if args.size else None
-    result = view([args.store, *args.pred], slices=_slices(args.slices), port=args.port, bind=args.bind,
+    result = view([args.store, *args.pred], slices=slice_range(args.slices), port=args.port, bind=args.bind,
                   screenshot_out=args.screenshot, timeout=args.timeout,
                   **({"size": size} if size else {}))
     if args.screenshot:

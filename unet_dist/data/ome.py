@@ -38,11 +38,16 @@ def _axes(known: bool) -> list[dict]:
 
 def multiscale(name: str, scales: Sequence[Sequence[float]], known: bool,
                translation: Sequence[float] | None = None) -> dict:
+    """One OME multiscale: level k maps index i to i * scale_k + translation_k. Coordinates are voxel
+    centres (as neuroglancer and the OME-NGFF discussion read them), so a coarse voxel, the mean of
+    f fine ones, sits (f - 1) / 2 fine voxels further on: translation_k = t_0 + (scale_k - scale_0) / 2."""
+    base = [float(v) for v in translation] if translation is not None else [0.0] * len(scales[0])
     datasets = []
     for level, scale in enumerate(scales):
         transforms = [{"type": "scale", "scale": [float(v) for v in scale]}]
-        if translation is not None and any(translation):
-            transforms.append({"type": "translation", "translation": [float(v) for v in translation]})
+        shift = [t + (s - s0) / 2 for t, s, s0 in zip(base, scale, scales[0])]
+        if any(shift):
+            transforms.append({"type": "translation", "translation": shift})
         datasets.append({"path": str(level), "coordinateTransformations": transforms})
     return {"name": name, "axes": _axes(known), "datasets": datasets}
 
