@@ -89,7 +89,7 @@ def main(argv=None) -> int:
             baseline = rss()
             t0 = time.perf_counter()
             with PeakRSS() as peak:
-                summary = convert(raw, out, labels=labels, overwrite=True, **VARIANTS[name])
+                summary = convert(raw, out, labels=labels, overwrite=True, resolution=(50, 4, 4), **VARIANTS[name])
             seconds = time.perf_counter() - t0
             slab = (summary["shards"] or summary["chunks"])[0] * shape[1] * shape[2]
             result["runs"][name] = {

@@ -48,7 +48,12 @@ def split_spec(spec) -> tuple[Path, str | None]:
 
 
 def open_source(spec) -> Source:
-    """A lazy reader for `spec` (PATH or PATH:INNER); UserError naming it if it cannot be one."""
+    """A lazy reader for `spec` (PATH or PATH:INNER); UserError naming it if it cannot be one.
+
+    A Source passes through, so a caller can hand convert a reader of its own.
+    """
+    if isinstance(spec, Source):
+        return spec
     path, inner = split_spec(spec)
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
