@@ -286,6 +286,7 @@ def test_jpeg_folder_and_mixed_sizes(vol, tmp_path):
     for z, plane in enumerate(data):
         Image.fromarray(plane).save(folder / f"slice_{z}.jpg", quality=95)
     expected = np.stack([np.asarray(Image.open(folder / f"slice_{z}.jpg")) for z in range(SHAPE[0])])
+    (folder / "info").write_text("scan notes: a text file, not a precomputed volume")
     with open_source(folder) as source:
         check(source, expected)
         assert [f.name for f in source.files][:3] == ["slice_0.jpg", "slice_1.jpg", "slice_2.jpg"]

@@ -19,16 +19,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import h5py
-
 from unet_dist.errors import UserError
 
-from .base import Source, check_readable, sha256_files
+from .base import Source, check_readable, read_json, sha256_files
 from .images import IMAGE_SUFFIXES, PIL_SUFFIXES, TIFF_SUFFIXES, SingleImage, SliceFolder, TiffStack
 
 __all__ = ["Source", "open_source", "split_spec", "sha256_files"]
 
 HDF5_SUFFIXES = (".h5", ".hdf", ".hdf5", ".he5")
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 FORMATS = ("TIFF, PNG, JPEG and HDF5 files; Zarr, N5 and neuroglancer precomputed folders; "
            "folders of TIFF/PNG/JPEG slices")
 
@@ -65,26 +64,28 @@ def open_source(spec) -> Source:
 
 
 def _open(path: Path, inner: str | None) -> Source:
-    from . import hdf5, tensorstore_formats as tsf, zarr_arrays
-
+    # Each reader's module (h5py, zarr, tensorstore) is imported only when its format is met:
+    # tensorstore starts thread pools on import, which a TIFF conversion should not pay for.
     if path.is_dir():
-        if zarr_arrays.is_zarr(path):
-            return zarr_arrays.ZarrSource(path, inner)
-        if tsf.is_precomputed(path):
-            return tsf.PrecomputedSource(path, inner)
-        if tsf.is_n5(path):
-            return tsf.N5Source(path, inner)
-        if inner:  # e.g. a zarr v3 store whose root has no zarr.json: look at the inner node
-            if zarr_arrays.is_zarr(path / inner):
-                return zarr_arrays.ZarrSource(path, inner)
-            if tsf.is_n5(path / inner):
-                return tsf.N5Source(path, inner)
+        for folder in (path, path / inner) if inner else (path,):
+            # a container is known by its root, or (a zarr v3 root may have no zarr.json) its node
+            if _is_zarr(folder):
+                from .zarr_arrays import ZarrSource
+                return ZarrSource(path, inner)
+            if folder == path and _is_precomputed(path):
+                from .tensorstore_formats import PrecomputedSource
+                return PrecomputedSource(path, inner)
+            if (folder / "attributes.json").is_file():
+                from .tensorstore_formats import N5Source
+                return N5Source(path, inner)
+        if inner:
             raise UserError(f"{path}:{inner}: {path} is not a Zarr, N5 or precomputed container")
         return SliceFolder(path)
     check_readable(path)
     suffix = path.suffix.lower()
-    if suffix not in IMAGE_SUFFIXES and h5py.is_hdf5(path):
-        return hdf5.Hdf5Source(path, inner)
+    if suffix not in IMAGE_SUFFIXES and _is_hdf5(path):
+        from .hdf5 import Hdf5Source
+        return Hdf5Source(path, inner)
     if inner:
         raise UserError(f"{path}:{inner}: {path} is not a container (HDF5, Zarr, N5, precomputed); "
                         "only those take an inner path")
@@ -95,3 +96,24 @@ def _open(path: Path, inner: str | None) -> Source:
     if suffix in HDF5_SUFFIXES:
         raise UserError(f"{path}: not a readable HDF5 file (no HDF5 signature)")
     raise UserError(f"{path}: unsupported format; convert reads {FORMATS}")
+
+
+def _is_zarr(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("zarr.json", ".zarray", ".zgroup"))
+
+
+def _is_precomputed(folder: Path) -> bool:
+    try:  # a slice folder may hold a text file called info
+        return (folder / "info").is_file() and "scales" in read_json(folder / "info")
+    except UserError:
+        return False
+
+
+def _is_hdf5(path: Path) -> bool:
+    """The HDF5 signature, at offset 0 or after a user block (512, 1024, 2048, ... bytes)."""
+    with open(path, "rb") as f:
+        for offset in (0, 512, 1024, 2048, 4096, 8192, 16384):
+            f.seek(offset)
+            if f.read(8) == HDF5_SIGNATURE:
+                return True
+    return False

@@ -20,14 +20,6 @@ from unet_dist.errors import UserError
 from .base import ArraySource, find_arrays, listing, natural_key, positive_floats, read_json, to_nm
 
 
-def is_n5(folder: Path) -> bool:
-    return (folder / "attributes.json").is_file()
-
-
-def is_precomputed(folder: Path) -> bool:
-    return "scales" in read_json(folder / "info") if (folder / "info").is_file() else False
-
-
 class TensorstoreSource(ArraySource):
     def _open(self, spec: dict):
         try:
@@ -50,7 +42,7 @@ class N5Source(TensorstoreSource):
         self.root, self.inner = root, inner or None
         self.path = f"{root}:{inner}" if inner else str(root)
         folder = root / inner if inner else root
-        if not is_n5(folder):
+        if not (folder / "attributes.json").is_file():
             raise UserError(f"{self.path}: no '{inner}' in the N5 container "
                             f"(datasets: {listing(find_arrays(root, _n5_is_dataset))})")
         if not _n5_is_dataset(folder):

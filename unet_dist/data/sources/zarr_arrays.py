@@ -20,10 +20,6 @@ from .base import ArraySource, find_arrays, listing, nm_per, positive_floats, re
 SPACE = ("z", "y", "x")
 
 
-def is_zarr(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in ("zarr.json", ".zarray", ".zgroup"))
-
-
 def _is_array(folder: Path) -> bool:
     return (folder / ".zarray").is_file() or read_json(folder / "zarr.json").get("node_type") == "array"
 
@@ -47,7 +43,7 @@ class ZarrSource(ArraySource):
         self.path = f"{root}:{inner}" if inner else str(root)
         arrays = lambda: find_arrays(root, _is_array)  # noqa: E731
         folder = root / inner if inner else root
-        if not is_zarr(folder):
+        if not any((folder / n).is_file() for n in ("zarr.json", ".zarray", ".zgroup")):
             raise UserError(f"{self.path}: no '{inner}' in the store (arrays: {listing(arrays())})")
         if not _is_array(folder):
             folder = self._pick_array(folder, arrays)
