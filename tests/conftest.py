@@ -105,7 +105,7 @@ def isbi_store(isbi_dir, tmp_path_factory) -> Path:
     from unet_dist.data.convert import convert
 
     out = tmp_path_factory.mktemp("isbi") / "isbi.zarr"
-    convert(isbi_dir / "train-volume.tif", out, labels=isbi_dir / "train-labels.tif")
+    convert(isbi_dir / "train-volume.tif", out, labels=isbi_dir / "train-labels.tif", resolution=(50, 4, 4))
     return out
 
 

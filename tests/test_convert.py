@@ -17,9 +17,18 @@ import zarr
 from PIL import Image
 
 from unet_dist.data import store as st
-from unet_dist.data.convert import convert, format_info, open_volume, store_info
+from unet_dist.data.convert import convert as convert_, format_info, store_info
+from unet_dist.data.sources import open_source
 from unet_dist.errors import UserError
 
+ISBI_NM = (50, 4, 4)
+
+
+def convert(raw=None, out=None, **kwargs):
+    """convert with ISBI's voxel size unless a test gives one: these TIFFs record none, and convert
+    refuses a source without a voxel size (test_sources.py tests that)."""
+    kwargs.setdefault("resolution", ISBI_NM)
+    return convert_(raw, out, **kwargs)
 
 
 def read_store(path) -> dict:
@@ -186,9 +195,12 @@ def test_single_image_and_float_raw(small, tmp_path):
     np.testing.assert_array_equal(data["labels"][0], labels[0])
 
     write_stack(tmp_path / "f.tif", raw.astype(np.float32) / 255)
-    convert(tmp_path / "f.tif", tmp_path / "f.zarr", resolution=None)
+    convert(tmp_path / "f.tif", tmp_path / "f.zarr")
     group = zarr.open_group(str(tmp_path / "f.zarr"))
-    assert group[st.RAW].dtype == np.float32 and st.voxel_size(group) is None
+    assert group[st.RAW].dtype == np.float32 and st.voxel_size(group) == ISBI_NM
+    # No voxel size in the file and none given: refused, never a default.
+    expect_error(tmp_path / "g.zarr", "f.tif", "no voxel size", "--resolution",
+                 raw=tmp_path / "f.tif", resolution=None)
 
 
 def test_progress_reports_every_slab(small, tmp_path):
@@ -224,13 +236,13 @@ def test_missing_and_garbage_inputs(small, tmp_path):
     (tmp_path / "garbage.tif").write_bytes(b"this is not a tiff at all" * 10)
     expect_error(out, "garbage.tif", "not a readable TIFF", raw=tmp_path / "garbage.tif")
     (tmp_path / "notes.txt").write_text("hello")
-    expect_error(out, "notes.txt", "not a .tif/.tiff/.png", raw=tmp_path / "notes.txt")
+    expect_error(out, "notes.txt", "unsupported format", raw=tmp_path / "notes.txt")
     (tmp_path / "fake.png").write_bytes(b"\x89PNG garbage")
     expect_error(out, "fake.png", "not a readable PNG", raw=tmp_path / "fake.png")
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "readme.md").write_text("no images here")
-    expect_error(out, "empty", "no .tif/.tiff/.png images", raw=empty)
+    expect_error(out, "empty", "no .tif/.tiff/.png/.jpg images", raw=empty)
 
 
 def test_truncated_tiff(small, tmp_path):
@@ -412,7 +424,7 @@ def test_open_store_errors(isbi_store, tmp_path):
 
 
 def test_reader_reads_slabs_lazily(isbi_dir, isbi_arrays):
-    source = open_volume(isbi_dir / "train-volume.tif")
+    source = open_source(isbi_dir / "train-volume.tif")
     assert source.shape == (30, 512, 512) and source.dtype == np.uint8
     np.testing.assert_array_equal(source.read(7, 9), isbi_arrays["raw"][7:9])
     np.testing.assert_array_equal(source.read(29, 30), isbi_arrays["raw"][29:30])

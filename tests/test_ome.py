@@ -51,10 +51,10 @@ def check_ome(path: Path, image: str, labels: list[str], levels: int) -> None:
 
 def test_convert_and_synth_stores_are_valid_ome_zarr(isbi_dir, tmp_path):
     isbi = tmp_path / "isbi.zarr"
-    convert(isbi_dir / "train-volume.tif", isbi, labels=isbi_dir / "train-labels.tif")
+    convert(isbi_dir / "train-volume.tif", isbi, labels=isbi_dir / "train-labels.tif", resolution=(50, 4, 4))
     check_ome(isbi, "raw", [st.TARGET], levels=2)  # 512 -> 256 in y, x
     raw_only = tmp_path / "raw.zarr"
-    convert(isbi_dir / "train-volume.tif", raw_only, chunks="3d", shard=(32, 512, 512))
+    convert(isbi_dir / "train-volume.tif", raw_only, chunks="3d", shard=(32, 512, 512), resolution=(50, 4, 4))
     check_ome(raw_only, "raw", [], levels=2)
     synth = tmp_path / "synth.zarr"
     synthesize(synth, shape=(4, 600, 520), seed=0)

@@ -193,11 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"unet-dist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("convert", help="EM volume (TIFF stack or slice folder) to a chunked Zarr store")
-    p.add_argument("--raw", required=True, help="multi-page TIFF or folder of per-slice TIFF/PNG files")
-    p.add_argument("--labels", help="labels in the same form (white = neuron interior)")
+    p = sub.add_parser("convert", help="EM volume (TIFF, HDF5, Zarr, N5, precomputed, slices) to a chunked Zarr store")
+    p.add_argument("--raw", required=True, help="PATH or PATH:INNER: multi-page TIFF, PNG/JPEG, HDF5 file, Zarr v2/v3 "
+                   "or OME-Zarr, N5, neuroglancer precomputed folder, or folder of TIFF/PNG/JPEG slices")
+    p.add_argument("--labels", help="labels in any of those forms (white = neuron interior)")
     p.add_argument("--out", required=True, help="the Zarr store to write (STORE.zarr)")
-    p.add_argument("--resolution", default="50,4,4", help="voxel size Z,Y,X in nm (default: ISBI's 50,4,4)")
+    p.add_argument("--resolution", help="voxel size Z,Y,X in nm; needed when the source records none, "
+                   "overrides it (with a warning) when it does")
     p.add_argument("--chunks", default="2d", help="2d (one slice per chunk), 3d, or Z,Y,X")
     p.add_argument("--shard", help="Zarr v3 shard shape Z,Y,X (a multiple of the chunks)")
     p.add_argument("--label-threshold", type=float, help="label = value > T (for non-binary labels)")

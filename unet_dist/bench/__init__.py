@@ -3,7 +3,8 @@
     unet-dist bench train   [--json FILE] [--tiny] [overrides...]   training step vs a plain fp32 loop
     unet-dist bench loader  [--json FILE] [--tiny] [overrides...]   DataLoader patches/s vs what a step consumes
     unet-dist bench predict [--json FILE] [--tiny] [overrides...]   our predictor vs MONAI sliding_window_inference
-    unet-dist bench convert [--json FILE] [--tiny] [--size MB]      TIFF -> Zarr vs merely reading the TIFF
+    unet-dist bench convert [--json FILE] [--tiny] [--size MB] [--source tiff|hdf5|n5|zarr|precomputed]
+                                                                    source -> Zarr vs merely reading the source
     unet-dist bench load    [--json FILE] [--tiny] [--size GB]      train + predict a GB volume: memory, layouts
     unet-dist bench view    [--json FILE] [--tiny] [--layouts 2d,3d] a viewer's plane reads per chunk layout
 
@@ -22,7 +23,8 @@ SUITES = {
     "train": "images/s, voxels/s, MFU and peak memory of our training step vs a plain fp32 eager loop",
     "loader": "patches/s the DataLoader delivers (with augmentation) per worker count vs what a step consumes",
     "predict": "voxels/s, peak memory and max |difference| of our predictor vs MONAI's sliding_window_inference",
-    "convert": "MB/s and peak RSS converting a multi-page TIFF to Zarr vs merely reading it with tifffile",
+    "convert": "MB/s and peak RSS converting a TIFF, HDF5, N5, Zarr or precomputed source to Zarr vs merely "
+               "reading it with its own library",
     "load": "training and whole-volume prediction on a volume of several GB: peak RSS, small chunks vs shards",
     "view": "chunk files, read amplification and ms of a viewer's plane reads (xy, xz, yz) per chunk layout",
 }

@@ -1,260 +1,23 @@
-"""TIFF stacks and slice folders to a Zarr v3 volume store, and `info` about a store.
+"""EM volumes (any source `data.sources` reads) to a Zarr v3 volume store, and `info` about a store.
 
 Inputs are read lazily, a slab of slices at a time, and the store is written slab by slab, so
 memory stays O(slab) for volumes of any size. Every mistake in the input is a UserError that names
 the file and the problem, raised before or during the write; either way nothing is left at `out`.
+The voxel size is the source's, or `resolution`; never a default (see `decide_voxel_size`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import logging
-import re
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import tifffile
-from PIL import Image
 
 from unet_dist.data import store as st
 from unet_dist.data.ome import image_levels, write_em_store
+from unet_dist.data.sources import Source, open_source
 from unet_dist.errors import UserError
-
-TIFF_SUFFIXES = (".tif", ".tiff")
-IMAGE_SUFFIXES = TIFF_SUFFIXES + (".png",)
-# Pillow modes of single-channel images and the dtype their pixels have.
-PNG_MODES = {"L": np.uint8, "1": np.uint8, "I;16": np.uint16, "I": np.int32, "F": np.float32}
-
-
-# ---------------------------------------------------------------- lazy volume readers
-
-
-class VolumeSource:
-    """A (Z, Y, X) volume on disk: shape and dtype from the headers, pixels only on read()."""
-
-    path: Path
-    shape: tuple[int, int, int]
-    dtype: np.dtype
-    files: list[Path]
-
-    def read(self, z0: int, z1: int) -> np.ndarray:
-        raise NotImplementedError
-
-    def slice_name(self, z: int) -> str:
-        return f"{self.path} slice {z}"
-
-    def close(self) -> None:
-        pass
-
-
-class TiffStack(VolumeSource):
-    """A multi-page TIFF, one 2D grayscale page per slice (or a single 2D image)."""
-
-    def __init__(self, path: Path):
-        self.path, self.files = path, [path]
-        try:
-            with _quiet_tifffile():
-                self._tif = tifffile.TiffFile(path)
-                series = self._tif.series
-        except Exception as exc:
-            raise UserError(f"{path}: not a readable TIFF ({exc})") from None
-        if not series:
-            raise UserError(f"{path}: a TIFF without images")
-        first = series[0]
-        if len(series) > 1:
-            other = series[1]
-            index = getattr(other.pages[0], "index", len(first.pages))
-            raise UserError(
-                f"{path}: page {index} has shape {_yx(other.shape)} but page 0 has "
-                f"{_yx(first.shape)}; all pages must be 2D slices of one size"
-            )
-        # One leading axis of any name (tifffile calls a plain stack Q or I, ImageJ Z, C or T)
-        # is the slice axis; samples per pixel (S) mean colour, not slices.
-        if "S" in first.axes or len(first.shape) not in (2, 3):
-            raise UserError(
-                f"{path}: images of shape {first.shape} (axes {first.axes}); expected 2D grayscale "
-                "pages, one per slice (is it RGB or a multi-channel stack?)"
-            )
-        shape = tuple(first.shape)
-        self.shape = (1, *shape) if len(shape) == 2 else shape
-        self.dtype = np.dtype(first.dtype)
-        if min(self.shape) == 0:
-            raise UserError(f"{path}: empty volume (shape {self.shape})")
-        # A cut-off or damaged copy should fail here, before anything is written, not as a failed
-        # read later or (worse) as a silently shorter volume when tifffile falls back to page 0.
-        contiguous = first.dataoffset is not None
-        end = (first.dataoffset or 0) + first.nbytes
-        if contiguous and end > path.stat().st_size:
-            raise UserError(
-                f"{path}: truncated ({path.stat().st_size} bytes, the image data needs {end})"
-            )
-        pages = len(self._tif.pages)
-        # ImageJ stacks over 4 GB hold one page header for all slices, their data contiguous.
-        if pages != self.shape[0] and not (self._tif.is_imagej and contiguous):
-            raise UserError(
-                f"{path}: {pages} pages, but its metadata describes {self.shape[0]} slice(s) of "
-                f"{self.shape[1:]}; a damaged or truncated file?"
-            )
-
-    def read(self, z0, z1):
-        try:
-            with _quiet_tifffile():
-                data = self._tif.asarray(key=range(z0, z1), series=0)
-        except Exception as exc:
-            which = f"slice {z0}" if z1 - z0 == 1 else f"slices {z0} to {z1 - 1}"
-            raise UserError(f"{self.path}: cannot read {which}, damaged file? ({exc})") from None
-        return data.reshape((z1 - z0, *self.shape[1:]))
-
-    def close(self):
-        self._tif.close()
-
-
-class SliceFolder(VolumeSource):
-    """A folder of per-slice .tif/.tiff/.png files, in natural order (slice2 before slice10)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.files = sorted(
-            (f for f in path.iterdir()
-             if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".") and f.is_file()),
-            key=lambda f: _natural_key(f.name),
-        )
-        if not self.files:
-            raise UserError(f"{path}: no .tif/.tiff/.png images in the folder")
-        # Headers only: a wrong file is found before any pixel is read or written.
-        shape, dtype = _image_header(self.files[0])
-        for f in self.files[1:]:
-            other_shape, other_dtype = _image_header(f)
-            if other_shape != shape:
-                raise UserError(
-                    f"{f}: slice of shape {other_shape}, but {self.files[0].name} has {shape}; "
-                    "all slices must be the same size"
-                )
-            if other_dtype != dtype:
-                raise UserError(
-                    f"{f}: pixels of type {other_dtype}, but {self.files[0].name} has {dtype}"
-                )
-        self.shape = (len(self.files), *shape)
-        self.dtype = dtype
-
-    def read(self, z0, z1):
-        out = np.empty((z1 - z0, *self.shape[1:]), self.dtype)
-        for z in range(z0, z1):
-            out[z - z0] = _read_image(self.files[z])
-        return out
-
-    def slice_name(self, z):
-        return f"{self.files[z]} (slice {z})"
-
-
-class SingleImage(VolumeSource):
-    """One 2D PNG: a 1-slice volume."""
-
-    def __init__(self, path: Path):
-        self.path, self.files = path, [path]
-        shape, self.dtype = _image_header(path)
-        self.shape = (1, *shape)
-
-    def read(self, z0, z1):
-        return _read_image(self.path)[None]
-
-
-def open_volume(path) -> VolumeSource:
-    """A lazy reader for a multi-page TIFF, a folder of slices or a single 2D image."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file or folder")
-    if path.is_dir():
-        source: VolumeSource = SliceFolder(path)
-    elif path.suffix.lower() in TIFF_SUFFIXES:
-        _check_readable(path)
-        source = TiffStack(path)
-    elif path.suffix.lower() == ".png":
-        source = SingleImage(path)
-    else:
-        raise UserError(f"{path}: not a .tif/.tiff/.png image or a folder of slices")
-    if min(source.shape) == 0:
-        raise UserError(f"{path}: empty volume (shape {source.shape})")
-    return source
-
-
-@contextlib.contextmanager
-def _quiet_tifffile():
-    """tifffile logs what it finds odd; we raise a UserError instead, so the user sees one line."""
-    logger = logging.getLogger("tifffile")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def _check_readable(path: Path) -> None:
-    try:
-        with open(path, "rb") as f:
-            f.read(1)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
-
-
-def _natural_key(name: str):
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", name)]
-
-
-def _yx(shape) -> tuple:
-    return tuple(shape[-2:]) if len(shape) > 2 else tuple(shape)
-
-
-def _image_header(path: Path) -> tuple[tuple[int, int], np.dtype]:
-    """(Y, X) and dtype of a single-slice image file, read from its header."""
-    _check_readable(path)
-    if path.suffix.lower() == ".png":
-        try:
-            with Image.open(path) as im:
-                mode, (width, height) = im.mode, im.size
-        except Exception as exc:
-            raise UserError(f"{path}: not a readable PNG ({exc})") from None
-        if mode not in PNG_MODES:
-            raise UserError(f"{path}: an image in mode {mode}; expected a 2D grayscale slice")
-        return (height, width), np.dtype(PNG_MODES[mode])
-    try:
-        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            shape, axes, dtype, pages = series.shape, series.axes, series.dtype, len(tif.pages)
-    except Exception as exc:
-        raise UserError(f"{path}: not a readable TIFF ({exc})") from None
-    if len(shape) != 2 or "S" in axes:
-        what = f"{pages} pages" if pages > 1 else f"shape {shape}"
-        raise UserError(f"{path}: has {what}; a slice folder needs one 2D grayscale image per file")
-    return tuple(shape), np.dtype(dtype)
-
-
-def _read_image(path: Path) -> np.ndarray:
-    try:
-        if path.suffix.lower() == ".png":
-            with Image.open(path) as im:
-                data = np.asarray(im)
-            return data.astype(np.uint8) if data.dtype == bool else data
-        with _quiet_tifffile():
-            return tifffile.imread(path)
-    except Exception as exc:
-        raise UserError(f"{path}: cannot read ({exc})") from None
-
-
-def sha256_files(files) -> str:
-    """sha256 of the files' contents concatenated in order, streamed."""
-    digest = hashlib.sha256()
-    for f in files:
-        try:
-            with open(f, "rb") as fh:
-                while block := fh.read(1 << 22):
-                    digest.update(block)
-        except OSError as exc:
-            raise UserError(f"{f}: cannot read ({exc.strerror})") from None
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- slab checks and label mapping
@@ -263,7 +26,7 @@ def sha256_files(files) -> str:
 # Checks and mapping go slice by slice: their boolean temporaries then cost O(slice), not O(slab).
 
 
-def _check_finite(source: VolumeSource, slab: np.ndarray, z0: int) -> None:
+def _check_finite(source: Source, slab: np.ndarray, z0: int) -> None:
     if slab.dtype.kind != "f":
         return
     for i, plane in enumerate(slab):
@@ -274,7 +37,7 @@ def _check_finite(source: VolumeSource, slab: np.ndarray, z0: int) -> None:
 class LabelMapper:
     """Source label values -> uint8 (1 interior, 0 membrane), checking binarity slice by slice."""
 
-    def __init__(self, source: VolumeSource, threshold: float | None, invert: bool):
+    def __init__(self, source: Source, threshold: float | None, invert: bool):
         self.source, self.threshold, self.invert = source, threshold, invert
         dtype = source.dtype
         if threshold is None and dtype.kind not in "biu":
@@ -321,7 +84,7 @@ def convert(
     raw,
     out,
     labels=None,
-    resolution=(50.0, 4.0, 4.0),
+    resolution=None,
     chunks="2d",
     shard=None,
     label_threshold: float | None = None,
@@ -329,17 +92,21 @@ def convert(
     overwrite: bool = False,
     progress: st.Progress | None = None,
 ) -> dict:
-    """Write `raw` (and `labels`) into a new Zarr v3 store at `out`; returns a summary dict."""
+    """Write `raw` (and `labels`) into a new Zarr v3 store at `out`; returns a summary dict.
+
+    `raw` and `labels` are what `open_source` takes: PATH or PATH:INNER. `resolution` (z, y, x nm)
+    overrides the sources' voxel size; without it, a source must record one.
+    """
     started = time.perf_counter()
     out = st.check_out(out, overwrite)
     if resolution is not None:
         resolution = _check_resolution(resolution)
-    raw_src = open_volume(raw)
+    raw_src = open_source(raw)
     sources = [raw_src]
     try:
         label_src = mapper = None
         if labels is not None:
-            label_src = open_volume(labels)
+            label_src = open_source(labels)
             sources.append(label_src)
             if label_src.shape != raw_src.shape:
                 raise UserError(
@@ -347,6 +114,7 @@ def convert(
                     f"{raw_src.path} has {raw_src.shape}"
                 )
             mapper = LabelMapper(label_src, label_threshold, invert)
+        resolution = decide_voxel_size(resolution, sources)
         layout = st.resolve_layout(raw_src.shape, chunks, shard)
         raw_dtype = np.uint8 if raw_src.dtype == bool else raw_src.dtype
         dtypes = {"raw": raw_dtype} | ({"labels": np.uint8} if label_src is not None else {})
@@ -362,9 +130,9 @@ def convert(
             return slab
 
         with st.atomic_store_dir(out, overwrite) as tmp:
-            provenance = {"raw": _source_record(raw_src)}
+            provenance = {"raw": raw_src.record()}
             if label_src is not None:
-                provenance["labels"] = _source_record(label_src)
+                provenance["labels"] = label_src.record()
             attrs = st.provenance(provenance, label_threshold=label_threshold, invert=invert)
             plan, pyramid_s = write_em_store(tmp, layout, resolution, raw_dtype, label_src is not None, read_slab,
                                              attrs, progress)
@@ -385,12 +153,32 @@ def _check_resolution(resolution) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
-def _source_record(source: VolumeSource) -> dict:
-    return {
-        "path": str(source.path.resolve()),
-        "sha256": sha256_files(source.files),
-        "files": [f.name for f in source.files],
-    }
+def decide_voxel_size(resolution, sources: list[Source]) -> tuple[float, float, float]:
+    """`resolution` if given (a warning line for each source it contradicts), else the sources'.
+
+    Never a default: a volume recorded at the wrong scale shows wrong in every viewer and trains
+    at the wrong scale, so a source without a voxel size needs `--resolution`.
+    """
+    recorded = [(s, s.voxel_size) for s in sources if s.voxel_size is not None]
+    if resolution is not None:
+        for source, size in recorded:
+            if not np.allclose(size, resolution, rtol=1e-6):
+                print(f"warning: --resolution {_nm(resolution)} overrides the voxel size {_nm(size)} nm "
+                      f"recorded in {source.path}", file=sys.stderr, flush=True)
+        return resolution
+    if not recorded:
+        raise UserError(f"{sources[0].path}: the source records no voxel size; "
+                        "pass --resolution Z,Y,X (in nm)")
+    (first, size), *others = recorded
+    for source, other in others:
+        if not np.allclose(size, other, rtol=1e-6):
+            raise UserError(f"{source.path}: voxel size {_nm(other)} nm, but {first.path} has "
+                            f"{_nm(size)} nm; pass --resolution Z,Y,X to choose")
+    return size
+
+
+def _nm(values) -> str:
+    return ",".join(f"{v:g}" for v in values)
 
 
 def _summary(out, layout, dtypes, resolution, ones, started, plan, pyramid_s) -> dict:
@@ -492,8 +280,11 @@ def format_info(info: dict) -> str:
     if prov:
         lines.append(f"created     {prov.get('created')} by unet_dist {prov.get('version')}")
         for role, src in (prov.get("sources") or {}).items():
+            where = src.get("path", "") + (f":{src['inner']}" if src.get("inner") else "")
             if "sha256" in src:
-                lines.append(f"{role:<11} from {src['path']} (sha256 {src['sha256'][:16]}...)")
+                lines.append(f"{role:<11} from {where} (sha256 {src['sha256'][:16]}...)")
+            elif "format" in src:  # a container: no single file to hash
+                lines.append(f"{role:<11} from {where} ({src['format']})")
             else:
                 lines.append(f"{role:<11} {', '.join(f'{k}={v}' for k, v in src.items())}")
         if prov.get("label_threshold") is not None or prov.get("invert"):

@@ -1,0 +1,109 @@
+"""Zarr v2 and v3 arrays and OME-Zarr images, read with zarr-python.
+
+An OME-Zarr image group (0.4: zarr v2 `.zattrs` `multiscales`; 0.5: zarr v3 `attributes.ome.
+multiscales`) stands for its level 0; a level named by path (`img.zarr:1`, `seg.zarr:labels/
+neurons/0`) is that level. The voxel size and offset come from the coordinate transformations of
+the multiscale that lists the array, in the axes' units; an array no multiscale lists has none.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+import zarr
+from zarr.storage import LocalStore
+
+from unet_dist.errors import UserError
+
+from .base import ArraySource, find_arrays, listing, nm_per, positive_floats, read_json
+
+SPACE = ("z", "y", "x")
+
+
+def _is_array(folder: Path) -> bool:
+    return (folder / ".zarray").is_file() or read_json(folder / "zarr.json").get("node_type") == "array"
+
+
+def _attrs(folder: Path) -> dict:
+    v3 = read_json(folder / "zarr.json")
+    return v3.get("attributes", {}) if v3 else read_json(folder / ".zattrs")
+
+
+def _multiscales(folder: Path) -> list:
+    attrs = _attrs(folder)
+    found = attrs.get("ome", {}).get("multiscales") or attrs.get("multiscales")  # 0.5, else 0.4
+    return found if isinstance(found, list) else []
+
+
+class ZarrSource(ArraySource):
+    format = "zarr"
+
+    def __init__(self, root: Path, inner: str | None):
+        self.root, self.inner = root, inner or None
+        self.path = f"{root}:{inner}" if inner else str(root)
+        arrays = lambda: find_arrays(root, _is_array)  # noqa: E731
+        folder = root / inner if inner else root
+        if not any((folder / n).is_file() for n in ("zarr.json", ".zarray", ".zgroup")):
+            raise UserError(f"{self.path}: no '{inner}' in the store (arrays: {listing(arrays())})")
+        if not _is_array(folder):
+            folder = self._pick_array(folder, arrays)
+        try:
+            array = zarr.open_array(store=LocalStore(root, read_only=True), path=self.inner or "", mode="r")
+        except Exception as exc:
+            raise UserError(f"{self.path}: not a readable Zarr array ({exc})") from None
+        self.format = f"zarr v{array.metadata.zarr_format}"
+        self._set_array(array, array.shape, array.dtype, array.chunks)
+        self._ome_transform(folder)
+
+    def _pick_array(self, group: Path, arrays) -> Path:
+        """A group means its OME level 0, or the only array in the store."""
+        multiscales = _multiscales(group)
+        if multiscales:
+            level = str(multiscales[0]["datasets"][0]["path"])
+            rel = (group / level).relative_to(self.root).as_posix()
+        else:
+            inside = [a for a in arrays() if not self.inner or a.startswith(self.inner.rstrip("/") + "/")]
+            if len(inside) != 1:
+                raise UserError(f"{self.path}: a group holding {len(inside)} arrays; name one as "
+                                f"{self.root}:INNER ({listing(inside)})")
+            rel = inside[0]
+        self.inner = rel
+        self.path = f"{self.root}:{rel}"
+        if not _is_array(self.root / rel):
+            raise UserError(f"{self.path}: listed in the OME metadata, but no array is there")
+        return self.root / rel
+
+    def _ome_transform(self, folder: Path) -> None:
+        """Voxel size and offset from the multiscale (in this folder's ancestors) that lists it."""
+        for ancestor in (folder, *folder.parents):
+            rel = PurePosixPath(folder.relative_to(ancestor).as_posix())
+            for multiscale in _multiscales(ancestor):
+                for dataset in multiscale.get("datasets", []):
+                    if PurePosixPath(str(dataset.get("path"))) == rel:
+                        self._set_transform(multiscale, dataset)
+                        return
+            if ancestor == self.root:
+                return
+
+    def _set_transform(self, multiscale: dict, dataset: dict) -> None:
+        axes = [a if isinstance(a, dict) else {"name": a} for a in multiscale.get("axes", [])]
+        ndim = len(axes)
+        scale, shift = [1.0] * ndim, [0.0] * ndim
+        # The dataset's transformations apply first, then the multiscale's (OME-Zarr 0.4/0.5).
+        for t in (*dataset.get("coordinateTransformations", []),
+                  *multiscale.get("coordinateTransformations", [])):
+            values = t.get(t.get("type"))
+            if not isinstance(values, list) or len(values) != ndim:
+                continue  # "identity", or a transform stored in a file: no voxel size from it
+            if t["type"] == "scale":
+                scale = [s * float(v) for s, v in zip(scale, values)]
+                shift = [o * float(v) for o, v in zip(shift, values)]
+            elif t["type"] == "translation":
+                shift = [o + float(v) for o, v in zip(shift, values)]
+        space = [i for i, a in enumerate(axes) if a.get("type") == "space" or
+                 ("type" not in a and a.get("name") in SPACE)]
+        factors = [nm_per(axes[i].get("unit")) for i in space]
+        if len(space) != 3 or None in factors:
+            return  # a 2D image, or axes without units: the size is not known
+        self.voxel_size = positive_floats(scale[i] * f for i, f in zip(space, factors))
+        self.offset = tuple(shift[i] * f for i, f in zip(space, factors))
