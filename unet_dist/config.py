@@ -98,6 +98,15 @@ class PredictConfig:
     tta: bool = False
     probability_dtype: Literal["uint8", "float16"] = "uint8"
     threshold: float = 0.5
+    # Threads that read (decode) block inputs and write (encode) finished blocks; 0: from the cores
+    # this process may use (predict.io_threads). Neither changes a number of the output.
+    readers: int = 0
+    writers: int = 0
+    # Decoded input chunks shared by neighbouring blocks (each chunk is decoded once and dropped after
+    # its last block); the cap only matters for layouts whose chunks span many block rows. 0: no cache.
+    chunk_cache_mb: int = 1024
+    # zarr-python's codec pipeline ("zarr") or the Rust one from the `zarrs` package ("zarrs").
+    codec_pipeline: Literal["zarr", "zarrs"] = "zarr"
 
 
 @dataclass
@@ -285,6 +294,9 @@ def validate(cfg: Config, source: str) -> None:
     check(len(cfg.predict.halo) == 3 and all(h >= 0 for h in cfg.predict.halo),
           "predict.halo", "expected 3 non-negative sizes (Z, Y, X)")
     check(0.0 <= cfg.predict.threshold <= 1.0, "predict.threshold", "must be within [0, 1]")
+    for key in ("readers", "writers"):
+        check(getattr(cfg.predict, key) >= 0, f"predict.{key}", "must be >= 0 (0: from the cores)")
+    check(cfg.predict.chunk_cache_mb >= 0, "predict.chunk_cache_mb", "must be >= 0 (0: no cache)")
 
 
 def to_dict(cfg: Any) -> dict:
