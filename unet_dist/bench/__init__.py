@@ -5,6 +5,7 @@
     unet-dist bench predict [--json FILE] [--tiny] [overrides...]   our predictor vs MONAI sliding_window_inference
     unet-dist bench convert [--json FILE] [--tiny] [--size MB]      TIFF -> Zarr vs merely reading the TIFF
     unet-dist bench load    [--json FILE] [--tiny] [--size GB]      train + predict a GB volume: memory, layouts
+    unet-dist bench io      [--json FILE] [--tiny] [--size GB]      predictor I/O vs decode limit, codecs, back ends
 
 Each prints a table on stdout (progress on stderr) and, with --json, writes the report: machine,
 versions, config, the raw numbers per row, and a top-level `speedup` (ours over the peer). `--tiny`
@@ -23,6 +24,7 @@ SUITES = {
     "predict": "voxels/s, peak memory and max |difference| of our predictor vs MONAI's sliding_window_inference",
     "convert": "MB/s and peak RSS converting a multi-page TIFF to Zarr vs merely reading it with tifffile",
     "load": "training and whole-volume prediction on a volume of several GB: peak RSS, small chunks vs shards",
+    "io": "the predictor's read -> identity -> write pipeline vs the decode limit; codecs and zarr back ends",
 }
 
 
@@ -50,7 +52,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     suites = p.add_subparsers(dest="suite", required=True, metavar="SUITE")
     for name, help_text in SUITES.items():
         sp = suites.add_parser(name, help=help_text, description=help_text)
-        _common_arguments(sp, overrides=name != "convert")
+        _common_arguments(sp, overrides=name not in ("convert", "io"))
         _suite(name).add_arguments(sp)
         sp.set_defaults(func=cmd_bench)
     return p
@@ -67,6 +69,8 @@ def cmd_bench(args) -> int:
     print(format_table(report["results"], suite.COLUMNS))
     speedup = report["speedup"]
     print(f"speedup {speedup:.3g} ({report['speedup_means']})" if speedup is not None else "speedup -")
+    for name, (rows, columns) in report.pop("tables", {}).items():
+        print(f"\n{name}\n{format_table(rows, columns)}")
     for key, value in report.get("summary", {}).items():
         print(f"{key}: {value}")
     if args.json:
