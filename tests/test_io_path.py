@@ -115,6 +115,21 @@ def test_a_damaged_chunk_is_one_line_naming_its_file(tmp_path):
         ChunkCache(raw_array(store)).read((slice(1, 2), slice(20, 40), slice(20, 40)))
 
 
+def test_mirrored_reads_equal_the_index_gather_for_any_reach():
+    rng = np.random.default_rng(1)
+    for _ in range(2000):
+        shape = tuple(int(rng.integers(1, 12)) for _ in range(3))
+        a = rng.integers(0, 255, shape, dtype=np.uint8)
+        region = []
+        for n in shape:
+            lo = int(rng.integers(-15, n))
+            region.append((lo, int(rng.integers(lo + 1, n + 16))))
+        from unet_dist.predict import mirror_indices
+
+        ref = a[np.ix_(*[mirror_indices(lo, hi, n) for (lo, hi), n in zip(region, shape)])]
+        assert np.array_equal(read_mirrored(a, region), ref), (shape, region)
+
+
 # ------------------------------------------------------------------------- order and ownership
 
 def test_block_order_finishes_a_chunk_depth_column_by_column_and_ranks_get_runs():

@@ -159,6 +159,11 @@ def read_mirrored(array, region, read: Callable | None = None) -> np.ndarray:
     data = read(box) if read is not None else read_region(array, box)
     if all(lo >= 0 and hi <= n for (lo, hi), n in zip(region, array.shape)):
         return data
+    pads = [(max(0, -lo), max(0, hi - n)) for (lo, hi), n in zip(region, array.shape)]
+    if all(s.start == max(lo, 0) and s.stop == min(hi, n) and max(b, a) <= s.stop - s.start
+           for (b, a), s, (lo, hi), n in zip(pads, box, region, array.shape)):
+        # One reflection: np.pad copies rows, ~20x faster than the gather below on a 576^2 tile.
+        return np.pad(data, pads, mode="symmetric")
     return data[np.ix_(*(i - s.start for i, s in zip(idx, box)))]
 
 
@@ -505,7 +510,7 @@ def _create_output(out: Path, plan: Plan, attrs: dict, dtype: str, fresh: bool, 
     group = zarr.open_group(str(out), mode="a" if not fresh else "w", zarr_format=3, attributes=attrs)
     layout = Layout(plan.shape, plan.block, None)
     present = {name for name, _ in group.arrays()}
-    for name, dt, kind in (("probability", dtype, "raw"), ("mask", np.uint8, "labels")):
+    for name, dt, kind in (("probability", dtype, "probability"), ("mask", np.uint8, "mask")):
         if name not in present:  # a resumed run whose creator died early gets the rest
             create_volume_array(group, name, layout, dt, kind)
     manifest.create()
