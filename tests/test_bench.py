@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ROOT, Completed, run_cli
 
-SUITES = ("train", "loader", "predict", "convert", "load", "view")
+SUITES = ("train", "loader", "predict", "convert", "load", "view", "io")
 
 
 def bench(*args, timeout: float = 600) -> Completed:
@@ -37,6 +37,7 @@ NUMBERS = {
              "train_tree_peak_rss_mb", "read_mb_per_s", "read_s", "predict_voxels_per_s", "predict_peak_rss_mb",
              "predict_tree_peak_rss_mb"),
     "view": ("xy_files", "xz_files", "yz_files", "view_files", "view_ms", "xy_read_amplification"),
+    "io": ("input_mb_per_s", "seconds"),
 }
 
 
@@ -46,7 +47,7 @@ def test_suite_runs_tiny_and_writes_a_report(suite, tmp_path):
     out = tmp_path / "report" / f"{suite}.json"
     work = tmp_path / "work"
     work.mkdir()
-    device = [] if suite in ("convert", "view") else ["--device", "cpu"]
+    device = [] if suite in ("convert", "view", "io") else ["--device", "cpu"]
     done = bench(suite, "--tiny", "--json", out, "--workdir", work, *device)
     assert done.code == 0, done.err
     assert "speedup" in done.out and any(f"x {p}" in done.out for p in ("peer", "consumption", "small-chunks"))
@@ -92,6 +93,17 @@ def test_suite_runs_tiny_and_writes_a_report(suite, tmp_path):
         assert (rows["2d"]["xy_files"], rows["2d"]["xz_files"], rows["2d"]["yz_files"]) == (1, 16, 16)
         assert (rows["3d"]["xy_files"], rows["3d"]["xz_files"], rows["3d"]["yz_files"]) == (4, 2, 2)
         assert rows["2d"]["xz_read_amplification"] == 512  # each 512 x 512 chunk for one row of it
+    if suite == "io":
+        # byte counts, not timings: the cache decodes each chunk once, halos make that less than delivered
+        assert 0 < report["read_amplification"] <= 1.2
+        assert report["peer"]["read_amplification"] > 2 * report["read_amplification"]
+        assert positive(report["fraction_of_decode_limit"])
+        assert {row["codec"] for row in report["codecs"]["rows"]} >= {"blosc-zstd-1", "blosc-zstd-3", "blosc-zstd-5",
+                                                                      "blosc-lz4", "none"}
+        assert {row["data"] for row in report["codecs"]["rows"]} == {"raw", "probability", "mask"}
+        assert all(positive(row["ratio"]) and positive(row["decode_mb_per_s"]) for row in report["codecs"]["rows"])
+        zarr_row = next(row for row in report["backends"]["rows"] if row["backend"] == "zarr")
+        assert positive(zarr_row["patches_per_s"]) and positive(zarr_row["chunks_mb_per_s"])
     if suite == "load":
         rows = {row["layout"]: row for row in report["results"]}
         assert list(rows) == ["small-chunks", "sharded", "default"]
@@ -117,6 +129,18 @@ def test_bench_load_refuses_bad_flags_before_writing_anything(flags, names, tmp_
     assert done.code == 2 and names in done.err
     assert done.err.strip().startswith("error:") and len(done.err.strip().splitlines()) == 1
     assert not work.exists() or list(work.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags, names", [(["--size", "0"], "--size"), (["--cores", "0"], "--cores"),
+                                          (["--cores", "1,x"], "--cores"), (["--skip", "disks"], "--skip"),
+                                          (["--raw-tif", "no/such.tif"], "no/such.tif")])
+def test_bench_io_refuses_bad_flags_before_writing_anything(flags, names, tmp_path):
+    work, report = tmp_path / "work", tmp_path / "io.json"
+    done = bench("io", "--tiny", "--workdir", work, "--json", report, *flags)
+    assert done.code == 2 and names in done.err
+    assert done.err.strip().startswith("error:") and len(done.err.strip().splitlines()) == 1
+    assert not work.exists() or list(work.iterdir()) == []
+    assert not report.exists()
 
 
 def test_add_bench_parser_registers_every_suite():

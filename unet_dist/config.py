@@ -100,6 +100,15 @@ class PredictConfig:
     threshold: float = 0.5
     # coarser levels (for viewers) halve y, x (and z when near-isotropic) down to this largest side
     pyramid_max_side: int = 256
+    # Threads that read (decode) block inputs and write (encode) finished blocks; 0: from the cores
+    # this process may use (predict.io_threads). Neither changes a number of the output.
+    readers: int = 0
+    writers: int = 0
+    # Decoded input chunks shared by neighbouring blocks (each chunk is decoded once and dropped after
+    # its last block); the cap only matters for layouts whose chunks span many block rows. 0: no cache.
+    chunk_cache_mb: int = 1024
+    # zarr-python's codec pipeline ("zarr") or the Rust one from the `zarrs` package ("zarrs").
+    codec_pipeline: Literal["zarr", "zarrs"] = "zarr"
 
 
 @dataclass
@@ -295,6 +304,9 @@ def validate(cfg: Config, source: str) -> None:
           "predict.halo", "expected 3 non-negative sizes (Z, Y, X)")
     check(0.0 <= cfg.predict.threshold <= 1.0, "predict.threshold", "must be within [0, 1]")
     check(cfg.predict.pyramid_max_side >= 8, "predict.pyramid_max_side", "must be >= 8")
+    for key in ("readers", "writers"):
+        check(getattr(cfg.predict, key) >= 0, f"predict.{key}", "must be >= 0 (0: from the cores)")
+    check(cfg.predict.chunk_cache_mb >= 0, "predict.chunk_cache_mb", "must be >= 0 (0: no cache)")
 
 
 def to_dict(cfg: Any) -> dict:

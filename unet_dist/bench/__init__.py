@@ -7,6 +7,7 @@
                                                                     source -> Zarr vs merely reading the source
     unet-dist bench load    [--json FILE] [--tiny] [--size GB]      train + predict a GB volume: memory, layouts
     unet-dist bench view    [--json FILE] [--tiny] [--layouts 2d,3d] a viewer's plane reads per chunk layout
+    unet-dist bench io      [--json FILE] [--tiny] [--size GB]      predictor I/O vs decode limit, codecs, back ends
 
 Each prints a table on stdout (progress on stderr) and, with --json, writes the report: machine,
 versions, config, the raw numbers per row, and a top-level `speedup` (ours over the peer). `--tiny`
@@ -27,6 +28,7 @@ SUITES = {
                "reading it with its own library",
     "load": "training and whole-volume prediction on a volume of several GB: peak RSS, small chunks vs shards",
     "view": "chunk files, read amplification and ms of a viewer's plane reads (xy, xz, yz) per chunk layout",
+    "io": "the predictor's read -> identity -> write pipeline vs the decode limit; codecs and zarr back ends",
 }
 
 
@@ -54,7 +56,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     suites = p.add_subparsers(dest="suite", required=True, metavar="SUITE")
     for name, help_text in SUITES.items():
         sp = suites.add_parser(name, help=help_text, description=help_text)
-        _common_arguments(sp, overrides=name not in ("convert", "view"))
+        _common_arguments(sp, overrides=name not in ("convert", "view", "io"))
         _suite(name).add_arguments(sp)
         sp.set_defaults(func=cmd_bench)
     return p
@@ -72,6 +74,8 @@ def cmd_bench(args) -> int:
     print(format_table(report["results"], suite.COLUMNS))
     speedup = report["speedup"]
     print(f"speedup {speedup:.3g} ({report['speedup_means']})" if speedup is not None else "speedup -")
+    for name, (rows, columns) in report.pop("tables", {}).items():
+        print(f"\n{name}\n{format_table(rows, columns)}")
     for key, value in report.get("summary", {}).items():
         print(f"{key}: {value}")
     if args.json:

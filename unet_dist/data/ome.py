@@ -103,7 +103,8 @@ def create_image(group: zarr.Group, name: str, plan: Pyramid, dtype, kind: str,
     return _levels(group, plan, dtype, kind)
 
 
-def create_label_image(group: zarr.Group, name: str, plan: Pyramid, dtype, translation=None) -> list[zarr.Array]:
+def create_label_image(group: zarr.Group, name: str, plan: Pyramid, dtype, translation=None,
+                       kind: str = "labels") -> list[zarr.Array]:
     """`labels/<name>` under the image `group`, listed in `labels`' metadata, with empty levels."""
     labels = group.require_group("labels")
     names = label_names(group)
@@ -111,7 +112,7 @@ def create_label_image(group: zarr.Group, name: str, plan: Pyramid, dtype, trans
         labels.attrs.update({"ome": {"version": VERSION, "labels": [*names, name]}})
     image = labels.require_group(name)
     image.attrs.update(label_image_attrs(name, plan.scales, plan.voxel_size is not None, translation))
-    return _levels(image, plan, dtype, "labels")
+    return _levels(image, plan, dtype, kind)
 
 
 def _levels(group: zarr.Group, plan: Pyramid, dtype, kind: str) -> list[zarr.Array]:

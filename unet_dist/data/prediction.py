@@ -45,8 +45,8 @@ def create_prediction(group: zarr.Group, shape, block, dtype: str, voxel_size, z
     """Metadata and empty levels of probability and mask in `group` (missing ones only)."""
     plan = Pyramid.plan(Layout(tuple(shape), tuple(block), None), voxel_size, max_side)
     translation = [z0 * plan.scales[0][0], 0.0, 0.0]
-    create_image(group, "probability", plan, dtype, "raw", translation)
-    create_label_image(group, MASK_NAME, plan, np.uint8, translation)
+    create_image(group, "probability", plan, dtype, "probability", translation)
+    create_label_image(group, MASK_NAME, plan, np.uint8, translation, kind="mask")
     return plan
 
 

@@ -47,6 +47,10 @@ LABEL_CONVENTION = "labels: 1 = neuron interior, 0 = membrane (uint8)"
 COMPRESSORS = {
     "raw": dict(cname="zstd", clevel=3, shuffle="shuffle"),
     "labels": dict(cname="zstd", clevel=3, shuffle="bitshuffle"),
+    # Predictor outputs are written at GPU speed: lz4 encodes probabilities 6x and masks 2.7x faster
+    # than zstd-3 for 30-50% larger files (BENCHMARKS.md, codec table).
+    "probability": dict(cname="lz4", clevel=5, shuffle="shuffle"),
+    "mask": dict(cname="lz4", clevel=5, shuffle="bitshuffle"),
 }
 Progress = Callable[[int, int], None]  # (slices done, slices total)
 READ_AHEAD_BYTES = 256 << 20  # read the next slab during a write only below this slab size

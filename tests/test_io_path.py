@@ -1,0 +1,236 @@
+"""The predictor's I/O path: the decoded-chunk cache, block order and ownership, readers/writers, the
+codec pipeline switch, and outputs equal, bit for bit, to the previous host-side pipeline (float32
+tiles in, float32 probabilities out, quantized on the host). Real stores on disk throughout."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from unet_dist.config import Config, ModelConfig, PredictConfig, load_config
+from unet_dist.data.chunk_cache import ChunkCache
+from unet_dist.data.patches import to_unit_float
+from unet_dist.data.store import RAW, read_region
+from unet_dist.data.synth import synthesize
+from unet_dist.errors import UserError
+from unet_dist.predict import (assign, block_core, block_order, input_region, io_threads, load_model, make_plan,
+                               mirror_box, predict, read_mirrored)
+from unet_dist.data.prediction import MASK, PROBABILITY, quantize
+from unet_dist.tilenet import TileNet
+
+from test_predict import SMALL, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt"), SMALL)
+
+
+@pytest.fixture(scope="module")
+def volume(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vol") / "vol.zarr"
+    synthesize(out, shape=(4, 100, 120), seed=3, chunks=(1, 40, 40))  # blocks of 32 straddle chunks
+    return out
+
+
+def raw_array(store):
+    return zarr.open_group(str(store), mode="r")[RAW]
+
+
+def outputs(store):
+    group = zarr.open_group(str(store), mode="r")
+    return {name: group[path][:] for name, path in (("probability", PROBABILITY), ("mask", MASK))}
+
+
+# ------------------------------------------------------------------------------------ the cache
+
+def block_boxes(plan, shape):
+    return [mirror_box(input_region(plan, block_core(plan, i)), shape) for i in range(plan.n_blocks)]
+
+
+def test_cache_returns_what_zarr_returns_and_decodes_every_chunk_once(volume):
+    raw = raw_array(volume)
+    plan = make_plan(SMALL, PredictConfig(block_size=[1, 32, 32], halo=[0, 8, 8]), raw.shape, (0, raw.shape[0]))
+    boxes = block_boxes(plan, raw.shape)
+    cache = ChunkCache(raw, boxes)
+    for i, box in enumerate(boxes):
+        region = input_region(plan, block_core(plan, i))
+        assert np.array_equal(read_mirrored(raw, region, cache.read), read_mirrored(raw, region))
+    assert cache.decoded_bytes == raw.nbytes  # every chunk of the volume, once
+    uncached = sum(len(cache.chunks_of(b)) for b in boxes) * 40 * 40  # what reading per block decodes
+    assert uncached > 2.5 * cache.decoded_bytes
+    assert cache.amplification < 1.0  # halos overlap: fewer bytes decoded than delivered
+    assert cache._live == {} and cache._live_bytes == 0  # every chunk dropped after its last block
+
+
+def test_cache_under_concurrent_readers_and_a_tiny_cap(volume):
+    raw = raw_array(volume)
+    rng = np.random.default_rng(0)
+    boxes = []
+    for _ in range(60):
+        z = int(rng.integers(0, 4))
+        y, x = int(rng.integers(0, 90)), int(rng.integers(0, 110))
+        boxes.append((slice(z, z + 1), slice(y, min(100, y + int(rng.integers(1, 50)))),
+                      slice(x, min(120, x + int(rng.integers(1, 50))))))
+    for cap in (1 << 30, 3000):  # 3000 bytes: less than two chunks, so chunks are decoded again
+        cache = ChunkCache(raw, boxes, max_bytes=cap)
+        got, errors = [None] * len(boxes), []
+
+        def work(k):
+            try:
+                for i in range(k, len(boxes), 4):
+                    got[i] = cache.read(boxes[i])
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        for box, data in zip(boxes, got):
+            assert np.array_equal(data, raw[box])
+        touched = {c for b in boxes for c in cache.chunks_of(b)}
+        if cap > raw.nbytes:
+            assert cache.decoded_bytes == sum(np.prod([s.stop - s.start for s in cache.chunk_box(c)])
+                                              for c in touched)
+        assert cache._live_bytes == 0
+
+
+def test_a_damaged_chunk_is_one_line_naming_its_file(tmp_path):
+    store = tmp_path / "vol.zarr"
+    synthesize(store, shape=(2, 64, 64), seed=1, chunks=(1, 32, 32))
+    chunk = store / RAW / "c" / "1" / "0" / "1"
+    chunk.write_bytes(b"not a blosc frame")
+    cache = ChunkCache(raw_array(store), [(slice(1, 2), slice(0, 64), slice(0, 64))])
+    with pytest.raises(UserError, match=str(chunk)):
+        cache.read((slice(1, 2), slice(0, 64), slice(0, 64)))
+    chunk.unlink()
+    with pytest.raises(UserError, match="chunk file is missing"):
+        ChunkCache(raw_array(store)).read((slice(1, 2), slice(20, 40), slice(20, 40)))
+
+
+def test_mirrored_reads_equal_the_index_gather_for_any_reach():
+    rng = np.random.default_rng(1)
+    for _ in range(2000):
+        shape = tuple(int(rng.integers(1, 12)) for _ in range(3))
+        a = rng.integers(0, 255, shape, dtype=np.uint8)
+        region = []
+        for n in shape:
+            lo = int(rng.integers(-15, n))
+            region.append((lo, int(rng.integers(lo + 1, n + 16))))
+        from unet_dist.predict import mirror_indices
+
+        ref = a[np.ix_(*[mirror_indices(lo, hi, n) for (lo, hi), n in zip(region, shape)])]
+        assert np.array_equal(read_mirrored(a, region), ref), (shape, region)
+
+
+# ------------------------------------------------------------------------- order and ownership
+
+def test_block_order_finishes_a_chunk_depth_column_by_column_and_ranks_get_runs():
+    plan = make_plan(SMALL, PredictConfig(block_size=[1, 32, 32], halo=[0, 8, 8]), (8, 64, 64), (0, 8))
+    order = block_order(plan, range(plan.n_blocks), (4, 64, 64))
+    cores = [block_core(plan, i) for i in order]
+    assert sorted(order) == list(range(plan.n_blocks))
+    # the first 4 blocks are slices 0..3 of the first (y, x) column: one 3D chunk, used up at once
+    assert [c[0][0] for c in cores[:4]] == [0, 1, 2, 3] and len({c[1:] for c in cores[:4]}) == 1
+    assert block_order(plan, range(plan.n_blocks), (1, 64, 64)) == list(range(plan.n_blocks))  # 2D: C order
+    for world in (1, 2, 3, 5):
+        runs = [assign(order, r, world) for r in range(world)]
+        assert sum(runs, []) == order and max(map(len, runs)) - min(map(len, runs)) <= 1
+
+
+def test_readers_and_writers_default_from_the_cores_and_are_validated():
+    assert io_threads(PredictConfig(), cores=1) == (2, 2)
+    assert io_threads(PredictConfig(), cores=8) == (8, 8)
+    assert io_threads(PredictConfig(), cores=128) == (16, 16)
+    assert io_threads(PredictConfig(readers=3, writers=5), cores=8) == (3, 5)
+    with pytest.raises(UserError, match="predict.readers"):
+        load_config(None, ["predict.readers=-1"])
+    with pytest.raises(UserError, match="predict.codec_pipeline"):
+        load_config(None, ["predict.codec_pipeline=tensorstore"])
+
+
+# ---------------------------------------------------------- equal to the previous pipeline, bit for bit
+
+def previous_pipeline(ckpt, store, block, batch_size, dtype="uint8"):
+    """What the predictor computed before this path: float32 tiles scaled on the host, the model in
+    channels_last on batches padded to `batch_size` with the last tile, float32 probabilities back,
+    cropped, then quantized and thresholded with numpy."""
+    model, cfg, _ = load_model(ckpt, [f"predict.block_size={block}", f"predict.batch_size={batch_size}"])
+    raw = raw_array(store)
+    plan = make_plan(cfg.model, cfg.predict, raw.shape, (0, raw.shape[0]))
+    model = model.to(memory_format=torch.channels_last)
+    prob = np.zeros(plan.shape, np.uint8 if dtype == "uint8" else np.float16)
+    mask = np.zeros(plan.shape, np.uint8)
+    with torch.inference_mode():
+        for i in range(plan.n_blocks):
+            core = block_core(plan, i)
+            tiles = to_unit_float(read_mirrored(raw, input_region(plan, core)))
+            for t, tile in enumerate(tiles):
+                x = torch.from_numpy(np.ascontiguousarray(np.repeat(tile[None, None], batch_size, axis=0)))
+                p = torch.sigmoid(model(x.contiguous(memory_format=torch.channels_last)).float())[0, 0].numpy()
+                p = p[tuple(slice(o, o + hi - lo) for o, (lo, hi) in zip(plan.offset[1:], core[1:]))]
+                z = core[0][0] + t
+                prob[z, core[1][0]:core[1][1], core[2][0]:core[2][1]] = quantize(p, dtype)
+                mask[z, core[1][0]:core[1][1], core[2][0]:core[2][1]] = p > cfg.predict.threshold
+    return {"probability": prob, "mask": mask}
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float16"])
+def test_outputs_equal_the_previous_pipeline_bit_for_bit(ckpt, volume, tmp_path, dtype):
+    ref = previous_pipeline(ckpt, volume, "[1,32,32]", 2, dtype)
+    runs = {"cache, 3 readers": ["predict.readers=3", "predict.writers=1"],
+            "no cache, 1 reader": ["predict.chunk_cache_mb=0", "predict.readers=1", "predict.writers=2"]}
+    for name, extra in runs.items():
+        out = tmp_path / f"{name.replace(' ', '').replace(',', '-')}.zarr"
+        predict(ckpt, volume, out, overrides=["predict.block_size=[1,32,32]", "predict.batch_size=2",
+                                              f"predict.probability_dtype={dtype}", *extra])
+        got = outputs(out)
+        for key in ref:
+            assert got[key].dtype == ref[key].dtype and np.array_equal(got[key], ref[key]), (name, key)
+
+
+def test_the_zarrs_codec_pipeline_reads_and_writes_the_same_bytes(ckpt, volume, tmp_path):
+    pytest.importorskip("zarrs")
+    args = ["predict.block_size=[1,32,32]"]
+    a = predict(ckpt, volume, tmp_path / "a.zarr", labels=volume, overrides=args)
+    b = predict(ckpt, volume, tmp_path / "b.zarr", labels=volume, overrides=[*args, "predict.codec_pipeline=zarrs"])
+    assert a["dice_neuron"] == b["dice_neuron"]
+    x, y = outputs(tmp_path / "a.zarr"), outputs(tmp_path / "b.zarr")
+    assert all(np.array_equal(x[k], y[k]) for k in x)
+
+
+# ---------------------------------------------------------------------------------- the GPU path
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_path_overlaps_batches_and_matches_the_cpu(ckpt, volume, tmp_path):
+    """uint8 tiles through pinned buffers and the copy stream, several batches in flight, each result
+    collected late: equal to the CPU's numbers within float rounding of the convolutions."""
+    model, cfg, _ = load_model(ckpt)
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 256, (n, 64, 64), dtype=np.uint8) for n in (3, 3, 1, 3, 2)]
+    crop = (slice(8, 56), slice(8, 56))
+    cpu = TileNet(load_model(ckpt)[0], torch.device("cpu"), "fp32", 3, False, crop=crop)
+    gpu = TileNet(model, torch.device("cuda"), "fp32", 3, False, crop=crop)
+    pending = [gpu.submit(b) for b in batches]  # more than its slots: the oldest are collected on reuse
+    for b, p in zip(batches, pending):
+        prob, mask = p.result()
+        ref_prob, ref_mask = cpu.submit(b).result()
+        assert prob.shape == ref_prob.shape == (len(b), 48, 48) and prob.dtype == np.uint8
+        assert np.abs(prob.astype(int) - ref_prob).max() <= 1  # 1/255: rounding of a float difference
+        assert (mask != ref_mask).mean() < 1e-3
+    # the whole predictor on the GPU against the CPU
+    a = predict(ckpt, volume, tmp_path / "cpu.zarr", device="cpu", overrides=["predict.block_size=[1,32,32]"])
+    b = predict(ckpt, volume, tmp_path / "gpu.zarr", device="cuda", precision="fp32",
+                overrides=["predict.block_size=[1,32,32]"])
+    assert a["voxels_predicted"] == b["voxels_predicted"]
+    x, y = outputs(tmp_path / "cpu.zarr"), outputs(tmp_path / "gpu.zarr")
+    assert np.abs(x["probability"].astype(int) - y["probability"]).max() <= 1

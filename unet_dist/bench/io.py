@@ -1,0 +1,400 @@
+"""`bench io`: the predictor's read -> (identity model) -> write pipeline against its limit, measured
+in the same run: the same chunk files read and decoded in a tight loop with the same codec, and a
+plain memory copy. Then the codecs and the Zarr back ends that set that limit.
+
+The volume (`--size` GB of uint8 raw, slices of `--width` squared, `unet-dist convert`'s layout:
+1 x 1024 x 1024 chunks, Blosc-zstd) is written once. Per core count (`--cores`, default 1 and all
+usable cores; each child process is pinned to that many cores, readers and writers from
+`predict.io_threads`):
+
+- OURS: the predictor's `_Runner` on every block (default 512^2 blocks with 32 px of mirrored
+  context: 576^2 input regions), reading through the decoded-chunk cache, a model that returns its
+  input (probability = raw / 255, stored as uint8 = raw; mask = raw > 127), writing both outputs
+  with their codecs and the manifest;
+- PEER: the same without the cache (`predict.chunk_cache_mb=0`): each block decodes every chunk
+  it touches, as the predictor did before;
+- LIMIT: every chunk file of the input read and Blosc-decoded in a tight loop on as many threads as
+  cores, and a plain copy of the same bytes in memory.
+
+`input_mb_per_s` counts each input voxel once (what 250 Mvoxel/s of uint8 means), `output_mb_per_s`
+the two uint8 outputs, `read_amplification` bytes decoded over bytes delivered to the blocks (below
+1 when halos overlap), `fraction_of_decode_limit` OURS' input MB/s over the decode limit at the same
+core count. Top level: those two for the most cores measured; `speedup` OURS over PEER.
+
+Codecs (`codecs` table): raw, probability and mask slices encoded and decoded on one thread by
+numcodecs' Blosc (zstd 1/3/5, lz4; byte shuffle, bit shuffle for masks) and no compression.
+Raw is `--raw-tif` or $UNET_DIST_ISBI_DIR/train-volume.tif (the ISBI 2012 training volume) when
+present, else synthetic; probability is the labels (train-labels.tif beside it, else synthetic)
+blurred with a Gaussian of sigma 1.5 px and quantized, a stand-in for a trained network's output;
+the mask is the labels. Back ends (`backends` table): zarr-python's default codec pipeline, the
+`zarrs` pipeline and tensorstore reading the same store: whole chunks, the blocks' 576^2 regions
+(uncached), and random 256^2 loader patches, on one thread (zarrs decodes in its own Rust threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from pathlib import Path
+
+CODECS = (("blosc-zstd-1", "zstd", 1), ("blosc-zstd-3", "zstd", 3), ("blosc-zstd-5", "zstd", 5),
+          ("blosc-lz4", "lz4", 5), ("none", None, 0))
+BACKENDS = ("zarr", "zarrs", "tensorstore")
+TINY = {"shape": (4, 384, 384), "chunks": (1, 128, 128), "block": [1, 64, 64], "halo": [0, 8, 8], "depth": 2}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", type=float, default=1.0, help="GB (GiB) of uint8 raw (default 1)")
+    p.add_argument("--width", type=int, default=2048, help="slice height and width in pixels (default 2048)")
+    p.add_argument("--cores", help="comma-separated core counts to pin to (default 1 and all usable cores)")
+    p.add_argument("--raw-tif", help="a multi-page uint8 TIFF for the codec table's raw row (default: "
+                                     "$UNET_DIST_ISBI_DIR/train-volume.tif if present, else synthetic)")
+    p.add_argument("--skip", default="", help="comma-separated sections to leave out: codecs, backends")
+
+
+# ----------------------------------------------------------------------------- in child processes
+
+def _pin(cores: int) -> None:
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
+
+
+def run_pipeline(store: str, out: str, cores: int, cache: bool, block: list, halo: list, depth: int) -> dict:
+    """The predictor's read -> identity -> write pipeline over every block; see the module doc."""
+    import numpy as np
+
+    from ..config import ModelConfig, PredictConfig
+    from ..data.store import RAW, open_store
+    from ..predict import (Manifest, _create_output, _Runner, block_crop, block_order, io_threads, make_plan)
+    from ..tilenet import Pending
+    from .common import measure
+
+    _pin(cores)
+    raw = open_store(store)[RAW]
+    pcfg = PredictConfig(block_size=block, halo=halo, chunk_cache_mb=1024 if cache else 0)
+    plan = make_plan(ModelConfig(depth=depth), pcfg, raw.shape, (0, raw.shape[0]))
+    crop = (slice(None), *block_crop(plan))
+
+    class Identity:  # TileNet's interface; the model returns its input
+        def submit(self, tiles):
+            kept = np.ascontiguousarray(tiles[crop])
+            return Pending(lambda: (kept, (kept > 127).astype(np.uint8)))
+
+    manifest = Manifest(Path(out), "bench")
+    _create_output(Path(out), plan, {}, pcfg, True, manifest, None)
+    import zarr
+
+    runner = _Runner(plan, Identity(), raw, None, zarr.open_group(out, mode="r+"), manifest, pcfg)
+    todo = block_order(plan, range(plan.n_blocks), raw.chunks)
+    readers, writers = io_threads(pcfg, cores)
+    runner.plan_reads(todo)
+
+    def go() -> dict:
+        runner.run(todo, readers, writers, lambda: None)
+        return {"blocks": len(todo)}
+
+    result = measure(go)
+    from ..data.chunk_cache import ChunkCache
+    from ..predict import block_core, input_region, mirror_box
+
+    boxes = [mirror_box(input_region(plan, block_core(plan, i)), raw.shape) for i in todo]
+    delivered = sum(math.prod(s.stop - s.start for s in b) for b in boxes) * raw.dtype.itemsize
+    if cache:
+        decoded = runner.raw_cache.decoded_bytes
+    else:  # every chunk a block touches, decoded whole for that block
+        counter = ChunkCache(raw)
+        decoded = sum(math.prod(s.stop - s.start for s in counter.chunk_box(c))
+                      for b in boxes for c in counter.chunks_of(b)) * raw.dtype.itemsize
+    return {**result, "readers": readers, "writers": writers, "input_bytes": raw.dtype.itemsize * math.prod(plan.shape),
+            "decoded_bytes": decoded, "delivered_bytes": delivered,
+            "tile": list(plan.model_tile), "block": list(plan.block)}
+
+
+def run_limit(store: str, cores: int) -> dict:
+    """Every chunk file of `raw` read and decoded in a tight loop on `cores` threads; a memory copy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numcodecs.blosc
+    import numpy as np
+
+    from ..data.store import RAW, open_store
+
+    _pin(cores)
+    numcodecs.blosc.use_threads = False  # one decode per thread, as zarr's worker threads do
+    raw = open_store(store)[RAW]
+    files = sorted(str(p) for p in (Path(store) / RAW / "c").rglob("*") if p.is_file())
+    nbytes = math.prod(raw.chunks) * raw.dtype.itemsize
+
+    def decode(part) -> int:
+        out = np.empty(nbytes, np.uint8)
+        for path in part:
+            with open(path, "rb") as f:
+                numcodecs.blosc.decompress(f.read(), out)
+        return len(part) * nbytes
+
+    from .common import cpu_seconds
+
+    parts = [files[i::cores] for i in range(cores)]
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    with ThreadPoolExecutor(cores) as pool:
+        decoded = sum(pool.map(decode, parts))
+    decode_s, decode_cpu_s = time.perf_counter() - t0, cpu_seconds() - c0
+    src, dst = np.ones(nbytes, np.uint8), np.empty(nbytes, np.uint8)
+    t0 = time.perf_counter()
+    for _ in range(len(files)):
+        np.copyto(dst, src)
+    copy_s = time.perf_counter() - t0
+    return {"decode_bytes": decoded, "decode_s": decode_s, "decode_cpu_s": decode_cpu_s, "copy_bytes": nbytes * len(files), "copy_s": copy_s,
+            "chunks": len(files)}
+
+
+def _codec_inputs(raw_tif: str | None, tiny: bool):
+    import numpy as np
+    import tifffile
+    from scipy.ndimage import gaussian_filter
+
+    if raw_tif:
+        raw = tifffile.imread(raw_tif)
+        labels_path = Path(raw_tif).with_name("train-labels.tif")
+        labels = tifffile.imread(labels_path) if labels_path.is_file() else None
+        source = "tif"
+    else:
+        raw = labels = None
+        source = "synthetic"
+    if labels is None:
+        from .common import synthetic_slices
+
+        n, w = (2, 256) if tiny else (8, 1024)
+        slab = synthetic_slices((n, w, w))(0, n)
+        raw = slab["raw"] if raw is None else raw
+        labels = slab["labels"]
+    mask = (labels > 0).astype(np.uint8)
+    prob = np.rint(255 * np.clip(gaussian_filter(mask.astype(np.float32), (0, 1.5, 1.5)), 0, 1)).astype(np.uint8)
+    if tiny:
+        raw, prob, mask = raw[:2], prob[:2], mask[:2]
+    return {"raw": raw, "probability": prob, "mask": mask}, source
+
+
+def run_codecs(raw_tif: str | None, tiny: bool) -> dict:
+    """Ratio, encode and decode MB/s per data kind and codec, one slice per call, one thread."""
+    import numcodecs.blosc
+    import numpy as np
+    from numcodecs import Blosc
+
+    numcodecs.blosc.use_threads = False
+    data, source = _codec_inputs(raw_tif, tiny)
+    rows = []
+    for kind, volume in data.items():
+        slices = [np.ascontiguousarray(s) for s in volume]
+        total = sum(s.nbytes for s in slices)
+        for name, cname, level in CODECS:
+            if cname is None:
+                enc, dec = (lambda s: s.tobytes()), (lambda b: np.frombuffer(b, np.uint8).copy())
+            else:
+                codec = Blosc(cname, level, Blosc.BITSHUFFLE if kind == "mask" else Blosc.SHUFFLE)
+                enc, dec = codec.encode, codec.decode
+            reps = 1 if tiny else 3
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                encoded = [enc(s) for s in slices]
+            enc_s = (time.perf_counter() - t0) / reps
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                for b in encoded:
+                    dec(b)
+            dec_s = (time.perf_counter() - t0) / reps
+            rows.append({"data": kind, "codec": name, "ratio": total / sum(len(b) for b in encoded),
+                         "encode_mb_per_s": total / 2 ** 20 / enc_s, "decode_mb_per_s": total / 2 ** 20 / dec_s})
+    return {"rows": rows, "source": source, "shape": list(data["raw"].shape)}
+
+
+def run_backends(store: str, block: list, halo: list, depth: int, tiny: bool) -> dict:
+    """The same reads through each back end: whole chunks, block regions, 256^2 patches; one thread."""
+    import numpy as np
+
+    from ..config import ModelConfig, PredictConfig
+    from ..data import backends
+    from ..data.store import RAW, open_store
+    from ..predict import block_core, input_region, make_plan, mirror_box
+
+    raw = open_store(store)[RAW]
+    cz, cy, cx = raw.chunks
+    depth_read = min(raw.shape[0], 4 if tiny else 32)
+    chunks = [(slice(z, z + cz), slice(y, y + cy), slice(x, x + cx)) for z in range(0, depth_read, cz)
+              for y in range(0, raw.shape[1], cy) for x in range(0, raw.shape[2], cx)]
+    plan = make_plan(ModelConfig(depth=depth), PredictConfig(block_size=block, halo=halo), raw.shape,
+                     (0, depth_read))
+    blocks = [mirror_box(input_region(plan, block_core(plan, i)), raw.shape) for i in range(plan.n_blocks)]
+    rng = np.random.default_rng(0)
+    p = min(256, raw.shape[1])
+    patches = []
+    for _ in range(16 if tiny else 200):
+        z, y, x = (int(rng.integers(0, n - s + 1)) for n, s in zip(raw.shape, (1, p, p)))
+        patches.append((slice(z, z + 1), slice(y, y + p), slice(x, x + p)))
+    readers = {}
+    readers["zarr"] = raw.__getitem__
+    try:
+        readers["zarrs"] = backends.reopen(raw, "zarrs").__getitem__
+    except Exception as exc:  # the package is in the [bench] extra
+        readers["zarrs"] = exc
+    try:
+        import tensorstore as ts
+
+        arr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(Path(store) / RAW)}},
+                      read=True, context=ts.Context({"data_copy_concurrency": {"limit": 1}})).result()
+        readers["tensorstore"] = lambda box: arr[box].read().result()
+    except Exception as exc:
+        readers["tensorstore"] = exc
+    rows = []
+    for name in BACKENDS:
+        read = readers[name]
+        if isinstance(read, Exception):
+            rows.append({"backend": name, "error": f"{type(read).__name__}: {str(read)[:120]}"})
+            continue
+        row = {"backend": name}
+        for what, boxes in (("chunks", chunks), ("blocks", blocks), ("patches", patches)):
+            read(boxes[0])  # first call: opening, thread pools
+            t0 = time.perf_counter()
+            total = sum(np.asarray(read(b)).nbytes for b in boxes)
+            seconds = time.perf_counter() - t0
+            row[f"{what}_mb_per_s"] = total / 2 ** 20 / seconds
+            if what == "patches":
+                row["patches_per_s"] = len(boxes) / seconds
+        rows.append(row)
+    return {"rows": rows, "chunks_read": len(chunks), "blocks_read": len(blocks), "patches_read": len(patches)}
+
+
+# ------------------------------------------------------------------------------------ the parent
+
+def _core_counts(text: str | None) -> list[int]:
+    from ..errors import UserError
+    from .common import usable_cores
+
+    most = usable_cores()
+    if text is None:
+        return sorted({1, most})
+    try:
+        counts = sorted({int(c) for c in text.split(",") if c.strip()})
+    except ValueError:
+        counts = []
+    if not counts or counts[0] < 1 or counts[-1] > most:
+        raise UserError(f"--cores: '{text}': expected comma-separated counts between 1 and {most} (usable cores)")
+    return counts
+
+
+def _raw_tif(args) -> str | None:
+    from ..errors import UserError
+
+    if args.raw_tif:
+        if not Path(args.raw_tif).is_file():
+            raise UserError(f"--raw-tif: {args.raw_tif}: no such file")
+        return str(args.raw_tif)
+    folder = os.environ.get("UNET_DIST_ISBI_DIR")
+    found = Path(folder) / "train-volume.tif" if folder else None
+    return str(found) if found is not None and found.is_file() else None
+
+
+def run(args) -> dict:
+    import shutil
+
+    from ..errors import UserError
+    from . import common
+
+    if args.size <= 0 or args.width < 64:
+        raise UserError("--size must be positive and --width at least 64")
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if skip - {"codecs", "backends"}:
+        raise UserError(f"--skip: unknown {', '.join(sorted(skip - {'codecs', 'backends'}))}; "
+                        "expected codecs and/or backends")
+    cores = _core_counts(args.cores)
+    raw_tif = _raw_tif(args)
+    if args.tiny:
+        shape, chunks, block, halo, depth = TINY["shape"], TINY["chunks"], TINY["block"], TINY["halo"], TINY["depth"]
+    else:
+        shape = (max(1, math.ceil(args.size * (1 << 30) / args.width ** 2)), args.width, args.width)
+        chunks, block, halo, depth = "2d", [1, 512, 512], [0, 32, 32], 2  # 576^2 regions, as bench load
+    rows, limits = [], {}
+    with common.workdir(args.workdir) as work:
+        store = work / "volume.zarr"
+        common.log(f"io: writing {shape} uint8 raw (+ labels), chunks {chunks}")
+        common.run_child("unet_dist.bench.load:run_write", {"out": str(store), "shape": list(shape),
+                                                             "chunks": chunks, "shard": None})
+        for n in cores:
+            common.log(f"io: {n} core(s): decode limit, then the pipeline with and without the chunk cache")
+            lim = common.run_child("unet_dist.bench.io:run_limit", {"store": str(store), "cores": n})
+            limits[n] = lim["decode_bytes"] / common.MB / lim["decode_s"]
+            rows.append({"what": "decode limit (chunk files, tight loop)", "role": "limit", "cores": n,
+                         "input_mb_per_s": limits[n], "seconds": lim["decode_s"], "cpu_s": lim["decode_cpu_s"],
+                         "read_amplification": 1.0})
+            limit_cpu_per_mb = lim["decode_cpu_s"] / (lim["decode_bytes"] / common.MB)
+            rows.append({"what": "memory copy", "role": "limit", "cores": 1,
+                         "input_mb_per_s": lim["copy_bytes"] / common.MB / lim["copy_s"], "seconds": lim["copy_s"]})
+            for cache in (True, False):
+                out = work / "pred.zarr"
+                got = common.run_child("unet_dist.bench.io:run_pipeline", {
+                    "store": str(store), "out": str(out), "cores": n, "cache": cache, "block": block,
+                    "halo": halo, "depth": depth})
+                shutil.rmtree(out, ignore_errors=True)
+                mb_in = got["input_bytes"] / common.MB / got["seconds"]
+                rows.append({"what": "identity pipeline" + (", chunk cache" if cache else ", no cache (before)"),
+                             "role": ("ours" if cache else "peer") if n == cores[-1] else "scaling", "cores": n,
+                             "readers": got["readers"], "writers": got["writers"], "input_mb_per_s": mb_in,
+                             "output_mb_per_s": 2 * mb_in, "seconds": got["seconds"], "cpu_s": got["cpu_s"],
+                             "read_amplification": got["decoded_bytes"] / got["delivered_bytes"],
+                             "fraction_of_decode_limit": mb_in / limits[n],
+                             # the same in CPU time: robust to other people's load on the cores
+                             "fraction_of_decode_limit_cpu": limit_cpu_per_mb / (
+                                 got["cpu_s"] / (got["input_bytes"] / common.MB)),
+                             "peak_rss_mb": got["peak_rss_bytes"] / common.MB})
+        tables = {}
+        if "codecs" not in skip:
+            common.log("io: codecs (" + ("the TIFF given" if raw_tif else "synthetic data") + ")")
+            tables["codecs"] = common.run_child("unet_dist.bench.io:run_codecs", {"raw_tif": raw_tif, "tiny": args.tiny})
+        if "backends" not in skip:
+            common.log("io: zarr back ends on the same store and reads")
+            tables["backends"] = common.run_child("unet_dist.bench.io:run_backends", {
+                "store": str(store), "block": block, "halo": halo, "depth": depth, "tiny": args.tiny})
+    ours = next(r for r in rows if r["role"] == "ours")
+    peer = next(r for r in rows if r["role"] == "peer")
+    for r in rows:
+        if "output_mb_per_s" in r:
+            r["x_peer"] = r["input_mb_per_s"] / next(
+                p["input_mb_per_s"] for p in rows if p["what"].endswith("(before)") and p["cores"] == r["cores"])
+    scaling = {n: next(r["input_mb_per_s"] for r in rows if r["cores"] == n and r["what"].endswith("chunk cache"))
+               for n in cores}
+    config = {"volume": list(shape), "chunks": chunks, "block": block, "halo": halo, "model_depth": depth,
+              "cores": cores, "input_mb": math.prod(shape) / common.MB, "codec_source": raw_tif and Path(raw_tif).name}
+    report = common.make_report(
+        "io", args, "cpu", config, rows, ours["input_mb_per_s"] / peer["input_mb_per_s"],
+        "input MB/s of the identity pipeline with the chunk cache / without it (the predictor before)", ours, peer,
+        notes=["each measurement ran in a fresh child process pinned to `cores` cores",
+               "input MB/s counts every input voxel once; read_amplification is bytes decoded / bytes delivered "
+               "to the blocks (regions with their context)"])
+    report["read_amplification"] = ours["read_amplification"]
+    report["fraction_of_decode_limit"] = ours["fraction_of_decode_limit"]
+    report["fraction_of_decode_limit_cpu"] = ours["fraction_of_decode_limit_cpu"]
+    report["scaling"] = {"input_mb_per_s_by_cores": scaling,
+                         "x_first": {n: v / scaling[cores[0]] for n, v in scaling.items()}}
+    for name, table in tables.items():
+        report[name] = table
+    report["tables"] = {name: (table["rows"], TABLE_COLUMNS[name]) for name, table in tables.items()}
+    report["summary"] = {"read_amplification": round(ours["read_amplification"], 3),
+                         "fraction_of_decode_limit": round(ours["fraction_of_decode_limit"], 3),
+                         "fraction_of_decode_limit_cpu": round(ours["fraction_of_decode_limit_cpu"], 3),
+                         "scaling": ", ".join(f"{n} core(s) {v:.0f} MB/s" for n, v in scaling.items())}
+    return report
+
+
+COLUMNS = [("what", "what"), ("cores", "cores"), ("readers", "readers"), ("writers", "writers"),
+           ("input_mb_per_s", "input MB/s"), ("output_mb_per_s", "output MB/s"),
+           ("read_amplification", "read ampl."), ("fraction_of_decode_limit", "of decode limit"),
+           ("fraction_of_decode_limit_cpu", "of limit (CPU s)"),
+           ("seconds", "seconds"), ("cpu_s", "CPU s"), ("peak_rss_mb", "peak RSS MB"), ("x_peer", "x peer")]
+TABLE_COLUMNS = {
+    "codecs": [("data", "data"), ("codec", "codec"), ("ratio", "ratio"), ("encode_mb_per_s", "encode MB/s"),
+               ("decode_mb_per_s", "decode MB/s")],
+    "backends": [("backend", "back end"), ("chunks_mb_per_s", "chunks MB/s"), ("blocks_mb_per_s", "blocks MB/s"),
+                 ("patches_mb_per_s", "patches MB/s"), ("patches_per_s", "patches/s"), ("error", "error")],
+}
