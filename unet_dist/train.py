@@ -392,6 +392,7 @@ def _train(cfg, env, device, precision, label_crop, state) -> TrainResult:
             window = _Window(device)
         if step % cfg.train.val_every == 0 or step == cfg.train.steps:
             with window.paused():
+                health.check(step, last_ckpt, precision)  # every rank: they stop together
                 dist.broadcast_buffers(model)
                 val_metrics, panel = validate(model, cfg, device, autocast_ctx, want_panel=main and cfg.logging.images,
                                               memory_format=memory_format)
@@ -404,7 +405,6 @@ def _train(cfg, env, device, precision, label_crop, state) -> TrainResult:
                 if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
                     last_ckpt = save(step, is_best) or last_ckpt
                 elif is_best and main:
-                    health.check(step, last_ckpt, precision)
                     checkpoint.save_best(run_dir / "checkpoints", _state(
                         step, model, optimizer, scheduler, scaler, cfg, step * accumulate, monitor.run_id, best))
         elif step % cfg.train.ckpt_every == 0:
