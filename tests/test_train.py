@@ -312,7 +312,7 @@ def test_fp16_resume_from_a_bf16_or_fp32_checkpoint_starts_a_fresh_loss_scale():
     assert restore_scaler(torch.amp.GradScaler("cpu", enabled=False), saved) is None  # fp16 -> bf16
 
 
-def test_deterministic_interp_is_refused_on_cuda_only():
+def test_deterministic_without_cuda_kernels_is_refused_on_cuda_only():
     from unet_dist.config import load_config
     from unet_dist.train import deterministic_problem
 
@@ -322,6 +322,8 @@ def test_deterministic_interp_is_refused_on_cuda_only():
     assert deterministic_problem(cfg, "cpu") is None
     assert deterministic_problem(load_config(SMOKE, ["train.deterministic=true"]), "cuda") is None
     assert deterministic_problem(load_config(SMOKE, ["model.upsample=interp"]), "cuda") is None
+    three_d = load_config(SMOKE, ["train.deterministic=true", "model.dims=3", "data.patch_size=[8,64,64]"])
+    assert "model.dims=3" in deterministic_problem(three_d, "cuda") and deterministic_problem(three_d, "cpu") is None
 
 
 @pytest.mark.parametrize("fused", [True, False])

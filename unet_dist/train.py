@@ -194,11 +194,17 @@ def restore_scaler(scaler: torch.amp.GradScaler, saved: dict) -> str | None:
 
 
 def deterministic_problem(cfg: Config, device_type: str) -> str | None:
-    """train.deterministic on a GPU needs a deterministic backward for every layer: CUDA has none for
-    interpolation (upsample_bilinear2d/trilinear3d backward), so torch would raise at the first step."""
-    if cfg.train.deterministic and device_type == "cuda" and cfg.model.upsample == "interp":
+    """train.deterministic on a GPU needs a deterministic backward for every layer; torch raises at the
+    first step for those CUDA lacks (torch.use_deterministic_algorithms lists them): interpolation
+    (model.upsample=interp) and 3D max pooling (every 3D model)."""
+    if not (cfg.train.deterministic and device_type == "cuda"):
+        return None
+    if cfg.model.upsample == "interp":
         return ("train.deterministic: model.upsample=interp has no deterministic CUDA backward; use "
                 "model.upsample=transpose, or train.deterministic=false")
+    if cfg.model.dims == 3:
+        return ("train.deterministic: 3D max pooling (model.dims=3) has no deterministic CUDA backward; "
+                "set train.deterministic=false")
     return None
 
 
