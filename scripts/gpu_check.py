@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-DEADLINE_S = 455  # the shell wrapper's hard limit is 480 s; this leaves time to write the summary
+DEADLINE_S = 455  # gpu_check.sh ends everything by 480 s: this leaves time to end a late child and write the summary
 DRY_DEADLINE_S = 900  # the dry run shares CI's cores with other jobs
 
 # Seconds per step on the GPU (estimates for one H100/H200, not yet measured; each is also capped by

@@ -18,7 +18,7 @@
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${UNET_DIST_PYTHON:-python3}"
-limit=480  # the hard deadline: 8 minutes (the steps stop at 455 s, then the summary is written)
+limit=470  # with --kill-after=10: 8 minutes at most (the steps stop by 455 s + 10 s to end a child)
 for arg in "$@"; do [[ "$arg" == --dry-run ]] && limit=960; done
 command -v "$PY" >/dev/null || { echo "gpu_check: '$PY' not found (set UNET_DIST_PYTHON)" >&2; exit 2; }
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
