@@ -242,3 +242,14 @@ def test_patient_reduction_outlasts_the_job_timeout(patient, tmp_path, free_port
     else:
         assert proc.returncode != 0 and "total" not in proc.stdout
         assert "timed out" in proc.stderr.lower() or "timeout" in proc.stderr.lower()
+
+
+def test_the_demo_keeps_its_two_ranks_on_the_cpu():
+    """`make demo` runs 2 ranks: on a one-GPU machine `auto` would be refused (two ranks, one GPU), so
+    the demo's recipe and its predict command say cpu."""
+    from unet_dist.config import load_config
+
+    assert load_config(CONFIGS / "isbi2012_cpu.yaml").train.device == "cpu"
+    demo = (ROOT / "scripts" / "demo.sh").read_text()
+    predict = demo[demo.index("-m unet_dist predict"):].split("\n\n")[0]
+    assert "--device cpu" in predict
