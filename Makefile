@@ -9,7 +9,7 @@ UNET_DIST_ISBI_DIR ?= data/isbi2012
 DEMO_DIR ?= runs/demo
 export UNET_DIST_ISBI_DIR
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test clean gpu-check gpu-check-dry
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,3 +28,12 @@ test: venv
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
+
+# The prepared device check for a GPU machine (no venv: the Python that has torch with CUDA, see
+# scripts/gpu_check.sh); `make gpu-check-dry` runs its steps on the CPU at tiny sizes, as CI does.
+GPU_CHECK_DIR ?= gpu-check
+gpu-check:
+	UNET_DIST_PYTHON=$(PYTHON) bash scripts/gpu_check.sh $(GPU_CHECK_DIR)
+
+gpu-check-dry: venv
+	UNET_DIST_PYTHON=$(abspath $(PY)) bash scripts/gpu_check.sh --dry-run $(GPU_CHECK_DIR)-dry

@@ -170,7 +170,7 @@ MASTER_SETUP = [
     'HEAD="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
     "HEAD_ADDR=\"$(scontrol show node \"$HEAD\" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | head -n 1 | cut -d= -f2)\"",
     'export MASTER_ADDR="${UNET_DIST_MASTER_ADDR:-${HEAD_ADDR:-$HEAD}}"',
-    "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
+    "export MASTER_PORT=$((10000 + SLURM_JOB_ID % 16000))",  # dist.SLURM_PORT_BASE, SLURM_PORT_SPAN
 ]
 
 

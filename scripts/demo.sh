@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job end to end on CPU: convert the ISBI data (or a synthetic volume when it is
 # missing), describe the store, train on 2 ranks under torchrun, predict the validation slices on
-# 2 ranks, evaluate them and write the report PNGs.
+# 2 ranks, evaluate them and write the report PNGs. Both ranks stay on the CPU (train.device in the
+# config, --device cpu here) even where a GPU is visible: two ranks cannot share one GPU.
 set -euo pipefail
 out=${1:-runs/demo}
 isbi=${UNET_DIST_ISBI_DIR:-data/isbi2012}
@@ -31,7 +32,7 @@ run="$out/run"
 echo "== predict: validation slices 25:30 with the best checkpoint, 2 ranks under torchrun"
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} torchrun --standalone --nproc_per_node=2 -m unet_dist predict \
   --checkpoint "$run/checkpoints/best.pt" --input "$store" --labels "$store" --slices 25:30 \
-  --out "$out/pred.zarr" --overwrite predict.batch_size=1
+  --out "$out/pred.zarr" --overwrite --device cpu predict.batch_size=1
 
 echo "== evaluate: Dice, pixel error and the ISBI challenge's V_rand / V_info"
 unet-dist evaluate --pred "$out/pred.zarr" --labels "$store" --slices 25:30 --json "$out/evaluation.json"

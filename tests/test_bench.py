@@ -73,6 +73,7 @@ def test_suite_runs_tiny_and_writes_a_report(suite, tmp_path):
 
     if suite == "train":
         assert roles[0] == "peer" and report["results"][0]["variant"] == "peer fp32 eager"
+        assert report["config"]["tf32_convolutions"] is None  # said on GPUs, where fp32 convs run in TF32
         assert report["config"]["flops_per_image"] > 0
         assert all(row["mfu"] is None for row in report["results"])  # no bf16 peak on a CPU
     if suite == "loader":
@@ -164,6 +165,7 @@ def test_peak_table_matches_device_names():
     assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
     assert peak_bf16_flops("NVIDIA H200") == 989e12
+    assert peak_bf16_flops("NVIDIA H200 NVL") == 835e12  # not the SXM module's 989
     assert peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_bf16_flops(None) is None and peak_bf16_flops("Some GPU") is None
 
@@ -214,8 +216,10 @@ def test_variants_parse_and_reject_nonsense():
     assert names == ["peer fp32 eager", "ours fp32", "ours fp32+cl"]
     v = parse_variants("bf16+cl+compile", cpu, "fp32")[1]
     assert (v.precision, v.channels_last, v.compile) == ("bf16", True, True)
-    w = parse_variants("fp32+nosync+autotune", cpu, "fp32")[1]
-    assert w.nosync and w.autotune and not w.channels_last
+    v = parse_variants("bf16+cl", cpu, "fp32")[1]
+    assert v.nosync and v.autotune  # ours is the trainer: no host sync per step, cuDNN autotuner on GPUs
+    w = parse_variants("fp32+sync+noautotune", cpu, "fp32")[1]
+    assert not w.nosync and not w.autotune and not w.channels_last
     with pytest.raises(UserError):
         parse_variants("fp8", cpu, "fp32")
     with pytest.raises(UserError):
@@ -272,3 +276,24 @@ def test_bench_convert_memory_does_not_grow_with_the_volume(source, tmp_path):
     report = json.loads(out.read_text())
     ours, peer = report["ours"]["peak_rss_above_baseline_mb"], report["peer"]["peak_rss_above_baseline_mb"]
     assert ours < (80 if source == "hdf5" else peer + 64), (ours, peer)
+
+
+def test_bench_predict_tile_runner_lays_out_a_3d_model_in_5d(tmp_path):
+    """The warm-up's tile runner once ignored the model's dims: channels_last (4D) on a 3D model's
+    5D weights raises, on the CPU as on a GPU."""
+    import torch
+
+    from unet_dist import checkpoint
+    from unet_dist.bench.predict import tile_runner
+    from unet_dist.config import Config, to_dict
+    from unet_dist.model import build_model, valid_input_shape
+
+    cfg = Config()
+    cfg.model.dims, cfg.model.depth, cfg.model.base_channels = 3, 2, 4
+    ckpt = checkpoint.save(tmp_path, {"model": build_model(cfg.model).state_dict(), "model_config": to_dict(cfg.model),
+                                      "config": to_dict(cfg), "step": 0}, keep_last=1)
+    net = tile_runner(str(ckpt), torch.device("cpu"), "fp32", batch=2)
+    assert net.memory_format == torch.channels_last_3d
+    tile = valid_input_shape(cfg.model, (8, 24, 24))
+    prob = net(np.zeros((1, *tile), np.float32))
+    assert prob.shape == (1, *tile) and np.isfinite(prob).all()

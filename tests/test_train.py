@@ -189,13 +189,13 @@ def test_bad_inputs_fail_fast_with_one_line(isbi_store, synth_store, tmp_path, f
 
     unlabelled = tmp_path / "raw_only.zarr"
     group = zarr.open_group(unlabelled, mode="w")
-    group.create_array("raw", shape=(4, 64, 64), chunks=(1, 64, 64), dtype="uint8")
+    group.create_array("0", shape=(4, 64, 64), chunks=(1, 64, 64), dtype="uint8")
     # Under torchrun every rank reports the same line and exits; nothing hangs in a collective.
     proc = subprocess.run(torchrun_cmd(2, free_port, "train", "--config", SMOKE, f"data.store={unlabelled}",
                                        f"run.dir={run}"), cwd=ROOT, env=ENV, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0
-    assert proc.stderr.count("no array 'labels'") == 2
+    assert proc.stderr.count("no label image 'neuron_interior'") == 2
     proc = subprocess.run(torchrun_cmd(2, free_port, "train", "--config", SMOKE, f"data.store={isbi_store}",
                                        f"run.dir={run}", "train.sync_batchnorm=true"), cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=120)
@@ -334,3 +334,108 @@ def test_torch_compile_option(synth_store, tmp_path):
                    "train.compile=true")
     assert done.code == 0, done.err[-2000:]
     assert json.loads((run / "status.json").read_text())["status"] == "completed"
+
+
+# ------------------------------------------------------------------ GPU-path decisions, on the CPU
+
+def test_fp16_resume_from_a_bf16_or_fp32_checkpoint_starts_a_fresh_loss_scale():
+    from unet_dist.train import restore_scaler
+
+    fp16 = torch.amp.GradScaler("cpu", enabled=True)
+    note = restore_scaler(fp16, {})  # what a disabled (bf16/fp32) scaler saved: GradScaler would raise
+    assert "fresh loss scale" in note and "\n" not in note
+    assert fp16.get_scale() == 65536.0
+    saved = torch.amp.GradScaler("cpu", enabled=True, init_scale=128.0).state_dict()
+    assert restore_scaler(torch.amp.GradScaler("cpu", enabled=True), saved) is None
+    resumed = torch.amp.GradScaler("cpu", enabled=True)
+    restore_scaler(resumed, saved)
+    assert resumed.get_scale() == 128.0
+    assert restore_scaler(torch.amp.GradScaler("cpu", enabled=False), saved) is None  # fp16 -> bf16
+
+
+def test_deterministic_without_cuda_kernels_is_refused_on_cuda_only():
+    from unet_dist.config import load_config
+    from unet_dist.train import deterministic_problem
+
+    cfg = load_config(SMOKE, ["train.deterministic=true", "model.upsample=interp"])
+    problem = deterministic_problem(cfg, "cuda")
+    assert "train.deterministic" in problem and "model.upsample=interp" in problem and "\n" not in problem
+    assert deterministic_problem(cfg, "cpu") is None
+    assert deterministic_problem(load_config(SMOKE, ["train.deterministic=true"]), "cuda") is None
+    assert deterministic_problem(load_config(SMOKE, ["model.upsample=interp"]), "cuda") is None
+    three_d = load_config(SMOKE, ["train.deterministic=true", "model.dims=3", "data.patch_size=[8,64,64]"])
+    assert "model.dims=3" in deterministic_problem(three_d, "cuda") and deterministic_problem(three_d, "cpu") is None
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_non_finite_step_is_skipped_without_reading_the_flag_on_the_host(fused):
+    """Fused Adam (the GPU optimizer; also built on the CPU here) takes the decision on the device via
+    found_inf, as GradScaler drives it; the plain one reads the flag."""
+    from unet_dist.train import step_if_finite
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=fused)
+    assert getattr(optimizer, "_step_supports_amp_scaling", False) == fused
+    model(torch.randn(3, 4)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    step_if_finite(optimizer, torch.tensor(False))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(float(s["step"]) == 0 for s in optimizer.state.values())  # Adam's step count not advanced
+    assert not hasattr(optimizer, "found_inf")
+    step_if_finite(optimizer, torch.tensor(True))
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_health_counts_consecutive_non_finite_steps_on_the_device():
+    from unet_dist.train import Health, TrainingDiverged
+
+    health = Health(torch.device("cpu"), limit=3)
+    for flag in (False, False, True, False, False):
+        health.update(torch.tensor(flag))
+    assert health.check(5, None, "fp32") == 4  # a run of 2, then 2 again: no divergence
+    health.update(torch.tensor(False))
+    with pytest.raises(TrainingDiverged, match="non-finite for 3 consecutive steps"):
+        health.check(6, "ckpt.pt", "bf16")
+
+
+# ------------------------------------------------------------------ validation through the tiles
+
+def _random_run(tmp_path: Path, overrides: list[str]):
+    from unet_dist.config import load_config, to_dict
+    from unet_dist.model import build_model
+
+    cfg = load_config(SMOKE, overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    for m in model.modules():
+        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    ckpt = checkpoint.save(tmp_path / "ckpt", {"model": model.state_dict(), "model_config": to_dict(cfg.model),
+                                               "step": 0, "config": to_dict(cfg)}, keep_last=1)
+    return cfg, model.eval(), ckpt
+
+
+@pytest.mark.parametrize("overrides", [
+    ["predict.block_size=[1,64,64]", "predict.batch_size=3"],  # 2D: 4 blocks per 128^2 slice
+    ["model.dims=3", "data.patch_size=[8,32,32]", "model.base_channels=4", "predict.block_size=[4,64,64]",
+     "predict.halo=[2,8,8]", "predict.batch_size=1"],  # 3D: the validation band in 2 x 2 x 2 blocks
+])
+def test_validation_goes_through_the_predictor_tiling_and_agrees_with_it(overrides, synth_store, tmp_path):
+    """Validation reads blocks with their context, as the predictor does, so it never puts a whole
+    slice or 3D band through the network at once, and its scores are the predictor's."""
+    from unet_dist.dist import autocast
+    from unet_dist.predict import predict
+    from unet_dist.train import validate
+
+    cfg, model, ckpt = _random_run(tmp_path, [f"data.store={synth_store}", "data.train_slices=[0,4]",
+                                              "data.val_slices=[4,12]", *overrides])
+    cpu = torch.device("cpu")
+    scores, panel = validate(model, cfg, cpu, autocast(cpu, "fp32"), want_panel=True)
+    raw, label, prob = panel  # of the first block, not a whole slice
+    assert raw.shape == label.shape == prob.shape == (64, 64)
+    result = predict(ckpt, synth_store, tmp_path / "pred.zarr", labels=synth_store, slices=(4, 12), device="cpu",
+                     precision="fp32")
+    for key in ("dice_neuron", "dice_membrane", "pixel_error"):
+        assert scores[f"val/{key}"] == pytest.approx(result[key], abs=2e-3), key

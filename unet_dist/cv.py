@@ -347,7 +347,8 @@ def cv(config: str, overrides: Sequence[str] = (), folds: int = 5, only: int | N
     started = time.perf_counter()
     stop = _StopFlag()
     # One process group for every fold's train, predict and evaluate (they would each join their own).
-    with dist.process_group(env, dist.choose_device(cfg.train.device, env.local_rank), cfg.train.dist_timeout_s):
+    device = dist.choose_device(cfg.train.device, env.local_rank, env.local_world_size)
+    with dist.process_group(env, device, cfg.train.dist_timeout_s):
         for fold in todo:
             if stop.signal_name or run_fold(cfg, n, fold, resume, tta, which, stop) == "stopped":
                 _log(f"stop signal received: stopped at {fold.name}; run again with --resume auto to continue")

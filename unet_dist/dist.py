@@ -32,6 +32,7 @@ class DistEnv:
     launcher: str = "single"  # single | torchrun | slurm | submitit
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    local_world_size: int = 1  # ranks on this node (torchrun's LOCAL_WORLD_SIZE, SLURM's tasks on the node)
 
     @property
     def is_main(self) -> bool:
@@ -50,14 +51,35 @@ def first_host(nodelist: str) -> str:
     return prefix + first
 
 
+# Rendezvous ports derived from a job id, so jobs sharing a node don't collide and every task agrees.
+# Both ranges stay below Linux's ephemeral ports (32768-60999, net.ipv4.ip_local_port_range), which
+# the kernel hands to outgoing connections (NCCL's and gloo's own sockets among them): a port from
+# there can be taken by the time rank 0 binds it. They also avoid torchrun's default 29500.
+# slurm/*.sbatch and jobs/common.py compute SLURM_PORT_BASE + SLURM_JOB_ID % SLURM_PORT_SPAN in shell;
+# tests/test_dist.py checks that they agree with this.
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 10000, 16000  # 10000-25999
+LOCAL_PORT_BASE, LOCAL_PORT_SPAN = 26000, 3000  # 26000-28999: submitit's local executor
+EPHEMERAL_PORTS = (32768, 60999)
+
+
 def _slurm_port(job_id: str) -> int:
-    # A port derived from the job id: jobs sharing a node don't collide, and every task agrees.
-    return 20000 + int(job_id) % 20000 if job_id.isdigit() else 29500
+    return SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN if job_id.isdigit() else 29500
 
 
 def _local_port(job_id: str) -> int:
     # submitit's local executor: its job id is the controller's pid; every task of the job agrees.
-    return 30000 + int(job_id) % 20000 if job_id.isdigit() else 29500
+    return LOCAL_PORT_BASE + int(job_id) % LOCAL_PORT_SPAN if job_id.isdigit() else 29500
+
+
+def tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """This node's entry of SLURM's compressed task counts: '2(x3),1' is 2, 2, 2, 1 for nodes 0-3."""
+    counts: list[int] = []
+    for part in filter(None, tasks_per_node.split(",")):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not match:
+            return 1
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    return counts[node_id] if 0 <= node_id < len(counts) else (counts[0] if counts else 1)
 
 
 _warned: set[str] = set()
@@ -80,6 +102,7 @@ def detect_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
             launcher="torchrun",
             master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(environ.get("MASTER_PORT", 29500)),
+            local_world_size=int(environ.get("LOCAL_WORLD_SIZE", 1)),
         )
     # Only a job step (srun, or submitit's srun) runs one process per task: the batch script's shell
     # also sees SLURM_PROCID=0 and the job's SLURM_NTASKS, but no other rank will ever join it.
@@ -96,6 +119,9 @@ def detect_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
             launcher="submitit" if "SUBMITIT_EXECUTOR" in environ else "slurm",
             master_addr=environ.get("MASTER_ADDR") or first_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1")),
             master_port=int(environ.get("MASTER_PORT") or _slurm_port(job_id)),
+            local_world_size=tasks_on_node(environ.get("SLURM_STEP_TASKS_PER_NODE")
+                                           or environ.get("SLURM_TASKS_PER_NODE") or "1",
+                                           int(environ.get("SLURM_NODEID", 0))),
         )
     if environ.get("SUBMITIT_EXECUTOR") == "local" and int(environ.get("SUBMITIT_LOCAL_NTASKS", "1")) > 1:
         # Local tasks are one machine's processes: the group meets on the loopback interface.
@@ -107,23 +133,59 @@ def detect_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
             launcher="submitit",
             master_addr=environ.get("MASTER_ADDR") or "127.0.0.1",
             master_port=int(environ.get("MASTER_PORT") or _local_port(job_id)),
+            local_world_size=int(environ["SUBMITIT_LOCAL_NTASKS"]),
         )
     return DistEnv()
 
 
-def choose_device(requested: str, local_rank: int) -> torch.device:
-    """auto: the local rank's GPU when CUDA is there, else the CPU."""
+def slurm_node_gpus(environ: Mapping[str, str] = os.environ) -> int | None:
+    """GPUs SLURM gave this job step on this node (gres), or None when SLURM manages no GPUs here."""
+    listed = environ.get("SLURM_STEP_GPUS") or environ.get("SLURM_JOB_GPUS")
+    return len([g for g in listed.split(",") if g.strip()]) if listed else None
+
+
+def gpu_index(local_rank: int, local_world_size: int, visible: int, node_gpus: int | None = None) -> int:
+    """Which of the `visible` GPUs a local rank uses; a UserError when ranks of a node would share one.
+
+    NCCL refuses two ranks on one GPU ("Duplicate GPU detected") at its first collective, after
+    every rank has started: better one line before. One visible GPU per rank is SLURM's per-task
+    binding (`--gpus-per-task=1`: each task sees only its own, as device 0); that needs SLURM to have
+    given the node at least one GPU per task (`node_gpus`). Otherwise local rank r takes GPU r.
+    """
+    ranks = max(local_world_size, local_rank + 1)
+    if visible >= ranks:
+        return local_rank
+    if visible == 1 and node_gpus is not None and node_gpus >= ranks:
+        return 0
+    raise UserError(f"{ranks} ranks on this node but {visible} visible GPU(s): each rank needs its own GPU "
+                    f"(NCCL refuses to share one); start at most {visible} rank(s) per node "
+                    f"(torchrun --nproc_per_node={visible}, srun --ntasks-per-node={visible}) or run on the CPU "
+                    "(train.device=cpu, predict --device cpu)")
+
+
+def choose_device(requested: str, local_rank: int, local_world_size: int = 1) -> torch.device:
+    """auto: the local rank's GPU when CUDA is there, else the CPU. Refuses (UserError) more ranks on
+    a node than it has GPUs, before any process group exists."""
     if requested == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device: 'cuda' requested but CUDA is not available on this machine")
     if requested in ("cuda", "auto") and torch.cuda.is_available():
-        count = torch.cuda.device_count()
-        # With `--gpus-per-task=1` SLURM shows each task only its own GPU, as device 0.
-        index = 0 if count == 1 else local_rank
-        if index >= count:
-            raise UserError(f"local rank {local_rank} has no GPU: it sees {count} (one process per GPU)")
+        index = gpu_index(local_rank, local_world_size, torch.cuda.device_count(), slurm_node_gpus())
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+# A week: longer than any job's time limit, so the scheduler, not this deadline, ends a stuck job.
+PATIENT_TIMEOUT_S = 7 * 24 * 3600
+
+# Side groups made when the process group is joined (every rank calls new_group in the same order):
+#   host:    gloo, the job's timeout: reductions of host values (counts, stop flags) on CPU tensors,
+#            so on GPUs they neither wait for the device's queue nor copy to it (None: the default
+#            group is gloo already);
+#   patient: gloo, PATIENT_TIMEOUT_S: the meeting at the end of work whose length grows with the
+#            data (a prediction's last reduction waits for the slowest rank, possibly hours later).
+#            A rank that dies still ends it at once (its sockets close); only a hung one waits.
+_groups: dict[str, object] = {}
 
 
 def setup(env: DistEnv, device: torch.device, timeout_s: int = 600) -> bool:
@@ -142,10 +204,14 @@ def setup(env: DistEnv, device: torch.device, timeout_s: int = 600) -> bool:
         timeout=datetime.timedelta(seconds=timeout_s),
         device_id=device if device.type == "cuda" else None,
     )
+    if backend == "nccl":
+        _groups["host"] = tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    _groups["patient"] = tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=PATIENT_TIMEOUT_S))
     return True
 
 
 def teardown() -> None:
+    _groups.clear()
     if tdist.is_initialized():
         tdist.destroy_process_group()
 
@@ -181,25 +247,23 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def barrier() -> None:
+def barrier(patient: bool = False) -> None:
+    """All ranks meet; `patient`: without the job's timeout (see PATIENT_TIMEOUT_S)."""
     if tdist.is_initialized():
-        tdist.barrier()
+        tdist.barrier(group=_groups.get("patient") if patient else None)
 
 
-def _reduce_device() -> torch.device:
-    if tdist.is_initialized() and tdist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def all_reduce_sum(values: np.ndarray, patient: bool = False) -> np.ndarray:
+    """Sum a numpy array of counts over all ranks (float64 / int64 kept exact), on the CPU.
 
-
-def all_reduce_sum(values: np.ndarray) -> np.ndarray:
-    """Sum a numpy array of counts over all ranks (float64 / int64 kept exact)."""
+    `patient`: the ranks may arrive hours apart (the end of a prediction), so no job timeout applies.
+    """
     values = np.asarray(values)
     if not tdist.is_initialized():
         return values.copy()
-    tensor = torch.from_numpy(np.ascontiguousarray(values)).to(_reduce_device())
-    tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
-    return tensor.cpu().numpy()
+    tensor = torch.from_numpy(np.ascontiguousarray(values).copy())
+    tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM, group=_groups.get("patient" if patient else "host"))
+    return tensor.numpy()
 
 
 def any_rank(flag: bool) -> bool:
@@ -215,15 +279,65 @@ def broadcast_object(obj):
     return box[0]
 
 
+def auto_precision(device_type: str, native_bf16: bool) -> str:
+    """What `precision=auto` means: bf16 only where the GPU computes it natively (compute capability
+    8.0+); emulated bf16 (older GPUs accept the dtype) is slower than fp32, so those get fp32."""
+    return "bf16" if device_type == "cuda" and native_bf16 else "fp32"
+
+
+def native_bf16(device: torch.device) -> bool:
+    # including_emulation=False: torch's default also counts GPUs that merely accept the dtype.
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """auto: bf16 where the device computes it natively (Ampere+ GPUs), fp32 on the CPU."""
+    """auto: bf16 where the device computes it natively (Ampere+ GPUs), fp32 elsewhere."""
     if requested != "auto":
         if requested == "fp16" and device.type == "cpu":
             raise UserError("train.precision: fp16 needs a GPU; use bf16 or fp32 on the CPU")
+        if requested == "bf16" and device.type == "cuda" and not native_bf16(device):
+            _warn_once(f"precision bf16: {torch.cuda.get_device_name(device)} has no native bf16, it is emulated "
+                       "(slow); fp16 or fp32 is faster there")
         return requested
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
+    return auto_precision(device.type, native_bf16(device))
+
+
+def make_deterministic() -> None:
+    """Deterministic kernels (train.deterministic). Called before CUDA is first used: cuBLAS reads
+    CUBLAS_WORKSPACE_CONFIG when it creates its handle, and without it torch refuses its matmuls
+    under deterministic algorithms."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
+def tune_for_fixed_shapes(device: torch.device) -> None:
+    """cuDNN's autotuner: training patches, validation tiles and predictor tiles have fixed shapes, so
+    the best convolution algorithm found on the first call is reused for every later one. Not under
+    deterministic algorithms (it may pick a different, non-deterministic kernel per run)."""
+    if device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
+        torch.backends.cudnn.benchmark = True
+
+
+def loader_workers(requested: int, env: DistEnv, environ: Mapping[str, str] = os.environ) -> int:
+    """DataLoader workers this rank can run without oversubscribing what SLURM gave it.
+
+    SLURM_CPUS_PER_TASK CPUs serve one rank per task (srun) or all the ranks torchrun starts in the
+    task; one CPU stays for the rank's main process. Outside SLURM the config's number is used as is.
+    """
+    cpus = environ.get("SLURM_CPUS_PER_TASK", "")
+    if not cpus.isdigit() or requested == 0:
+        return requested
+    ranks = env.local_world_size if env.launcher == "torchrun" else 1
+    per_rank = max(1, int(cpus) // max(1, ranks))
+    usable = max(0, per_rank - 1)
+    if requested > usable:
+        if env.is_main:
+            _warn_once(f"data.num_workers={requested} but SLURM gives this rank {per_rank} CPU(s) "
+                       f"(SLURM_CPUS_PER_TASK={cpus}): using {usable} loader worker(s); ask for "
+                       f"--cpus-per-task={(requested + 1) * ranks} to run {requested}")
+        return usable
+    return requested
 
 
 def autocast(device: torch.device, precision: str):

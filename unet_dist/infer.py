@@ -55,3 +55,13 @@ def forward_whole(model: torch.nn.Module, model_cfg, images: np.ndarray, device:
     start = context if model_cfg.padding == "same" else (0,) * len(spatial)
     crop = (slice(None),) + tuple(slice(c, c + s) for c, s in zip(start, spatial))
     return out[crop].cpu().numpy()
+
+
+@torch.inference_mode()
+def forward_tiles(model: torch.nn.Module, tiles: np.ndarray, device: torch.device, autocast_ctx,
+                  memory_format=torch.contiguous_format) -> np.ndarray:
+    """Interior probabilities (n, *out) of a batch of tiles (n, *tile) in [0, 1], float32."""
+    x = torch.from_numpy(np.ascontiguousarray(tiles[:, None], dtype=np.float32)).to(device, non_blocking=True)
+    with autocast_ctx:
+        logits = model(x.contiguous(memory_format=memory_format))
+    return torch.sigmoid(logits.float())[:, 0].cpu().numpy()

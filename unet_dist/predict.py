@@ -517,8 +517,9 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
         if tuple(label_arr.shape) != tuple(raw.shape):
             raise UserError(f"{labels}: labels {tuple(label_arr.shape)} differ in shape from raw {tuple(raw.shape)}")
     plan = make_plan(cfg.model, cfg.predict, raw.shape, z_range)
-    torch_device = dist.choose_device(device, env.local_rank)
+    torch_device = dist.choose_device(device, env.local_rank, env.local_world_size)
     precision = dist.resolve_precision(precision, torch_device)
+    dist.tune_for_fixed_shapes(torch_device)
     if torch_device.type == "cpu":
         dist.keep_freed_memory()
     settings = run_settings(plan, cfg, weights_digest(state["model"]), precision, input)
@@ -596,16 +597,19 @@ def _predict(plan, cfg, model, device, precision, raw, labels, out, manifest, do
         for index in finished:
             counts += runner.recount(index)
     predicted = np.array([sum(math.prod(hi - lo for lo, hi in block_core(plan, i)) for i in todo)], np.int64)
-    counts, predicted = dist.all_reduce_sum(counts), int(dist.all_reduce_sum(predicted)[0])
-    seconds = float(dist.all_reduce_sum(times).max())  # wall time: the slowest rank
+    # Ranks arrive here as far apart as their shares of the volume take (hours on a big one): this
+    # meeting has no job timeout, or the fastest rank's would expire before the output is complete.
+    counts, predicted = dist.all_reduce_sum(counts, patient=True), int(dist.all_reduce_sum(predicted, patient=True)[0])
+    seconds = float(dist.all_reduce_sum(times, patient=True).max())  # wall time: the slowest rank
     result = {"out": str(out), "blocks": plan.n_blocks, "blocks_predicted": plan.n_blocks - len(done),
               "blocks_skipped": len(done), "voxels_predicted": predicted, "seconds": round(seconds, 3),
               "voxels_per_s": round(predicted / seconds) if seconds > 0 else None}
     if labels is not None:
         result |= scores_from_confusion(counts)
-    dist.barrier()  # every block of level 0 is written before any coarser level reads it
+    # every block of level 0 is written before a coarser level reads it; ranks may arrive hours apart
+    dist.barrier(patient=True)
     started = time.perf_counter()
-    build_pyramids(group, rank, world, barrier=dist.barrier)
+    build_pyramids(group, rank, world, barrier=lambda: dist.barrier(patient=True))
     result["pyramid_seconds"] = round(time.perf_counter() - started, 3)
     if main:
         print(f"predict: coarser levels written in {result['pyramid_seconds']:.1f} s", file=sys.stderr, flush=True)

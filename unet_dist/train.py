@@ -26,10 +26,11 @@ from .config import Config, dump_yaml, to_dict
 from .data.patches import PatchSpec, PatchStream, make_loader, patch_z_starts, to_unit_float
 from .data.store import RAW, TARGET_PATH, open_store, read_region
 from .errors import UserError
-from .infer import forward_whole
+from .infer import forward_tiles
 from .metrics import confusion_counts, scores_from_confusion
 from .model import build_model, check_patch_shape, output_shape
 from .monitor import Monitor, NullMonitor
+from .predict import as_slices, assign, block_core, input_region, make_plan, read_mirrored
 
 
 class TrainingDiverged(Exception):
@@ -129,33 +130,37 @@ def build_training(cfg: Config, device: torch.device):
     return model, optimizer, scheduler
 
 
-def validate(model, cfg: Config, device, autocast_ctx, want_panel: bool):
-    """Whole validation slices spread over ranks; confusion counts summed, so N ranks = 1 rank."""
+def validate(model, cfg: Config, device, autocast_ctx, want_panel: bool,
+             memory_format=torch.contiguous_format):
+    """The validation slices through the predictor's tiling: blocks of `predict.block_size` with their
+    context (mirrored at the volume's borders), `predict.batch_size` tiles per forward pass, blocks
+    spread over ranks and confusion counts summed, so N ranks report what one would and what
+    `unet-dist predict` reports. Memory depends on the block, never on the slice or the 3D band.
+    The panel (raw | label | prediction) is rank 0's first block (its middle slice in 3D)."""
     group = open_store(cfg.data.store, arrays=(RAW, TARGET_PATH))
     lo, hi = cfg.data.val_slices
+    plan = make_plan(cfg.model, cfg.predict, group[RAW].shape, (lo, hi))
+    offset = plan.offset[1:] if plan.dims == 2 else plan.offset
+    batch = cfg.predict.batch_size
     counts = np.zeros(4, dtype=np.int64)
     panel = None
     model.eval()
-    if cfg.model.dims == 2:
-        for z in range(lo + dist.rank(), hi, dist.world_size()):
-            raw = to_unit_float(read_region(group[RAW], (slice(z, z + 1),))[0])
-            label = read_region(group[TARGET_PATH], (slice(z, z + 1),))[0]
-            prob = forward_whole(model, cfg.model, raw[None], device, autocast_ctx)[0]
-            counts += confusion_counts(prob, label, cfg.predict.threshold)
-            if want_panel and panel is None:
-                panel = (raw, label, prob)
-    else:
-        # 3D: the validation sub-volume cut into bands along y, one per rank, counted on the cores.
-        rows = np.array_split(np.arange(group[RAW].shape[1]), dist.world_size())[dist.rank()]
-        if len(rows):
-            band = (slice(lo, hi), slice(rows[0], rows[-1] + 1))
-            raw = to_unit_float(read_region(group[RAW], band))
-            label = read_region(group[TARGET_PATH], band)
-            prob = forward_whole(model, cfg.model, raw[None], device, autocast_ctx)[0]
-            counts += confusion_counts(prob, label, cfg.predict.threshold)
-            if want_panel:
-                mid = (hi - lo) // 2
-                panel = (raw[mid], label[mid], prob[mid])
+    for index in assign(range(plan.n_blocks), dist.rank(), dist.world_size()):
+        core = block_core(plan, index)
+        shape = tuple(b - a for a, b in core)
+        tiles = to_unit_float(read_mirrored(group[RAW], input_region(plan, core)))
+        tiles = tiles if plan.dims == 2 else tiles[None]
+        out = np.concatenate([forward_tiles(model, tiles[i:i + batch], device, autocast_ctx, memory_format)
+                              for i in range(0, len(tiles), batch)])
+        crop = (slice(None),) + tuple(slice(o, o + n) for o, n in zip(offset, shape[3 - len(offset):]))
+        prob = out[crop].reshape(shape)
+        stored = ((core[0][0] + lo, core[0][1] + lo), *core[1:])  # output slice z is input slice lo + z
+        label = read_region(group[TARGET_PATH], as_slices(stored))
+        counts += confusion_counts(prob, label, cfg.predict.threshold)
+        if want_panel and panel is None:
+            raw = to_unit_float(read_region(group[RAW], as_slices(stored)))
+            mid = shape[0] // 2
+            panel = (raw[mid], label[mid], prob[mid])
     model.train()
     scores = scores_from_confusion(dist.all_reduce_sum(counts))
     return {f"val/{k}": float(v) for k, v in scores.items()}, panel
@@ -177,6 +182,77 @@ def _state(step, model, optimizer, scheduler, scaler, cfg, batch_index, run_id, 
     }
 
 
+def restore_scaler(scaler: torch.amp.GradScaler, saved: dict) -> str | None:
+    """Load a checkpoint's loss-scaler state. A run that switches to fp16 on resume comes from a
+    checkpoint of a disabled scaler (bf16 or fp32: an empty state), which GradScaler refuses to load:
+    it starts a fresh loss scale instead and says so."""
+    if scaler.is_enabled() and not saved:
+        return ("the checkpoint was not trained in fp16 (no loss-scaler state): fp16 continues with a "
+                "fresh loss scale")
+    scaler.load_state_dict(saved)
+    return None
+
+
+def deterministic_problem(cfg: Config, device_type: str) -> str | None:
+    """train.deterministic on a GPU needs a deterministic backward for every layer; torch raises at the
+    first step for those CUDA lacks (torch.use_deterministic_algorithms lists them): interpolation
+    (model.upsample=interp) and 3D max pooling (every 3D model)."""
+    if not (cfg.train.deterministic and device_type == "cuda"):
+        return None
+    if cfg.model.upsample == "interp":
+        return ("train.deterministic: model.upsample=interp has no deterministic CUDA backward; use "
+                "model.upsample=transpose, or train.deterministic=false")
+    if cfg.model.dims == 3:
+        return ("train.deterministic: 3D max pooling (model.dims=3) has no deterministic CUDA backward; "
+                "set train.deterministic=false")
+    return None
+
+
+def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """optimizer.step() only where `finite` (a 0-d bool tensor) holds.
+
+    A fused optimizer (Adam on GPUs) takes the decision on the device, through the `found_inf` input
+    GradScaler feeds it: the host never waits for the GPU to learn the answer. Others read the flag
+    (on a CPU that costs nothing)."""
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = (~finite).to(torch.float32)
+        optimizer.grad_scale = None
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf, optimizer.grad_scale
+    elif bool(finite):
+        optimizer.step()
+
+
+class Health:
+    """Non-finite steps counted on the device; read (one host sync) only at logging, validation and
+    checkpoints, where a run of `limit` consecutive non-finite steps stops training."""
+
+    def __init__(self, device: torch.device, limit: int):
+        self.limit = limit
+        self.run = torch.zeros((), dtype=torch.int64, device=device)  # consecutive non-finite steps now
+        self.worst = torch.zeros((), dtype=torch.int64, device=device)  # longest run since the last check
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+
+    def update(self, finite: torch.Tensor) -> None:
+        bad = (~finite).to(torch.int64)
+        self.run = (self.run + 1) * bad
+        self.worst = torch.maximum(self.worst, self.run)
+        self.skipped = self.skipped + bad
+
+    def check(self, step: int, last_ckpt, precision: str) -> int:
+        """Raise TrainingDiverged after a long enough run; returns the skipped steps so far."""
+        worst, skipped = (int(v) for v in torch.stack([self.worst, self.skipped]).cpu())
+        self.worst = self.run.clone()
+        if worst >= self.limit:
+            raise TrainingDiverged(
+                f"loss was non-finite for {worst} consecutive steps (seen at step {step}); stopping. "
+                f"Last good checkpoint: {last_ckpt or 'none'}. Lower train.lr"
+                + (" or try train.precision=fp32" if precision != "fp32" else ""))
+        return skipped
+
+
 def _resume_state(cfg: Config, resume: str) -> dict | None:
     ckpt_dir = Path(cfg.run.dir) / "checkpoints"
     if resume == "never":
@@ -192,17 +268,20 @@ def _resume_state(cfg: Config, resume: str) -> dict | None:
 
 def train(cfg: Config, resume: str = "never") -> TrainResult:
     env = dist.detect_env()
-    device = dist.choose_device(cfg.train.device, env.local_rank)
+    if cfg.train.deterministic:
+        dist.make_deterministic()  # before CUDA is first used (cuBLAS reads its setting then)
+    device = dist.choose_device(cfg.train.device, env.local_rank, env.local_world_size)
     precision = dist.resolve_precision(cfg.train.precision, device)
     if cfg.train.sync_batchnorm and device.type != "cuda" and env.world_size > 1:
         raise UserError("train.sync_batchnorm: SyncBatchNorm runs on GPUs only; set it false on the CPU")
+    if problem := deterministic_problem(cfg, device.type):
+        raise UserError(problem)
+    dist.tune_for_fixed_shapes(device)
     _, label_crop = check_inputs(cfg)
     state = _resume_state(cfg, resume)
     if state is not None and state["model_config"] != to_dict(cfg.model):
         raise UserError(f"{cfg.run.dir}: checkpoint was trained with another model config; "
                         "use the same model.* settings or another run.dir")
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
     with dist.process_group(env, device, cfg.train.dist_timeout_s):
         return _train(cfg, env, device, precision, label_crop, state)
 
@@ -212,12 +291,12 @@ def _train(cfg, env, device, precision, label_crop, state) -> TrainResult:
     run_dir = Path(cfg.run.dir)
     model, optimizer, scheduler = build_training(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    step, best = 0, -1.0
+    step, best, notes = 0, -1.0, []
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        notes.append(restore_scaler(scaler, state.get("scaler") or {}))
         torch.set_rng_state(state["rng"]["torch"])
         step, best = int(state["step"]), float(state.get("best", -1.0))
     ddp = dist.world_size() > 1
@@ -232,6 +311,8 @@ def _train(cfg, env, device, precision, label_crop, state) -> TrainResult:
         monitor = Monitor(run_dir, cfg, step, (state or {}).get("wandb_run_id") or None)
         monitor.message(f"training {cfg.train.steps} steps on {dist.world_size()} rank(s), device {device.type}, "
                         f"precision {precision}" + (f", resumed at step {step}" if step else ""))
+        for note in filter(None, notes):
+            monitor.message(f"note: {note}")
     else:
         monitor = NullMonitor()
 
@@ -242,19 +323,24 @@ def _train(cfg, env, device, precision, label_crop, state) -> TrainResult:
                      weight_map_sigma=cfg.train.weight_map_sigma,
                      holdout=tuple(cfg.data.holdout_slices) or None)
     loader = make_loader(PatchStream(spec, cfg.data.augment, start_batch=step * accumulate),
-                         cfg.data.num_workers, cfg.data.start_method, pin_memory=device.type == "cuda",
+                         dist.loader_workers(cfg.data.num_workers, env), cfg.data.start_method, pin_memory=device.type == "cuda",
                          prefetch_factor=cfg.data.prefetch_factor, worker_init_fn=_ignore_stop_signals)
     batches = iter(loader)
     stop = StopFlag()
     autocast_ctx = dist.autocast(device, precision)
-    memory_format = torch.channels_last if cfg.train.channels_last and cfg.model.dims == 2 else torch.contiguous_format
+    memory_format = ((torch.channels_last if cfg.model.dims == 2 else torch.channels_last_3d)
+                     if cfg.train.channels_last else torch.contiguous_format)
     voxels_per_image = int(np.prod(cfg.data.patch_size))
     images_per_step = cfg.data.batch_size * accumulate * dist.world_size()
-    window = {"wait": 0.0, "compute": 0.0, "loss": 0.0, "steps": 0}
-    skipped_total, nonfinite_run, last_ckpt, val_metrics = 0, 0, None, {}
+    # The step never waits for the GPU: loss, finiteness and skipped steps stay on the device and
+    # are read once per logging interval (and before validating or checkpointing).
+    health = Health(device, cfg.train.max_nonfinite_steps)
+    window = _Window(device)
+    last_ckpt, val_metrics = None, {}
     status = "completed"
 
     def save(at_step: int, is_best: bool = False):
+        health.check(at_step, last_ckpt, precision)  # never checkpoint past a divergence
         if main:
             path = str(checkpoint.save(run_dir / "checkpoints", _state(
                 at_step, model, optimizer, scheduler, scaler, cfg, at_step * accumulate, monitor.run_id, best),
@@ -265,20 +351,18 @@ def _train(cfg, env, device, precision, label_crop, state) -> TrainResult:
 
     net.train()
     while step < cfg.train.steps:
-        if dist.any_rank(stop.signal_name is not None):
+        if dist.any_rank(stop.signal_name is not None):  # host values only: no wait for the GPU
             monitor.message(f"stop signal received: checkpointing at step {step} and exiting; "
                             "run again with --resume auto to continue")
             last_ckpt = save(step)
             dist.barrier()
             status = "interrupted"
             break
-        t0 = time.perf_counter()
-        wait = 0.0
         loss_sum = torch.zeros((), device=device)
         for micro in range(accumulate):
             w0 = time.perf_counter()
             batch = next(batches)
-            wait += time.perf_counter() - w0
+            window.wait += time.perf_counter() - w0
             if "error" in batch:  # a damaged or invalid store, found by a loader worker
                 raise UserError(batch["error"])
             raw = batch["raw"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
@@ -295,56 +379,44 @@ def _train(cfg, env, device, precision, label_crop, state) -> TrainResult:
         grad_norm = torch.nn.utils.clip_grad_norm_(
             model.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
         # Gradients are identical on every rank after the all-reduce, so all ranks agree here.
-        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss_sum))
+        finite = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)
         if precision == "fp16":
-            scale_before = scaler.get_scale()
-            scaler.step(optimizer)
+            scaler.step(optimizer)  # skips the step itself when the unscaled gradients are not finite
             scaler.update()
-            finite = finite and scaler.get_scale() >= scale_before
-        elif finite:
-            optimizer.step()
+        else:
+            step_if_finite(optimizer, finite)
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
-        if finite:
-            nonfinite_run = 0
-        else:
-            skipped_total += 1
-            nonfinite_run += 1
-            if nonfinite_run >= cfg.train.max_nonfinite_steps:
-                raise TrainingDiverged(
-                    f"loss was non-finite for {nonfinite_run} consecutive steps (at step {step}); stopping. "
-                    f"Last good checkpoint: {last_ckpt or 'none'}. Lower train.lr"
-                    + (" or try train.precision=fp32" if precision != "fp32" else ""))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - t0
-        window["wait"] += wait
-        window["compute"] += elapsed - wait
-        window["loss"] += float(loss_sum) if finite else 0.0
-        window["steps"] += 1
+        health.update(finite)
+        window.add(torch.where(finite, loss_sum, torch.zeros_like(loss_sum)))
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            monitor.log(step, _train_metrics(window, images_per_step, voxels_per_image, scheduler, skipped_total,
+            skipped = health.check(step, last_ckpt, precision)
+            monitor.log(step, _train_metrics(window, images_per_step, voxels_per_image, scheduler, skipped,
                                              float(grad_norm), device))
-            window = {"wait": 0.0, "compute": 0.0, "loss": 0.0, "steps": 0}
+            window = _Window(device)
         if step % cfg.train.val_every == 0 or step == cfg.train.steps:
-            dist.broadcast_buffers(model)
-            val_metrics, panel = validate(model, cfg, device, autocast_ctx, want_panel=main and cfg.logging.images)
-            val_metrics["val/replica_spread"] = dist.replica_spread(model)
-            monitor.log(step, val_metrics)
-            if panel is not None:
-                monitor.log_images(step, *panel, cfg.predict.threshold)
-            is_best = val_metrics["val/dice_membrane"] > best
-            best = max(best, val_metrics["val/dice_membrane"])
-            if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
-                last_ckpt = save(step, is_best) or last_ckpt
-            elif is_best and main:
-                path = checkpoint.save_best(run_dir / "checkpoints", _state(
-                    step, model, optimizer, scheduler, scaler, cfg, step * accumulate, monitor.run_id, best))
-                monitor.log_checkpoint(path, step, ["best", f"step-{step}"])
+            with window.paused():
+                health.check(step, last_ckpt, precision)  # every rank: they stop together
+                dist.broadcast_buffers(model)
+                val_metrics, panel = validate(model, cfg, device, autocast_ctx, want_panel=main and cfg.logging.images,
+                                              memory_format=memory_format)
+                val_metrics["val/replica_spread"] = dist.replica_spread(model)
+                monitor.log(step, val_metrics)
+                if panel is not None:
+                    monitor.log_images(step, *panel, cfg.predict.threshold)
+                is_best = val_metrics["val/dice_membrane"] > best
+                best = max(best, val_metrics["val/dice_membrane"])
+                if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
+                    last_ckpt = save(step, is_best) or last_ckpt
+                elif is_best and main:
+                    path = checkpoint.save_best(run_dir / "checkpoints", _state(
+                        step, model, optimizer, scheduler, scaler, cfg, step * accumulate, monitor.run_id, best))
+                    monitor.log_checkpoint(path, step, ["best", f"step-{step}"])
         elif step % cfg.train.ckpt_every == 0:
-            last_ckpt = save(step) or last_ckpt
+            with window.paused():
+                last_ckpt = save(step) or last_ckpt
 
     result = TrainResult(step=step, status=status, metrics=val_metrics, checkpoint=last_ckpt, main=main)
     if main:
@@ -362,16 +434,49 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _train_metrics(window, images_per_step, voxels_per_image, scheduler, skipped, grad_norm, device) -> dict:
-    steps = max(1, window["steps"])
-    total = window["wait"] + window["compute"]
+class _Window:
+    """One logging interval: wall time (less validation and checkpoints), time waiting for data, and
+    the loss summed on the device."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.start, self.wait, self.excluded, self.steps = device, time.perf_counter(), 0.0, 0.0, 0
+        self.loss = torch.zeros((), device=device)
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss += loss
+        self.steps += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent in here (validation, checkpoints) is not training throughput."""
+        _synchronize(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - t0
+
+    def seconds(self) -> float:
+        _synchronize(self.device)  # the steps queued on the GPU belong to this window
+        return time.perf_counter() - self.start - self.excluded
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _train_metrics(window: _Window, images_per_step, voxels_per_image, scheduler, skipped, grad_norm,
+                   device) -> dict:
+    steps = max(1, window.steps)
+    total = window.seconds()
     # Per-rank loader starvation: every rank's wait fraction, gathered as a one-hot sum.
     fractions = np.zeros(dist.world_size())
-    fractions[dist.rank()] = window["wait"] / total if total > 0 else 0.0
+    fractions[dist.rank()] = min(1.0, window.wait / total) if total > 0 else 0.0
     fractions = dist.all_reduce_sum(fractions)
     images_per_s = images_per_step * steps / total if total > 0 else 0.0
     values = {
-        "train/loss": window["loss"] / steps,
+        "train/loss": float(window.loss) / steps,
         "train/lr": scheduler.get_last_lr()[0],
         "train/images_per_s": images_per_s,
         "train/voxels_per_s": images_per_s * voxels_per_image,

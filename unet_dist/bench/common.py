@@ -29,12 +29,14 @@ SCHEMA = 1
 MB = 1 << 20
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peak per device, FLOP/s, from the vendors' data sheets.
-# Matched against torch.cuda.get_device_name(), first hit wins (so "H100 PCIe" before "H100").
+# Matched against torch.cuda.get_device_name(), first hit wins (so "H100 PCIe" before "H100", and
+# "H200 NVL" before "H200").
 PEAK_BF16_DENSE = (
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
     ("H100", 989e12),  # SXM
-    ("H200", 989e12),
+    ("H200 NVL", 835e12),  # the PCIe card: lower clocks and power than the SXM module
+    ("H200", 989e12),  # SXM
     ("GH200", 989e12),
     ("A100", 312e12),
     ("L40S", 362e12),

@@ -48,18 +48,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # ----------------------------------------------------------------------------- in child processes
 
+def tile_runner(ckpt: str, device, precision: str, batch: int):
+    """The predictor's tile runner for a checkpoint, laid out for its model's dimensions (a 3D model's
+    5D weights take channels_last_3d, not channels_last)."""
+    from ..predict import TileNet, load_model
+
+    model, cfg, _ = load_model(ckpt)
+    return TileNet(model, device, precision, batch, tta=False, dims=cfg.model.dims)
+
+
 def _warmup(ckpt: str, device, precision: str, plan_tile, batch: int) -> None:
     """CUDA context, cuBLAS/cuDNN handles and first-call kernels: paid by both before the clock."""
     import numpy as np
 
-    from ..predict import TileNet, load_model
-
     if device.type != "cuda":
         return
-    model, _, _ = load_model(ckpt)
-    net = TileNet(model, device, precision, batch, tta=False)
+    net = tile_runner(ckpt, device, precision, batch)
     net(np.zeros((batch, *plan_tile), np.float32))
-    del net, model
+    del net
     import torch
 
     torch.cuda.synchronize(device)

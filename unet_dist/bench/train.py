@@ -2,8 +2,9 @@
 
 OURS is the trainer's step, built from the trainer's own pieces (`train.build_training`, the
 precision from `dist.resolve_precision`, `dist.autocast`, `train.loss_fn`, the GradScaler, gradient
-clipping, the non-finite check, the scheduler, channels_last / torch.compile as `train.*` options),
-in the order `train._train` runs them. The PEER is the seed notebook's loop: `model.train()`, Adam,
+clipping, the non-finite check kept on the device (`train.step_if_finite`: no host synchronisation per
+step), the scheduler, channels_last / torch.compile as `train.*` options, cuDNN's autotuner on GPUs as
+`dist.tune_for_fixed_shapes` turns it on), in the order `train._train` runs them. The PEER is the seed notebook's loop: `model.train()`, Adam,
 BCEWithLogitsLoss, fp32, eager, `loss.item()` each step, nothing else. Both start from the same
 weights and see the same batch, copied to the device each step as the trainer does (ours from
 pinned memory, non-blocking; the peer's a plain `.to(device)`); the data loader is left out (the
@@ -11,8 +12,10 @@ pinned memory, non-blocking; the peer's a plain `.to(device)`); the data loader 
 
 Variants run interleaved in rounds (each round: every variant for `--steps` steps), and each
 variant's throughput is the median over rounds, so load from other processes hits all alike.
-`+autotune` and `+nosync` variants are what-ifs (cuDNN benchmark mode; no host synchronisation per
-step) that measure a proposed trainer change; they are reported as such, never as "ours".
+`+sync` and `+noautotune` variants are what-ifs that undo one of the trainer's choices (a host
+synchronisation per step: the finite check, `synchronize`, `float(loss)`; cuDNN's autotuner off), to
+show what each is worth; they are reported as such, never as "ours". On GPUs the peer's fp32 runs its
+convolutions in TF32 (torch's default, `torch.backends.cudnn.allow_tf32`): the report says so.
 Peak memory: on a GPU, the CUDA allocator's peak during a variant's steps, less what the other
 variants hold; on the CPU, the peak RSS of a fresh child process that builds the variant and runs
 two steps, above its RSS before the model was built.
@@ -41,10 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, help="interleaved rounds; the median is reported (default: 3, 1 tiny)")
     p.add_argument("--warmup", type=int, help="untimed steps per variant first (default: 1; +2 for compile)")
     p.add_argument("--variants",
-                   help="our variants, comma-separated, each PRECISION[+cl][+compile][+autotune][+nosync], e.g. "
+                   help="our variants, comma-separated, each PRECISION[+cl][+compile][+sync][+noautotune], e.g. "
                         "bf16,bf16+cl+compile (default: CPU fp32,fp32+cl; GPU bf16,bf16+cl,bf16+compile,"
-                        "bf16+cl+compile; GPU tiny bf16,bf16+cl+compile). autotune (cuDNN benchmark mode) and "
-                        "nosync (no host sync per step) are what-ifs, not trainer options yet")
+                        "bf16+cl+compile; GPU tiny bf16,bf16+cl+compile). sync (a host sync per step) and "
+                        "noautotune (cuDNN benchmark mode off) are what-ifs that undo a trainer choice")
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,13 @@ class Variant:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
-    # What-ifs, not (yet) trainer options, to measure a proposed change before making it:
-    autotune: bool = False  # torch.backends.cudnn.benchmark on during this variant's steps
-    nosync: bool = False  # no host synchronisation per step (finite check, synchronize, float(loss))
+    # What the trainer does; a what-if variant turns one off to show what it is worth:
+    autotune: bool = True  # torch.backends.cudnn.benchmark on during this variant's steps (GPUs)
+    nosync: bool = True  # no host synchronisation per step (finite check, synchronize, float(loss))
 
 
-FLAGS = {"cl": "channels_last", "compile": "compile", "autotune": "autotune", "nosync": "nosync"}
+FLAGS = {"cl": ("channels_last", True), "compile": ("compile", True), "sync": ("nosync", False),
+         "noautotune": ("autotune", False)}
 
 
 def parse_variants(text: str | None, device, precision: str, tiny: bool = False) -> list[Variant]:
@@ -70,16 +74,16 @@ def parse_variants(text: str | None, device, precision: str, tiny: bool = False)
         text = f"{p},{p}+cl+compile" if tiny else f"{p},{p}+cl,{p}+compile,{p}+cl+compile"
     elif text is None:
         text = f"{p},{p}+cl"
-    variants = [Variant("peer fp32 eager", peer=True)]
+    variants = [Variant("peer fp32 eager", peer=True, autotune=False, nosync=False)]
     for item in filter(None, (t.strip() for t in text.split(","))):
         parts = item.split("+")
         prec, flags = parts[0], set(parts[1:])
         if prec not in ("fp32", "bf16", "fp16") or not flags <= set(FLAGS):
-            raise UserError(f"--variants: '{item}' is not PRECISION[+cl][+compile][+autotune][+nosync] "
+            raise UserError(f"--variants: '{item}' is not PRECISION[+cl][+compile][+sync][+noautotune] "
                             "with PRECISION fp32, bf16 or fp16")
         if prec == "fp16" and device.type != "cuda":
             raise UserError("--variants: fp16 needs a GPU")
-        variants.append(Variant(f"ours {item}", precision=prec, **{FLAGS[f]: True for f in flags}))
+        variants.append(Variant(f"ours {item}", precision=prec, **dict(FLAGS[f] for f in flags)))
     return variants
 
 
@@ -134,7 +138,7 @@ class OurStep:
     def __call__(self) -> float | None:
         import torch
 
-        from ..train import loss_fn
+        from ..train import loss_fn, step_if_finite
 
         cfg, device, accumulate = self.cfg, self.device, self.cfg.train.accumulate
         loss_sum = torch.zeros((), device=device)
@@ -151,13 +155,14 @@ class OurStep:
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
-        # what-if nosync: the check stays on the device (skipping a step would use fused Adam's found_inf)
-        finite = self.nosync or (bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss_sum)))
+        finite = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)
+        if not self.nosync:  # what-if: the host waits for the flag, as the trainer once did
+            finite = torch.tensor(bool(finite), device=device)
         if self.precision == "fp16":
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        elif finite:
-            self.optimizer.step()
+        else:
+            step_if_finite(self.optimizer, finite)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         if self.nosync:
@@ -333,7 +338,7 @@ def run(args) -> dict:
         ips = images / steps / step_s
         achieved = ips * flops_per_image
         rows.append({
-            "variant": v.name, "role": "peer" if v.peer else "what-if" if v.autotune or v.nosync else "ours",
+            "variant": v.name, "role": "peer" if v.peer else "what-if" if not (v.autotune and v.nosync) else "ours",
             "precision": v.precision, "channels_last": v.channels_last, "compile": v.compile,
             "autotune": v.autotune, "nosync": v.nosync,
             "images_per_s": ips, "voxels_per_s": ips * voxels_per_image, "step_s": step_s,
@@ -356,15 +361,20 @@ def run(args) -> dict:
         "optimizer": cfg.train.optimizer, "steps": steps, "rounds": rounds, "warmup": warmup,
         "flops_per_image": flops_per_image, "flops_counted": "3 x conv FLOPs of one forward (model.flops_per_forward)",
         "peak_bf16_dense_flops": peak,
+        # fp32 on a GPU is not IEEE fp32 for convolutions: torch runs them in TF32 on Ampere+ by default.
+        "tf32_convolutions": bool(torch.backends.cudnn.allow_tf32) if cuda else None,
+        "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32) if cuda else None,
     }
+    notes = ["voxels/s = images/s x patch voxels; MFU = achieved FLOP/s / the device's bf16 dense peak (null on CPUs)",
+             "peak memory: " + ("CUDA allocator peak during the variant's steps, less the other variants' resident "
+                                "tensors" if cuda else "peak RSS of a child process building the variant and running "
+                                "2 steps, above its RSS before the model was built")]
+    if cuda and torch.backends.cudnn.allow_tf32:
+        notes.append("fp32 rows (the peer's included) ran their convolutions in TF32 (torch's default, "
+                     "torch.backends.cudnn.allow_tf32=True): 10-bit mantissa products, not IEEE fp32")
     return common.make_report(
         "train", args, device, config, rows, best["images_per_s"] / peer["images_per_s"],
-        f"images/s of our best variant ({best['variant']}) / the peer's", best, peer,
-        notes=["voxels/s = images/s x patch voxels; MFU = achieved FLOP/s / the device's bf16 dense peak "
-               "(null on CPUs)", "peak memory: " + ("CUDA allocator peak during the variant's steps, less the "
-                                                    "other variants' resident tensors" if cuda else
-                                                    "peak RSS of a child process building the variant and running "
-                                                    "2 steps, above its RSS before the model was built")])
+        f"images/s of our best variant ({best['variant']}) / the peer's", best, peer, notes=notes)
 
 
 COLUMNS = [("variant", "variant"), ("images_per_s", "images/s"), ("voxels_per_s", "voxels/s"),
