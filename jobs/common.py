@@ -20,22 +20,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from unet_dist.config import Config, load_config
 from unet_dist.commandline import run_command
+from unet_dist.rundir import (STATUS, newest_step, read_status, record_requeue, requeue_steps,  # noqa: F401
+                              status_mtime, wandb_sync_command)
 from unet_dist.errors import UserError
 
-REQUEUE_LOG = "requeues"
-STATUS_FILE = "status.json"
-_STEP_FILE = re.compile(r"^step-(\d{9})\.pt$")
+# The run directory's files (status.json, requeues, checkpoint names) belong to unet_dist.rundir;
+# these launchers read and write them through it.
+STATUS_FILE = STATUS  # the name in messages
 
 # Exit codes of `python -m jobs.common after` (the batch script maps them to its own exit code).
 AFTER_REQUEUE, AFTER_COMPLETED, AFTER_STOPPED, AFTER_FAILED = 0, 3, 4, 5
@@ -63,58 +63,6 @@ def load_for_cluster(config: str | Path, overrides: list[str]) -> tuple[Config, 
 
 # ---------------------------------------------------------------------------- run directory
 
-def newest_step(run_dir: str | Path) -> int:
-    """The step of the newest checkpoint file (by name: no torch, no loading); 0 without any."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    if not ckpt_dir.is_dir():
-        return 0
-    steps = [int(m.group(1)) for p in ckpt_dir.iterdir() if (m := _STEP_FILE.match(p.name))]
-    return max(steps, default=0)
-
-
-def status_mtime(run_dir: str | Path) -> int:
-    """mtime (ns) of `RUN_DIR/status.json`, 0 without one: tells a fresh status from an earlier run's
-    without comparing clocks (a shared file system's clock need not be the node's)."""
-    try:
-        return (Path(run_dir) / STATUS_FILE).stat().st_mtime_ns
-    except OSError:
-        return 0
-
-
-def read_status(run_dir: str | Path, unless_mtime: int | None = None) -> dict | None:
-    """`RUN_DIR/status.json` as the trainer wrote it; None if missing, unreadable, or still the file
-    whose mtime was `unless_mtime` (written before this run started)."""
-    path = Path(run_dir) / STATUS_FILE
-    try:
-        if unless_mtime is not None and path.stat().st_mtime_ns == unless_mtime:
-            return None
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def requeue_steps(run_dir: str | Path, job_id: str) -> list[int]:
-    """Steps at which this job was requeued so far, oldest first."""
-    try:
-        lines = (Path(run_dir) / REQUEUE_LOG).read_text().splitlines()
-    except OSError:
-        return []
-    steps = []
-    for line in lines:
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] == str(job_id) and parts[1].isdigit():
-            steps.append(int(parts[1]))
-    return steps
-
-
-def record_requeue(run_dir: str | Path, job_id: str, step: int, reason: str) -> None:
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    with open(run_dir / REQUEUE_LOG, "a") as f:
-        f.write(f"{job_id} {step} {stamp} {reason}\n")
-
-
 @dataclass
 class Decision:
     requeue: bool
@@ -131,15 +79,6 @@ def requeue_decision(run_dir: str | Path, job_id: str, step: int, max_requeues: 
         return Decision(False, f"no progress since the previous requeue (still at step {step}): the time "
                                "left after start-up may be shorter than the signal's lead time")
     return Decision(True, f"requeue {len(done) + 1} of at most {max_requeues}, at step {step}")
-
-
-def wandb_sync_command(run_dir: str | Path) -> str | None:
-    """`wandb sync` for the offline W&B folders of a run (one per start of the same run id)."""
-    folders = sorted((Path(run_dir) / "wandb").glob("offline-run-*-*"))
-    if not folders:
-        return None
-    run_id = folders[-1].name.rsplit("-", 1)[-1]
-    return f"wandb sync --id {run_id} {shlex.quote(str(Path(run_dir) / 'wandb'))}/offline-run-*-{run_id}"
 
 
 # ------------------------------------------------------------------------------ the cluster

@@ -119,7 +119,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             result = train(cfg, resume=resume)
         summary = {"step": result.step, **result.metrics}
         if result.status == "completed":
-            if result.main:
+            if result.reports:
                 sync = common.wandb_sync_command(cfg.run.dir)
                 if sync:
                     print(f"W&B offline run: upload it with\n  {sync}", flush=True)
@@ -240,13 +240,12 @@ def submit(config: str | Path, overrides=(), *, cluster: str = "auto", resume: s
         from unet_dist.config import load_config
         cfg = load_config(config, overrides)
     req = resources(cfg, kind, **request)  # what the cluster can run (quick: no torch yet)
-    from unet_dist import checkpoint
+    from unet_dist.rundir import refuse_earlier_run
     from unet_dist.train import check_inputs
 
     check_inputs(cfg)  # the store, slices and patch size, before anything is queued
-    if resume == "never" and checkpoint.list_steps(Path(cfg.run.dir) / "checkpoints"):
-        raise UserError(f"{cfg.run.dir}/checkpoints: holds checkpoints of an earlier run; pass --resume auto "
-                        "to continue it, or choose another run.dir")
+    if resume == "never":
+        refuse_earlier_run(cfg.run.dir)
     if resume not in ("never", "auto") and not Path(resume).is_file():
         raise UserError(f"--resume {resume}: checkpoint not found")
     folder = Path(log_dir) if log_dir else Path(cfg.run.dir) / "jobs" / "%j"

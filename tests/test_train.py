@@ -75,7 +75,7 @@ def test_two_ranks_torchrun_stay_in_sync(isbi_store, tmp_path, free_port):
     from unet_dist.config import from_dict
     from unet_dist.dist import autocast
     from unet_dist.model import build_model
-    from unet_dist.train import validate
+    from unet_dist.validation import validate
 
     state = checkpoint.load(run / "checkpoints" / "step-000000040.pt")
     cfg = from_dict(state["config"])
@@ -277,7 +277,7 @@ def test_model_command(cli):
 
 
 def test_loss_options():
-    from unet_dist.train import loss_fn
+    from unet_dist.train_step import loss_fn
 
     logits = torch.tensor([[[[4.0, -4.0], [4.0, -4.0]]]])
     label = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
@@ -291,7 +291,7 @@ def test_loss_options():
 
 def test_warmup_then_cosine():
     from unet_dist.config import TrainConfig
-    from unet_dist.train import lr_factor
+    from unet_dist.train_state import lr_factor
 
     cfg = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
     factors = [lr_factor(s, cfg) for s in range(100)]
@@ -339,7 +339,7 @@ def test_torch_compile_option(synth_store, tmp_path):
 # ------------------------------------------------------------------ GPU-path decisions, on the CPU
 
 def test_fp16_resume_from_a_bf16_or_fp32_checkpoint_starts_a_fresh_loss_scale():
-    from unet_dist.train import restore_scaler
+    from unet_dist.train_state import restore_scaler
 
     fp16 = torch.amp.GradScaler("cpu", enabled=True)
     note = restore_scaler(fp16, {})  # what a disabled (bf16/fp32) scaler saved: GradScaler would raise
@@ -371,7 +371,7 @@ def test_deterministic_without_cuda_kernels_is_refused_on_cuda_only():
 def test_a_non_finite_step_is_skipped_without_reading_the_flag_on_the_host(fused):
     """Fused Adam (the GPU optimizer; also built on the CPU here) takes the decision on the device via
     found_inf, as GradScaler drives it; the plain one reads the flag."""
-    from unet_dist.train import step_if_finite
+    from unet_dist.train_step import step_if_finite
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
@@ -388,15 +388,16 @@ def test_a_non_finite_step_is_skipped_without_reading_the_flag_on_the_host(fused
 
 
 def test_health_counts_consecutive_non_finite_steps_on_the_device():
-    from unet_dist.train import Health, TrainingDiverged
+    from unet_dist.train_step import Health, TrainingDiverged
 
-    health = Health(torch.device("cpu"), limit=3)
+    health = Health(torch.device("cpu"), limit=3, precision="bf16")
     for flag in (False, False, True, False, False):
         health.update(torch.tensor(flag))
-    assert health.check(5, None, "fp32") == 4  # a run of 2, then 2 again: no divergence
+    assert health.check(5) == 4  # a run of 2, then 2 again: no divergence
     health.update(torch.tensor(False))
-    with pytest.raises(TrainingDiverged, match="non-finite for 3 consecutive steps"):
-        health.check(6, "ckpt.pt", "bf16")
+    health.last_checkpoint = "ckpt.pt"
+    with pytest.raises(TrainingDiverged, match="non-finite for 3 consecutive steps.*ckpt.pt.*precision=fp32"):
+        health.check(6)
 
 
 # ------------------------------------------------------------------ validation through the tiles
@@ -427,7 +428,7 @@ def test_validation_goes_through_the_predictor_tiling_and_agrees_with_it(overrid
     slice or 3D band through the network at once, and its scores are the predictor's."""
     from unet_dist.dist import autocast
     from unet_dist.predict import predict
-    from unet_dist.train import validate
+    from unet_dist.validation import validate
 
     cfg, model, ckpt = _random_run(tmp_path, [f"data.store={synth_store}", "data.train_slices=[0,4]",
                                               "data.val_slices=[4,12]", *overrides])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,9 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .rundir import BEST, STEP_FILE, step_file
 
 FORMAT = 1
-_STEP_FILE = re.compile(r"^step-(\d{9})\.pt$")
 REQUIRED_KEYS = ("format", "model", "model_config", "step")
 
 
@@ -45,7 +44,7 @@ def check_writable(directory: Path) -> None:
 
 
 def step_path(ckpt_dir: Path, step: int) -> Path:
-    return Path(ckpt_dir) / f"step-{step:09d}.pt"
+    return Path(ckpt_dir) / step_file(step)
 
 
 class CheckpointWriteError(UserError):
@@ -95,14 +94,14 @@ def save(ckpt_dir: Path, state: dict, keep_last: int, is_best: bool = False) -> 
     path = step_path(ckpt_dir, int(state["step"]))
     _atomic_torch_save(state, path)
     if is_best:
-        _atomic_torch_save(state, ckpt_dir / "best.pt")
+        _atomic_torch_save(state, ckpt_dir / BEST)
     prune(ckpt_dir, keep_last)
     return path
 
 
 def save_best(ckpt_dir: Path, state: dict) -> Path:
     """Refresh only `best.pt` (a validation improved between periodic checkpoints)."""
-    path = make_dir(ckpt_dir) / "best.pt"
+    path = make_dir(ckpt_dir) / BEST
     _atomic_torch_save({"format": FORMAT, **state}, path)
     return path
 
@@ -112,7 +111,7 @@ def list_steps(ckpt_dir: Path) -> list[Path]:
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
-    found = [p for p in ckpt_dir.iterdir() if _STEP_FILE.match(p.name)]
+    found = [p for p in ckpt_dir.iterdir() if STEP_FILE.match(p.name)]
     return sorted(found, key=lambda p: p.name)
 
 

@@ -113,7 +113,8 @@ def cmd_model(args) -> int:
 
 def cmd_train(args) -> int:
     from .config import load_config
-    from .train import TrainingDiverged, train
+    from .train import train
+    from .train_step import TrainingDiverged
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -121,7 +122,7 @@ def cmd_train(args) -> int:
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
-    if result.main and result.metrics and result.status == "completed":
+    if result.reports and result.metrics and result.status == "completed":
         print(json.dumps({"step": result.step, **result.metrics}), flush=True)
     return 0
 

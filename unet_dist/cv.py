@@ -33,7 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import checkpoint, dist
+from . import checkpoint, dist, rundir
 from .config import Config, load_config, to_dict
 from .data.store import RAW, TARGET_PATH, open_store
 from .errors import UserError
@@ -176,9 +176,9 @@ def _labelled_slices(store: str) -> int:
 
 
 def _pick_checkpoint(run_dir: Path, which: str) -> Path:
-    ckpt_dir = run_dir / "checkpoints"
-    if which == "best" and (ckpt_dir / "best.pt").is_file():
-        return ckpt_dir / "best.pt"
+    ckpt_dir = rundir.checkpoint_dir(run_dir)
+    if which == "best" and (ckpt_dir / rundir.BEST).is_file():
+        return ckpt_dir / rundir.BEST
     steps = checkpoint.list_steps(ckpt_dir)
     if not steps:
         raise UserError(f"{ckpt_dir}: no checkpoint to predict with")
@@ -196,7 +196,7 @@ class _StopFlag:
         self.arm()
 
     def arm(self) -> None:
-        from .train import STOP_SIGNALS
+        from .signals import STOP_SIGNALS
 
         for name in STOP_SIGNALS:
             signal.signal(getattr(signal, name), self._handle)
@@ -225,7 +225,7 @@ def check_same_fold(run_dir: Path, fcfg: Config) -> None:
     (a different --folds, store or recipe would silently reuse the wrong model)."""
     import yaml
 
-    path = run_dir / "config.yaml"
+    path = run_dir / rundir.CONFIG
     if not path.is_file():
         return
     try:
@@ -260,7 +260,7 @@ def run_fold(cfg: Config, n: int, fold: Fold, resume: str, tta: bool, which: str
     if resume == "auto":
         check_same_fold(run_dir, fcfg)
     previous = _read_json(run_dir / FOLD_FILE) if resume == "auto" else None
-    status = _read_json(run_dir / "status.json") or {}
+    status = rundir.read_status(run_dir) or {}
     finished = resume == "auto" and status.get("status") == "completed"
     if previous and finished and set(variants) <= set(previous.get("variants", {})) \
             and previous.get("checkpoint_kind") == which:
@@ -280,7 +280,7 @@ def run_fold(cfg: Config, n: int, fold: Fold, resume: str, tta: bool, which: str
         if result.status != "completed":
             _log(f"{fold.name}: training stopped at step {result.step} (checkpointed)")
             return "stopped"
-        status = _read_json(run_dir / "status.json") or {}
+        status = rundir.read_status(run_dir) or {}
 
     ckpt = _pick_checkpoint(run_dir, which)
     store = fcfg.data.store

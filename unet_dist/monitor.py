@@ -19,6 +19,7 @@ import numpy as np
 from .config import Config, to_dict
 from .overlay import CLASS_LABELS, error_panel
 from .progress import format_eta
+from .rundir import METRICS, wandb_sync_command
 
 SUMMARIES = {"train/loss": "min", "val/dice_membrane": "max", "val/dice_neuron": "max", "val/pixel_error": "min"}
 
@@ -47,7 +48,7 @@ class Monitor:
     def __init__(self, run_dir: Path, cfg: Config, start_step: int, run_id: str | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path = self.run_dir / METRICS
         self.logging = cfg.logging
         self.total_steps = cfg.train.steps
         self.start_step = start_step
@@ -179,9 +180,8 @@ class Monitor:
         run_dir = getattr(self.wandb_run, "dir", None)
         self._wandb(lambda run: run.finish())
         if self.wandb_mode == "offline":
-            wandb_root = self.run_dir / "wandb"
-            print(f"W&B offline run {self.run_id}: upload with\n  wandb sync --id {self.run_id} "
-                  f"{wandb_root}/offline-run-*-{self.run_id}", flush=True)
+            print(f"W&B offline run {self.run_id}: upload with\n  {wandb_sync_command(self.run_dir, self.run_id)}",
+                  flush=True)
         elif run_dir:
             print(f"W&B run {self.run_id} finished", flush=True)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from . import rundir
 from .errors import UserError
 from .overlay import INVENTED, MISSED, error_panel
 
@@ -247,7 +248,7 @@ def _rows_from_checkpoint(ckpt: Path, raw, lo: int, hi: int, zs, threshold: floa
 def _checkpoint_of(run_dir: Path) -> Path | None:
     from . import checkpoint
 
-    best = run_dir / "checkpoints" / "best.pt"
+    best = rundir.checkpoint_dir(run_dir) / rundir.BEST
     if best.is_file():
         return best
     steps = checkpoint.list_steps(run_dir / "checkpoints")
@@ -265,7 +266,7 @@ def report(run_dir, pred=None, store=None, slices=None, max_rows: int = 6, panel
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: not a run directory")
     cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / rundir.METRICS
     store = store or (cfg.data.store if cfg else None)
     ckpt = None if pred else _checkpoint_of(run_dir)
     grid = bool(store and (pred or ckpt))

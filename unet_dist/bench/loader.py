@@ -110,10 +110,7 @@ def run(args) -> dict:
         if not args.store or cfg.data.train_slices[1] > depth:
             cfg.data.train_slices, cfg.data.val_slices = [0, depth], [depth - 1, depth]
         _, crop = check_inputs(cfg)
-        spec = PatchSpec(store=cfg.data.store, z_range=tuple(cfg.data.train_slices),
-                         patch_size=tuple(cfg.data.patch_size), label_crop=crop, batch_size=cfg.data.batch_size,
-                         seed=cfg.train.seed, rank=0, weight_map=cfg.train.weight_map,
-                         weight_map_w0=cfg.train.weight_map_w0, weight_map_sigma=cfg.train.weight_map_sigma)
+        spec = PatchSpec.from_config(cfg, 0, crop)
         rows = []
         for w in counts:
             common.log(f"loader: {w} worker(s)")

@@ -119,7 +119,7 @@ class OurStep:
         import torch
 
         from .. import dist
-        from ..train import build_training
+        from ..train_state import build_training
 
         cfg = copy.deepcopy(cfg)
         cfg.train.channels_last, cfg.train.compile = variant.channels_last, variant.compile
@@ -138,7 +138,7 @@ class OurStep:
     def __call__(self) -> float | None:
         import torch
 
-        from ..train import loss_fn, step_if_finite
+        from ..train_step import loss_fn, step_if_finite
 
         cfg, device, accumulate = self.cfg, self.device, self.cfg.train.accumulate
         loss_sum = torch.zeros((), device=device)

@@ -41,6 +41,15 @@ class PatchSpec:
     weight_map_sigma: float = 5.0
     holdout: tuple[int, int] | None = None  # [start, stop) no patch may touch (a CV fold)
 
+    @classmethod
+    def from_config(cls, cfg, rank: int, label_crop: tuple[int, ...]) -> "PatchSpec":
+        """What the trainer draws from: the config's store, training slices, patch, augmentation
+        weights and held-out fold, for `rank`."""
+        return cls(store=cfg.data.store, z_range=tuple(cfg.data.train_slices), patch_size=tuple(cfg.data.patch_size),
+                   label_crop=tuple(label_crop), batch_size=cfg.data.batch_size, seed=cfg.train.seed, rank=rank,
+                   weight_map=cfg.train.weight_map, weight_map_w0=cfg.train.weight_map_w0,
+                   weight_map_sigma=cfg.train.weight_map_sigma, holdout=tuple(cfg.data.holdout_slices) or None)
+
 
 def patch_z_starts(z_range: tuple[int, int], depth: int, holdout: tuple[int, int] | None) -> np.ndarray:
     """First slices of the patches of `depth` slices inside `z_range` that avoid `holdout`."""

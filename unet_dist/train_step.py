@@ -1,0 +1,123 @@
+"""One optimizer step, and the guard against non-finite losses, kept on the device.
+
+The step never waits for the GPU: the loss, its finiteness and the count of skipped steps stay
+device tensors, read once per logging interval (and before validating or checkpointing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+from .train_state import TrainState
+
+
+class TrainingDiverged(Exception):
+    """The loss stayed non-finite: the run stops, its last good checkpoint kept."""
+
+
+def loss_fn(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None, kind: str) -> torch.Tensor:
+    logits = logits.float()
+    loss = F.binary_cross_entropy_with_logits(logits, label, weight=weight)
+    if kind == "bce_dice":
+        prob = torch.sigmoid(logits)
+        dims = tuple(range(1, prob.ndim))
+        dice_in = (2 * (prob * label).sum(dims) + 1) / (prob.sum(dims) + label.sum(dims) + 1)
+        dice_mem = (2 * ((1 - prob) * (1 - label)).sum(dims) + 1) / ((1 - prob).sum(dims) + (1 - label).sum(dims) + 1)
+        loss = loss + 1 - 0.5 * (dice_in + dice_mem).mean()
+    return loss
+
+
+def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """optimizer.step() only where `finite` (a 0-d bool tensor) holds.
+
+    A fused optimizer (Adam on GPUs) takes the decision on the device, through the `found_inf` input
+    GradScaler feeds it: the host never waits for the GPU to learn the answer. Others read the flag
+    (on a CPU that costs nothing)."""
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = (~finite).to(torch.float32)
+        optimizer.grad_scale = None
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf, optimizer.grad_scale
+    elif bool(finite):
+        optimizer.step()
+
+
+class Health:
+    """Non-finite steps counted on the device; read (one host sync) only at logging, validation and
+    checkpoints, where a run of `limit` consecutive non-finite steps stops training."""
+
+    def __init__(self, device: torch.device, limit: int, precision: str):
+        self.limit, self.precision = limit, precision
+        self.run = torch.zeros((), dtype=torch.int64, device=device)  # consecutive non-finite steps now
+        self.worst = torch.zeros((), dtype=torch.int64, device=device)  # longest run since the last check
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self.last_checkpoint: str | None = None  # named when the run stops
+
+    def update(self, finite: torch.Tensor) -> None:
+        bad = (~finite).to(torch.int64)
+        self.run = (self.run + 1) * bad
+        self.worst = torch.maximum(self.worst, self.run)
+        self.skipped = self.skipped + bad
+
+    def check(self, step: int) -> int:
+        """Raise TrainingDiverged after a long enough run; returns the skipped steps so far."""
+        worst, skipped = (int(v) for v in torch.stack([self.worst, self.skipped]).cpu())
+        self.worst = self.run.clone()
+        if worst >= self.limit:
+            raise TrainingDiverged(
+                f"loss was non-finite for {worst} consecutive steps (seen at step {step}); stopping. "
+                f"Last good checkpoint: {self.last_checkpoint or 'none'}. Lower train.lr"
+                + (" or try train.precision=fp32" if self.precision != "fp32" else ""))
+        return skipped
+
+
+class TrainStep:
+    """`train_step(next_batch)`: `accumulate` micro-batches, gradients all-reduced once (on the last),
+    clipped, and an optimizer step unless they are not finite. Returns (finite, loss, grad norm) as
+    device tensors."""
+
+    def __init__(self, state: TrainState, net: torch.nn.Module, ddp: bool, device: torch.device, precision: str,
+                 autocast_ctx, memory_format):
+        self.state, self.net, self.ddp, self.device, self.precision = state, net, ddp, device, precision
+        self.autocast, self.memory_format = autocast_ctx, memory_format
+
+    def __call__(self, next_batch: Callable[[], dict]):
+        state, cfg = self.state, self.state.cfg.train
+        accumulate = cfg.accumulate
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(accumulate):
+            batch = next_batch()
+            if "error" in batch:  # a damaged or invalid store, found by a loader worker
+                raise UserError(batch["error"])
+            raw = batch["raw"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            label = batch["label"].to(self.device, non_blocking=True)
+            weight = batch["weight"].to(self.device, non_blocking=True) if "weight" in batch else None
+            last = micro == accumulate - 1
+            sync = contextlib.nullcontext() if (not self.ddp or last) else self.net.no_sync()
+            with sync:
+                with self.autocast:
+                    logits = self.net(raw)
+                loss = loss_fn(logits, label, weight, cfg.loss) / accumulate
+                state.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        state.scaler.unscale_(state.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            state.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        # Gradients are identical on every rank after the all-reduce, so all ranks agree here.
+        finite = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)
+        if self.precision == "fp16":
+            state.scaler.step(state.optimizer)  # skips the step itself when the unscaled gradients are not finite
+            state.scaler.update()
+        else:
+            step_if_finite(state.optimizer, finite)
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scheduler.step()
+        state.step += 1
+        return finite, loss_sum, grad_norm

@@ -1,0 +1,84 @@
+"""Validation during training: the validation slices through the predictor's tiling, every
+`train.val_every` steps and at the last, logged with images, best score kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import dist
+from .config import Config
+from .data.patches import to_unit_float
+from .data.store import RAW, TARGET_PATH, open_store, read_region
+from .infer import forward_tiles
+from .metrics import confusion_counts, scores_from_confusion
+from .predict import as_slices, assign, block_core, input_region, make_plan, read_mirrored
+from .train_state import TrainState
+from .train_step import Health
+
+
+def validate(model, cfg: Config, device, autocast_ctx, want_panel: bool,
+             memory_format=torch.contiguous_format):
+    """The validation slices through the predictor's tiling: blocks of `predict.block_size` with their
+    context (mirrored at the volume's borders), `predict.batch_size` tiles per forward pass, blocks
+    spread over ranks and confusion counts summed, so N ranks report what one would and what
+    `unet-dist predict` reports. Memory depends on the block, never on the slice or the 3D band.
+    The panel (raw, label, prediction) is rank 0's first block (its middle slice in 3D)."""
+    group = open_store(cfg.data.store, arrays=(RAW, TARGET_PATH))
+    lo, hi = cfg.data.val_slices
+    plan = make_plan(cfg.model, cfg.predict, group[RAW].shape, (lo, hi))
+    offset = plan.offset[1:] if plan.dims == 2 else plan.offset
+    batch = cfg.predict.batch_size
+    counts = np.zeros(4, dtype=np.int64)
+    panel = None
+    model.eval()
+    for index in assign(range(plan.n_blocks), dist.rank(), dist.world_size()):
+        core = block_core(plan, index)
+        shape = tuple(b - a for a, b in core)
+        tiles = to_unit_float(read_mirrored(group[RAW], input_region(plan, core)))
+        tiles = tiles if plan.dims == 2 else tiles[None]
+        out = np.concatenate([forward_tiles(model, tiles[i:i + batch], device, autocast_ctx, memory_format)
+                              for i in range(0, len(tiles), batch)])
+        crop = (slice(None),) + tuple(slice(o, o + n) for o, n in zip(offset, shape[3 - len(offset):]))
+        prob = out[crop].reshape(shape)
+        stored = ((core[0][0] + lo, core[0][1] + lo), *core[1:])  # output slice z is input slice lo + z
+        label = read_region(group[TARGET_PATH], as_slices(stored))
+        counts += confusion_counts(prob, label, cfg.predict.threshold)
+        if want_panel and panel is None:
+            raw = to_unit_float(read_region(group[RAW], as_slices(stored)))
+            mid = shape[0] // 2
+            panel = (raw[mid], label[mid], prob[mid])
+    model.train()
+    scores = scores_from_confusion(dist.all_reduce_sum(counts))
+    return {f"val/{k}": float(v) for k, v in scores.items()}, panel
+
+
+class Validator:
+    """Decides when to validate, and keeps `state.best` (validation membrane Dice)."""
+
+    def __init__(self, cfg: Config, device, autocast_ctx, memory_format, monitor, health: Health, main: bool):
+        self.cfg, self.device, self.autocast, self.memory_format = cfg, device, autocast_ctx, memory_format
+        self.monitor, self.health, self.main = monitor, health, main
+        self.metrics: dict = {}  # the latest validation's
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.train.val_every == 0 or step == self.cfg.train.steps
+
+    def maybe_run(self, state: TrainState, clock) -> bool | None:
+        """Validate if due: returns whether the score is the best so far, None when not due."""
+        if not self.due(state.step):
+            return None
+        with clock.paused():
+            self.health.check(state.step)  # every rank: they stop together
+            dist.broadcast_buffers(state.model)
+            metrics, panel = validate(state.model, self.cfg, self.device, self.autocast,
+                                      want_panel=self.main and self.cfg.logging.images,
+                                      memory_format=self.memory_format)
+            metrics["val/replica_spread"] = dist.replica_spread(state.model)
+            self.monitor.log(state.step, metrics)
+            if panel is not None:
+                self.monitor.log_images(state.step, *panel, self.cfg.predict.threshold)
+            self.metrics = metrics
+            is_best = metrics["val/dice_membrane"] > state.best
+            state.best = max(state.best, metrics["val/dice_membrane"])
+            return is_best
