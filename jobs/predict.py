@@ -30,8 +30,8 @@ from unet_dist.commandline import slice_range
 from unet_dist.errors import UserError
 
 from . import common
-from .train import (NotRequeued, SubmittedJob, add_launch_arguments, executor_for, launch_from, resources,
-                    submit_and_report)
+from .launch import (NotRequeued, SubmittedJob, add_launch_arguments, executor_for, launch_from, resources,
+                     submit_and_report)
 
 
 def manifest_blocks(out: str | Path) -> int:

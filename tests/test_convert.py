@@ -17,6 +17,7 @@ import zarr
 from PIL import Image
 
 from unet_dist.data import store as st
+from unet_dist.data.pyramid import plan_levels
 from unet_dist.data.convert import convert as convert_, format_info, store_info
 from unet_dist.data.sources import open_source
 from unet_dist.errors import UserError
@@ -65,34 +66,35 @@ def write_slices(folder, stack, fmt="z{}.tif"):
 # ---------------------------------------------------------------- the ISBI stack
 
 
-def test_isbi_roundtrip(isbi_store, isbi_arrays):
-    data = read_store(isbi_store)
+def test_tiff_roundtrip(em_store, em_arrays):
+    data = read_store(em_store)
     assert data["raw"].dtype == np.uint8 and data["labels"].dtype == np.uint8
-    np.testing.assert_array_equal(data["raw"], isbi_arrays["raw"])
-    np.testing.assert_array_equal(data["labels"], isbi_arrays["labels"] // 255)
+    np.testing.assert_array_equal(data["raw"], em_arrays["raw"])
+    np.testing.assert_array_equal(data["labels"], em_arrays["labels"] // 255)
 
 
-def test_isbi_metadata(isbi_store, isbi_dir):
-    group = st.open_store(isbi_store, arrays=(st.RAW, st.TARGET_PATH))
+def test_store_metadata_and_provenance(em_store, em_dir):
+    group = st.open_store(em_store, arrays=(st.RAW, st.TARGET_PATH))
     assert [m["name"] for m in group.attrs["ome"]["multiscales"]] == ["raw"]
     assert st.label_names(group) == [st.TARGET]
     assert st.voxel_size(group) == (50.0, 4.0, 4.0)
     prov = group.attrs["unet_dist"]
     for role, name in (("raw", "train-volume.tif"), ("labels", "train-labels.tif")):
-        expected = hashlib.sha256((isbi_dir / name).read_bytes()).hexdigest()
+        expected = hashlib.sha256((em_dir / name).read_bytes()).hexdigest()
         assert prov["sources"][role]["sha256"] == expected
         assert prov["sources"][role]["files"] == [name]
     assert prov["created"].endswith("+00:00") and prov["version"]
     assert prov["label_threshold"] is None and prov["invert"] is False
 
 
-def test_raw_only_store_is_a_valid_ome_zarr_image(isbi_dir, tmp_path):
+def test_raw_only_store_is_a_valid_ome_zarr_image(em_dir, tmp_path):
     from ome_zarr_models.v05.image import Image as OmeImage
 
     out = tmp_path / "raw.zarr"
-    convert(isbi_dir / "train-volume.tif", out, resolution=(40, 5, 5))
+    convert(em_dir / "train-volume.tif", out, resolution=(40, 5, 5))
     image = OmeImage.from_zarr(zarr.open_group(str(out), mode="r"))
-    assert [d.path for d in image.datasets[0]] == ["0", "1"] and image.labels is None
+    levels = 1 + len(plan_levels(tifffile.TiffFile(em_dir / "train-volume.tif").series[0].shape, (40, 5, 5)))
+    assert [d.path for d in image.datasets[0]] == [str(k) for k in range(levels)] and image.labels is None
     assert st.voxel_size(zarr.open_group(str(out), mode="r")) == (40.0, 5.0, 5.0)
 
 
@@ -113,10 +115,10 @@ def test_isbi_info(isbi_store, isbi_arrays):
     assert "50 x 4 x 4 nm" in text and "label fraction 0.78" in text and "train-volume.tif" in text
 
 
-def test_slice_folders_natural_order(isbi_arrays, isbi_store, tmp_path):
+def test_slice_folders_natural_order(em_arrays, em_store, tmp_path):
     # z0..z29 unpadded: a plain sort would put z10 before z2.
-    stack, labels = isbi_arrays["raw"], isbi_arrays["labels"]
-    expected = read_store(isbi_store)
+    stack, labels = em_arrays["raw"], em_arrays["labels"]
+    expected = read_store(em_store)
     for kind, fmt in (("tif", "z{}.tif"), ("png", "z{}.png")):
         raw_dir = write_slices(tmp_path / f"raw_{kind}", stack, fmt)
         label_dir = write_slices(tmp_path / f"labels_{kind}", labels, fmt)
@@ -404,7 +406,7 @@ def test_sigterm_removes_the_temporary_store(tmp_path):
 # ---------------------------------------------------------------- open_store, readers
 
 
-def test_open_store_errors(isbi_store, tmp_path):
+def test_open_store_errors(em_store, em_arrays, tmp_path):
     with pytest.raises(UserError, match=r"nowhere\.zarr: not a Zarr store"):
         st.open_store(tmp_path / "nowhere.zarr")
     (tmp_path / "folder").mkdir()
@@ -420,12 +422,12 @@ def test_open_store_errors(isbi_store, tmp_path):
         st.open_store(raw_only, arrays=(st.RAW, st.TARGET_PATH))
     with pytest.raises(UserError, match=r"raw_only\.zarr: no array 'x' \(arrays: 0\)"):
         st.open_store(raw_only, arrays=("x",))
-    assert st.open_store(isbi_store, arrays=(st.RAW, st.TARGET_PATH))[st.TARGET_PATH].shape == (30, 512, 512)
+    assert st.open_store(em_store, arrays=(st.RAW, st.TARGET_PATH))[st.TARGET_PATH].shape == em_arrays["raw"].shape
 
 
-def test_reader_reads_slabs_lazily(isbi_dir, isbi_arrays):
-    source = open_source(isbi_dir / "train-volume.tif")
-    assert source.shape == (30, 512, 512) and source.dtype == np.uint8
-    np.testing.assert_array_equal(source.read(7, 9), isbi_arrays["raw"][7:9])
-    np.testing.assert_array_equal(source.read(29, 30), isbi_arrays["raw"][29:30])
+def test_reader_reads_slabs_lazily(em_dir, em_arrays):
+    source = open_source(em_dir / "train-volume.tif")
+    assert source.shape == em_arrays["raw"].shape and source.shape[0] == 30 and source.dtype == np.uint8
+    np.testing.assert_array_equal(source.read(7, 9), em_arrays["raw"][7:9])
+    np.testing.assert_array_equal(source.read(29, 30), em_arrays["raw"][29:30])
     source.close()

@@ -56,12 +56,15 @@ def test_first_host(nodelist, first):
     assert dist.first_host(nodelist) == first
 
 
-def test_device_choice_on_cpu():
+def test_device_choice_cpu_is_always_the_cpu():
     assert dist.choose_device("cpu", 0).type == "cpu"
-    if not torch.cuda.is_available():
-        assert dist.choose_device("auto", 0).type == "cpu"
-        with pytest.raises(UserError, match="CUDA is not available"):
-            dist.choose_device("cuda", 0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_choice_without_cuda():
+    assert dist.choose_device("auto", 0).type == "cpu"
+    with pytest.raises(UserError, match="CUDA is not available"):
+        dist.choose_device("cuda", 0)
 
 
 def test_precision_resolution_on_cpu():

@@ -3,6 +3,7 @@ during a checkpoint write, a rank killed mid-step (with and without torchrun).""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -53,19 +54,29 @@ def test_unwritable_run_directory_fails_before_training(synth_store, tmp_path):
 @pytest.mark.slow
 def test_sigterm_during_checkpoint_write_keeps_checkpoints_valid(synth_store, tmp_path):
     run = tmp_path / "run"
-    # A wider model makes each write long enough to be caught in the middle.
-    proc = subprocess.Popen(train_cmd(synth_store, run, "train.steps=100000", "train.ckpt_every=1",
-                                      "train.val_every=100000", "model.base_channels=48", "train.keep_last=100"),
-                            cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # The fault point pauses the first checkpoint write after its temporary file is complete and
+    # before the rename: the signal lands inside the write, every time.
+    proc = subprocess.Popen(train_cmd(synth_store, run, "train.steps=100000", "train.ckpt_every=3",
+                                      "train.val_every=100000", "train.keep_last=100"),
+                            cwd=ROOT, env={**ENV, checkpoint.FAULT_ENV: "checkpoint-write"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     ckpts = run / "checkpoints"
     deadline = time.monotonic() + 240
-    while not (ckpts.is_dir() and any(p.name.startswith(".step-") for p in ckpts.iterdir())):
-        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint write was observed"
-    proc.send_signal(signal.SIGTERM)  # while a temporary checkpoint file is being written
+    while not (ckpts.is_dir() and (markers := list(ckpts.glob(".step-*.paused")))):
+        assert proc.poll() is None and time.monotonic() < deadline, "the checkpoint write was never reached"
+        time.sleep(0.05)
+    (marker,) = markers
+    tmp = marker.with_name(marker.name.removesuffix(".paused"))
+    assert tmp.is_file() and not (ckpts / "step-000000003.pt").exists()  # inside the write of step 3
+    proc.send_signal(signal.SIGTERM)
+    marker.unlink()  # the write goes on
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
+    assert "stop signal received: checkpointing at step 3" in out  # acted on at the next step boundary
     steps = checkpoint.list_steps(ckpts)
-    assert steps and all(checkpoint.load(p)["step"] == int(p.stem.split("-")[1]) for p in steps)
+    assert [p.name for p in steps] == ["step-000000003.pt"]
+    assert checkpoint.load(steps[0])["step"] == 3
+    assert json.loads((run / "status.json").read_text())["status"] == "interrupted"
     assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]
 
 
@@ -166,7 +177,7 @@ def test_damaged_chunk_is_named_in_training_and_prediction(synth_store, tmp_path
     assert pred.code == 2 and str(chunk) in pred.err, pred.err[-2000:]
 
 
-def _float_store(path: Path, raw: "np.ndarray", labels: "np.ndarray") -> Path:
+def _float_store(path: Path, raw, labels) -> Path:
     import zarr
 
     group = zarr.open_group(path, mode="w")

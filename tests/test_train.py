@@ -29,9 +29,9 @@ def params(path: Path) -> dict[str, torch.Tensor]:
     return checkpoint.load(path)["model"]
 
 
-def test_single_process_trains(isbi_store, tmp_path):
+def test_single_process_trains(em_store, tmp_path):
     run = tmp_path / "run"
-    done = run_cli("train", "--config", SMOKE, f"data.store={isbi_store}", f"run.dir={run}",
+    done = run_cli("train", "--config", SMOKE, f"data.store={em_store}", f"run.dir={run}",
                    "train.steps=60", "train.val_every=30", "train.ckpt_every=30", env={"OMP_NUM_THREADS": "2"})
     assert done.code == 0, done.err
     rows = metrics(run)
@@ -51,14 +51,14 @@ def test_single_process_trains(isbi_store, tmp_path):
     final = json.loads(done.out.strip().splitlines()[-1])
     assert final["step"] == 60 and "val/dice_membrane" in final
     # Without --resume, an existing run is never silently overwritten.
-    again = run_cli("train", "--config", SMOKE, f"data.store={isbi_store}", f"run.dir={run}")
+    again = run_cli("train", "--config", SMOKE, f"data.store={em_store}", f"run.dir={run}")
     assert again.code == 2 and "--resume auto" in again.err and "Traceback" not in again.err
 
 
 @pytest.mark.slow
-def test_two_ranks_torchrun_stay_in_sync(isbi_store, tmp_path, free_port):
+def test_two_ranks_torchrun_stay_in_sync(em_store, tmp_path, free_port):
     run = tmp_path / "run"
-    proc = subprocess.run(torchrun_cmd(2, free_port, "train", "--config", SMOKE, f"data.store={isbi_store}",
+    proc = subprocess.run(torchrun_cmd(2, free_port, "train", "--config", SMOKE, f"data.store={em_store}",
                                        f"run.dir={run}", "train.steps=40", "data.num_workers=1",
                                        "train.accumulate=2"),
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
@@ -99,10 +99,10 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 
 @pytest.mark.slow
-def test_exact_resume_after_kill_9(isbi_store, tmp_path):
+def test_exact_resume_after_kill_9(em_store, tmp_path):
     """2N steps straight == N steps, kill -9 of the whole process group, resume, N more: bit for bit."""
     n = 12
-    common = ["--config", SMOKE, f"data.store={isbi_store}", f"train.steps={2 * n}", f"train.ckpt_every={n}",
+    common = ["--config", SMOKE, f"data.store={em_store}", f"train.steps={2 * n}", f"train.ckpt_every={n}",
               f"train.val_every={n}", "train.deterministic=true", "data.num_workers=1",
               "data.augment.elastic=true", "train.keep_last=5"]
 
@@ -140,18 +140,21 @@ def test_exact_resume_after_kill_9(isbi_store, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("wandb", ["disabled", "offline"])
-def test_sigterm_checkpoints_and_exits_cleanly(isbi_store, tmp_path, wandb):
+def test_sigterm_checkpoints_and_exits_cleanly(em_store, tmp_path, wandb):
     """SIGTERM to the whole process group, as SLURM sends it: with W&B on, it also kills W&B's
     service process, and the checkpoint must still be written."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "unet_dist", "train", "--config", str(SMOKE), f"data.store={isbi_store}",
+    cmd = [sys.executable, "-m", "unet_dist", "train", "--config", str(SMOKE), f"data.store={em_store}",
            f"run.dir={run}", "train.steps=100000", "train.ckpt_every=5", "train.val_every=100000",
            "data.num_workers=1", f"logging.wandb={wandb}"]
     env = {**ENV, "WANDB_MODE": wandb}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     _wait_for(checkpoint.step_path(run / "checkpoints", 5), proc)
-    time.sleep(1.0)  # a few more steps, so the stop checkpoint is a new one
+    deadline = time.monotonic() + 300
+    while '"step": 10,' not in (run / "metrics.jsonl").read_text():  # steps past the last checkpoint
+        assert proc.poll() is None and time.monotonic() < deadline, "training stopped early"
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGTERM)  # as SLURM does: the main process, loader workers, W&B service
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
@@ -159,25 +162,26 @@ def test_sigterm_checkpoints_and_exits_cleanly(isbi_store, tmp_path, wandb):
     state, path = checkpoint.load_latest(run / "checkpoints")
     assert state["step"] >= 5 and state["step"] < 100000
     stopped_at = int(out.split("checkpointing at step ")[1].split()[0])
-    assert state["step"] == stopped_at  # the step where the signal was seen, not an older one
+    assert state["step"] == stopped_at >= 10  # the step where the signal was seen: a new checkpoint
+    assert path.name == checkpoint.step_path(run / "checkpoints", stopped_at).name
     status = json.loads((run / "status.json").read_text())
     assert status == {**status, "status": "interrupted", "step": state["step"], "checkpoint": str(path)}
-    resumed = run_cli("train", "--config", SMOKE, f"data.store={isbi_store}", f"run.dir={run}",
+    resumed = run_cli("train", "--config", SMOKE, f"data.store={em_store}", f"run.dir={run}",
                       f"train.steps={state['step'] + 3}", "train.ckpt_every=5", "--resume", "auto")
     assert resumed.code == 0, resumed.err
     assert checkpoint.load_latest(run / "checkpoints")[0]["step"] == state["step"] + 3
 
 
-def test_bad_inputs_fail_fast_with_one_line(isbi_store, synth_store, tmp_path, free_port):
+def test_bad_inputs_fail_fast_with_one_line(em_store, synth_store, tmp_path, free_port):
     run = tmp_path / "run"
     missing = run_cli("train", "--config", SMOKE, f"data.store={tmp_path / 'nope.zarr'}", f"run.dir={run}")
     assert missing.code == 2 and "nope.zarr" in missing.err and missing.err.count("\n") == 1
     typo = run_cli("train", "--config", SMOKE, "train.stesp=3", f"run.dir={run}")
     assert typo.code == 2 and "train.stesp" in typo.err
-    big = run_cli("train", "--config", SMOKE, f"data.store={isbi_store}", "data.patch_size=[1024,1024]",
+    big = run_cli("train", "--config", SMOKE, f"data.store={em_store}", "data.patch_size=[1024,1024]",
                   f"run.dir={run}")
     assert big.code == 2 and "data.patch_size" in big.err
-    odd = run_cli("train", "--config", SMOKE, f"data.store={isbi_store}", "data.patch_size=[66,66]",
+    odd = run_cli("train", "--config", SMOKE, f"data.store={em_store}", "data.patch_size=[66,66]",
                   f"run.dir={run}")
     assert odd.code == 2 and "patch" in odd.err.lower()
     slices = run_cli("train", "--config", SMOKE, f"data.store={synth_store}", "data.train_slices=[0,8]", "data.val_slices=[10,40]",
@@ -196,7 +200,7 @@ def test_bad_inputs_fail_fast_with_one_line(isbi_store, synth_store, tmp_path, f
                           timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.count("no label image 'neuron_interior'") == 2
-    proc = subprocess.run(torchrun_cmd(2, free_port, "train", "--config", SMOKE, f"data.store={isbi_store}",
+    proc = subprocess.run(torchrun_cmd(2, free_port, "train", "--config", SMOKE, f"data.store={em_store}",
                                        f"run.dir={run}", "train.sync_batchnorm=true"), cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and proc.stderr.count("SyncBatchNorm runs on GPUs only") == 2
@@ -311,6 +315,27 @@ def test_options_bf16_weight_map_dice_channels_last(synth_store, tmp_path):
     assert done.code == 0, done.err
     assert "precision bf16" in done.out
     assert json.loads((run / "status.json").read_text())["step"] == 6
+    state = checkpoint.load(checkpoint.step_path(run / "checkpoints", 6))
+    group = state["optimizer"]["param_groups"][0]
+    assert group["weight_decay"] == 0.01 and group.get("decoupled_weight_decay", True)  # AdamW
+    weights = state["model"]
+    assert not any("running_mean" in k for k in weights)  # group norm keeps no running statistics
+    assert all(w.ndim != 4 or w.shape[-1] != 2 or w.shape[-2] != 2 for w in weights.values())  # no 2x2 transposed convs
+    convs = [w for w in weights.values() if w.ndim == 4 and w.shape[-1] == 3 and w.shape[1] > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+
+    def first_loss(*options) -> float:
+        other = tmp_path / "-".join(o.split(".")[-1] for o in options)
+        again = run_cli("train", "--config", SMOKE, f"data.store={synth_store}", "data.train_slices=[0,8]",
+                        "data.val_slices=[8,12]", f"run.dir={other}", "train.steps=5", "train.val_every=5",
+                        "train.precision=bf16", "train.channels_last=true", "train.optimizer=adamw",
+                        "train.weight_decay=0.01", "model.norm=group", "model.upsample=interp", *options)
+        assert again.code == 0, again.err
+        return json.loads((other / "metrics.jsonl").read_text().splitlines()[0])["train/loss"]
+
+    both = first_loss("train.weight_map=true", "train.loss=bce_dice")
+    assert both > first_loss("train.weight_map=false", "train.loss=bce_dice")  # the weight map weighs in
+    assert both > first_loss("train.weight_map=true", "train.loss=bce")  # and so does the Dice term
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .files import FAULT_ENV, fault_point  # noqa: F401  (FAULT_ENV: for the tests)
 from .rundir import BEST, STEP_FILE, step_file
 
 FORMAT = 1
@@ -62,6 +63,7 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
             f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
+        fault_point("checkpoint-write", tmp)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

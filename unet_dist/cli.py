@@ -172,7 +172,7 @@ def cmd_cv(args) -> int:
 
     holdout = slice_range(args.holdout) if args.holdout else None
     cv(args.config, args.overrides, folds=args.folds, only=args.only, holdout=holdout, resume=args.resume,
-       tta=args.tta, which=args.checkpoint)
+       tta=args.tta, checkpoint_kind=args.checkpoint)
     return 0
 
 

@@ -14,8 +14,9 @@ thresholds. The "tuned" threshold of fold k is chosen on the OTHER folds' held-o
 there are no others and the tuned row is the oracle on the held-out slices themselves, marked so.
 V_rand and V_info are already maxima over thresholds (as the challenge computes them).
 
-Each step (`train`, `predict`, `evaluate`) sets up and tears down the process group itself, so
-`torchrun ... -m unet_dist cv` runs every fold on N ranks. Rank 0 writes `fold-<k>/cv-fold.json` as
+`torchrun ... -m unet_dist cv` runs every fold on N ranks: cv joins one process group for all
+folds, and the steps (`train`, `predict`, `evaluate`) meet in it at a barrier instead of joining
+their own (a second join under torchrun fails: the agent's store keeps the first group's keys). Rank 0 writes `fold-<k>/cv-fold.json` as
 each fold finishes and `RUN_DIR/cv.json` (per-fold metrics, mean and sample std over folds) at the end;
 the summary covers every fold with a result on disk, so folds run separately (`--only K`) add up.
 """
@@ -175,9 +176,9 @@ def _labelled_slices(store: str) -> int:
     return int(group[TARGET_PATH].shape[0])
 
 
-def _pick_checkpoint(run_dir: Path, which: str) -> Path:
+def _pick_checkpoint(run_dir: Path, checkpoint_kind: str) -> Path:
     ckpt_dir = rundir.checkpoint_dir(run_dir)
-    if which == "best" and (ckpt_dir / rundir.BEST).is_file():
+    if checkpoint_kind == "best" and (ckpt_dir / rundir.BEST).is_file():
         return ckpt_dir / rundir.BEST
     steps = checkpoint.list_steps(ckpt_dir)
     if not steps:
@@ -206,7 +207,7 @@ class _StopFlag:
 
 
 # Keys that do not change what a finished fold computed: a rerun with --resume auto may differ in them.
-_IRRELEVANT = {"train.val_every", "train.ckpt_every", "train.log_every", "train.keep_last", "train.dist_timeout_s",
+_RERUN_MAY_DIFFER = {"train.val_every", "train.ckpt_every", "train.log_every", "train.keep_last", "train.dist_timeout_s",
                "data.num_workers", "data.prefetch_factor", "data.start_method"}
 
 
@@ -234,7 +235,7 @@ def check_same_fold(run_dir: Path, fcfg: Config) -> None:
     except (OSError, yaml.YAMLError, AttributeError):
         raise UserError(f"{path}: unreadable; remove {run_dir} or choose another run.dir") from None
     new = _flatten({k: v for k, v in to_dict(fcfg).items() if k in ("data", "model", "train")})
-    differ = sorted(k for k in set(old) | set(new) if k not in _IRRELEVANT and old.get(k) != new.get(k))
+    differ = sorted(k for k in set(old) | set(new) if k not in _RERUN_MAY_DIFFER and old.get(k) != new.get(k))
     if differ:
         shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in differ[:4])
         raise UserError(f"{run_dir}: holds a run with other settings: {shown}"
@@ -246,7 +247,7 @@ def _log(message: str) -> None:
         print(f"cv: {message}", file=sys.stderr, flush=True)
 
 
-def run_fold(cfg: Config, n: int, fold: Fold, resume: str, tta: bool, which: str, stop: _StopFlag) -> str:
+def run_fold(cfg: Config, n: int, fold: Fold, resume: str, tta: bool, checkpoint_kind: str, stop: _StopFlag) -> str:
     """Train (unless finished), predict the held-out slices, evaluate; rank 0 writes the fold's result.
     Returns "done", or "stopped" when a stop signal interrupted it (run again with --resume auto)."""
     from .evaluate import evaluate
@@ -263,7 +264,7 @@ def run_fold(cfg: Config, n: int, fold: Fold, resume: str, tta: bool, which: str
     status = rundir.read_status(run_dir) or {}
     finished = resume == "auto" and status.get("status") == "completed"
     if previous and finished and set(variants) <= set(previous.get("variants", {})) \
-            and previous.get("checkpoint_kind") == which:
+            and previous.get("checkpoint_kind") == checkpoint_kind:
         _log(f"{fold.name}: finished earlier, result kept ({run_dir / FOLD_FILE})")
         return "done"
 
@@ -282,10 +283,10 @@ def run_fold(cfg: Config, n: int, fold: Fold, resume: str, tta: bool, which: str
             return "stopped"
         status = rundir.read_status(run_dir) or {}
 
-    ckpt = _pick_checkpoint(run_dir, which)
+    ckpt = _pick_checkpoint(run_dir, checkpoint_kind)
     store = fcfg.data.store
     out = {"fold": fold.name, "index": fold.index, "slices": [a, b], "run_dir": str(run_dir),
-           "checkpoint": str(ckpt), "checkpoint_kind": which, "train_s": train_s,
+           "checkpoint": str(ckpt), "checkpoint_kind": checkpoint_kind, "train_s": train_s,
            "train_steps": status.get("step"), "world_size": dist.detect_env().world_size, "variants": {}}
     for variant in variants:
         if stop.signal_name:
@@ -330,13 +331,13 @@ def collect(run_root: Path, names: Sequence[str]) -> list[dict]:
 
 def cv(config: str, overrides: Sequence[str] = (), folds: int = 5, only: int | None = None,
        holdout: tuple[int, int] | None = None, resume: str = "never", tta: bool = False,
-       which: str = "best") -> dict | None:
+       checkpoint_kind: str = "best") -> dict | None:
     """Run the folds; rank 0 writes RUN_DIR/cv.json and returns it (other ranks return None)."""
 
     if resume not in ("never", "auto"):
         raise UserError(f"--resume {resume}: expected never or auto")
-    if which not in ("best", "last"):
-        raise UserError(f"--checkpoint {which}: expected best or last")
+    if checkpoint_kind not in ("best", "last"):
+        raise UserError(f"--checkpoint {checkpoint_kind}: expected best or last")
     cfg = load_config(config, overrides)
     n = _labelled_slices(cfg.data.store)
     todo = make_folds(n, folds, only, holdout)
@@ -350,7 +351,7 @@ def cv(config: str, overrides: Sequence[str] = (), folds: int = 5, only: int | N
     device = dist.choose_device(cfg.train.device, env.local_rank, env.local_world_size)
     with dist.process_group(env, device, cfg.train.dist_timeout_s):
         for fold in todo:
-            if stop.signal_name or run_fold(cfg, n, fold, resume, tta, which, stop) == "stopped":
+            if stop.signal_name or run_fold(cfg, n, fold, resume, tta, checkpoint_kind, stop) == "stopped":
                 _log(f"stop signal received: stopped at {fold.name}; run again with --resume auto to continue")
                 break
     if not main:
@@ -359,7 +360,7 @@ def cv(config: str, overrides: Sequence[str] = (), folds: int = 5, only: int | N
     report = {
         "config": str(config), "overrides": list(overrides), "store": cfg.data.store, "labelled_slices": n,
         "folds": len(all_names), "layout": "holdout" if holdout else f"{folds} folds of consecutive slices",
-        "checkpoint": which, "tta": tta, "seconds_this_call": round(time.perf_counter() - started, 1),
+        "checkpoint": checkpoint_kind, "tta": tta, "seconds_this_call": round(time.perf_counter() - started, 1),
         "resolved_config": to_dict(cfg), "fold_results": results, "summary": summarize(results),
     }
     write_json_atomic(root / "cv.json", report)

@@ -2,8 +2,8 @@
 
 The only module that reads launcher environment variables: torchrun (`RANK`, `WORLD_SIZE`,
 `LOCAL_RANK`), SLURM's srun without torchrun (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`) and
-submitit (which runs under SLURM or its local executor). Trainer and predictor call `setup()` once
-and then read like single-process code.
+submitit (which runs under SLURM or its local executor). Trainer, predictor and evaluate hold the
+process group with `process_group(...)` for their work and then read like single-process code.
 """
 
 from __future__ import annotations

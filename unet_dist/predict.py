@@ -42,7 +42,7 @@ from .data.chunk_cache import ChunkCache
 from .data.prediction import MASK, PROBABILITY, build_pyramids, create_prediction
 from .data.store import (RAW, TARGET_PATH, check_out, open_store, provenance, read_region, slices_within,
                          voxel_size)
-from .files import write_json_atomic
+from .files import fault_point, write_json_atomic
 from .errors import UserError
 from .infer import padded_input_shape
 from .metrics import confusion_counts, scores_from_confusion
@@ -64,7 +64,7 @@ class Plan:
     shape: tuple[int, int, int]  # the output
     block: tuple[int, int, int]  # output block = output chunk
     dims: int  # 2: each slice of a block is one tile; 3: a block is one tile
-    before: tuple[int, int, int]  # context read before a block's first voxel
+    context: tuple[int, int, int]  # context (halo) read on each side of a block, on the pooling grid
     tile: tuple[int, int, int]  # model input extent (2D: tile[0] == 1)
     offset: tuple[int, int, int]  # where a block starts inside the model's output tile
 
@@ -95,15 +95,15 @@ def make_plan(model_cfg, pcfg: PredictConfig, in_shape, z_range: tuple[int, int]
                             f"pooling factor {list(pool)} on every axis (tiles must start on its grid)")
     if model_cfg.padding == "same":
         need = (0, *halo(model_cfg)) if dims == 2 else tuple(halo(model_cfg))
-        ctx = [(-(-max(pcfg.halo[a], need[a]) // pool[a]) * pool[a]) if a in axes else 0 for a in range(3)]
-        tile = [block[a] + 2 * ctx[a] if a in axes else 1 for a in range(3)]
-        offset = ctx
+        context = [(-(-max(pcfg.halo[a], need[a]) // pool[a]) * pool[a]) if a in axes else 0 for a in range(3)]
+        tile = [block[a] + 2 * context[a] if a in axes else 1 for a in range(3)]
+        offset = context
     else:  # valid: the network itself consumes the context
-        in_tile, context = padded_input_shape(model_cfg, tuple(block[a] for a in axes))
-        tile, ctx, offset = [1, *in_tile], [0, *context], [0, 0, 0]
+        in_tile, margin = padded_input_shape(model_cfg, tuple(block[a] for a in axes))
+        tile, context, offset = [1, *in_tile], [0, *margin], [0, 0, 0]
         if dims == 3:
-            tile, ctx = list(in_tile), list(context)
-    return Plan(tuple(int(n) for n in in_shape), int(z_range[0]), shape, tuple(block), dims, tuple(ctx),
+            tile, context = list(in_tile), list(margin)
+    return Plan(tuple(int(n) for n in in_shape), int(z_range[0]), shape, tuple(block), dims, tuple(context),
                 tuple(tile), tuple(offset))
 
 
@@ -117,7 +117,7 @@ def input_region(plan: Plan, core) -> tuple[tuple[int, int], ...]:
     """Input voxels a block reads, [lo, hi) per axis; may reach beyond the volume (mirrored)."""
     region = []
     for a, (lo, hi) in enumerate(core):
-        start = lo + (plan.z0 if a == 0 else 0) - plan.before[a]
+        start = lo + (plan.z0 if a == 0 else 0) - plan.context[a]
         span = hi - lo if (plan.dims == 2 and a == 0) else plan.tile[a]
         region.append((start, start + span))
     return tuple(region)
@@ -215,7 +215,7 @@ def run_settings(plan: Plan, cfg: Config, weights: str, precision: str, input_pa
     p = cfg.predict
     return {"weights_sha256": weights, "model": to_dict(cfg.model), "input": str(Path(input_path).resolve()),
             "input_shape": list(plan.in_shape), "slices": [plan.z0, plan.z0 + plan.shape[0]],
-            "block_size": list(plan.block), "halo": list(plan.before), "tta": p.tta,
+            "block_size": list(plan.block), "halo": list(plan.context), "tta": p.tta,
             "probability_dtype": p.probability_dtype, "threshold": p.threshold, "precision": precision,
             "pyramid_max_side": p.pyramid_max_side}
 
@@ -248,6 +248,7 @@ class Manifest:
         return found
 
     def mark(self, index: int, core) -> None:
+        fault_point("block-mark", self.dir / f"block-{index}.json")
         write_json_atomic(self.dir / f"block-{index}.json",
                    {"block": index, "key": self.key, "core": list(core), "rank": dist.rank()})
 
@@ -300,7 +301,10 @@ def block_crop(plan: Plan) -> tuple[slice, ...]:
     return tuple(slice(plan.offset[a], plan.offset[a] + plan.block[a]) for a in axes)
 
 
-class _Runner:
+class BlockPipeline:
+    """Read -> compute -> write for this rank's blocks: reader threads decode inputs, the TileNet runs
+    batches, writer threads store whole chunks and record each block in the manifest."""
+
     def __init__(self, plan: Plan, net: TileNet, raw, labels, out_group, manifest: Manifest, cfg: PredictConfig):
         self.plan, self.net, self.raw, self.labels, self.cfg = plan, net, raw, labels, cfg
         self.prob, self.mask, self.manifest = out_group[PROBABILITY], out_group[MASK], manifest
@@ -569,7 +573,7 @@ def _predict(plan, cfg, model, device, precision, raw, labels, out, manifest, do
     main = dist.is_main()
     if main:
         print(f"predict: {plan.n_blocks} blocks of {list(plan.block)} (tiles {list(plan.model_tile)}, "
-              f"context {list(plan.before)}), {len(done)} already done, on {world} rank(s), device {device.type}, "
+              f"context {list(plan.context)}), {len(done)} already done, on {world} rank(s), device {device.type}, "
               f"precision {precision}, tta {'on' if cfg.predict.tta else 'off'}, {readers} readers, "
               f"{writers} writers", file=sys.stderr, flush=True)
     with backends.codec_pipeline(cfg.predict.codec_pipeline):
@@ -577,8 +581,8 @@ def _predict(plan, cfg, model, device, precision, raw, labels, out, manifest, do
     p = cfg.predict
     net = TileNet(model, device, precision, p.batch_size, p.tta, plan.dims, crop=block_crop(plan),
                   threshold=p.threshold, probability_dtype=p.probability_dtype)
-    runner = _Runner(plan, net, raw, labels, group, manifest, p)
-    runner.plan_reads(todo)
+    pipeline = BlockPipeline(plan, net, raw, labels, group, manifest, p)
+    pipeline.plan_reads(todo)
     started, count = time.perf_counter(), 0
     # rank 0's share stands for all: blocks go round-robin, so every rank has about as many
     progress = Progress("predict" if world == 1 else f"predict (rank 0 of {world})", len(todo), "blocks",
@@ -590,12 +594,12 @@ def _predict(plan, cfg, model, device, precision, raw, labels, out, manifest, do
         if main:
             progress.update(count)
 
-    counts = runner.run(todo, readers, writers, on_block)
+    counts = pipeline.run(todo, readers, writers, on_block)
     times = np.zeros(world)
     times[rank] = time.perf_counter() - started
     if labels is not None:
         for index in finished:
-            counts += runner.recount(index)
+            counts += pipeline.recount(index)
     predicted = np.array([sum(math.prod(hi - lo for lo, hi in block_core(plan, i)) for i in todo)], np.int64)
     # Ranks arrive here as far apart as their shares of the volume take (hours on a big one): this
     # meeting has no job timeout, or the fastest rank's would expire before the output is complete.

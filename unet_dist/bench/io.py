@@ -7,7 +7,7 @@ The volume (`--size` GB of uint8 raw, slices of `--width` squared, `unet-dist co
 usable cores; each child process is pinned to that many cores, readers and writers from
 `predict.io_threads`):
 
-- OURS: the predictor's `_Runner` on every block (default 512^2 blocks with 32 px of mirrored
+- OURS: the predictor's `BlockPipeline` on every block (default 512^2 blocks with 32 px of mirrored
   context: 576^2 input regions), reading through the decoded-chunk cache, a model that returns its
   input (probability = raw / 255, stored as uint8 = raw; mask = raw > 127), writing both outputs
   with their codecs and the manifest;
@@ -67,7 +67,7 @@ def run_pipeline(store: str, out: str, cores: int, cache: bool, block: list, hal
 
     from ..config import ModelConfig, PredictConfig
     from ..data.store import RAW, open_store
-    from ..predict import (Manifest, _create_output, _Runner, block_crop, block_order, io_threads, make_plan)
+    from ..predict import (Manifest, _create_output, BlockPipeline, block_crop, block_order, io_threads, make_plan)
     from ..tilenet import Pending
     from .common import measure
 
@@ -86,13 +86,13 @@ def run_pipeline(store: str, out: str, cores: int, cache: bool, block: list, hal
     _create_output(Path(out), plan, {}, pcfg, True, manifest, None)
     import zarr
 
-    runner = _Runner(plan, Identity(), raw, None, zarr.open_group(out, mode="r+"), manifest, pcfg)
+    pipeline = BlockPipeline(plan, Identity(), raw, None, zarr.open_group(out, mode="r+"), manifest, pcfg)
     todo = block_order(plan, range(plan.n_blocks), raw.chunks)
     readers, writers = io_threads(pcfg, cores)
-    runner.plan_reads(todo)
+    pipeline.plan_reads(todo)
 
     def go() -> dict:
-        runner.run(todo, readers, writers, lambda: None)
+        pipeline.run(todo, readers, writers, lambda: None)
         return {"blocks": len(todo)}
 
     result = measure(go)
@@ -102,7 +102,7 @@ def run_pipeline(store: str, out: str, cores: int, cache: bool, block: list, hal
     boxes = [mirror_box(input_region(plan, block_core(plan, i)), raw.shape) for i in todo]
     delivered = sum(math.prod(s.stop - s.start for s in b) for b in boxes) * raw.dtype.itemsize
     if cache:
-        decoded = runner.raw_cache.decoded_bytes
+        decoded = pipeline.raw_cache.decoded_bytes
     else:  # every chunk a block touches, decoded whole for that block
         counter = ChunkCache(raw)
         decoded = sum(math.prod(s.stop - s.start for s in counter.chunk_box(c))

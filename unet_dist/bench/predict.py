@@ -297,7 +297,7 @@ def run(args) -> dict:
     config = {"device": str(device), "precision": precision, "overrides": applied, "model": to_dict(cfg.model),
               "predict": to_dict(cfg.predict), "volume": list(raw_shape),
               "store": "synthetic" if not args.store else args.store, "tile": tile, "block": block,
-              "context": list(plan.before), "monai_overlap": overlap, "monai_mode": "gaussian",
+              "context": list(plan.context), "monai_overlap": overlap, "monai_mode": "gaussian",
               "monai_aggregation": args.monai_device, "rounds": args.rounds}
     report = common.make_report(
         "predict", args, device, config, rows, rows[0]["voxels_per_s"] / rows[1]["voxels_per_s"],

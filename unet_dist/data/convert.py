@@ -231,7 +231,7 @@ def store_info(path) -> dict:
             "ratio": raw_bytes / stored if stored else None,
         }
         if key == st.TARGET_PATH:
-            ones = sum(int(np.count_nonzero(array[z0:z1])) for z0, z1 in st.iter_slabs(array))
+            ones = sum(int(np.count_nonzero(array[z0:z1])) for z0, z1 in st.Layout.of(array).slabs())
             entry["label_fraction"] = ones / max(1, int(np.prod(array.shape)))
         arrays[key] = entry
     return {

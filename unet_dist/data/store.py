@@ -161,15 +161,20 @@ def provenance(sources: dict, **extra) -> dict:
 
 @dataclass(frozen=True)
 class Layout:
-    """Chunks and optional shards of a (Z, Y, X) array; slabs are what one write covers."""
+    """Chunks and optional shards of a (Z, Y, X) array; slabs are what one write (or read) covers."""
 
     shape: tuple[int, int, int]
     chunks: tuple[int, int, int]
     shards: tuple[int, int, int] | None
 
+    @classmethod
+    def of(cls, array) -> "Layout":
+        """The layout of an existing array, e.g. to stream it slab by slab."""
+        return cls(tuple(array.shape), tuple(array.chunks), array.shards)
+
     @property
     def slab_depth(self) -> int:
-        # Whole shards per write: two writes into one shard lose data (DESIGN.md, measured).
+        # Whole shards per write: two writes into one shard lose data (measured with zarr 3.1).
         return (self.shards or self.chunks)[0]
 
     def slabs(self) -> Iterator[tuple[int, int]]:
@@ -427,13 +432,6 @@ def stored_bytes(path) -> int:
             with contextlib.suppress(OSError):
                 total += os.path.getsize(os.path.join(root, f))
     return total
-
-
-def iter_slabs(array) -> Iterator[tuple[int, int]]:
-    """z ranges aligned to an existing array's chunks (shards when sharded), for streamed reads."""
-    depth = (array.shards or array.chunks)[0]
-    for z0 in range(0, array.shape[0], depth):
-        yield z0, min(z0 + depth, array.shape[0])
 
 
 def nbytes(shape, dtype) -> int:
