@@ -268,14 +268,15 @@ def test_bench_convert_memory_does_not_grow_with_the_volume(source, tmp_path):
     # converter that held the volume would sit 160 MB above its baseline. tensorstore itself takes
     # ~100-130 MB to read (its threads' buffers; measured the same at 160 MB and at 1 GB, see
     # BENCHMARKS.md), so for N5 convert is held to what merely reading with tensorstore costs, plus
-    # the pyramid pass (two threads downsampling a chunk each, and their malloc arenas).
+    # the pyramid pass (two threads downsampling a chunk each, and their malloc arenas): at most half
+    # of what holding the volume would add.
     out = tmp_path / "convert.json"
     done = bench("convert", "--source", source, "--size", "160", "--width", "512", "--json", out,
                  "--workdir", tmp_path)
     assert done.code == 0, done.err
     report = json.loads(out.read_text())
     ours, peer = report["ours"]["peak_rss_above_baseline_mb"], report["peer"]["peak_rss_above_baseline_mb"]
-    assert ours < (80 if source == "hdf5" else peer + 64), (ours, peer)
+    assert ours < (80 if source == "hdf5" else peer + 80), (ours, peer)
 
 
 def test_bench_predict_tile_runner_lays_out_a_3d_model_in_5d(tmp_path):

@@ -79,7 +79,8 @@ def test_resume_on_gpu_continues_within_tolerance(synth_store, tmp_path, record_
 def test_predictor_on_gpu_matches_the_cpu(tmp_path, record_property):
     from unet_dist.config import ModelConfig
     from unet_dist.data.synth import synthesize
-    from unet_dist.predict import predict, probability_float
+    from unet_dist.data.prediction import probability_float
+    from unet_dist.predict import predict
 
     from test_predict import save_checkpoint
 
@@ -91,7 +92,7 @@ def test_predictor_on_gpu_matches_the_cpu(tmp_path, record_property):
     for device, precision in (("cpu", "fp32"), ("cuda", "fp32"), ("cuda", "bf16")):
         out = tmp_path / f"{device}-{precision}.zarr"
         result = predict(ckpt, store, out, labels=store, overrides=overrides, device=device, precision=precision)
-        runs[device, precision] = (probability_float(zarr.open_group(str(out))["probability"][:]), result)
+        runs[device, precision] = (probability_float(zarr.open_group(str(out))["0"][:]), result)
     cpu, _ = runs["cpu", "fp32"]
     fp32 = float(np.abs(runs["cuda", "fp32"][0] - cpu).max())  # TF32 convolutions by default
     bf16 = float(np.abs(runs["cuda", "bf16"][0] - cpu).mean())
