@@ -24,7 +24,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import checkpoint, dist
 from .config import Config, dump_yaml, to_dict
 from .data.patches import PatchSpec, PatchStream, make_loader, patch_z_starts, to_unit_float
-from .data.store import RAW, TARGET_PATH, open_store, read_region
+from .data.store import read_region
+from .data.volumes import open_training
 from .errors import UserError
 from .infer import forward_tiles
 from .metrics import confusion_counts, scores_from_confusion
@@ -51,16 +52,15 @@ class TrainResult:
 
 def check_inputs(cfg: Config) -> tuple[tuple[int, int, int], tuple[int, ...]]:
     """Every user-fixable problem, before any process group; returns volume shape, label crop."""
-    group = open_store(cfg.data.store, arrays=(RAW, TARGET_PATH))
-    shape = tuple(group[RAW].shape)
-    if tuple(group[TARGET_PATH].shape) != shape:
-        raise UserError(f"{cfg.data.store}: raw {shape} and labels {tuple(group[TARGET_PATH].shape)} differ in shape")
+    patch = tuple(cfg.data.patch_size)
+    raw, _, _, _ = open_training(cfg.data.store, cfg.data.raw_array, cfg.data.labels,
+                                 (1, *patch) if len(patch) == 2 else patch, cfg.data.max_files_per_patch)
+    shape = tuple(raw.shape)
     depth = shape[0]
     for key in ("train_slices", "val_slices"):
         lo, hi = getattr(cfg.data, key)
         if hi > depth:
             raise UserError(f"data.{key}: [{lo}, {hi}) is outside the store's {depth} slices ({cfg.data.store})")
-    patch = tuple(cfg.data.patch_size)
     check_patch_shape(cfg.model, patch)
     full = (1, *patch) if len(patch) == 2 else patch
     lo, hi = cfg.data.train_slices
@@ -137,9 +137,9 @@ def validate(model, cfg: Config, device, autocast_ctx, want_panel: bool,
     spread over ranks and confusion counts summed, so N ranks report what one would and what
     `unet-dist predict` reports. Memory depends on the block, never on the slice or the 3D band.
     The panel (raw | label | prediction) is rank 0's first block (its middle slice in 3D)."""
-    group = open_store(cfg.data.store, arrays=(RAW, TARGET_PATH))
+    raw_arr, label_arr, _, _ = open_training(cfg.data.store, cfg.data.raw_array, cfg.data.labels)
     lo, hi = cfg.data.val_slices
-    plan = make_plan(cfg.model, cfg.predict, group[RAW].shape, (lo, hi))
+    plan = make_plan(cfg.model, cfg.predict, raw_arr.shape, (lo, hi))
     offset = plan.offset[1:] if plan.dims == 2 else plan.offset
     batch = cfg.predict.batch_size
     counts = np.zeros(4, dtype=np.int64)
@@ -148,17 +148,17 @@ def validate(model, cfg: Config, device, autocast_ctx, want_panel: bool,
     for index in assign(range(plan.n_blocks), dist.rank(), dist.world_size()):
         core = block_core(plan, index)
         shape = tuple(b - a for a, b in core)
-        tiles = to_unit_float(read_mirrored(group[RAW], input_region(plan, core)))
+        tiles = to_unit_float(read_mirrored(raw_arr, input_region(plan, core)))
         tiles = tiles if plan.dims == 2 else tiles[None]
         out = np.concatenate([forward_tiles(model, tiles[i:i + batch], device, autocast_ctx, memory_format)
                               for i in range(0, len(tiles), batch)])
         crop = (slice(None),) + tuple(slice(o, o + n) for o, n in zip(offset, shape[3 - len(offset):]))
         prob = out[crop].reshape(shape)
         stored = ((core[0][0] + lo, core[0][1] + lo), *core[1:])  # output slice z is input slice lo + z
-        label = read_region(group[TARGET_PATH], as_slices(stored))
+        label = read_region(label_arr, as_slices(stored))
         counts += confusion_counts(prob, label, cfg.predict.threshold)
         if want_panel and panel is None:
-            raw = to_unit_float(read_region(group[RAW], as_slices(stored)))
+            raw = to_unit_float(read_region(raw_arr, as_slices(stored)))
             mid = shape[0] // 2
             panel = (raw[mid], label[mid], prob[mid])
     model.train()
@@ -321,7 +321,8 @@ def _train(cfg, env, device, precision, label_crop, state) -> TrainResult:
                      label_crop=label_crop, batch_size=cfg.data.batch_size, seed=cfg.train.seed, rank=env.rank,
                      weight_map=cfg.train.weight_map, weight_map_w0=cfg.train.weight_map_w0,
                      weight_map_sigma=cfg.train.weight_map_sigma,
-                     holdout=tuple(cfg.data.holdout_slices) or None)
+                     holdout=tuple(cfg.data.holdout_slices) or None, raw_array=cfg.data.raw_array,
+                     labels=cfg.data.labels)
     loader = make_loader(PatchStream(spec, cfg.data.augment, start_batch=step * accumulate),
                          dist.loader_workers(cfg.data.num_workers, env), cfg.data.start_method, pin_memory=device.type == "cuda",
                          prefetch_factor=cfg.data.prefetch_factor, worker_init_fn=_ignore_stop_signals)

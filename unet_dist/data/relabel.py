@@ -27,7 +27,6 @@ from .ome import VERSION, image_levels, label_image_attrs
 from .prediction import steps_of
 from .store import (TARGET, Layout, create_volume_array, iter_slabs, label_names, label_path, open_store,
                     read_region)
-from ..errors import UserError
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
