@@ -104,5 +104,9 @@ def target_of_slab(read: Callable[[int, int], np.ndarray], z0: int, z1: int, dep
 
 
 def looks_like_ids(values: np.ndarray) -> bool:
-    """Labels of an integer type with more than two distinct values: instance IDs, not a mask."""
-    return values.dtype.kind in "iu" and np.unique(values).size > 2
+    """Integer labels with several distinct non-zero values (a slice of CREMI holds hundreds):
+    instance IDs rather than a mask with a few stray values, for which a threshold is the fix."""
+    if values.dtype.kind not in "iu":
+        return False
+    distinct = np.unique(values)
+    return np.count_nonzero(distinct) >= 4
