@@ -72,7 +72,7 @@ def test_a_zarr_v2_store_trains_and_predicts_as_the_converted_one(synth_store, v
     (("data.raw_array=volumes/tiny_chunks",), ("volumes/tiny_chunks: chunks 1x4x4", "about 281 chunk files",
                                                "data.max_files_per_patch=256", "convert it")),
     (("data.raw_array=volumes/raw4d",), ("volumes/raw4d: an array of shape (1, 12, 128, 128)", "3D (z, y, x)")),
-    (("data.labels=volumes/labels/neuron_ids",), ("volumes/labels/neuron_ids: labels are not binary",
+    (("data.labels=volumes/labels/neuron_ids",), ("volumes/labels/neuron_ids: labels hold values other than 0 and 1",
                                                   "convert --instances")),
     (("data.labels=volumes/labels/float",), ("labels of type float32", "--label-threshold")),
     (("data.raw_array=volumes/nope",), ("no array 'volumes/nope' (arrays: volumes/labels/float,",)),
@@ -106,5 +106,5 @@ def test_predict_labels_that_are_ids_are_refused(synth_store, v2_store, tmp_path
     done = run_cli("predict", "--checkpoint", ckpt_run / "checkpoints" / "step-000000001.pt",
                    "--input", f"{v2_store}:volumes/raw", "--labels", f"{v2_store}:volumes/labels/neuron_ids",
                    "--out", out)
-    assert done.code == 2 and "labels are not binary" in done.err and "--instances" in done.err, done.err
+    assert done.code == 2 and "other than 0 and 1" in done.err and "--instances" in done.err, done.err
     assert not out.exists()

@@ -127,6 +127,10 @@ def test_relabel_swaps_in_another_width(cremi, tmp_path):
     assert group["labels"][st.TARGET].attrs["unet_dist"]["instances"]["boundary_width"] == 3
     check_ome(out, "raw", [st.TARGET, IDS], levels=2)
     assert sorted(p.name for p in (out / "labels").iterdir()) == [IDS, st.TARGET, "zarr.json"]
+    # 3D: each slab (one slice here) reads its halo of IDs from the neighbouring slices
+    assert run_cli("relabel", out, "--boundary-width", "2", "--boundary-3d").code == 0
+    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")[st.TARGET_PATH][:],
+                                  membrane_target(ids, Rule(2, three_d=True)))
 
     # A failure half-way (a damaged IDs chunk) leaves the old target as it was, and no temporaries.
     before = {p: p.read_bytes() for p in (out / "labels" / st.TARGET).rglob("*") if p.is_file()}

@@ -135,8 +135,9 @@ def check_binary(array: zarr.Array, where: str) -> None:
             hint = ("they look like instance labels (one ID per object): unet-dist convert --instances derives "
                     "a binary target from them" if looks_like_ids(values)
                     else "unet-dist convert --label-threshold T (or --invert) makes a 0/1 target")
-            raise UserError(f"{where}: labels are not binary (values {', '.join(map(str, np.unique(values)[:5]))} "
-                            f"in the chunk at {', '.join(f'{s.start}:{s.stop}' for s in box)}); {hint}")
+            raise UserError(f"{where}: labels hold values other than 0 and 1 ("
+                            f"{', '.join(map(str, np.unique(values)[:5]))} in the chunk at "
+                            f"{', '.join(f'{s.start}:{s.stop}' for s in box)}); {hint}")
 
 
 def open_training(store, raw_array: str = RAW, labels: str = TARGET, patch=None, max_files: int | None = None):
