@@ -58,9 +58,35 @@ def cmd_convert(args) -> int:
         resolution=_floats(args.resolution, "--resolution") if args.resolution else None,
         chunks=_chunks(args.chunks), shard=_ints(args.shard, "--shard") if args.shard else None,
         label_threshold=args.label_threshold, invert=args.invert, overwrite=args.overwrite,
-        progress=_progress("convert"),
+        progress=_progress("convert"), instances=_rule(args) if args.instances else None,
     )
     print(format_info(store_info(args.out)))
+    return 0
+
+
+def _rule(args):
+    from .data.instances import Rule
+
+    return Rule(args.boundary_width, args.boundary_3d, args.background_interior)
+
+
+def _add_rule_options(p, what: str) -> None:
+    p.add_argument("--boundary-width", type=int, default=1, metavar="N",
+                   help=f"{what}: membrane where a voxel within N pixels (in its slice) has another ID (default 1)")
+    p.add_argument("--boundary-3d", action="store_true", help="look for other IDs within N voxels in 3D "
+                   "(a cube; for near-isotropic volumes) instead of in the slice")
+    p.add_argument("--background-interior", action="store_true",
+                   help="ID 0 is interior (one more segment) instead of membrane")
+
+
+def cmd_relabel(args) -> int:
+    from .data.convert import format_info, store_info
+    from .data.relabel import relabel
+
+    done = relabel(args.store, _rule(args))
+    print(f"relabelled {done['store']}: boundary width {args.boundary_width}, label fraction "
+          f"{done['label_fraction']:.4f}", file=sys.stderr)
+    print(format_info(store_info(args.store)))
     return 0
 
 
@@ -206,7 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-threshold", type=float, help="label = value > T (for non-binary labels)")
     p.add_argument("--invert", action="store_true", help="flip labels (for white-membrane conventions)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--instances", action="store_true",
+                   help="--labels are object IDs (one per neuron, 0 = background): keep them as labels/neuron_ids "
+                        "and derive the training target from their boundaries")
+    _add_rule_options(p, "with --instances")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("relabel", help="derive the training target again from the store's labels/neuron_ids "
+                                       "with another boundary rule (replaces labels/neuron_interior)")
+    p.add_argument("store")
+    _add_rule_options(p, "the rule")
+    p.set_defaults(func=cmd_relabel)
 
     p = sub.add_parser("synth", help="an EM-like synthetic volume with exact labels")
     p.add_argument("--out", required=True)

@@ -36,7 +36,13 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    store: str = "runs/isbi2012.zarr"
+    store: str = "runs/isbi2012.zarr"  # ours, or any Zarr v2/v3 (OME-Zarr) store, read as it is
+    # The arrays inside `store` (data/volumes.py): a path, or an OME multiscale group (its level 0).
+    # The defaults are the layout `convert` writes; `labels` without a "/" names a label image.
+    raw_array: str = "0"
+    labels: str = "neuron_interior"
+    # Refuse a chunk layout where a random patch would read more chunk files than this (convert it).
+    max_files_per_patch: int = 256
     train_slices: list[int] = field(default_factory=lambda: [0, 25])  # [start, stop)
     val_slices: list[int] = field(default_factory=lambda: [25, 30])
     holdout_slices: list[int] = field(default_factory=list)  # [start, stop) kept out of training (CV folds)
@@ -199,6 +205,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise bad()
         return float(value)
     if tp is str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # YAML reads `data.raw_array=1` (a pyramid level) as a number
         if not isinstance(value, str):
             raise bad()
         return value
@@ -290,6 +298,9 @@ def validate(cfg: Config, source: str) -> None:
           f"has {len(cfg.data.patch_size)} axes but model.dims is {cfg.model.dims}")
     check(all(p > 0 for p in cfg.data.patch_size), "data.patch_size", "sizes must be positive")
     check(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
+    for key in ("raw_array", "labels"):
+        check(bool(getattr(cfg.data, key).strip("/ ")), f"data.{key}", "must name an array in data.store")
+    check(cfg.data.max_files_per_patch >= 1, "data.max_files_per_patch", "must be >= 1")
     check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     check(cfg.model.depth >= 1, "model.depth", "must be >= 1")
     check(cfg.model.base_channels >= 1, "model.base_channels", "must be >= 1")

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from . import dist
-from .data.store import TARGET_PATH, open_store, slices_within
+from .data.instances import IDS
+from .data.store import TARGET_PATH, label_names, label_path, open_store, slices_within
 from .errors import UserError
 from .metrics import ISBI_THRESHOLDS, confusion_counts, isbi_scores_from_sums, isbi_sums, scores_from_confusion
 from .data.prediction import MASK, PROBABILITY, open_prediction, probability_float
@@ -28,31 +29,38 @@ from .files import write_json_atomic
 
 def _open(pred, labels, slices):
     group, z0 = open_prediction(pred)
-    label_arr = open_store(labels, arrays=(TARGET_PATH,))[TARGET_PATH]
+    label_group = open_store(labels, arrays=(TARGET_PATH,))
+    label_arr = label_group[TARGET_PATH]
+    # Instance labels, when the store keeps them, are the true segments for V_rand / V_info.
+    ids = label_group[label_path(IDS)] if IDS in label_names(label_group) else None
+    if ids is not None and tuple(ids.shape) != tuple(label_arr.shape):
+        raise UserError(f"{labels}: {label_path(IDS)} {tuple(ids.shape)} and {TARGET_PATH} "
+                        f"{tuple(label_arr.shape)} differ in shape")
     prob, mask = group[PROBABILITY], group[MASK]
     depth = prob.shape[0]
     if tuple(label_arr.shape[1:]) != tuple(prob.shape[1:]) or z0 + depth > label_arr.shape[0]:
         raise UserError(f"{labels}: labels {tuple(label_arr.shape)} do not cover the prediction "
                         f"{tuple(prob.shape)} of slices {z0}:{z0 + depth} ({pred})")
     lo, hi = slices_within(slices, depth, str(pred), z0)
-    return prob, mask, label_arr, z0, (lo, hi)
+    return prob, mask, label_arr, ids, z0, (lo, hi)
 
 
-def slice_scores(prob2d: np.ndarray, mask2d: np.ndarray, label2d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(confusion counts, per-threshold (V_rand, V_info)) of one slice."""
-    return confusion_counts(mask2d, label2d), isbi_sums(prob2d, label2d)["sums"]
+def slice_scores(prob2d: np.ndarray, mask2d: np.ndarray, label2d: np.ndarray,
+                 ids2d: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(confusion counts, per-threshold (V_rand, V_info)) of one slice; `ids2d`: the true segments."""
+    return confusion_counts(mask2d, label2d), isbi_sums(prob2d, label2d, segments3d=ids2d)["sums"]
 
 
 def evaluate(pred, labels, slices=None, json_out=None) -> dict | None:
     """Metrics of `pred` over the slices (labels' numbering); rank 0 returns them, others None."""
-    prob, mask, label_arr, z0, (lo, hi) = _open(pred, labels, slices)
+    prob, mask, label_arr, ids, z0, (lo, hi) = _open(pred, labels, slices)
     env = dist.detect_env()
     with dist.process_group(env, dist.choose_device("cpu", env.local_rank)):
         counts = np.zeros(4, np.int64)
         table = np.zeros((hi - lo, len(ISBI_THRESHOLDS), 2), np.float64)
         for z in range(lo + dist.rank(), hi, dist.world_size()):
             c, table[z - lo] = slice_scores(probability_float(prob[z - z0]), np.asarray(mask[z - z0]),
-                                            np.asarray(label_arr[z]))
+                                            np.asarray(label_arr[z]), None if ids is None else np.asarray(ids[z]))
             counts += c
         counts, table = dist.all_reduce_sum(counts), dist.all_reduce_sum(table)
         if not dist.is_main():
@@ -61,6 +69,7 @@ def evaluate(pred, labels, slices=None, json_out=None) -> dict | None:
     for row in table:  # slice order, as one process adds them up
         sums += row
     result = {**scores_from_confusion(counts), **isbi_scores_from_sums(sums, hi - lo),
+              "segments": "neuron_ids" if ids is not None else "binary target",
               "slices": [lo, hi], "n_slices": hi - lo, "pred": str(Path(pred)), "labels": str(Path(labels))}
     if json_out:
         write_json_atomic(json_out, result)

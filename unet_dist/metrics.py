@@ -222,24 +222,41 @@ def _f_scores(gt: np.ndarray, seg: np.ndarray) -> tuple[float, float]:
     return v_rand, v_info
 
 
-def isbi_slice_scores(prob2d, label2d, thresholds=ISBI_THRESHOLDS) -> np.ndarray:
+def ground_truth_segments(label2d, segments2d=None) -> np.ndarray:
+    """Ground-truth segments of one slice, numbered 1.. (0 = membrane): the 4-connected components
+    of the interior (interpretation 3), or, given instance IDs, the IDs restricted to the interior
+    (so two touching neurons stay two segments even where the binary label does not separate them;
+    an ID in several pieces stays one segment)."""
+    interior = np.asarray(label2d) > 0
+    if segments2d is None:
+        return ndimage.label(interior, structure=_FOUR)[0]
+    segments = np.asarray(segments2d)
+    if segments.shape != interior.shape:
+        raise ValueError(f"segments shape {segments.shape} != label shape {interior.shape}")
+    gt = np.zeros(interior.shape, np.int64)
+    _, inverse = np.unique(segments[interior], return_inverse=True)
+    gt[interior] = inverse.reshape(-1) + 1  # consecutive: _f_scores packs labels below 65536
+    return gt
+
+
+def isbi_slice_scores(prob2d, label2d, thresholds=ISBI_THRESHOLDS, segments2d=None) -> np.ndarray:
     """Per-threshold (V_rand, V_info) of one 2D slice, shape (len(thresholds), 2), float64.
 
     ``prob2d``: probability of neuron interior in [0, 1] (or a 0/1 mask); ``label2d``: 1 (> 0) =
-    interior, 0 = membrane.
+    interior, 0 = membrane; ``segments2d``: instance IDs, when known (`ground_truth_segments`).
     """
     prob = _as_fiji_float(prob2d)
     label = np.asarray(label2d)
     if prob.ndim != 2 or prob.shape != label.shape:
         raise ValueError(f"need two 2D arrays of one shape, got {prob.shape} and {label.shape}")
-    gt, _ = ndimage.label(label > 0, structure=_FOUR)
+    gt = ground_truth_segments(label, segments2d)
     out = np.zeros((len(thresholds), 2), dtype=np.float64)
     for k, th in enumerate(thresholds):
         out[k] = _f_scores(gt, thin_by_watershed(prob > float(th)))
     return out
 
 
-def isbi_sums(prob3d, label3d, thresholds=ISBI_THRESHOLDS) -> dict:
+def isbi_sums(prob3d, label3d, thresholds=ISBI_THRESHOLDS, segments3d=None) -> dict:
     """Reducible ISBI counts of a stack (Z, Y, X) (a 2D array is one slice).
 
     Returns ``sums``: (T, 2) float64, per threshold the sum over slices of per-slice (V_rand,
@@ -250,9 +267,10 @@ def isbi_sums(prob3d, label3d, thresholds=ISBI_THRESHOLDS) -> dict:
         prob, label = prob[None], label[None]
     if prob.ndim != 3 or prob.shape != label.shape:
         raise ValueError(f"need two (Z, Y, X) arrays of one shape, got {prob.shape} and {label.shape}")
+    segments = None if segments3d is None else np.asarray(segments3d).reshape(label.shape)
     sums = np.zeros((len(thresholds), 2), dtype=np.float64)
     for z in range(prob.shape[0]):
-        sums += isbi_slice_scores(prob[z], label[z], thresholds)
+        sums += isbi_slice_scores(prob[z], label[z], thresholds, None if segments is None else segments[z])
     return {"sums": sums, "n_slices": int(prob.shape[0])}
 
 

@@ -40,8 +40,8 @@ from .config import Config, PredictConfig, from_dict, parse_override, to_dict, v
 from .data import backends
 from .data.chunk_cache import ChunkCache
 from .data.prediction import MASK, PROBABILITY, build_pyramids, create_prediction
-from .data.store import (RAW, TARGET_PATH, check_out, open_store, provenance, read_region, slices_within,
-                         voxel_size)
+from .data import volumes
+from .data.store import RAW, TARGET, check_out, provenance, read_region, slices_within
 from .files import fault_point, write_json_atomic
 from .errors import UserError
 from .infer import padded_input_shape
@@ -490,9 +490,9 @@ def _create_output(out: Path, plan: Plan, attrs: dict, cfg: PredictConfig, fresh
     manifest.create()
 
 
-def _attrs(plan: Plan, settings: dict, key: str, cfg: Config, input_path, ckpt_path, step) -> dict:
+def _attrs(plan: Plan, settings: dict, key: str, cfg: Config, input_path, ckpt_path, step, array=RAW) -> dict:
     return provenance(
-        {"input": {"path": str(Path(input_path).resolve()), "array": RAW},
+        {"input": {"path": str(Path(input_path).resolve()), "array": array},
          "checkpoint": {"path": str(Path(ckpt_path).resolve()), "step": int(step),
                         "weights_sha256": settings["weights_sha256"]}},
         predict={"run_key": key, "settings": settings, "config": to_dict(cfg), "checkpoint_step": int(step),
@@ -510,16 +510,21 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
     env = dist.detect_env()
     out = Path(out)
     model, cfg, state = load_model(ckpt, overrides)
-    in_group = open_store(input, arrays=(RAW,))
-    raw = in_group[RAW]
-    if raw.ndim != 3:
-        raise UserError(f"{input}: 'raw' has {raw.ndim} axes; expected (Z, Y, X)")
+    # STORE[:ARRAY] and STORE[:LABEL]: a store made by another tool is read as it is (data/volumes.py)
+    input, raw_path = volumes.split_store_spec(input, RAW)
+    raw, raw_path = volumes.open_array(input, raw_path)
+    volumes.check_volume(raw, f"{input}:{raw_path}")
     z_range = slices_within(slices, raw.shape[0], str(input))
     label_arr = None
     if labels is not None:
-        label_arr = open_store(labels, arrays=(TARGET_PATH,))[TARGET_PATH]
+        labels, label_name = volumes.split_store_spec(labels, TARGET)
+        label_arr, label_name = volumes.open_array(labels, volumes.label_array_path(label_name))
+        volumes.check_volume(label_arr, f"{labels}:{label_name}")
         if tuple(label_arr.shape) != tuple(raw.shape):
             raise UserError(f"{labels}: labels {tuple(label_arr.shape)} differ in shape from raw {tuple(raw.shape)}")
+        volumes.check_binary(label_arr, f"{labels}:{label_name}")
+    # No files-per-patch check here: the chunk cache reads each input chunk once, so small chunks
+    # cost file opens, not the repeated reads that random training patches make.
     plan = make_plan(cfg.model, cfg.predict, raw.shape, z_range)
     torch_device = dist.choose_device(device, env.local_rank, env.local_world_size)
     precision = dist.resolve_precision(precision, torch_device)
@@ -527,6 +532,8 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
     if torch_device.type == "cpu":
         dist.keep_freed_memory()
     settings = run_settings(plan, cfg, weights_digest(state["model"]), precision, input)
+    if raw_path != RAW:  # another array of the same store is another input
+        settings["input_array"] = raw_path
     key = run_key(settings)
     if env.world_size > plan.n_blocks:
         raise UserError(f"{env.world_size} ranks but only {plan.n_blocks} block(s) to predict: use fewer ranks "
@@ -552,8 +559,8 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
                 raise UserError(refused)
             manifest = Manifest(out, key)
             if dist.is_main():
-                _create_output(out, plan, _attrs(plan, settings, key, cfg, input, ckpt, state["step"]),
-                               cfg.predict, not continuing, manifest, voxel_size(in_group))
+                _create_output(out, plan, _attrs(plan, settings, key, cfg, input, ckpt, state["step"], raw_path),
+                               cfg.predict, not continuing, manifest, volumes.voxel_size_of(input, raw_path))
             dist.barrier()
             done = dist.broadcast_object(manifest.done() if dist.is_main() else None)
             return _predict(plan, cfg, model, torch_device, precision, raw, label_arr, out, manifest, done,

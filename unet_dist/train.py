@@ -21,7 +21,7 @@ from . import checkpoint, dist, rundir
 from .checkpointing import Checkpointer
 from .config import Config, dump_yaml, to_dict
 from .data.patches import PatchSpec, PatchStream, make_loader, patch_z_starts
-from .data.store import RAW, TARGET_PATH, open_store
+from .data.volumes import open_training
 from .errors import UserError
 from .model import check_patch_shape, output_shape
 from .monitor import Monitor, NullMonitor
@@ -43,16 +43,15 @@ class TrainResult:
 
 def check_inputs(cfg: Config) -> tuple[tuple[int, int, int], tuple[int, ...]]:
     """Every user-fixable problem, before any process group; returns volume shape, label crop."""
-    group = open_store(cfg.data.store, arrays=(RAW, TARGET_PATH))
-    shape = tuple(group[RAW].shape)
-    if tuple(group[TARGET_PATH].shape) != shape:
-        raise UserError(f"{cfg.data.store}: raw {shape} and labels {tuple(group[TARGET_PATH].shape)} differ in shape")
+    patch = tuple(cfg.data.patch_size)
+    raw, _, _, _ = open_training(cfg.data.store, cfg.data.raw_array, cfg.data.labels,
+                                 (1, *patch) if len(patch) == 2 else patch, cfg.data.max_files_per_patch)
+    shape = tuple(raw.shape)
     depth = shape[0]
     for key in ("train_slices", "val_slices"):
         lo, hi = getattr(cfg.data, key)
         if hi > depth:
             raise UserError(f"data.{key}: [{lo}, {hi}) is outside the store's {depth} slices ({cfg.data.store})")
-    patch = tuple(cfg.data.patch_size)
     check_patch_shape(cfg.model, patch)
     full = (1, *patch) if len(patch) == 2 else patch
     lo, hi = cfg.data.train_slices

@@ -9,7 +9,8 @@ import torch
 from . import dist
 from .config import Config
 from .data.patches import to_unit_float
-from .data.store import RAW, TARGET_PATH, open_store, read_region
+from .data.store import read_region
+from .data.volumes import open_training
 from .infer import forward_tiles
 from .metrics import confusion_counts, scores_from_confusion
 from .predict import as_slices, assign, block_core, input_region, make_plan, read_mirrored
@@ -24,9 +25,9 @@ def validate(model, cfg: Config, device, autocast_ctx, want_panel: bool,
     spread over ranks and confusion counts summed, so N ranks report what one would and what
     `unet-dist predict` reports. Memory depends on the block, never on the slice or the 3D band.
     The panel (raw, label, prediction) is rank 0's first block (its middle slice in 3D)."""
-    group = open_store(cfg.data.store, arrays=(RAW, TARGET_PATH))
+    raw_arr, label_arr, _, _ = open_training(cfg.data.store, cfg.data.raw_array, cfg.data.labels)
     lo, hi = cfg.data.val_slices
-    plan = make_plan(cfg.model, cfg.predict, group[RAW].shape, (lo, hi))
+    plan = make_plan(cfg.model, cfg.predict, raw_arr.shape, (lo, hi))
     offset = plan.offset[1:] if plan.dims == 2 else plan.offset
     batch = cfg.predict.batch_size
     counts = np.zeros(4, dtype=np.int64)
@@ -35,17 +36,17 @@ def validate(model, cfg: Config, device, autocast_ctx, want_panel: bool,
     for index in assign(range(plan.n_blocks), dist.rank(), dist.world_size()):
         core = block_core(plan, index)
         shape = tuple(b - a for a, b in core)
-        tiles = to_unit_float(read_mirrored(group[RAW], input_region(plan, core)))
+        tiles = to_unit_float(read_mirrored(raw_arr, input_region(plan, core)))
         tiles = tiles if plan.dims == 2 else tiles[None]
         out = np.concatenate([forward_tiles(model, tiles[i:i + batch], device, autocast_ctx, memory_format)
                               for i in range(0, len(tiles), batch)])
         crop = (slice(None),) + tuple(slice(o, o + n) for o, n in zip(offset, shape[3 - len(offset):]))
         prob = out[crop].reshape(shape)
         stored = ((core[0][0] + lo, core[0][1] + lo), *core[1:])  # output slice z is input slice lo + z
-        label = read_region(group[TARGET_PATH], as_slices(stored))
+        label = read_region(label_arr, as_slices(stored))
         counts += confusion_counts(prob, label, cfg.predict.threshold)
         if want_panel and panel is None:
-            raw = to_unit_float(read_region(group[RAW], as_slices(stored)))
+            raw = to_unit_float(read_region(raw_arr, as_slices(stored)))
             mid = shape[0] // 2
             panel = (raw[mid], label[mid], prob[mid])
     model.train()

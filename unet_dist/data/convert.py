@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from unet_dist.data import store as st
+from unet_dist.data.instances import IDS, Rule, check_ids_dtype, looks_like_ids, target_of_slab
 from unet_dist.data.ome import image_levels, write_em_store
 from unet_dist.data.sources import Source, open_source
 from unet_dist.errors import UserError
@@ -70,10 +71,14 @@ class LabelMapper:
         if odd.any() or len(self.seen) > 1:
             bad = np.unique(plane[odd])[:5].tolist() if odd.any() else sorted(self.seen)
             where = self.source.slice_name(z) if odd.any() else str(self.source.path)
+            hint = "pass --label-threshold T to binarise (label = value > T)"
+            if looks_like_ids(plane):
+                # A threshold would merge every neuron into one interior (no membranes at all).
+                hint = ("they look like instance labels (one ID per object): pass --instances to keep "
+                        "the IDs and derive the target from their boundaries")
             raise UserError(
                 f"{where}: labels are not binary (values {', '.join(map(str, bad))} found; "
-                f"expected {{0, 1}} or {{0, {self.top}}}); "
-                "pass --label-threshold T to binarise (label = value > T)"
+                f"expected {{0, 1}} or {{0, {self.top}}}); {hint}"
             )
 
 
@@ -91,16 +96,20 @@ def convert(
     invert: bool = False,
     overwrite: bool = False,
     progress: st.Progress | None = None,
+    instances: Rule | None = None,
 ) -> dict:
     """Write `raw` (and `labels`) into a new Zarr v3 store at `out`; returns a summary dict.
 
     `raw` and `labels` are what `open_source` takes: PATH or PATH:INNER. `resolution` (z, y, x nm)
-    overrides the sources' voxel size; without it, a source must record one.
+    overrides the sources' voxel size; without it, a source must record one. With `instances` (a
+    boundary rule), `labels` are object IDs: kept as `labels/neuron_ids`, the target derived by the rule.
     """
     started = time.perf_counter()
     out = st.check_out(out, overwrite)
     if resolution is not None:
         resolution = _check_resolution(resolution)
+    if instances is not None and (labels is None or label_threshold is not None or invert):
+        raise UserError("--instances needs --labels (object IDs) and excludes --label-threshold and --invert")
     raw_src = open_source(raw)
     sources = [raw_src]
     try:
@@ -113,19 +122,28 @@ def convert(
                     f"{label_src.path}: labels have shape {label_src.shape} but "
                     f"{raw_src.path} has {raw_src.shape}"
                 )
-            mapper = LabelMapper(label_src, label_threshold, invert)
+            if instances is None:
+                mapper = LabelMapper(label_src, label_threshold, invert)
+            else:
+                ids_dtype = check_ids_dtype(label_src.dtype, label_src.path)
         resolution = decide_voxel_size(resolution, sources)
         layout = st.resolve_layout(raw_src.shape, chunks, shard)
         raw_dtype = np.uint8 if raw_src.dtype == bool else raw_src.dtype
         dtypes = {"raw": raw_dtype} | ({"labels": np.uint8} if label_src is not None else {})
+        if instances is not None:
+            dtypes["ids"] = ids_dtype
         ones = 0
 
         def read_slab(z0, z1):
             nonlocal ones
             slab = {"raw": raw_src.read(z0, z1).astype(raw_dtype, copy=False)}
             _check_finite(raw_src, slab["raw"], z0)
-            if label_src is not None:
+            if instances is not None:  # IDs of the slab plus the rule's halo, the target cropped to the slab
+                slab["ids"], slab["labels"] = target_of_slab(label_src.read, z0, z1, layout.shape[0], instances,
+                                                             label_src.path)
+            elif label_src is not None:
                 slab["labels"] = mapper(label_src.read(z0, z1), z0)
+            if label_src is not None:
                 ones += int(np.count_nonzero(slab["labels"]))
             return slab
 
@@ -133,9 +151,11 @@ def convert(
             provenance = {"raw": raw_src.record()}
             if label_src is not None:
                 provenance["labels"] = label_src.record()
-            attrs = st.provenance(provenance, label_threshold=label_threshold, invert=invert)
+            extra = {"instances": instances.record()} if instances is not None else {}
+            attrs = st.provenance(provenance, label_threshold=label_threshold, invert=invert, **extra)
             plan, pyramid_s = write_em_store(tmp, layout, resolution, raw_dtype, label_src is not None, read_slab,
-                                             attrs, progress)
+                                             attrs, progress, ids_dtype=dtypes.get("ids"),
+                                             target_attrs={"unet_dist": extra} if extra else None)
     finally:
         for source in sources:
             source.close()
@@ -193,7 +213,7 @@ def _summary(out, layout, dtypes, resolution, ones, started, plan, pyramid_s) ->
         "levels": [list(shape) for shape in plan.shapes],
         "pyramid_seconds": round(pyramid_s, 3),
         "pyramid_stored_bytes": sum(st.stored_bytes(out / prefix / str(level)) for level in range(1, len(plan.shapes))
-                                    for prefix in ("", "labels/" + st.TARGET)),
+                                    for prefix in ("", "labels/" + st.TARGET, "labels/" + IDS)),
         "label_fraction": ones / voxels if ones is not None else None,
         "stored_bytes": st.stored_bytes(out),
         "seconds": round(time.perf_counter() - started, 3),
@@ -233,6 +253,9 @@ def store_info(path) -> dict:
         if key == st.TARGET_PATH:
             ones = sum(int(np.count_nonzero(array[z0:z1])) for z0, z1 in st.Layout.of(array).slabs())
             entry["label_fraction"] = ones / max(1, int(np.prod(array.shape)))
+            rule = group["labels"][st.TARGET].attrs.get("unet_dist", {}).get("instances")
+            if rule:  # derived from labels/neuron_ids (convert --instances, relabel)
+                entry["instances"] = rule
         arrays[key] = entry
     return {
         "path": str(path),
@@ -276,6 +299,11 @@ def format_info(info: dict) -> str:
         )
         if "label_fraction" in a:
             lines.append(f"{'':<11} label fraction {a['label_fraction']:.4f} (interior = 1)")
+        if "instances" in a:
+            rule = a["instances"]
+            lines.append(f"{'':<11} from {rule['derived_from']}: boundary width {rule['boundary_width']} px "
+                         f"({'3D' if rule['boundary_3d'] else '2D'}), background "
+                         f"{'interior' if rule['background_interior'] else 'membrane'}")
     prov = info.get("provenance")
     if prov:
         lines.append(f"created     {prov.get('created')} by unet_dist {prov.get('version')}")

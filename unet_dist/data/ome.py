@@ -19,6 +19,7 @@ import numpy as np
 import zarr
 
 from . import pyramid
+from .instances import IDS
 from .store import (AXES, RAW, TARGET, Layout, Progress, create_volume_array, label_names, label_path,
                     open_store, resolve_layout, write_volumes)
 from ..errors import UserError
@@ -128,24 +129,34 @@ def _levels(group: zarr.Group, plan: Pyramid, dtype, kind: str) -> list[zarr.Arr
 
 def write_em_store(tmp: Path, layout: Layout, voxel_size, raw_dtype, labels: bool,
                    read_slab: Callable[[int, int], Mapping[str, np.ndarray]], attrs: dict,
-                   progress: Progress | None = None) -> tuple[Pyramid, float]:
+                   progress: Progress | None = None, ids_dtype=None,
+                   target_attrs: dict | None = None) -> tuple[Pyramid, float]:
     """A new input store in `tmp`: raw (and the training target) slab by slab, then their pyramids.
 
-    `read_slab(z0, z1)` returns {"raw": ..., "labels": ...}; `attrs` are our provenance attributes.
-    Returns the levels' plan and the seconds the coarser levels took.
+    `read_slab(z0, z1)` returns {"raw": ..., "labels": ...} (and "ids" with `ids_dtype`: instance
+    labels, kept as the label image `neuron_ids`); `attrs` are our provenance attributes,
+    `target_attrs` go to the target's label image. Returns the levels' plan and the seconds the
+    coarser levels took.
     """
     plan = Pyramid.plan(layout, voxel_size)
     group = zarr.open_group(str(tmp), mode="w", zarr_format=3, attributes=attrs)
     raws = create_image(group, "raw", plan, raw_dtype, "raw")
     arrays = {"raw": raws[0]}
+    labelled = []
     if labels:
-        targets = create_label_image(group, TARGET, plan, np.uint8)
-        arrays["labels"] = targets[0]
+        labelled.append(create_label_image(group, TARGET, plan, np.uint8))
+        arrays["labels"] = labelled[-1][0]
+        if target_attrs:
+            group["labels"][TARGET].attrs.update(target_attrs)
+    if ids_dtype is not None:
+        # IDs compress like labels (long runs of one value); the mode rule keeps them real IDs.
+        labelled.append(create_label_image(group, IDS, plan, ids_dtype))
+        arrays["ids"] = labelled[-1][0]
     write_volumes(arrays, layout, read_slab, progress)
     started = time.perf_counter()
     pyramid.build(raws, plan.steps, "mean")
-    if labels:
-        pyramid.build(targets, plan.steps, "mode")
+    for levels in labelled:
+        pyramid.build(levels, plan.steps, "mode")
     return plan, time.perf_counter() - started
 
 

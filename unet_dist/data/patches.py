@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .augment import Augmenter, unet_weight_map
 from ..errors import UserError
-from .store import RAW, TARGET_PATH, open_store, read_region
+from .store import RAW, TARGET, read_region
+from .volumes import open_training
 
 
 def to_unit_float(raw: np.ndarray) -> np.ndarray:
@@ -40,6 +41,8 @@ class PatchSpec:
     weight_map_w0: float = 10.0
     weight_map_sigma: float = 5.0
     holdout: tuple[int, int] | None = None  # [start, stop) no patch may touch (a CV fold)
+    raw_array: str = RAW  # data.raw_array and data.labels: the arrays inside `store` (data/volumes.py)
+    labels: str = TARGET
 
     @classmethod
     def from_config(cls, cfg, rank: int, label_crop: tuple[int, ...]) -> "PatchSpec":
@@ -48,7 +51,8 @@ class PatchSpec:
         return cls(store=cfg.data.store, z_range=tuple(cfg.data.train_slices), patch_size=tuple(cfg.data.patch_size),
                    label_crop=tuple(label_crop), batch_size=cfg.data.batch_size, seed=cfg.train.seed, rank=rank,
                    weight_map=cfg.train.weight_map, weight_map_w0=cfg.train.weight_map_w0,
-                   weight_map_sigma=cfg.train.weight_map_sigma, holdout=tuple(cfg.data.holdout_slices) or None)
+                   weight_map_sigma=cfg.train.weight_map_sigma, holdout=tuple(cfg.data.holdout_slices) or None,
+                   raw_array=cfg.data.raw_array, labels=cfg.data.labels)
 
 
 def patch_z_starts(z_range: tuple[int, int], depth: int, holdout: tuple[int, int] | None) -> np.ndarray:
@@ -70,8 +74,7 @@ class PatchStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        group = open_store(self.spec.store, arrays=(RAW, TARGET_PATH))
-        raw, labels = group[RAW], group[TARGET_PATH]
+        raw, labels, _, _ = open_training(self.spec.store, self.spec.raw_array, self.spec.labels)
         augmenter = Augmenter(self.augment_cfg)
         index = self.start_batch + worker
         while True:

@@ -1,0 +1,169 @@
+"""Arrays inside existing stores, for train and predict: a store made by another tool is read as
+it is, without converting it.
+
+A store is a Zarr v3 group (ours, or any OME-Zarr 0.5) or a Zarr v2 group (OME-Zarr 0.4, CREMI-like
+Zarr copies, ...); zarr-python reads both. Inside it, the raw array and the label array are named
+by paths (`data.raw_array`, `data.labels`; `predict --input STORE:ARRAY --labels STORE:LABEL`):
+
+- a path to an array (`volumes/raw`), or to an OME multiscale group, which stands for its level 0;
+- for labels, a plain name (no `/`) is a label image of the store: `neuron_interior` is
+  `labels/neuron_interior/0`. The defaults are the layout `convert` writes.
+
+The checks (one line each, before anything starts): a 3D (z, y, x) array of numbers; labels that
+are integers and, in a sample of chunks, only 0 and 1; a chunk layout that does not make each
+patch read more than `data.max_files_per_patch` chunk files (random patches over many small chunks
+spend their time opening files: such a store is better converted once).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from ..errors import UserError
+from .instances import looks_like_ids
+from .store import RAW, TARGET, _missing, label_path, open_store, read_region, voxel_size
+
+LABEL_SAMPLE_CHUNKS = 3  # first, middle and last chunk: enough to tell a mask from IDs or 0/255
+
+
+def label_array_path(name: str) -> str:
+    """`neuron_interior` -> `labels/neuron_interior/0`; a path (with `/`) stays as it is."""
+    name = name.strip("/")
+    return name if "/" in name else label_path(name)
+
+
+def split_store_spec(spec, default: str) -> tuple[Path, str]:
+    """`STORE[:ARRAY]` -> (STORE, ARRAY or default); a path that exists is never split."""
+    from .sources import split_spec
+
+    path, inner = split_spec(spec)
+    return path, inner or default
+
+
+def _is_v2(path: Path) -> bool:
+    return (path / ".zgroup").is_file() or (path / ".zarray").is_file()
+
+
+def open_group(store) -> zarr.Group:
+    """Our layout and any Zarr v3 group through `open_store` (its checks and messages); a Zarr v2
+    group as it is."""
+    path = Path(store)
+    if not _is_v2(path):
+        return open_store(path, arrays=())
+    try:
+        return zarr.open_group(str(path), mode="r")
+    except Exception as exc:  # a v2 array at the root, a damaged .zgroup
+        raise UserError(f"{path}: not a readable Zarr group ({exc})") from None
+
+
+def open_array(store, inner: str, what: str = "array") -> tuple[zarr.Array, str]:
+    """The array at `inner` in `store` (an OME multiscale group means its level 0) and its path."""
+    group = open_group(store)
+    inner = inner.strip("/")
+    try:
+        node = group[inner]
+    except KeyError:
+        node = None
+    if isinstance(node, zarr.Group):
+        multiscales = node.attrs.get("ome", {}).get("multiscales") or node.attrs.get("multiscales")
+        if multiscales:
+            inner = f"{inner}/{multiscales[0]['datasets'][0]['path']}"
+            node = group[inner] if _has(group, inner) else None
+    if not isinstance(node, zarr.Array):
+        parts = inner.split("/")
+        if len(parts) == 3 and parts[0] == "labels" and not _is_v2(Path(store)):
+            raise UserError(f"{store}: {_missing(group, inner)}")  # lists the label images
+        raise UserError(f"{store}: no array '{inner}' (arrays: {_listing(group)})")
+    return node, inner
+
+
+def _has(group: zarr.Group, path: str) -> bool:
+    try:
+        group[path]
+    except KeyError:
+        return False
+    return True
+
+
+def _listing(group: zarr.Group, limit: int = 8) -> str:
+    names = sorted(path for path, node in group.members(max_depth=None) if isinstance(node, zarr.Array))
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more if names else "none"
+
+
+def check_volume(array: zarr.Array, where: str) -> None:
+    if array.ndim != 3:
+        raise UserError(f"{where}: an array of shape {tuple(array.shape)}; train and predict need a 3D (z, y, x) "
+                        "array (unet-dist convert --raw STORE:ARRAY makes one, dropping axes of length 1)")
+    if np.dtype(array.dtype).kind not in "biuf":
+        raise UserError(f"{where}: an array of type {array.dtype}; expected numbers")
+
+
+def files_per_patch(array: zarr.Array, patch) -> float:
+    """Expected chunks a randomly placed `patch` (z, y, x) overlaps: (p - 1) / c + 1 per axis.
+    Each chunk is a file (or, sharded, a read and a decode of its own)."""
+    return math.prod((min(p, n) - 1) / c + 1 for p, c, n in zip(patch, array.chunks, array.shape))
+
+
+def check_chunking(array: zarr.Array, patch, limit: int, where: str, key: str = "data.max_files_per_patch") -> None:
+    files = files_per_patch(array, patch)
+    if files > limit:
+        raise UserError(f"{where}: chunks {'x'.join(map(str, array.chunks))} make each "
+                        f"{'x'.join(map(str, patch))} patch read about {files:.0f} chunk files (more than "
+                        f"{key}={limit}); convert it once (unet-dist convert --raw STORE:ARRAY ...), "
+                        "which writes whole-slice chunks")
+
+
+def check_binary(array: zarr.Array, where: str) -> None:
+    """Labels for training and Dice: integers, 0 and 1 only (checked on a sample of chunks here,
+    on every patch while training)."""
+    dtype = np.dtype(array.dtype)
+    if dtype.kind not in "biu":
+        raise UserError(f"{where}: labels of type {dtype}; training needs a binary 0/1 array "
+                        "(unet-dist convert --label-threshold T makes one)")
+    grid = [-(-n // c) for n, c in zip(array.shape, array.chunks)]
+    total = math.prod(grid)
+    for flat in sorted({0, total // 2, total - 1})[:LABEL_SAMPLE_CHUNKS]:
+        coords = np.unravel_index(flat, grid)
+        box = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(coords, array.chunks, array.shape))
+        values = read_region(array, box)
+        if values.max(initial=0) > 1 or values.min(initial=0) < 0:
+            hint = ("they look like instance labels (one ID per object): unet-dist convert --instances derives "
+                    "a binary target from them" if looks_like_ids(values)
+                    else "unet-dist convert --label-threshold T (or --invert) makes a 0/1 target")
+            raise UserError(f"{where}: labels hold values other than 0 and 1 ("
+                            f"{', '.join(map(str, np.unique(values)[:5]))} in the chunk at "
+                            f"{', '.join(f'{s.start}:{s.stop}' for s in box)}); {hint}")
+
+
+def open_training(store, raw_array: str = RAW, labels: str = TARGET, patch=None, max_files: int | None = None):
+    """(raw, labels, raw path, label path) of a training store, every check applied; `patch` (z, y, x)
+    and `max_files` for the chunk layout check (None: not checked, e.g. a second opening)."""
+    raw, raw_path = open_array(store, raw_array, "raw")
+    lab, lab_path = open_array(store, label_array_path(labels), "labels")
+    check_volume(raw, f"{store}:{raw_path}")
+    check_volume(lab, f"{store}:{lab_path}")
+    if tuple(lab.shape) != tuple(raw.shape):
+        raise UserError(f"{store}: raw {tuple(raw.shape)} and labels {tuple(lab.shape)} differ in shape")
+    if patch is not None and max_files is not None:
+        for array, path in ((raw, raw_path), (lab, lab_path)):
+            check_chunking(array, patch, max_files, f"{store}:{path}")
+        check_binary(lab, f"{store}:{lab_path}")
+    return raw, lab, raw_path, lab_path
+
+
+def voxel_size_of(store, inner: str):
+    """The array's voxel size in nm: our stores' OME scale, else what its OME metadata records."""
+    path = Path(store)
+    if inner == RAW and not _is_v2(path):
+        return voxel_size(open_store(path, arrays=()))
+    from .sources.zarr_arrays import ZarrSource
+
+    try:
+        return ZarrSource(path, inner).voxel_size
+    except UserError:
+        return None
