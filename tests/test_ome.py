@@ -106,7 +106,8 @@ def test_levels_equal_a_plain_numpy_downsampling(tmp_path, step):
     raw = rng.integers(0, 256, (5, 37, 42), dtype=np.uint8)  # odd sides: partial boxes at the edges
     ids = rng.integers(0, 4, (5, 37, 42), dtype=np.uint8)
     group = zarr.open_group(str(tmp_path / "p.zarr"), mode="w")
-    for name, data, rule in (("raw", raw, "mean"), ("ids", ids, "mode")):
+    mask = (ids > 1).astype(np.uint8)  # a binary target takes the majority path of the mode rule
+    for name, data, rule in (("raw", raw, "mean"), ("ids", ids, "mode"), ("mask", mask, "mode")):
         level0 = group.create_array(f"{name}0", data=data, chunks=(2, 8, 8))
         # level 1 with chunks of (2, 5, 5): every level-1 chunk reads a region spanning level-0 chunks
         shape1 = tuple(-(-n // f) for n, f in zip(data.shape, step))

@@ -229,7 +229,8 @@ def run(args) -> dict:
                      "peak_rss_above_baseline_mb": (last["peak_rss_bytes"] - last["rss_before_bytes"]) / common.MB})
     summary = runs["convert"][-1]["summary"]
     stored = summary["stored_bytes"]
-    ratio = math.prod(shape) / stored if stored else None
+    level0 = stored - summary.get("pyramid_stored_bytes", 0)  # the ratio is the codec's, on level 0
+    ratio = math.prod(shape) / level0 if level0 else None
     rows[0]["compression_ratio"] = ratio
     for row in rows:
         row["x_peer"] = rows[1]["seconds"] / row["seconds"]
@@ -243,7 +244,7 @@ def run(args) -> dict:
         f"{peer} time / our convert time (1.0 = converting costs no more than reading)", rows[0], rows[1],
         notes=["MB = MiB of uint8 voxels; the source was in the page cache for both",
                "convert includes provenance (the sha256 of single-file sources) and the temporary-sibling rename"])
-    made = runs["convert"][-1]["summary"]
+    made = summary
     report["summary"] = {"compression_ratio": round(ratio, 3) if ratio else None,
                          "stored_mb": round(stored / common.MB, 1),
                          # what the coarser levels (for viewers) cost within our convert
