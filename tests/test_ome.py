@@ -67,6 +67,12 @@ def test_convert_and_synth_stores_are_valid_ome_zarr(isbi_dir, tmp_path):
     assert shifts == [[], [{"type": "translation", "translation": [0.0, 2.0, 2.0]}],
                       [{"type": "translation", "translation": [0.0, 6.0, 6.0]}]]
     assert [a.shape for a in image_levels(group)] == [(4, 600, 520), (4, 300, 260), (4, 150, 130)]
+    # written slab by slab with level 0 (no level halves z): the same as the plain definition
+    levels = image_levels(group)
+    np.testing.assert_array_equal(levels[1][:2, :50, :60],
+                                  reference_downsample(levels[0][:2, :100, :120], (1, 2, 2), "mean"))
+    target = image_levels(group["labels"][st.TARGET])
+    np.testing.assert_array_equal(target[2][:], reference_downsample(target[1][:], (1, 2, 2), "mode"))
 
 
 def test_prediction_store_is_valid_ome_zarr(tmp_path, tiny_synth_store):

@@ -137,26 +137,44 @@ def write_em_store(tmp: Path, layout: Layout, voxel_size, raw_dtype, labels: boo
     labels, kept as the label image `neuron_ids`); `attrs` are our provenance attributes,
     `target_attrs` go to the target's label image. Returns the levels' plan and the seconds the
     coarser levels took.
+
+    When no level halves z (anisotropic EM, the usual case), a slab's coarser levels are computed
+    from the slab in memory and written with it: every level's chunks then cover the slab's z range
+    whole. Measured on 1 GiB: reading level 0 back for the levels took 53-70% of convert's time.
+    Otherwise the levels are built after level 0, unit by unit (pyramid.build).
     """
     plan = Pyramid.plan(layout, voxel_size)
     group = zarr.open_group(str(tmp), mode="w", zarr_format=3, attributes=attrs)
-    raws = create_image(group, "raw", plan, raw_dtype, "raw")
-    arrays = {"raw": raws[0]}
-    labelled = []
+    images = {"raw": (create_image(group, "raw", plan, raw_dtype, "raw"), "mean")}
     if labels:
-        labelled.append(create_label_image(group, TARGET, plan, np.uint8))
-        arrays["labels"] = labelled[-1][0]
+        images["labels"] = (create_label_image(group, TARGET, plan, np.uint8), "mode")
         if target_attrs:
             group["labels"][TARGET].attrs.update(target_attrs)
     if ids_dtype is not None:
         # IDs compress like labels (long runs of one value); the mode rule keeps them real IDs.
-        labelled.append(create_label_image(group, IDS, plan, ids_dtype))
-        arrays["ids"] = labelled[-1][0]
+        images["ids"] = (create_label_image(group, IDS, plan, ids_dtype), "mode")
+    arrays = {name: levels[0] for name, (levels, _) in images.items()}
+    in_slabs = all(step[0] == 1 for step in plan.steps)
+    spent = {"downsample": 0.0}
+    if in_slabs:
+        arrays |= {f"{name}/{k}": levels[k] for name, (levels, _) in images.items() for k in range(1, len(levels))}
+
+        def read_with_levels(z0: int, z1: int) -> dict:
+            slab = dict(read_slab(z0, z1))
+            started = time.perf_counter()
+            for name, (levels, rule) in images.items():
+                level = slab[name]
+                for k, step in enumerate(plan.steps, 1):
+                    slab[f"{name}/{k}"] = level = pyramid.downsample(level, step, rule)
+            spent["downsample"] += time.perf_counter() - started
+            return slab
+
+        written = write_volumes(arrays, layout, read_with_levels, progress)
+        return plan, spent["downsample"] + sum(s for name, s in written.items() if "/" in name)
     write_volumes(arrays, layout, read_slab, progress)
     started = time.perf_counter()
-    pyramid.build(raws, plan.steps, "mean")
-    for levels in labelled:
-        pyramid.build(levels, plan.steps, "mode")
+    for levels, rule in images.values():
+        pyramid.build(levels, plan.steps, rule)
     return plan, time.perf_counter() - started
 
 

@@ -398,15 +398,17 @@ def write_volumes(
     layout: Layout,
     read_slab: Callable[[int, int], Mapping[str, np.ndarray]],
     progress: Progress | None = None,
-) -> None:
-    """Fill `arrays` (all of `layout`'s shape) slab by slab from read_slab(z0, z1) -> {name: slab}.
+) -> dict[str, float]:
+    """Fill `arrays` slab by slab from read_slab(z0, z1) -> {name: slab}; returns the seconds spent
+    writing each array. Every array spans the same slices (z) as `layout`; y, x may be coarser.
 
     While one slab is compressed and written, the next is read (or generated) in a thread: Blosc
     and numpy release the GIL, so the two overlap (10-25% faster). That holds two slabs, so it is
     done only for slabs under READ_AHEAD_BYTES; peak memory stays O(slab) for any volume size.
     """
     slabs = list(layout.slabs())
-    slab_bytes = sum(nbytes((layout.slab_depth, *layout.shape[1:]), a.dtype) for a in arrays.values())
+    spent = dict.fromkeys(arrays, 0.0)
+    slab_bytes = sum(nbytes((layout.slab_depth, *a.shape[1:]), a.dtype) for a in arrays.values())
     read_ahead = slab_bytes <= READ_AHEAD_BYTES
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slab-reader") as reader:
         pending = reader.submit(read_slab, *slabs[0]) if read_ahead else None
@@ -418,10 +420,13 @@ def write_volumes(
                 if i + 1 < len(slabs):
                     pending = reader.submit(read_slab, *slabs[i + 1])
             for name, array in arrays.items():
+                started = time.perf_counter()
                 array[z0:z1] = slab[name]
+                spent[name] += time.perf_counter() - started
             del slab
             if progress is not None:
                 progress(z1, layout.shape[0])
+    return spent
 
 
 def stored_bytes(path) -> int:
