@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import json
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from .config import Config, load_config, to_dict
 from .data.store import RAW, TARGET_PATH, open_store
 from .errors import UserError
 from .files import write_json_atomic
+from .signals import StopFlag
 
 METRICS = ("dice_neuron", "dice_membrane", "dice_mean", "pixel_error", "v_rand", "v_info")
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
@@ -186,26 +186,6 @@ def _pick_checkpoint(run_dir: Path, checkpoint_kind: str) -> Path:
     return steps[-1]
 
 
-class _StopFlag:
-    """Stop signals (SIGTERM, SIGUSR1, SIGUSR2) that arrive between training runs, when no trainer
-    listens: the fold in progress finishes its current step, then cv stops (exit 0) so that a
-    requeued job continues with --resume auto. `train()` installs its own handlers while it runs;
-    `arm()` puts these back afterwards."""
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        self.arm()
-
-    def arm(self) -> None:
-        from .signals import STOP_SIGNALS
-
-        for name in STOP_SIGNALS:
-            signal.signal(getattr(signal, name), self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
-
-
 # Keys that do not change what a finished fold computed: a rerun with --resume auto may differ in them.
 _RERUN_MAY_DIFFER = {"train.val_every", "train.ckpt_every", "train.log_every", "train.keep_last", "train.dist_timeout_s",
                "data.num_workers", "data.prefetch_factor", "data.start_method"}
@@ -247,7 +227,7 @@ def _log(message: str) -> None:
         print(f"cv: {message}", file=sys.stderr, flush=True)
 
 
-def run_fold(cfg: Config, n: int, fold: Fold, resume: str, tta: bool, checkpoint_kind: str, stop: _StopFlag) -> str:
+def run_fold(cfg: Config, n: int, fold: Fold, resume: str, tta: bool, checkpoint_kind: str, stop: StopFlag) -> str:
     """Train (unless finished), predict the held-out slices, evaluate; rank 0 writes the fold's result.
     Returns "done", or "stopped" when a stop signal interrupted it (run again with --resume auto)."""
     from .evaluate import evaluate
@@ -289,7 +269,7 @@ def run_fold(cfg: Config, n: int, fold: Fold, resume: str, tta: bool, checkpoint
            "checkpoint": str(ckpt), "checkpoint_kind": checkpoint_kind, "train_s": train_s,
            "train_steps": status.get("step"), "world_size": dist.detect_env().world_size, "variants": {}}
     for variant in variants:
-        if stop.signal_name:
+        if stop.raised:
             return "stopped"
         pred_path = run_dir / ("pred-tta.zarr" if variant == "tta" else "pred.zarr")
         tta_on = variant == "tta"
@@ -346,12 +326,15 @@ def cv(config: str, overrides: Sequence[str] = (), folds: int = 5, only: int | N
     env = dist.detect_env()
     main = env.is_main
     started = time.perf_counter()
-    stop = _StopFlag()
+    # Stop signals that arrive between training runs, when no trainer listens: the fold in progress
+    # finishes its current step, then cv stops (exit 0) so that a requeued job continues with
+    # --resume auto. train() installs its own handlers while it runs; `arm()` puts these back after.
+    stop = StopFlag()
     # One process group for every fold's train, predict and evaluate (they would each join their own).
     device = dist.choose_device(cfg.train.device, env.local_rank, env.local_world_size)
     with dist.process_group(env, device, cfg.train.dist_timeout_s):
         for fold in todo:
-            if stop.signal_name or run_fold(cfg, n, fold, resume, tta, checkpoint_kind, stop) == "stopped":
+            if stop.raised or run_fold(cfg, n, fold, resume, tta, checkpoint_kind, stop) == "stopped":
                 _log(f"stop signal received: stopped at {fold.name}; run again with --resume auto to continue")
                 break
     if not main:
