@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end on CPU: convert the ISBI data (or a synthetic volume when it is
 # missing), describe the store, train on 2 ranks under torchrun, predict the validation slices on
-# 2 ranks, evaluate them and write the report PNGs. Both ranks stay on the CPU (train.device in the
+# 2 ranks, evaluate them, write the report PNGs and a neuroglancer screenshot. Both ranks stay on the CPU (train.device in the
 # config, --device cpu here) even where a GPU is visible: two ranks cannot share one GPU.
 set -euo pipefail
 out=${1:-runs/demo}
@@ -39,4 +39,10 @@ unet-dist evaluate --pred "$out/pred.zarr" --labels "$store" --slices 25:30 --js
 
 echo "== report: slice grid and training curves"
 unet-dist report "$run" --pred "$out/pred.zarr" --store "$store" --slices 25:30
+echo "== view: raw, labels, probability and mask in neuroglancer, as a headless screenshot"
+if command -v chromium >/dev/null; then
+  unet-dist view "$store" "$out/pred.zarr" --slices 25:30 --screenshot "$run/report/view.png" >/dev/null
+else
+  echo "   (chromium not installed: skipped; 'unet-dist view $store $out/pred.zarr' serves it to a browser)"
+fi
 echo "== done: $run (config.yaml, checkpoints/, metrics.jsonl, wandb/, report/*.png), $out/pred.zarr, $out/evaluation.json"
