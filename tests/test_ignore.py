@@ -99,6 +99,29 @@ def test_convert_writes_the_ignore_label_image(source, stores, tmp_path):
     assert info["arrays"][IGNORE_PATH]["ignored_fraction"] == pytest.approx(ignore.mean())
 
 
+def reference_target(ids: np.ndarray, rule: Rule, ignored: np.ndarray) -> np.ndarray:
+    """The documented rule voxel by voxel, unlabelled voxels being nobody's neighbour (and 0)."""
+    out = np.zeros(ids.shape, np.uint8)
+    Z, Y, X = ids.shape
+    w, dz = rule.width, rule.width if rule.three_d else 0
+    for z, y, x in np.ndindex(ids.shape):
+        if ignored[z, y, x]:
+            continue
+        window = (slice(max(0, z - dz), z + dz + 1), slice(max(0, y - w), y + w + 1), slice(max(0, x - w), x + w + 1))
+        others = (ids[window] != ids[z, y, x]) & ~ignored[window]
+        out[z, y, x] = not others.any() and (ids[z, y, x] != 0 or rule.background_interior)
+    return out
+
+
+@pytest.mark.parametrize("rule", [Rule(0), Rule(1), Rule(2, background_interior=True), Rule(1, three_d=True)])
+def test_unlabelled_voxels_are_nobodys_neighbour(rule):
+    ids = blobs((4, 13, 11), 7, seed=rule.width, dtype=np.uint16)
+    ignored = np.zeros(ids.shape, bool)
+    ignored[:, 4:8, 3:9] = True
+    ignored[1, 0, :] = True
+    np.testing.assert_array_equal(membrane_target(ids, rule, ignored), reference_target(ids, rule, ignored))
+
+
 def test_convert_ignore_id_with_instances(tmp_path):
     ids = blobs((3, 300, 64), 8, seed=2, dtype=np.uint32)
     ids[:, :, 50:] = 77  # the reserved ID, as CREMI marks unlabelled voxels
@@ -111,7 +134,12 @@ def test_convert_ignore_id_with_instances(tmp_path):
     group = zarr.open_group(str(out), mode="r")
     assert st.label_names(group) == [st.TARGET, IDS, st.IGNORE]
     np.testing.assert_array_equal(group[IGNORE_PATH][:], (ids == 77).astype(np.uint8))
-    np.testing.assert_array_equal(group[st.TARGET_PATH][:], np.where(ids == 77, 0, membrane_target(ids, Rule(1))))
+    target = group[st.TARGET_PATH][:]
+    np.testing.assert_array_equal(target, membrane_target(ids, Rule(1), ids == 77))
+    assert not target[ids == 77].any()
+    # the column next to the unlabelled region is not made membrane by it
+    np.testing.assert_array_equal(target[:, :, 49], membrane_target(ids[:, :, :50], Rule(1))[:, :, 49])
+    assert target[:, :, 49].sum() > membrane_target(ids, Rule(1))[:, :, 49].sum()
     np.testing.assert_array_equal(group[st.label_path(IDS)][:], ids)  # the IDs are kept as they are
     check_ome(out, "raw", [st.TARGET, IDS, st.IGNORE], levels=2)
     np.testing.assert_array_equal(group[st.label_path(st.IGNORE, 1)][:],
@@ -119,7 +147,26 @@ def test_convert_ignore_id_with_instances(tmp_path):
     # relabel keeps the unlabelled voxels at 0
     assert run_cli("relabel", out, "--boundary-width", "2").code == 0
     np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")[st.TARGET_PATH][:],
-                                  np.where(ids == 77, 0, membrane_target(ids, Rule(2))))
+                                  membrane_target(ids, Rule(2), ids == 77))
+
+
+def test_convert_instances_with_a_mask_in_3d_reads_the_mask_halo(tmp_path):
+    """--ignore-mask with --instances --boundary-3d, one slice per slab: each slab's target sees the
+    unlabelled voxels of its neighbouring slices, so it equals the whole volume's."""
+    ids = blobs((5, 40, 36), 6, seed=4, dtype=np.uint16)
+    mask = np.zeros(ids.shape, np.uint8)
+    mask[1:3, 10:25, 5:30] = 1
+    src = tmp_path / "c.hdf"
+    write_cremi(src, ids)
+    with h5py.File(src, "a") as f:
+        f["mask"] = mask
+    out = tmp_path / "s.zarr"
+    done = run_cli("convert", "--raw", f"{src}:volumes/raw", "--labels", f"{src}:volumes/labels/neuron_ids",
+                   "--instances", "--boundary-3d", "--ignore-mask", f"{src}:mask", "--out", out)
+    assert done.code == 0, done.err
+    group = zarr.open_group(str(out), mode="r")
+    np.testing.assert_array_equal(group[IGNORE_PATH][:], mask)
+    np.testing.assert_array_equal(group[st.TARGET_PATH][:], reference_target(ids, Rule(1, three_d=True), mask != 0))
 
 
 @pytest.mark.parametrize("flags,fragment", [

@@ -167,6 +167,13 @@ def convert(
             dtypes["ignore"] = np.uint8
         ones = ignored = 0
 
+        def unlabelled(ids, a, b):
+            """Instance labels' unlabelled voxels in slices a..b: the ignore ID's and the mask's."""
+            out = np.zeros(ids.shape, bool) if ignore_id is None else ids == ignore_id
+            if mask_src is not None:
+                out |= mask_src.read(a, b) != 0
+            return out
+
         def read_slab(z0, z1):
             nonlocal ones, ignored
             slab = {"raw": raw_src.read(z0, z1).astype(raw_dtype, copy=False)}
@@ -174,15 +181,15 @@ def convert(
             skip = None
             if instances is not None:  # IDs of the slab plus the rule's halo, the target cropped to the slab
                 slab["ids"], slab["labels"] = target_of_slab(label_src.read, z0, z1, layout.shape[0], instances,
-                                                             label_src.path)
-                if ignore_id is not None:
-                    skip = (slab["ids"] == ignore_id).view(np.uint8)
+                                                             label_src.path, unlabelled if with_ignore else None)
+                if with_ignore:
+                    skip = unlabelled(slab["ids"], z0, z1).view(np.uint8)
             elif label_src is not None:
                 slab["labels"], skip = mapper(label_src.read(z0, z1), z0)
             if with_ignore:
                 if skip is None:
                     skip = np.zeros(slab["raw"].shape, np.uint8)
-                if mask_src is not None:
+                if mask_src is not None and instances is None:
                     skip |= (mask_src.read(z0, z1) != 0).view(np.uint8)
                 slab["labels"] = np.where(skip != 0, np.uint8(0), slab["labels"])  # ignored voxels hold 0
                 slab["ignore"] = skip

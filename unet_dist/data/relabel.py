@@ -49,11 +49,12 @@ def relabel(path, rule: Rule) -> dict:
         ids0, depth = ids_levels[0], ids_levels[0].shape[0]
         where = f"{path}:{label_path(IDS)}"
         # unlabelled voxels (convert --ignore-*) keep a target of 0, as convert stores them
+        # (no neighbours of anyone; membrane_target)
         ignore = group[label_path(IGNORE)] if IGNORE in label_names(group) else None
+        ignored_of = None if ignore is None else (lambda ids, a, b: read_region(ignore, (slice(a, b),)) != 0)
         for z0, z1 in Layout.of(levels[0]).slabs():  # whole shards per write
-            _, slab = target_of_slab(lambda a, b: read_region(ids0, (slice(a, b),)), z0, z1, depth, rule, where)
-            if ignore is not None:
-                slab = np.where(read_region(ignore, (slice(z0, z1),)) != 0, np.uint8(0), slab)
+            _, slab = target_of_slab(lambda a, b: read_region(ids0, (slice(a, b),)), z0, z1, depth, rule, where,
+                                     ignored_of)
             levels[0][z0:z1] = slab
             ones += int(np.count_nonzero(slab))
         pyramid.build(levels, steps_of(ids_image), "mode")
