@@ -38,13 +38,10 @@ def loss_fn(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | No
     if kind == "bce_dice":
         prob = torch.sigmoid(logits)
         dims = tuple(range(1, prob.ndim))
-        if valid is None:
-            dice_in = (2 * (prob * label).sum(dims) + 1) / (prob.sum(dims) + label.sum(dims) + 1)
-            dice_mem = (2 * ((1 - prob) * (1 - label)).sum(dims) + 1) / ((1 - prob).sum(dims) + (1 - label).sum(dims) + 1)
-        else:
-            p, t = prob * valid, label * valid  # 0 on unlabelled voxels; (valid - x) is 1 - x on labelled ones
-            dice_in = (2 * (p * t).sum(dims) + 1) / (p.sum(dims) + t.sum(dims) + 1)
-            dice_mem = (2 * ((valid - p) * (valid - t)).sum(dims) + 1) / ((valid - p).sum(dims) + (valid - t).sum(dims) + 1)
+        # masked: p, t are 0 on unlabelled voxels and (one - x) is 1 - x on labelled ones, 0 elsewhere
+        p, t, one = (prob, label, 1) if valid is None else (prob * valid, label * valid, valid)
+        dice_in = (2 * (p * t).sum(dims) + 1) / (p.sum(dims) + t.sum(dims) + 1)
+        dice_mem = (2 * ((one - p) * (one - t)).sum(dims) + 1) / ((one - p).sum(dims) + (one - t).sum(dims) + 1)
         loss = loss + 1 - 0.5 * (dice_in + dice_mem).mean()
     return loss
 
