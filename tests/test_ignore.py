@@ -97,6 +97,10 @@ def test_convert_writes_the_ignore_label_image(source, stores, tmp_path):
     check_ome(by_value, "raw", [st.TARGET, st.IGNORE], levels=1)
     info = json.loads(run_cli("info", by_value, "--json").out)
     assert info["arrays"][IGNORE_PATH]["ignored_fraction"] == pytest.approx(ignore.mean())
+    assert "warning" not in done.err
+    # a value that the labels never hold: converted, with a warning
+    done = convert(source, tmp_path / "none.zarr", "--labels", f"{source}:labels", "--ignore-value", "7")
+    assert done.code == 0 and "warning: --ignore-value marked no voxel as unlabelled" in done.err, done.err
 
 
 def reference_target(ids: np.ndarray, rule: Rule, ignored: np.ndarray) -> np.ndarray:

@@ -221,13 +221,20 @@ def convert(
                        pyramid_s)
     if with_ignore:
         summary["ignored_fraction"] = ignored / max(1, int(np.prod(layout.shape)))
+        if ignored == 0:  # e.g. --ignore-value 2.5 on integer labels, or the wrong --ignore-id
+            print(f"warning: {' '.join(_ignore_flags(ignore_id, ignore_value, ignore_mask))} marked no voxel as "
+                  "unlabelled", file=sys.stderr, flush=True)
     return summary
+
+
+def _ignore_flags(ignore_id, ignore_value, ignore_mask) -> list[str]:
+    return [flag for flag, v in (("--ignore-id", ignore_id), ("--ignore-value", ignore_value),
+                                 ("--ignore-mask", ignore_mask)) if v is not None]
 
 
 def _check_ignore_options(labels, instances, ignore_id, ignore_value, ignore_mask) -> None:
     """The --ignore-* combinations that make sense, before anything is read or written."""
-    given = [flag for flag, v in (("--ignore-id", ignore_id), ("--ignore-value", ignore_value),
-                                  ("--ignore-mask", ignore_mask)) if v is not None]
+    given = _ignore_flags(ignore_id, ignore_value, ignore_mask)
     if given and labels is None:
         raise UserError(f"{given[0]} marks unlabelled voxels of --labels; pass --labels too")
     if ignore_id is not None:
