@@ -327,16 +327,23 @@ def test_training_validation_predict_and_evaluate_ignore_the_garbage(stores, tmp
 
     ckpt = checkpoint.step_path(runs["clean"] / "checkpoints", 4)
     results = {}
+    keys = ("dice_neuron", "dice_membrane", "pixel_error")
     for name, store in zip(("clean", "garbage"), stores):
         pred = tmp_path / f"pred-{name}.zarr"
         done = run_cli("predict", "--checkpoint", ckpt, "--input", stores[0], "--labels", store, "--slices", "7:10",
                        "--out", pred, "--device", "cpu", "predict.block_size=[1,64,64]")
         assert done.code == 0, done.err
         predicted = json.loads(done.out.strip().splitlines()[-1])
+        if name == "garbage":  # resumed on a complete output: every block's counts come from recount
+            done = run_cli("predict", "--checkpoint", ckpt, "--input", stores[0], "--labels", store, "--slices",
+                           "7:10", "--out", pred, "--device", "cpu", "--resume", "predict.block_size=[1,64,64]")
+            assert done.code == 0, done.err
+            recounted = json.loads(done.out.strip().splitlines()[-1])
+            assert recounted["blocks_skipped"] == recounted["blocks"] > 0
+            assert {k: recounted[k] for k in keys} == {k: predicted[k] for k in keys}
         done = run_cli("evaluate", "--pred", pred, "--labels", store, "--json", tmp_path / f"{name}.json")
         assert done.code == 0, done.err
         results[name] = (predicted, json.loads((tmp_path / f"{name}.json").read_text()))
-    keys = ("dice_neuron", "dice_membrane", "pixel_error")
     (p_clean, e_clean), (p_garbage, e_garbage) = results["clean"], results["garbage"]
     assert {k: p_clean[k] for k in keys} == {k: p_garbage[k] for k in keys}
     evaluated = keys + ("v_rand", "v_info", "v_rand_threshold", "v_info_threshold")

@@ -586,6 +586,7 @@ def _predict(plan, cfg, model, device, precision, raw, labels, out, manifest, do
     readers, writers = readers or auto_readers, writers or auto_writers
     raw = backends.reopen(raw, cfg.predict.codec_pipeline)
     labels = labels if labels is None else backends.reopen(labels, cfg.predict.codec_pipeline)
+    ignore = ignore if ignore is None else backends.reopen(ignore, cfg.predict.codec_pipeline)
     todo = assign(block_order(plan, [i for i in range(plan.n_blocks) if i not in done], raw.chunks), rank, world)
     finished = assign(sorted(done), rank, world)
     main = dist.is_main()
