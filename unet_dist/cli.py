@@ -59,6 +59,7 @@ def cmd_convert(args) -> int:
         chunks=_chunks(args.chunks), shard=_ints(args.shard, "--shard") if args.shard else None,
         label_threshold=args.label_threshold, invert=args.invert, overwrite=args.overwrite,
         progress=_progress("convert"), instances=_rule(args) if args.instances else None,
+        ignore_id=args.ignore_id, ignore_value=args.ignore_value, ignore_mask=args.ignore_mask,
     )
     print(format_info(store_info(args.out)))
     return 0
@@ -236,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--labels are object IDs (one per neuron, 0 = background): keep them as labels/neuron_ids "
                         "and derive the training target from their boundaries")
     _add_rule_options(p, "with --instances")
+    p.add_argument("--ignore-id", type=int, metavar="N",
+                   help="with --instances: voxels of ID N are unlabelled (CREMI's reserved ID): labels/ignore, "
+                        "never in a loss or a count")
+    p.add_argument("--ignore-value", type=float, metavar="V",
+                   help="binary labels: voxels of value V (e.g. 2 or 127) are unlabelled (labels/ignore)")
+    p.add_argument("--ignore-mask", metavar="PATH[:INNER]",
+                   help="a volume of the same shape whose non-zero voxels are unlabelled (labels/ignore)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("relabel", help="derive the training target again from the store's labels/neuron_ids "

@@ -41,6 +41,12 @@ class DataConfig:
     # The defaults are the layout `convert` writes; `labels` without a "/" names a label image.
     raw_array: str = "0"
     labels: str = "neuron_interior"
+    # Unlabelled voxels (1 = never in the loss or a count): the label image `convert --ignore-*` writes,
+    # used when the store has it; a label image name or a path; "" ignores nothing.
+    ignore: str = "ignore"
+    # A patch is drawn again (from the same random stream) while less than this fraction of the voxels
+    # that reach the loss is labelled; only stores with an ignore mask have unlabelled voxels.
+    min_labelled_fraction: float = 0.5
     # Refuse a chunk layout where a random patch would read more chunk files than this (convert it).
     max_files_per_patch: int = 256
     train_slices: list[int] = field(default_factory=lambda: [0, 25])  # [start, stop)
@@ -300,6 +306,7 @@ def validate(cfg: Config, source: str) -> None:
     check(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
     for key in ("raw_array", "labels"):
         check(bool(getattr(cfg.data, key).strip("/ ")), f"data.{key}", "must name an array in data.store")
+    check(0.0 <= cfg.data.min_labelled_fraction <= 1.0, "data.min_labelled_fraction", "must be within [0, 1]")
     check(cfg.data.max_files_per_patch >= 1, "data.max_files_per_patch", "must be >= 1")
     check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     check(cfg.model.depth >= 1, "model.depth", "must be >= 1")

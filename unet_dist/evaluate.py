@@ -20,7 +20,7 @@ import numpy as np
 
 from . import dist
 from .data.instances import IDS
-from .data.store import TARGET_PATH, label_names, label_path, open_store, slices_within
+from .data.store import IGNORE, TARGET_PATH, label_names, label_path, open_store, slices_within
 from .errors import UserError
 from .metrics import ISBI_THRESHOLDS, confusion_counts, isbi_scores_from_sums, isbi_sums, scores_from_confusion
 from .data.prediction import MASK, PROBABILITY, open_prediction, probability_float
@@ -42,25 +42,36 @@ def _open(pred, labels, slices):
         raise UserError(f"{labels}: labels {tuple(label_arr.shape)} do not cover the prediction "
                         f"{tuple(prob.shape)} of slices {z0}:{z0 + depth} ({pred})")
     lo, hi = slices_within(slices, depth, str(pred), z0)
-    return prob, mask, label_arr, ids, z0, (lo, hi)
+    # Unlabelled voxels (labels/ignore, convert --ignore-*) count in no metric.
+    ignore = label_group[label_path(IGNORE)] if IGNORE in label_names(label_group) else None
+    if ignore is not None and tuple(ignore.shape) != tuple(label_arr.shape):
+        raise UserError(f"{labels}: {label_path(IGNORE)} {tuple(ignore.shape)} and {TARGET_PATH} "
+                        f"{tuple(label_arr.shape)} differ in shape")
+    return prob, mask, label_arr, ids, ignore, z0, (lo, hi)
 
 
 def slice_scores(prob2d: np.ndarray, mask2d: np.ndarray, label2d: np.ndarray,
-                 ids2d: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(confusion counts, per-threshold (V_rand, V_info)) of one slice; `ids2d`: the true segments."""
-    return confusion_counts(mask2d, label2d), isbi_sums(prob2d, label2d, segments3d=ids2d)["sums"]
+                 ids2d: np.ndarray | None = None, valid2d: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(confusion counts, per-threshold (V_rand, V_info)) of one slice; `ids2d`: the true segments;
+    `valid2d`: the labelled voxels (None: all). Unlabelled voxels are in no confusion count and not in
+    the true foreground of V_rand / V_info (the F-scores count pairs of foreground voxels only)."""
+    if valid2d is not None:
+        label2d = np.where(valid2d, label2d, 0)
+    return (confusion_counts(mask2d, label2d, valid=valid2d),
+            isbi_sums(prob2d, label2d, segments3d=ids2d)["sums"])
 
 
 def evaluate(pred, labels, slices=None, json_out=None) -> dict | None:
     """Metrics of `pred` over the slices (labels' numbering); rank 0 returns them, others None."""
-    prob, mask, label_arr, ids, z0, (lo, hi) = _open(pred, labels, slices)
+    prob, mask, label_arr, ids, ignore, z0, (lo, hi) = _open(pred, labels, slices)
     env = dist.detect_env()
     with dist.process_group(env, dist.choose_device("cpu", env.local_rank)):
         counts = np.zeros(4, np.int64)
         table = np.zeros((hi - lo, len(ISBI_THRESHOLDS), 2), np.float64)
         for z in range(lo + dist.rank(), hi, dist.world_size()):
             c, table[z - lo] = slice_scores(probability_float(prob[z - z0]), np.asarray(mask[z - z0]),
-                                            np.asarray(label_arr[z]), None if ids is None else np.asarray(ids[z]))
+                                            np.asarray(label_arr[z]), None if ids is None else np.asarray(ids[z]),
+                                            None if ignore is None else np.asarray(ignore[z]) == 0)
             counts += c
         counts, table = dist.all_reduce_sum(counts), dist.all_reduce_sum(table)
         if not dist.is_main():
@@ -70,6 +81,7 @@ def evaluate(pred, labels, slices=None, json_out=None) -> dict | None:
         sums += row
     result = {**scores_from_confusion(counts), **isbi_scores_from_sums(sums, hi - lo),
               "segments": "neuron_ids" if ids is not None else "binary target",
+              **({"ignored": label_path(IGNORE)} if ignore is not None else {}),
               "slices": [lo, hi], "n_slices": hi - lo, "pred": str(Path(pred)), "labels": str(Path(labels))}
     if json_out:
         write_json_atomic(json_out, result)

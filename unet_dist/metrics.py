@@ -77,11 +77,13 @@ _MASK, _INQUEUE, _OUTSIDE = -2, -3, -4  # flooding states; basins > 0, dams (WSH
 # Pixel metrics
 # ---------------------------------------------------------------------------------------------
 
-def confusion_counts(prob_or_mask, label, threshold: float = 0.5) -> np.ndarray:
+def confusion_counts(prob_or_mask, label, threshold: float = 0.5, valid=None) -> np.ndarray:
     """(tp, fp, fn, tn) as int64 for the neuron-interior class, any shape.
 
     A float array is a probability of interior (predicted where ``> threshold``); a bool or integer
     array is a mask (interior where ``== 1``). Label: 1 (any value > 0) = interior, 0 = membrane.
+    ``valid`` (same shape, optional): only voxels where it is true (non-zero) are counted; the
+    others (unlabelled, `labels/ignore`) count nowhere, whatever their label holds.
     """
     pred_in = np.asarray(prob_or_mask)
     label = np.asarray(label)
@@ -89,10 +91,18 @@ def confusion_counts(prob_or_mask, label, threshold: float = 0.5) -> np.ndarray:
         raise ValueError(f"prediction shape {pred_in.shape} != label shape {label.shape}")
     pred = pred_in > threshold if np.issubdtype(pred_in.dtype, np.floating) else pred_in == 1
     true = label > 0
+    total = true.size
+    if valid is not None:
+        valid = np.asarray(valid) != 0
+        if valid.shape != label.shape:
+            raise ValueError(f"valid shape {valid.shape} != label shape {label.shape}")
+        pred &= valid
+        true &= valid
+        total = int(np.count_nonzero(valid))
     tp = np.count_nonzero(pred & true)
     fp = np.count_nonzero(pred) - tp
     fn = np.count_nonzero(true) - tp
-    tn = true.size - tp - fp - fn
+    tn = total - tp - fp - fn
     return np.array([tp, fp, fn, tn], dtype=np.int64)
 
 

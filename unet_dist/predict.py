@@ -41,7 +41,7 @@ from .data import backends
 from .data.chunk_cache import ChunkCache
 from .data.prediction import MASK, PROBABILITY, build_pyramids, create_prediction
 from .data import volumes
-from .data.store import RAW, TARGET, check_out, provenance, read_region, slices_within
+from .data.store import IGNORE, RAW, TARGET, check_out, provenance, read_region, slices_within
 from .files import fault_point, write_json_atomic
 from .errors import UserError
 from .infer import padded_input_shape
@@ -276,6 +276,7 @@ class _Block:
     core: tuple
     tiles: np.ndarray | None  # (n, *model tile), the raw dtype: 2D, one per slice; 3D, one
     label: np.ndarray | None
+    valid: np.ndarray | None = None  # labelled voxels of the core (None: all), for the counts
     prob: np.ndarray | None = None  # (n, *core of one tile), the stored dtype
     mask: np.ndarray | None = None
     remaining: int = 0
@@ -305,8 +306,10 @@ class BlockPipeline:
     """Read -> compute -> write for this rank's blocks: reader threads decode inputs, the TileNet runs
     batches, writer threads store whole chunks and record each block in the manifest."""
 
-    def __init__(self, plan: Plan, net: TileNet, raw, labels, out_group, manifest: Manifest, cfg: PredictConfig):
+    def __init__(self, plan: Plan, net: TileNet, raw, labels, out_group, manifest: Manifest, cfg: PredictConfig,
+                 ignore=None):
         self.plan, self.net, self.raw, self.labels, self.cfg = plan, net, raw, labels, cfg
+        self.ignore = ignore  # the labels' unlabelled voxels (1), counted nowhere
         self.prob, self.mask, self.manifest = out_group[PROBABILITY], out_group[MASK], manifest
         self.raw_cache = self.label_cache = None
 
@@ -325,11 +328,15 @@ class BlockPipeline:
         core = block_core(self.plan, index)
         tiles = read_mirrored(self.raw, input_region(self.plan, core), self.raw_cache and self.raw_cache.read)
         tiles = tiles if self.plan.dims == 2 else tiles[None]
-        label = None
+        label = valid = None
         if self.labels is not None:
             box = as_slices(self._input_core(core))
             label = self.label_cache.read(box) if self.label_cache else read_region(self.labels, box)
-        return _Block(index, core, tiles, label)
+            valid = self._valid(box)
+        return _Block(index, core, tiles, label, valid)
+
+    def _valid(self, box) -> np.ndarray | None:
+        return None if self.ignore is None else read_region(self.ignore, box) == 0
 
     def _input_core(self, core):
         return ((core[0][0] + self.plan.z0, core[0][1] + self.plan.z0), *core[1:])
@@ -342,13 +349,14 @@ class BlockPipeline:
         self.prob[region] = block.prob.reshape(shape)
         self.mask[region] = mask
         self.manifest.mark(block.index, block.core)
-        return np.zeros(4, np.int64) if block.label is None else confusion_counts(mask, block.label)
+        return np.zeros(4, np.int64) if block.label is None else confusion_counts(mask, block.label, valid=block.valid)
 
     def recount(self, index: int) -> np.ndarray:
         """Counts of a block finished earlier, from its stored mask."""
         core = block_core(self.plan, index)
         mask = np.asarray(self.mask[as_slices(core)])
-        return confusion_counts(mask, read_region(self.labels, as_slices(self._input_core(core))))
+        box = as_slices(self._input_core(core))
+        return confusion_counts(mask, read_region(self.labels, box), valid=self._valid(box))
 
     def run(self, todo: list[int], readers: int, writers: int, on_block: Callable[[], None]) -> np.ndarray:
         """Predict and store the blocks `todo`; returns the summed confusion counts of their cores.
@@ -515,7 +523,7 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
     raw, raw_path = volumes.open_array(input, raw_path)
     volumes.check_volume(raw, f"{input}:{raw_path}")
     z_range = slices_within(slices, raw.shape[0], str(input))
-    label_arr = None
+    label_arr = ignore_arr = None
     if labels is not None:
         labels, label_name = volumes.split_store_spec(labels, TARGET)
         label_arr, label_name = volumes.open_array(labels, volumes.label_array_path(label_name))
@@ -523,6 +531,8 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
         if tuple(label_arr.shape) != tuple(raw.shape):
             raise UserError(f"{labels}: labels {tuple(label_arr.shape)} differ in shape from raw {tuple(raw.shape)}")
         volumes.check_binary(label_arr, f"{labels}:{label_name}")
+        # the labels store's unlabelled voxels (labels/ignore, convert --ignore-*) count nowhere
+        ignore_arr, _ = volumes.open_ignore(labels, IGNORE, label_arr.shape)
     # No files-per-patch check here: the chunk cache reads each input chunk once, so small chunks
     # cost file opens, not the repeated reads that random training patches make.
     plan = make_plan(cfg.model, cfg.predict, raw.shape, z_range)
@@ -564,17 +574,19 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
             dist.barrier()
             done = dist.broadcast_object(manifest.done() if dist.is_main() else None)
             return _predict(plan, cfg, model, torch_device, precision, raw, label_arr, out, manifest, done,
-                            readers, writers)
+                            readers, writers, ignore_arr)
         finally:
             lock.release()
 
 
-def _predict(plan, cfg, model, device, precision, raw, labels, out, manifest, done, readers, writers) -> dict:
+def _predict(plan, cfg, model, device, precision, raw, labels, out, manifest, done, readers, writers,
+             ignore=None) -> dict:
     rank, world = dist.rank(), dist.world_size()
     auto_readers, auto_writers = io_threads(cfg.predict)
     readers, writers = readers or auto_readers, writers or auto_writers
     raw = backends.reopen(raw, cfg.predict.codec_pipeline)
     labels = labels if labels is None else backends.reopen(labels, cfg.predict.codec_pipeline)
+    ignore = ignore if ignore is None else backends.reopen(ignore, cfg.predict.codec_pipeline)
     todo = assign(block_order(plan, [i for i in range(plan.n_blocks) if i not in done], raw.chunks), rank, world)
     finished = assign(sorted(done), rank, world)
     main = dist.is_main()
@@ -588,7 +600,7 @@ def _predict(plan, cfg, model, device, precision, raw, labels, out, manifest, do
     p = cfg.predict
     net = TileNet(model, device, precision, p.batch_size, p.tta, plan.dims, crop=block_crop(plan),
                   threshold=p.threshold, probability_dtype=p.probability_dtype)
-    pipeline = BlockPipeline(plan, net, raw, labels, group, manifest, p)
+    pipeline = BlockPipeline(plan, net, raw, labels, group, manifest, p, ignore)
     pipeline.plan_reads(todo)
     started, count = time.perf_counter(), 0
     # rank 0's share stands for all: blocks go round-robin, so every rank has about as many

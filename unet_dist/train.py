@@ -21,7 +21,7 @@ from . import checkpoint, dist, rundir
 from .checkpointing import Checkpointer
 from .config import Config, dump_yaml, to_dict
 from .data.patches import PatchSpec, PatchStream, make_loader, patch_z_starts
-from .data.volumes import open_training
+from .data.volumes import open_ignore, open_training
 from .errors import UserError
 from .model import check_patch_shape, output_shape
 from .monitor import Monitor, NullMonitor
@@ -46,6 +46,7 @@ def check_inputs(cfg: Config) -> tuple[tuple[int, int, int], tuple[int, ...]]:
     patch = tuple(cfg.data.patch_size)
     raw, _, _, _ = open_training(cfg.data.store, cfg.data.raw_array, cfg.data.labels,
                                  (1, *patch) if len(patch) == 2 else patch, cfg.data.max_files_per_patch)
+    open_ignore(cfg.data.store, cfg.data.ignore, raw.shape)  # a wrong data.ignore: one line, before the group
     shape = tuple(raw.shape)
     depth = shape[0]
     for key in ("train_slices", "val_slices"):

@@ -20,14 +20,28 @@ class TrainingDiverged(Exception):
     """The loss stayed non-finite: the run stops, its last good checkpoint kept."""
 
 
-def loss_fn(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None, kind: str) -> torch.Tensor:
+def loss_fn(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None, kind: str,
+            valid: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE (weighted by `weight`), plus the soft Dice of both classes for "bce_dice".
+
+    `valid` (1 = labelled, 0 = unlabelled; the patch stream's `valid`): unlabelled voxels are in
+    neither term. Their BCE is multiplied by 0 and the mean taken over the labelled voxels; the Dice
+    sums see prob * valid and label * valid. So neither the loss nor any gradient depends on the
+    label of an unlabelled voxel (its logit gets a gradient of exactly 0 from the loss)."""
     logits = logits.float()
-    loss = F.binary_cross_entropy_with_logits(logits, label, weight=weight)
+    if valid is None:
+        loss = F.binary_cross_entropy_with_logits(logits, label, weight=weight)
+    else:
+        per_voxel = F.binary_cross_entropy_with_logits(logits, label, reduction="none")
+        per_voxel = per_voxel * (valid if weight is None else weight * valid)
+        loss = per_voxel.sum() / valid.sum().clamp(min=1)
     if kind == "bce_dice":
         prob = torch.sigmoid(logits)
         dims = tuple(range(1, prob.ndim))
-        dice_in = (2 * (prob * label).sum(dims) + 1) / (prob.sum(dims) + label.sum(dims) + 1)
-        dice_mem = (2 * ((1 - prob) * (1 - label)).sum(dims) + 1) / ((1 - prob).sum(dims) + (1 - label).sum(dims) + 1)
+        # masked: p, t are 0 on unlabelled voxels and (one - x) is 1 - x on labelled ones, 0 elsewhere
+        p, t, one = (prob, label, 1) if valid is None else (prob * valid, label * valid, valid)
+        dice_in = (2 * (p * t).sum(dims) + 1) / (p.sum(dims) + t.sum(dims) + 1)
+        dice_mem = (2 * ((one - p) * (one - t)).sum(dims) + 1) / ((one - p).sum(dims) + (one - t).sum(dims) + 1)
         loss = loss + 1 - 0.5 * (dice_in + dice_mem).mean()
     return loss
 
@@ -99,12 +113,13 @@ class TrainStep:
             raw = batch["raw"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             label = batch["label"].to(self.device, non_blocking=True)
             weight = batch["weight"].to(self.device, non_blocking=True) if "weight" in batch else None
+            valid = batch["valid"].to(self.device, non_blocking=True) if "valid" in batch else None
             last = micro == accumulate - 1
             sync = contextlib.nullcontext() if (not self.ddp or last) else self.net.no_sync()
             with sync:
                 with self.autocast:
                     logits = self.net(raw)
-                loss = loss_fn(logits, label, weight, cfg.loss) / accumulate
+                loss = loss_fn(logits, label, weight, cfg.loss, valid) / accumulate
                 state.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         state.scaler.unscale_(state.optimizer)

@@ -10,7 +10,7 @@ from . import dist
 from .config import Config
 from .data.patches import to_unit_float
 from .data.store import read_region
-from .data.volumes import open_training
+from .data.volumes import open_ignore, open_training
 from .infer import forward_tiles
 from .metrics import confusion_counts, scores_from_confusion
 from .predict import as_slices, assign, block_core, input_region, make_plan, read_mirrored
@@ -26,6 +26,7 @@ def validate(model, cfg: Config, device, autocast_ctx, want_panel: bool,
     `unet-dist predict` reports. Memory depends on the block, never on the slice or the 3D band.
     The panel (raw, label, prediction) is rank 0's first block (its middle slice in 3D)."""
     raw_arr, label_arr, _, _ = open_training(cfg.data.store, cfg.data.raw_array, cfg.data.labels)
+    ignore_arr, _ = open_ignore(cfg.data.store, cfg.data.ignore, label_arr.shape)  # unlabelled voxels count nowhere
     lo, hi = cfg.data.val_slices
     plan = make_plan(cfg.model, cfg.predict, raw_arr.shape, (lo, hi))
     offset = plan.offset[1:] if plan.dims == 2 else plan.offset
@@ -44,7 +45,8 @@ def validate(model, cfg: Config, device, autocast_ctx, want_panel: bool,
         prob = out[crop].reshape(shape)
         stored = ((core[0][0] + lo, core[0][1] + lo), *core[1:])  # output slice z is input slice lo + z
         label = read_region(label_arr, as_slices(stored))
-        counts += confusion_counts(prob, label, cfg.predict.threshold)
+        valid = None if ignore_arr is None else read_region(ignore_arr, as_slices(stored)) == 0
+        counts += confusion_counts(prob, label, cfg.predict.threshold, valid)
         if want_panel and panel is None:
             raw = to_unit_float(read_region(raw_arr, as_slices(stored)))
             mid = shape[0] // 2

@@ -242,19 +242,25 @@ def _two_nearest_distances(objects: np.ndarray, cutoff: float) -> tuple[np.ndarr
     return d1, d2
 
 
-def unet_weight_map(label: np.ndarray, w0: float = 10.0, sigma: float = 5.0) -> np.ndarray:
+def unet_weight_map(label: np.ndarray, w0: float = 10.0, sigma: float = 5.0, valid=None) -> np.ndarray:
     """The U-Net paper's weight map, float32: w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)) where
     the border term is on membrane pixels only and d1, d2 are the distances to the nearest and the
     second-nearest neuron (4-connected component of label != 0).
 
     w_c balances the classes: a pixel of class c weighs N / (2 N_c), so both classes carry half of
     the total weight and the mean weight is 1 (all ones if a class is absent). A 3D array is done
-    per z section, as the paper's 2D definition asks."""
+    per z section, as the paper's 2D definition asks. `valid` (optional, same shape): the class
+    counts come from these voxels only (the others are unlabelled; callers weigh them 0)."""
     label = np.asarray(label)
     if label.ndim == 3:
-        return np.stack([unet_weight_map(s, w0, sigma) for s in label])
+        return np.stack([unet_weight_map(s, w0, sigma, None if valid is None else valid[z])
+                         for z, s in enumerate(label)])
     interior = label != 0
-    n, n1 = interior.size, int(interior.sum())
+    if valid is None:
+        n, n1 = interior.size, int(interior.sum())
+    else:
+        valid = np.asarray(valid) != 0
+        n, n1 = int(valid.sum()), int((interior & valid).sum())
     weight = np.ones(label.shape, np.float32)
     if 0 < n1 < n:
         weight[interior] = n / (2 * n1)

@@ -8,6 +8,10 @@ neighbours. ID 0 is background / extracellular space: membrane too, unless `back
 which makes 0 one more segment (interior, with boundaries to its neighbours like any other ID).
 Everything else is neuron interior (1). Width 0: no boundaries, the target is `id != 0`.
 
+Unlabelled voxels (`ignored`, e.g. CREMI's reserved ID; the store's `labels/ignore`) are nobody's
+neighbour: their ID is unknown, so a voxel next to them is membrane only for a real other ID within
+the window (their own target is 0 and never used).
+
 A slab needs `halo` slices of IDs beyond each end (0 in 2D, `width` in 3D) to give the same target
 as the whole volume: convert and relabel read that much more and crop (`target_of_slab`).
 """
@@ -66,40 +70,53 @@ def check_ids(ids: np.ndarray, where: str) -> None:
         raise UserError(f"{where}: negative IDs ({int(ids.min())}); instance labels are IDs >= 0 (0 = background)")
 
 
-def membrane_target(ids: np.ndarray, rule: Rule) -> np.ndarray:
+def membrane_target(ids: np.ndarray, rule: Rule, ignored: np.ndarray | None = None) -> np.ndarray:
     """uint8 target (1 interior, 0 membrane) of a (Z, Y, X) block of IDs, every slice by the rule.
 
+    `ignored` (same shape, optional): unlabelled voxels, no neighbours of anyone, 0 in the target.
     In 3D the block's first and last slices see only the slices in the block: callers pass a halo.
     """
     ids = np.asarray(ids)
     if ids.ndim != 3:
         raise ValueError(f"need a (Z, Y, X) block, got shape {ids.shape}")
+    if ignored is not None:
+        ignored = np.asarray(ignored) != 0
     w = rule.width
     if w == 0:
         same = np.ones(ids.shape, bool)
     else:
         # Another ID within the window <=> the window's max or min differs from the centre. Mode
         # "nearest" repeats edge voxels, which are inside the window already: no invented neighbours.
+        # An unlabelled voxel takes the dtype's lowest value for the max and its highest for the min,
+        # so it never differs from a labelled centre.
         size = (2 * w + 1 if rule.three_d else 1, 2 * w + 1, 2 * w + 1)
+        info = np.iinfo(ids.dtype) if ids.dtype.kind in "iu" else None
         same = np.empty(ids.shape, bool)
         for z in range(ids.shape[0]) if not rule.three_d else (None,):
             sl = slice(None) if z is None else slice(z, z + 1)  # slice by slice in 2D: O(slice) temporaries
             block = ids[sl]
-            same[sl] = (ndimage.maximum_filter(block, size=size, mode="nearest") == block)
-            same[sl] &= (ndimage.minimum_filter(block, size=size, mode="nearest") == block)
+            low = high = block
+            if ignored is not None and info is not None:
+                low = np.where(ignored[sl], info.min, block).astype(ids.dtype, copy=False)
+                high = np.where(ignored[sl], info.max, block).astype(ids.dtype, copy=False)
+            same[sl] = (ndimage.maximum_filter(low, size=size, mode="nearest") == block)
+            same[sl] &= (ndimage.minimum_filter(high, size=size, mode="nearest") == block)
     if not rule.background_interior:
         same &= ids != 0
+    if ignored is not None:
+        same &= ~ignored
     return same.view(np.uint8)
 
 
 def target_of_slab(read: Callable[[int, int], np.ndarray], z0: int, z1: int, depth: int, rule: Rule,
-                   where: str = "") -> tuple[np.ndarray, np.ndarray]:
+                   where: str = "", ignored_of: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(IDs of z0..z1, their target) with `read(a, b)` giving IDs of slices a..b; reads the rule's
-    halo beyond each end (within 0..depth) so the slab's target equals the whole volume's."""
+    halo beyond each end (within 0..depth) so the slab's target equals the whole volume's.
+    `ignored_of(ids, a, b)`: the unlabelled voxels of those slices (`membrane_target`'s `ignored`)."""
     a, b = max(0, z0 - rule.halo), min(depth, z1 + rule.halo)
     ids = np.asarray(read(a, b))
     check_ids(ids, where)
-    target = membrane_target(ids, rule)
+    target = membrane_target(ids, rule, None if ignored_of is None else ignored_of(ids, a, b))
     return ids[z0 - a:z1 - a], target[z0 - a:z1 - a]
 
 

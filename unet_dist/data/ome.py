@@ -20,7 +20,7 @@ import zarr
 
 from . import pyramid
 from .instances import IDS
-from .store import (AXES, RAW, TARGET, Layout, Progress, create_volume_array, label_names, label_path,
+from .store import (AXES, IGNORE, RAW, TARGET, Layout, Progress, create_volume_array, label_names, label_path,
                     open_store, resolve_layout, write_volumes)
 from ..errors import UserError
 
@@ -29,6 +29,7 @@ VERSION = "0.5"
 LABEL_VALUES = {
     TARGET: {0: ("membrane", (0, 0, 0, 0)), 1: ("neuron interior", (60, 200, 90, 110))},
     "mask": {0: ("membrane", (0, 0, 0, 0)), 1: ("neuron interior", (230, 120, 40, 110))},
+    IGNORE: {0: ("labelled", (0, 0, 0, 0)), 1: ("unlabelled (ignored)", (200, 40, 200, 90))},
 }
 
 
@@ -130,11 +131,12 @@ def _levels(group: zarr.Group, plan: Pyramid, dtype, kind: str) -> list[zarr.Arr
 def write_em_store(tmp: Path, layout: Layout, voxel_size, raw_dtype, labels: bool,
                    read_slab: Callable[[int, int], Mapping[str, np.ndarray]], attrs: dict,
                    progress: Progress | None = None, ids_dtype=None,
-                   target_attrs: dict | None = None) -> tuple[Pyramid, float]:
+                   target_attrs: dict | None = None, ignore: bool = False) -> tuple[Pyramid, float]:
     """A new input store in `tmp`: raw (and the training target) slab by slab, then their pyramids.
 
     `read_slab(z0, z1)` returns {"raw": ..., "labels": ...} (and "ids" with `ids_dtype`: instance
-    labels, kept as the label image `neuron_ids`); `attrs` are our provenance attributes,
+    labels, kept as the label image `neuron_ids`; "ignore" with `ignore`: the unlabelled voxels, the
+    label image `ignore`); `attrs` are our provenance attributes,
     `target_attrs` go to the target's label image. Returns the levels' plan and the seconds the
     coarser levels took.
 
@@ -153,6 +155,8 @@ def write_em_store(tmp: Path, layout: Layout, voxel_size, raw_dtype, labels: boo
     if ids_dtype is not None:
         # IDs compress like labels (long runs of one value); the mode rule keeps them real IDs.
         images["ids"] = (create_label_image(group, IDS, plan, ids_dtype), "mode")
+    if ignore:
+        images["ignore"] = (create_label_image(group, IGNORE, plan, np.uint8), "mode")
     arrays = {name: levels[0] for name, (levels, _) in images.items()}
     in_slabs = all(step[0] == 1 for step in plan.steps)
     spent = {"downsample": 0.0}

@@ -17,8 +17,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .augment import Augmenter, unet_weight_map
 from ..errors import UserError
-from .store import RAW, TARGET, read_region
-from .volumes import open_training
+from .store import IGNORE, RAW, TARGET, read_region
+from .volumes import open_ignore, open_training
+
+IGNORED = 2  # an unlabelled voxel's value in a label patch while it is augmented (nearest-neighbour moves keep it)
+MAX_DRAWS = 1000  # patches drawn for one batch item before a store that is hardly labelled is refused
 
 
 def to_unit_float(raw: np.ndarray) -> np.ndarray:
@@ -43,6 +46,8 @@ class PatchSpec:
     holdout: tuple[int, int] | None = None  # [start, stop) no patch may touch (a CV fold)
     raw_array: str = RAW  # data.raw_array and data.labels: the arrays inside `store` (data/volumes.py)
     labels: str = TARGET
+    ignore: str = IGNORE  # data.ignore: the unlabelled voxels' mask, when the store has it ("" = none)
+    min_labelled_fraction: float = 0.5  # redraw patches with less of their loss region labelled
 
     @classmethod
     def from_config(cls, cfg, rank: int, label_crop: tuple[int, ...]) -> "PatchSpec":
@@ -52,7 +57,8 @@ class PatchSpec:
                    label_crop=tuple(label_crop), batch_size=cfg.data.batch_size, seed=cfg.train.seed, rank=rank,
                    weight_map=cfg.train.weight_map, weight_map_w0=cfg.train.weight_map_w0,
                    weight_map_sigma=cfg.train.weight_map_sigma, holdout=tuple(cfg.data.holdout_slices) or None,
-                   raw_array=cfg.data.raw_array, labels=cfg.data.labels)
+                   raw_array=cfg.data.raw_array, labels=cfg.data.labels, ignore=cfg.data.ignore,
+                   min_labelled_fraction=cfg.data.min_labelled_fraction)
 
 
 def patch_z_starts(z_range: tuple[int, int], depth: int, holdout: tuple[int, int] | None) -> np.ndarray:
@@ -64,7 +70,13 @@ def patch_z_starts(z_range: tuple[int, int], depth: int, holdout: tuple[int, int
 
 
 class PatchStream(IterableDataset):
-    """Endless batches of (raw, label[, weight]) patches; each worker opens the store itself."""
+    """Endless batches of (raw, label[, weight][, valid]) patches; each worker opens the store itself.
+
+    With an ignore mask (`labels/ignore`, data.ignore) a batch also holds `valid` (1 = labelled, 0 =
+    unlabelled: no loss there) and `weight` is 0 on unlabelled voxels; their labels are replaced by 0
+    before anything else sees them, so whatever the store holds there never changes a batch. A patch
+    whose loss region is labelled below `min_labelled_fraction` is drawn again from the same generator.
+    """
 
     def __init__(self, spec: PatchSpec, augment_cfg, start_batch: int = 0):
         self.spec = spec
@@ -77,9 +89,14 @@ class PatchStream(IterableDataset):
         raw, labels, _, _ = open_training(self.spec.store, self.spec.raw_array, self.spec.labels)
         augmenter = Augmenter(self.augment_cfg)
         index = self.start_batch + worker
+        try:
+            ignore, _ = open_ignore(self.spec.store, self.spec.ignore, labels.shape)
+        except UserError as exc:
+            yield {"error": str(exc)}
+            return
         while True:
             try:
-                yield self.make_batch(raw, labels, augmenter, index)
+                yield self.make_batch(raw, labels, augmenter, index, ignore)
             except UserError as exc:
                 # Handed to the training loop as data: an exception raised in a worker would reach
                 # it wrapped in the worker's traceback instead of as one line.
@@ -87,23 +104,31 @@ class PatchStream(IterableDataset):
                 return
             index += workers
 
-    def make_batch(self, raw, labels, augmenter, index: int) -> dict[str, torch.Tensor]:
+    def make_batch(self, raw, labels, augmenter, index: int, ignore=None) -> dict[str, torch.Tensor]:
         spec = self.spec
         rng = np.random.default_rng([spec.seed, spec.rank, index])
-        raws, labs, weights = [], [], []
+        raws, labs, weights, valids = [], [], [], []
         for _ in range(spec.batch_size):
-            region = self._random_region(rng, raw.shape)
+            region, skip = self._draw(rng, raw.shape, ignore)
             r = to_unit_float(read_region(raw, region))
             lab = read_region(labels, region)
             self._check(r, lab, region)
+            if skip is not None:  # unlabelled: whatever the store holds there is gone from here on
+                lab = np.where(skip != 0, np.uint8(IGNORED), lab.astype(np.uint8, copy=False))
             if len(spec.patch_size) == 2:  # a 2D patch is one slice
                 r, lab = r[0], lab[0]
             r, lab = augmenter(rng, r, lab)
-            lab = lab[tuple(slice(c, lab.shape[i] - c) for i, c in enumerate(spec.label_crop))]
+            lab = lab[self._crop(lab)]
+            valid = None
+            if skip is not None:
+                valid = lab != IGNORED
+                lab = np.where(valid, lab, np.uint8(0))
+                valids.append(valid)
             raws.append(r)
             labs.append(lab)
             if spec.weight_map:
-                weights.append(self._weights(lab))
+                weight = self._weights(lab, valid)
+                weights.append(weight if valid is None else weight * valid)
         batch = {
             "raw": torch.from_numpy(np.stack(raws)[:, None].astype(np.float32)),
             "label": torch.from_numpy(np.stack(labs)[:, None].astype(np.float32)),
@@ -111,7 +136,35 @@ class PatchStream(IterableDataset):
         }
         if weights:
             batch["weight"] = torch.from_numpy(np.stack(weights)[:, None].astype(np.float32))
+        if valids:
+            batch["valid"] = torch.from_numpy(np.stack(valids)[:, None].astype(np.float32))
         return batch
+
+    def _crop(self, lab: np.ndarray) -> tuple[slice, ...]:
+        """The part of a (2D or 3D) label patch that reaches the loss (valid padding crops the border)."""
+        return tuple(slice(c, lab.shape[i] - c) for i, c in enumerate(self.spec.label_crop))
+
+    def labelled_fraction(self, skip: np.ndarray) -> float:
+        """The labelled share of a patch's loss region, from its (Z, Y, X) ignore mask."""
+        part = skip[0] if len(self.spec.patch_size) == 2 else skip
+        part = part[self._crop(part)]
+        return 1.0 - np.count_nonzero(part) / max(1, part.size)
+
+    def _draw(self, rng: np.random.Generator, shape, ignore) -> tuple[tuple[slice, ...], np.ndarray | None]:
+        """A patch region (and its ignore mask): drawn again, from the same generator, while its loss
+        region is labelled below min_labelled_fraction, so the stream stays a function of (seed, rank, i)."""
+        spec = self.spec
+        for _ in range(MAX_DRAWS):
+            region = self._random_region(rng, shape)
+            if ignore is None:
+                return region, None
+            skip = read_region(ignore, region)
+            if self.labelled_fraction(skip) >= spec.min_labelled_fraction:
+                return region, skip
+        raise UserError(f"{spec.store}: no {'x'.join(map(str, spec.patch_size))} patch in slices "
+                        f"{spec.z_range[0]}:{spec.z_range[1]} had at least {spec.min_labelled_fraction:g} of its "
+                        f"voxels labelled in {MAX_DRAWS} draws (its ignore mask '{spec.ignore}' covers most of "
+                        "them); lower data.min_labelled_fraction or train on better labelled slices")
 
     def _check(self, raw: np.ndarray, lab: np.ndarray, region) -> None:
         where = f"{self.spec.store} at {', '.join(f'{s.start}:{s.stop}' for s in region)}"
@@ -130,9 +183,11 @@ class PatchStream(IterableDataset):
         starts += [int(rng.integers(0, shape[a] - size[a] + 1)) for a in (1, 2)]
         return tuple(slice(s, s + n) for s, n in zip(starts, size))
 
-    def _weights(self, lab: np.ndarray) -> np.ndarray:
+    def _weights(self, lab: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
         slices = lab[None] if lab.ndim == 2 else lab
-        w = np.stack([unet_weight_map(s, self.spec.weight_map_w0, self.spec.weight_map_sigma) for s in slices])
+        valid = None if valid is None else (valid[None] if lab.ndim == 2 else valid)
+        w = np.stack([unet_weight_map(s, self.spec.weight_map_w0, self.spec.weight_map_sigma,
+                                      None if valid is None else valid[z]) for z, s in enumerate(slices)])
         return w[0] if lab.ndim == 2 else w
 
 

@@ -25,7 +25,7 @@ from . import pyramid
 from .instances import IDS, Rule, target_of_slab
 from .ome import VERSION, image_levels, label_image_attrs
 from .prediction import steps_of
-from .store import (TARGET, Layout, create_volume_array, label_names, label_path, open_store,
+from .store import (IGNORE, TARGET, Layout, create_volume_array, label_names, label_path, open_store,
                     read_region)
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
@@ -48,8 +48,13 @@ def relabel(path, rule: Rule) -> dict:
                                       np.uint8, "labels") for i, a in enumerate(ids_levels)]
         ids0, depth = ids_levels[0], ids_levels[0].shape[0]
         where = f"{path}:{label_path(IDS)}"
+        # unlabelled voxels (convert --ignore-*) keep a target of 0, as convert stores them
+        # (no neighbours of anyone; membrane_target)
+        ignore = group[label_path(IGNORE)] if IGNORE in label_names(group) else None
+        ignored_of = None if ignore is None else (lambda ids, a, b: read_region(ignore, (slice(a, b),)) != 0)
         for z0, z1 in Layout.of(levels[0]).slabs():  # whole shards per write
-            _, slab = target_of_slab(lambda a, b: read_region(ids0, (slice(a, b),)), z0, z1, depth, rule, where)
+            _, slab = target_of_slab(lambda a, b: read_region(ids0, (slice(a, b),)), z0, z1, depth, rule, where,
+                                     ignored_of)
             levels[0][z0:z1] = slab
             ones += int(np.count_nonzero(slab))
         pyramid.build(levels, steps_of(ids_image), "mode")

@@ -5,7 +5,8 @@ Layout (ARCHITECTURE.md, Formats):
   prediction store, the probability);
 - label images under `labels/<name>/0`, `1`, ... with `image-label` metadata and the image's
   levels: `neuron_interior` is the binary training target (1 = neuron interior, 0 = membrane);
-  a prediction store's `mask` is one too;
+  a prediction store's `mask` is one too; `ignore` (optional) marks unlabelled voxels (1), whose
+  target is stored as 0 and must never reach a loss or a count;
 - voxel size in nm in the OME coordinate transformations; our provenance under `unet_dist`.
 
 The first layout (arrays `raw` and `labels` at the root) is not valid OME-Zarr (`labels` is
@@ -61,6 +62,7 @@ READ_AHEAD_BYTES = 256 << 20  # read the next slab during a write only below thi
 
 RAW = "0"  # level 0 of the image at the root: the raw volume (in a prediction store, the probability)
 TARGET = "neuron_interior"  # the binary training target's label image
+IGNORE = "ignore"  # the unlabelled voxels' label image (uint8, 1 = unlabelled: never in a loss or a count)
 OLD_LAYOUT = ("raw", "probability")  # root arrays of the first layout
 
 

@@ -25,7 +25,7 @@ import zarr
 
 from ..errors import UserError
 from .instances import looks_like_ids
-from .store import RAW, TARGET, _missing, label_path, open_store, read_region, voxel_size
+from .store import IGNORE, RAW, TARGET, _missing, label_path, open_store, read_region, voxel_size
 
 LABEL_SAMPLE_CHUNKS = 3  # first, middle and last chunk: enough to tell a mask from IDs or 0/255
 
@@ -154,6 +154,27 @@ def open_training(store, raw_array: str = RAW, labels: str = TARGET, patch=None,
             check_chunking(array, patch, max_files, f"{store}:{path}")
         check_binary(lab, f"{store}:{lab_path}")
     return raw, lab, raw_path, lab_path
+
+
+def open_ignore(store, name: str = IGNORE, shape=None) -> tuple[zarr.Array | None, str | None]:
+    """The unlabelled-voxel mask of `store` (1 = unlabelled; `convert --ignore-*` writes `labels/ignore`)
+    and its path, or (None, None). `name` as `data.labels` takes it (a label image name or a path);
+    "" means none. The default name may be absent (a store without unlabelled voxels); another name must
+    exist. Checked: 3D, integers, the labels' `shape`."""
+    name = (name or "").strip("/ ")
+    if not name:
+        return None, None
+    path = label_array_path(name)
+    if name == IGNORE and not _has(open_group(store), path):
+        return None, None
+    array, path = open_array(store, path, "ignore")
+    where = f"{store}:{path}"
+    check_volume(array, where)
+    if np.dtype(array.dtype).kind not in "biu":
+        raise UserError(f"{where}: an ignore mask of type {array.dtype}; expected integers (1 = unlabelled)")
+    if shape is not None and tuple(array.shape) != tuple(shape):
+        raise UserError(f"{store}: the ignore mask {tuple(array.shape)} and the labels {tuple(shape)} differ in shape")
+    return array, path
 
 
 def voxel_size_of(store, inner: str):
