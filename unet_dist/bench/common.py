@@ -260,6 +260,18 @@ def measure(fn: Callable[[], dict | None], device=None) -> dict:
 
 # ------------------------------------------------------------------------------ child processes
 
+def measured_row(measurements: list[dict]) -> dict:
+    """A report row's timing and memory from the rounds of one method (`measure` in child
+    processes): median seconds and CPU seconds, the last round's peak RSS and its rise above the
+    RSS before the measured call."""
+    last = measurements[-1]
+    return {"seconds": median([m["seconds"] for m in measurements]),
+            "seconds_rounds": [m["seconds"] for m in measurements],
+            "cpu_s": median([m["cpu_s"] for m in measurements]),
+            "peak_rss_mb": last["peak_rss_bytes"] / MB,
+            "peak_rss_above_baseline_mb": (last["peak_rss_bytes"] - last["rss_before_bytes"]) / MB}
+
+
 def run_child(target: str, kwargs: dict, timeout: float = 3600) -> dict:
     """Run `module:function(**kwargs)` in a fresh Python process (`unet_dist.bench.child`) and return
     its JSON result, to which the child adds its peak RSS. A fresh process per measurement keeps one

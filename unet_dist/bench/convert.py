@@ -220,13 +220,8 @@ def run(args) -> dict:
                 "resolution": list(RESOLUTION) if kind == "tiff" else None}))
     data_mb = math.prod(shape) / common.MB
     for name, what, role in (("convert", f"unet_dist convert ({kind})", "ours"), ("read", peer, "peer")):
-        seconds = common.median([m["seconds"] for m in runs[name]])
-        last = runs[name][-1]
-        rows.append({"what": what, "role": role, "seconds": seconds,
-                     "seconds_rounds": [m["seconds"] for m in runs[name]],
-                     "mb_per_s": data_mb / seconds, "cpu_s": common.median([m["cpu_s"] for m in runs[name]]),
-                     "peak_rss_mb": last["peak_rss_bytes"] / common.MB,
-                     "peak_rss_above_baseline_mb": (last["peak_rss_bytes"] - last["rss_before_bytes"]) / common.MB})
+        row = {"what": what, "role": role, **common.measured_row(runs[name])}
+        rows.append(row | {"mb_per_s": data_mb / row["seconds"]})
     summary = runs["convert"][-1]["summary"]
     stored = summary["stored_bytes"]
     level0 = stored - summary.get("pyramid_stored_bytes", 0)  # the ratio is the codec's, on level 0

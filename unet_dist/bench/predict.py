@@ -278,15 +278,11 @@ def run(args) -> dict:
         outs_bytes = level_bytes(outs["ours"])
     voxels = math.prod(plan.shape)
     for name, role in (("ours", "ours"), ("monai", "peer")):
-        seconds = common.median([m["seconds"] for m in runs[name]])
         last = runs[name][-1]
         row = {"method": "unet_dist predict" if name == "ours" else "MONAI sliding_window_inference",
-               "role": role, "seconds": seconds, "seconds_rounds": [m["seconds"] for m in runs[name]],
-               "voxels": voxels, "voxels_per_s": voxels / seconds,
-               "cpu_s": common.median([m["cpu_s"] for m in runs[name]]),
-               "peak_rss_mb": last["peak_rss_bytes"] / common.MB,
-               "peak_rss_above_baseline_mb": (last["peak_rss_bytes"] - last["rss_before_bytes"]) / common.MB,
+               "role": role, **common.measured_row(runs[name]), "voxels": voxels,
                "cuda_peak_mb": last["cuda_peak_bytes"] / common.MB if "cuda_peak_bytes" in last else None}
+        row["voxels_per_s"] = voxels / row["seconds"]
         if name == "ours":
             row["pipeline_voxels_per_s"] = last["result"].get("voxels_per_s")
             row["pyramid_s"] = last["result"].get("pyramid_seconds")
