@@ -319,7 +319,7 @@ def run(args) -> dict:
     with common.workdir(args.workdir) as work:
         store = work / "volume.zarr"
         common.log(f"io: writing {shape} uint8 raw (+ labels), chunks {chunks}")
-        common.run_child("unet_dist.bench.load:run_write", {"out": str(store), "shape": list(shape),
+        common.run_child("unet_dist.bench.big_volume:run_write", {"out": str(store), "shape": list(shape),
                                                              "chunks": chunks, "shard": None})
         for n in cores:
             common.log(f"io: {n} core(s): decode limit, then the pipeline with and without the chunk cache")

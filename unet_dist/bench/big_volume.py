@@ -185,20 +185,20 @@ def run(args) -> dict:
             store, run_dir, out = work / f"{name}.zarr", work / f"{name}-run", work / f"{name}-pred.zarr"
             common.log(f"load: {name}: writing {shape} raw + labels ({2 * volume_bytes / (1 << 30):.2f} GiB of "
                        f"voxels), chunks {chunks}, shards {shard}")
-            wrote = common.run_child("unet_dist.bench.load:run_write", {
+            wrote = common.run_child("unet_dist.bench.big_volume:run_write", {
                 "out": str(store), "shape": list(shape), "chunks": chunks, "shard": shard})
             files, stored = store_files(str(store))
             common.log(f"load: {name}: {files} files, {stored / common.MB:.0f} MB; training (child process)")
-            trained = common.run_child("unet_dist.bench.load:run_train", {"overrides": [
+            trained = common.run_child("unet_dist.bench.big_volume:run_train", {"overrides": [
                 *applied, f"data.store={store}", f"run.dir={run_dir}", f"data.train_slices=[0,{shape[0]}]",
                 "data.val_slices=[0,1]", f"train.val_every={10 ** 9}", f"train.ckpt_every={10 ** 9}",
                 f"train.device={device.type}", "logging.wandb=disabled", "logging.progress=plain",
                 "logging.images=false"]})
             common.log(f"load: {name}: reading every block's input as the predictor does (child process)")
-            scanned = common.run_child("unet_dist.bench.load:run_read", {
+            scanned = common.run_child("unet_dist.bench.big_volume:run_read", {
                 "ckpt": trained["checkpoint"], "store": str(store)})
             common.log(f"load: {name}: predicting all {shape[0]} slices (child process)")
-            predicted = common.run_child("unet_dist.bench.load:run_predict", {
+            predicted = common.run_child("unet_dist.bench.big_volume:run_predict", {
                 "ckpt": trained["checkpoint"], "store": str(store), "out": str(out), "device": device.type})
             images = trained["steps"] * cfg.data.batch_size
             rows.append({
