@@ -465,3 +465,27 @@ def test_validation_goes_through_the_predictor_tiling_and_agrees_with_it(overrid
                      precision="fp32")
     for key in ("dice_neuron", "dice_membrane", "pixel_error"):
         assert scores[f"val/{key}"] == pytest.approx(result[key], abs=2e-3), key
+
+
+def test_loader_workers_end_with_training(synth_store, tmp_path):
+    """The workers ignore stop signals, so nothing at interpreter exit can end them: training shuts
+    them down itself (once, under torchrun, a finished rank waited forever for its worker)."""
+    import gc
+    import multiprocessing
+
+    from unet_dist.config import load_config
+    from unet_dist.train import train
+
+    cfg = load_config(SMOKE, [f"data.store={synth_store}", "data.train_slices=[0,8]", "data.val_slices=[8,12]",
+                              f"run.dir={tmp_path / 'run'}", "train.steps=2", "train.val_every=2",
+                              "data.num_workers=1", "logging.wandb=disabled"])
+    before = set(multiprocessing.active_children())
+    gc.disable()  # as at interpreter exit: whatever a reference cycle holds is still alive
+    try:
+        assert train(cfg).status == "completed"
+        left = [p for p in multiprocessing.active_children() if p not in before]
+        for p in left:
+            p.kill()  # they ignore SIGTERM: without this, pytest itself would hang at exit
+        assert left == []  # no worker left running
+    finally:
+        gc.enable()

@@ -136,20 +136,23 @@ def _train(cfg: Config, env, device, precision, label_crop, saved) -> TrainResul
     status = "completed"
 
     net.train()
-    while state.step < cfg.train.steps:
-        if dist.any_rank(stop.raised):  # host values only: no wait for the GPU
-            monitor.message(f"stop signal received: checkpointing at step {state.step} and exiting; "
-                            "run again with --resume auto to continue")
-            checkpointer.save(state)
-            dist.barrier()
-            status = "interrupted"
-            break
-        finite, loss, grad_norm = train_step(throughput.timed(batches))
-        health.update(finite)
-        throughput.add(loss, finite)
-        throughput.maybe_log(state.step, state.scheduler, grad_norm)
-        validated = validator.maybe_run(state, throughput)
-        checkpointer.maybe_save(state, validated, throughput)
+    try:
+        while state.step < cfg.train.steps:
+            if dist.any_rank(stop.raised):  # host values only: no wait for the GPU
+                monitor.message(f"stop signal received: checkpointing at step {state.step} and exiting; "
+                                "run again with --resume auto to continue")
+                checkpointer.save(state)
+                dist.barrier()
+                status = "interrupted"
+                break
+            finite, loss, grad_norm = train_step(throughput.timed(batches))
+            health.update(finite)
+            throughput.add(loss, finite)
+            throughput.maybe_log(state.step, state.scheduler, grad_norm)
+            validated = validator.maybe_run(state, throughput)
+            checkpointer.maybe_save(state, validated, throughput)
+    finally:
+        _stop_loader_workers(batches)
 
     if main:
         # Launchers (sbatch scripts, submitit) read this to decide between requeue and done; it is
@@ -157,6 +160,16 @@ def _train(cfg: Config, env, device, precision, label_crop, saved) -> TrainResul
         rundir.write_status(cfg.run.dir, status, state.step, cfg.train.steps, checkpointer.last, validator.metrics)
     monitor.close()
     return TrainResult(state.step, status, validator.metrics, checkpointer.last, reports=main)
+
+
+def _stop_loader_workers(batches) -> None:
+    """Shut the DataLoader's workers down now. They ignore the stop signals (signals.py), so the
+    terminate() that multiprocessing sends daemon children at interpreter exit cannot end them, and
+    the loader and its iterator hold each other (persistent workers): left to the garbage collector,
+    the exit could wait for the workers forever (seen under torchrun)."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # a multi-process iterator; 0 workers: none
+    if shutdown is not None:
+        shutdown()
 
 
 def _open_monitor(cfg: Config, state: TrainState, device, precision: str, notes: list[str]) -> Monitor:
