@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from unet_dist import checkpoint
+from unet_dist.files import FAULT_ENV
 
 from conftest import CONFIGS, ROOT, run_cli, torchrun_cmd
 
@@ -58,7 +59,7 @@ def test_sigterm_during_checkpoint_write_keeps_checkpoints_valid(synth_store, tm
     # before the rename: the signal lands inside the write, every time.
     proc = subprocess.Popen(train_cmd(synth_store, run, "train.steps=100000", "train.ckpt_every=3",
                                       "train.val_every=100000", "train.keep_last=100"),
-                            cwd=ROOT, env={**ENV, checkpoint.FAULT_ENV: "checkpoint-write"}, text=True,
+                            cwd=ROOT, env={**ENV, FAULT_ENV: "checkpoint-write"}, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     ckpts = run / "checkpoints"
     deadline = time.monotonic() + 240

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .files import FAULT_ENV, fault_point  # noqa: F401  (FAULT_ENV: for the tests)
+from .files import fault_point
 from .rundir import BEST, STEP_FILE, step_file
 
 FORMAT = 1

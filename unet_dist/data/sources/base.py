@@ -156,13 +156,8 @@ def to_nm(values, unit) -> tuple[float, ...] | None:
 
 def positive_floats(values, n: int = 3) -> tuple[float, ...] | None:
     """n finite positive numbers as floats, or None (a placeholder such as 0 or 1 pixel is not a size)."""
-    try:
-        out = tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        return None
-    if len(out) != n or not all(math.isfinite(v) and v > 0 for v in out):
-        return None
-    return out
+    out = finite_floats(values, n)
+    return out if out is not None and all(v > 0 for v in out) else None
 
 
 def finite_floats(values, n: int = 3) -> tuple[float, ...] | None:
