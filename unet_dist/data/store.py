@@ -365,6 +365,15 @@ def _chunks_of(array, region: tuple[slice, ...]) -> list[tuple[int, ...]]:
     return list(itertools.product(*ranges))
 
 
+def damaged_chunk(where, exc: BaseException) -> UserError:
+    """The one line for a chunk that does not decode (here and in `chunk_io`)."""
+    return UserError(f"{where}: damaged chunk, cannot be decoded ({type(exc).__name__}: {str(exc)[:120]})")
+
+
+def missing_chunk(path) -> UserError:
+    return UserError(f"{path}: chunk file is missing (deleted?); the store is damaged")
+
+
 def read_region(array, region: tuple[slice, ...]) -> np.ndarray:
     """`array[region]`, with a damaged store named down to the chunk instead of a codec traceback.
 
@@ -383,15 +392,14 @@ def read_region(array, region: tuple[slice, ...]) -> np.ndarray:
             try:
                 array[box]
             except Exception:
-                where = _chunk_file(array, coords) or f"{array.store_path} chunk {coords}"
-                raise UserError(f"{where}: damaged chunk, cannot be decoded "
-                                f"({type(exc).__name__}: {str(exc)[:120]})") from None
+                raise damaged_chunk(_chunk_file(array, coords) or f"{array.store_path} chunk {coords}",
+                                    exc) from None
         raise
     if array.attrs.get(EVERY_CHUNK_STORED):
         for coords in _chunks_of(array, region):
             path = _chunk_file(array, coords)
             if path is not None and not path.exists():
-                raise UserError(f"{path}: chunk file is missing (deleted?); the store is damaged")
+                raise missing_chunk(path)
     return data
 
 

@@ -1,0 +1,160 @@
+"""Whole chunks of a Zarr v3 array read and written as files, encoded and decoded here.
+
+zarr-python spends about 1-2 ms of Python per array call beyond the codec (asyncio, selections,
+many small objects for the garbage collector): more than decoding a 1 MB chunk or encoding a 512^2
+block costs (BENCHMARKS.md, io). The predictor reads and writes whole chunks only, so where this
+module can show that its bytes are zarr's bytes it does the work itself: the chunk's file read and
+Blosc-decoded by numcodecs, configured from the array's own metadata; a whole chunk encoded the
+same way and written as zarr's LocalStore writes it (a temporary sibling, then a rename, so a
+reader never sees half a chunk). `ChunkFiles.of` says None for anything else (sharded arrays,
+other codecs or stores, another byte order), and the caller goes through zarr.
+
+Writes keep every chunk, an all-fill one too (zarr's `write_empty_chunks=True`): the project's
+arrays are created that way and say so (`EVERY_CHUNK_STORED`), so a missing file means damage.
+Equal bytes to zarr's own reads and writes, edge chunks included: tests/test_chunk_io.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import numcodecs.blosc
+import numpy as np
+import zarr
+from zarr.storage import LocalStore
+
+from ..errors import UserError
+from .store import EVERY_CHUNK_STORED, damaged_chunk, missing_chunk
+
+SHUFFLES = {"noshuffle": numcodecs.blosc.NOSHUFFLE, "shuffle": numcodecs.blosc.SHUFFLE,
+            "bitshuffle": numcodecs.blosc.BITSHUFFLE}
+BLOSC_HEADER = 16  # version, versionlz, flags, typesize, then nbytes, blocksize, cbytes (uint32 LE)
+
+
+def _blosc_of(codecs: list, dtype: np.dtype) -> numcodecs.blosc.Blosc | None | bool:
+    """The Blosc codec that `codecs` (metadata JSON) amount to; None for plain bytes; False when we
+    cannot tell that our bytes would equal zarr's."""
+    if not codecs or codecs[0].get("name") != "bytes" or len(codecs) > 2:
+        return False
+    endian = (codecs[0].get("configuration") or {}).get("endian")
+    if dtype.itemsize > 1 and endian != sys.byteorder:
+        return False
+    if len(codecs) == 1:
+        return None
+    name, config = codecs[1].get("name"), codecs[1].get("configuration") or {}
+    if name != "blosc" or config.get("shuffle") not in SHUFFLES or "typesize" not in config:
+        return False
+    return numcodecs.blosc.Blosc(cname=config["cname"], clevel=int(config["clevel"]),
+                                 shuffle=SHUFFLES[config["shuffle"]], blocksize=int(config.get("blocksize", 0)),
+                                 typesize=int(config["typesize"]))
+
+
+class ChunkFiles:
+    """The chunks of one zarr array as files; see the module doc."""
+
+    def __init__(self, array: zarr.Array, folder: Path, blosc: numcodecs.blosc.Blosc | None):
+        self.array, self.folder, self.blosc = array, folder, blosc
+        self.shape = tuple(int(n) for n in array.shape)
+        self.chunks = tuple(int(c) for c in array.chunks)
+        self.dtype = np.dtype(array.dtype)
+        self.fill = np.asarray(array.metadata.fill_value, self.dtype)
+        self.chunk_nbytes = int(np.prod(self.chunks)) * self.dtype.itemsize
+        self.every_stored = bool(array.attrs.get(EVERY_CHUNK_STORED))
+        self.read_only = bool(array.store_path.store.read_only)
+        self._folders: set[Path] = set()  # made already: one mkdir per folder, not per chunk
+
+    @classmethod
+    def of(cls, array) -> ChunkFiles | None:
+        """Files of `array`'s chunks, or None where only zarr knows how to read and write them."""
+        if not isinstance(array, zarr.Array) or array.metadata.zarr_format != 3 or array.shards is not None:
+            return None
+        store = array.store_path.store
+        if type(store) is not LocalStore:
+            return None
+        meta = array.metadata.to_dict()
+        dtype = np.dtype(array.dtype)
+        if meta.get("storage_transformers") or dtype.kind not in "biuf" or not dtype.isnative:
+            return None
+        blosc = _blosc_of(list(meta.get("codecs", ())), dtype)
+        if blosc is False:
+            return None
+        return cls(array, Path(store.root) / array.store_path.path, blosc)
+
+    def path(self, coords) -> Path:
+        return self.folder / self.array.metadata.encode_chunk_key(tuple(int(c) for c in coords))
+
+    def box(self, coords) -> tuple[slice, ...]:
+        """The chunk's voxels inside the array."""
+        return tuple(slice(c * u, min((c + 1) * u, n)) for c, u, n in zip(coords, self.chunks, self.shape))
+
+    def chunk_of(self, region) -> tuple[int, ...] | None:
+        """The chunk whose in-array part `region` (slices) is exactly; None if it is not one."""
+        coords = []
+        for sl, u, n in zip(region, self.chunks, self.shape):
+            start, stop, step = sl.indices(n)
+            if step != 1 or start % u or stop != min(start + u, n):
+                return None
+            coords.append(start // u)
+        return tuple(coords)
+
+    def read(self, coords) -> np.ndarray:
+        """The chunk's voxels inside the array, as `array[box]` returns them."""
+        path = self.path(coords)
+        box = self.box(coords)
+        try:
+            with open(path, "rb") as f:
+                frame = f.read()
+        except FileNotFoundError:
+            if self.every_stored:
+                raise missing_chunk(path) from None
+            return np.full(tuple(s.stop - s.start for s in box), self.fill, self.dtype)
+        chunk = np.empty(self.chunks, self.dtype)
+        try:
+            if self.blosc is None:
+                if len(frame) != self.chunk_nbytes:
+                    raise ValueError(f"{len(frame)} bytes, expected {self.chunk_nbytes}")
+                chunk.reshape(-1).view(np.uint8)[:] = np.frombuffer(frame, np.uint8)
+            else:
+                # The header's sizes first: a valid frame of another size would decode into part of
+                # the chunk and leave the rest uninitialised.
+                nbytes, cbytes = ((int.from_bytes(frame[i:i + 4], "little") for i in (4, 12))
+                                  if len(frame) >= BLOSC_HEADER else (-1, -1))
+                if nbytes != self.chunk_nbytes or cbytes != len(frame):
+                    raise ValueError(f"Blosc header says {nbytes} bytes from {cbytes}; expected "
+                                     f"{self.chunk_nbytes} from the file's {len(frame)}")
+                numcodecs.blosc.decompress(frame, chunk)
+        except (ValueError, RuntimeError) as exc:
+            raise damaged_chunk(path, exc) from None
+        if all(s.stop - s.start == u for s, u in zip(box, self.chunks)):
+            return chunk
+        return chunk[tuple(slice(0, s.stop - s.start) for s in box)]
+
+    def write(self, coords, data: np.ndarray) -> None:
+        """Store the chunk at `coords` from its voxels inside the array (`data`, that shape)."""
+        if self.read_only:
+            raise UserError(f"{self.folder}: opened read-only, cannot write chunk {tuple(coords)}")
+        box = self.box(coords)
+        inside = tuple(s.stop - s.start for s in box)
+        if tuple(data.shape) != inside:
+            raise ValueError(f"chunk {tuple(coords)}: data of shape {data.shape}, expected {inside}")
+        if inside == self.chunks:
+            chunk = np.ascontiguousarray(data, self.dtype)
+        else:  # an edge chunk is stored whole, the part beyond the array holding the fill value
+            chunk = np.full(self.chunks, self.fill, self.dtype)
+            chunk[tuple(slice(0, n) for n in inside)] = data
+        encoded = chunk.reshape(-1).view(np.uint8) if self.blosc is None else self.blosc.encode(chunk)
+        path = self.path(coords)
+        if path.parent not in self._folders:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._folders.add(path.parent)
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(encoded)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
