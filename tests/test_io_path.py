@@ -4,7 +4,7 @@ tiles in, float32 probabilities out, quantized on the host). Real stores on disk
 
 from __future__ import annotations
 
-import os
+import importlib.util
 import threading
 
 import numpy as np
@@ -12,15 +12,17 @@ import pytest
 import torch
 import zarr
 
-from unet_dist.config import Config, ModelConfig, PredictConfig, load_config
+from unet_dist import checkpoint
+from unet_dist.config import PredictConfig, load_config
 from unet_dist.data.chunk_cache import ChunkCache
 from unet_dist.data.patches import to_unit_float
-from unet_dist.data.store import RAW, read_region
+from unet_dist.data.store import RAW, writing_every_chunk
 from unet_dist.data.synth import synthesize
 from unet_dist.errors import UserError
-from unet_dist.predict import (assign, block_core, block_order, input_region, io_threads, load_model, make_plan,
-                               mirror_box, predict, read_mirrored)
-from unet_dist.data.prediction import MASK, PROBABILITY, quantize
+from unet_dist.predict import (BlockPipeline, assign, block_core, block_order, input_region, io_threads, load_model,
+                               make_plan, mirror_box, predict, read_mirrored)
+from unet_dist.data.prediction import MASK, PROBABILITY, create_prediction, quantize
+from unet_dist.predict_manifest import Manifest
 from unet_dist.tilenet import TileNet
 
 from test_predict import SMALL, save_checkpoint
@@ -205,6 +207,73 @@ def test_the_zarrs_codec_pipeline_reads_and_writes_the_same_bytes(ckpt, volume, 
     assert a["dice_neuron"] == b["dice_neuron"]
     x, y = outputs(tmp_path / "a.zarr"), outputs(tmp_path / "b.zarr")
     assert all(np.array_equal(x[k], y[k]) for k in x)
+
+
+def test_the_predictors_chunk_files_are_the_bytes_zarr_writes(ckpt, volume, tmp_path):
+    """The predictor writes its chunks itself (data/chunk_io.py): the same files as zarr-python
+    writing the same arrays into the same layout, edge blocks included (100 x 120 in blocks of 32)."""
+    out = tmp_path / "ours.zarr"
+    predict(ckpt, volume, out, overrides=["predict.block_size=[1,32,32]"])
+    got = outputs(out)
+    ref = tmp_path / "zarr.zarr"
+    group = zarr.open_group(str(ref), mode="w", zarr_format=3)
+    create_prediction(group, got["probability"].shape, (1, 32, 32), "uint8", None, 0, 32)
+    for path, key in ((PROBABILITY, "probability"), (MASK, "mask")):
+        writing_every_chunk(zarr.open_group(str(ref), mode="r+")[path])[:] = got[key]
+        ours, theirs = chunk_bytes(out / path), chunk_bytes(ref / path)
+        assert len(ours) == 64 and sorted(ours) == sorted(theirs)
+        assert all(ours[k] == theirs[k] for k in ours), path
+    # the fast path is what ran: the pipeline takes our chunk files for zarr's pipeline only
+    raw = raw_array(volume)
+    plan = make_plan(SMALL, PredictConfig(block_size=[1, 32, 32]), raw.shape, (0, raw.shape[0]))
+    pred = zarr.open_group(str(out), mode="r+")
+    for name, used in (("zarr", True), ("zarrs", False)):
+        pipeline = BlockPipeline(plan, None, raw, None, pred, Manifest(out, "k"), PredictConfig(codec_pipeline=name))
+        assert (pipeline.prob_files is not None and pipeline.mask_files is not None) == used
+
+
+def chunk_bytes(array_dir) -> dict[str, bytes]:
+    return {str(p.relative_to(array_dir)): p.read_bytes() for p in array_dir.rglob("*")
+            if p.is_file() and p.name != "zarr.json"}
+
+
+def test_the_manifest_records_batches_and_reads_every_version(tmp_path):
+    out = tmp_path / "pred"
+    out.mkdir()
+    manifest = Manifest(out, "key", every=3)
+    manifest.create()
+    for i in (5, 1, 9, 4):
+        manifest.mark(i)
+    assert Manifest(out, "key").done() == {1, 5, 9}  # 4 waits for its batch
+    manifest.flush()
+    assert sorted(p.name for p in manifest.dir.glob("blocks-*.json")) == ["blocks-1.json", "blocks-4.json"]
+    # an earlier version's file per block still counts; another run key's entries do not
+    (manifest.dir / "block-7.json").write_text('{"block": 7, "key": "key", "core": [], "rank": 0}')
+    (manifest.dir / "block-8.json").write_text('{"block": 8, "key": "other", "core": [], "rank": 0}')
+    Manifest(out, "other", every=1).mark(2)
+    assert Manifest(out, "key").done() == {1, 4, 5, 7, 9}
+    for n, every in ((10, 1), (64 * 5, 5), (10 ** 6, 64)):
+        manifest.batch_for(n)
+        assert manifest.every == every
+
+
+def test_blocks_of_zeros_are_stored_like_any_other(ckpt, volume, tmp_path):
+    """A block the model calls membrane throughout is a chunk of zeros: stored all the same (the
+    arrays promise every chunk), so the pyramid and every reader find it, on either I/O path."""
+    state = checkpoint.load(ckpt)
+    state["model"]["head.weight"].zero_()
+    state["model"]["head.bias"].fill_(-30.0)  # sigmoid: 1e-13, probability 0, mask 0 everywhere
+    zeros = checkpoint.save(tmp_path / "zeros", state, keep_last=1)
+    pipelines = ["zarr"] + (["zarrs"] if importlib.util.find_spec("zarrs") else [])
+    for name in pipelines:
+        out = tmp_path / f"{name}.zarr"
+        result = predict(zeros, volume, out, overrides=["predict.block_size=[1,32,32]",
+                                                        f"predict.codec_pipeline={name}"])
+        got = outputs(out)
+        assert result["blocks_predicted"] == 64 and not any(v.any() for v in got.values())
+        for path in (PROBABILITY, MASK):
+            chunks = [p for p in (out / path / "c").rglob("*") if p.is_file()]
+            assert len(chunks) == 64, (name, path)
 
 
 # ---------------------------------------------------------------------------------- the GPU path

@@ -323,6 +323,10 @@ def reference(ckpt, volume, tmp_path_factory):
     return out, last_json(done.out)
 
 
+def manifest_entries(out: Path) -> list[dict]:
+    return [json.loads(f.read_text()) for f in (out / ".manifest").glob("blocks-*.json")]
+
+
 @pytest.mark.slow
 def test_two_ranks_equal_one_rank(ckpt, volume, reference, tmp_path, free_port):
     ref_out, ref = reference
@@ -338,8 +342,7 @@ def test_two_ranks_equal_one_rank(ckpt, volume, reference, tmp_path, free_port):
     a, b = arrays(ref_out), arrays(out)
     assert sorted(a) == sorted(b) == ["0", "1", "2", "labels/mask/0", "labels/mask/1", "labels/mask/2"]
     assert all(np.array_equal(a[k], b[k]) for k in a)
-    entries = [json.loads(f.read_text()) for f in (out / ".manifest").glob("block-*.json")]
-    owners = {e["block"]: e["rank"] for e in entries}
+    owners = {i: e["rank"] for e in manifest_entries(out) for i in e["blocks"]}
     # Contiguous halves (neighbouring blocks share input chunks), and every chunk has one writer.
     assert owners == {i: int(i >= ref["blocks"] // 2) for i in range(ref["blocks"])}
 
@@ -357,13 +360,13 @@ def test_killed_then_resumed_equals_uninterrupted(ckpt, volume, reference, tmp_p
                             text=True)
     manifest = out / ".manifest"
     deadline = time.monotonic() + 120
-    while not (list(manifest.glob("*.paused")) and list(manifest.glob("block-*.json"))):
+    while not (list(manifest.glob("*.paused")) and manifest_entries(out)):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = len(list(manifest.glob("block-*.json")))
+    done = sum(len(e["blocks"]) for e in manifest_entries(out))
     assert 1 <= done < ref["blocks"]
     # the same arguments again, now on 2 ranks: only the missing blocks are predicted
     resumed = subprocess.run(torchrun_cmd(2, free_port, *args), cwd=ROOT, env=ENV, capture_output=True,

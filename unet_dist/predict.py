@@ -6,11 +6,13 @@ strategy). Tiles start on the model's pooling grid and the halo covers its recep
 tiled result equals a whole-volume pass away from the borders. Blocks are spread round-robin over
 ranks; every rank writes whole chunks that only it owns.
 
-Pipeline per rank: reader threads load the next blocks (zarr, Blosc releases the GIL) while the
-model runs batches of tiles (always `batch_size` tiles, so results do not depend on which blocks
-share a batch), writer threads store finished blocks and then record them in the manifest
-(`PRED.zarr/.manifest/block-<i>.json`, each tagged with the run key: a hash of the weights and the
-prediction settings). A re-run with `--resume` predicts only blocks without an entry.
+Pipeline per rank: reader threads load the next blocks (Blosc releases the GIL) while the model
+runs batches of tiles (always `batch_size` tiles, so results do not depend on which blocks share a
+batch), writer threads store finished blocks and then record them in the manifest
+(`PRED.zarr/.manifest/`, tagged with the run key: a hash of the weights and the prediction settings;
+predict_manifest.py). A re-run with `--resume` predicts only blocks without an entry. Whole chunks
+are read and written as files by data/chunk_io.py where it can show its bytes equal zarr's, so the
+host's work per block is the codec's rather than zarr-python's per-call overhead.
 
 2D models see each z-slice of a block as its own tile; 3D models see a block (plus halo) as one tile.
 """
@@ -22,7 +24,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import sys
 import time
 from collections import deque
@@ -39,19 +40,18 @@ from . import __version__, checkpoint, dist
 from .config import Config, PredictConfig, from_dict, parse_override, to_dict, validate
 from .data import backends
 from .data.chunk_cache import ChunkCache
+from .data.chunk_io import ChunkFiles
 from .data.prediction import MASK, PROBABILITY, build_pyramids, create_prediction
 from .data import volumes
-from .data.store import IGNORE, RAW, TARGET, check_out, provenance, read_region, slices_within
-from .files import fault_point, write_json_atomic
+from .data.store import (IGNORE, RAW, TARGET, check_out, provenance, read_region, slices_within,
+                         writing_every_chunk)
 from .errors import UserError
 from .infer import padded_input_shape
 from .metrics import confusion_counts, scores_from_confusion
 from .model import build_model, halo, pooling_factor
+from .predict_manifest import Manifest, OutputLock
 from .progress import Progress
 from .tilenet import TileNet, tta_average  # noqa: F401  (tta_average: re-exported)
-
-MANIFEST = ".manifest"
-
 
 # ------------------------------------------------------------------------------ the plan (pure)
 
@@ -173,7 +173,7 @@ def as_slices(core) -> tuple[slice, ...]:
     return tuple(slice(lo, hi) for lo, hi in core)
 
 
-# ----------------------------------------------------------------- settings, key and manifest
+# ------------------------------------------------------------------------- settings and run key
 
 def load_model(ckpt_path, overrides: Sequence[str] = ()) -> tuple[torch.nn.Module, Config, dict]:
     """The checkpoint's model and config, `predict.*` overrides applied; mistakes are UserErrors."""
@@ -222,35 +222,6 @@ def run_settings(plan: Plan, cfg: Config, weights: str, precision: str, input_pa
 
 def run_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
-
-
-class Manifest:
-    """One small JSON per finished block; an entry counts only with the current run key."""
-
-    def __init__(self, out: Path, key: str):
-        self.dir, self.key = Path(out) / MANIFEST, key
-
-    def create(self) -> None:
-        self.dir.mkdir(exist_ok=True)
-        # A group marker, so zarr sees a node here rather than warning about a stray folder.
-        (self.dir / "zarr.json").write_text(json.dumps(
-            {"zarr_format": 3, "node_type": "group", "attributes": {"unet_dist": "finished prediction blocks"}}))
-
-    def done(self) -> set[int]:
-        found = set()
-        for path in self.dir.glob("block-*.json"):
-            try:
-                entry = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if entry.get("key") == self.key:
-                found.add(int(entry["block"]))
-        return found
-
-    def mark(self, index: int, core) -> None:
-        fault_point("block-mark", self.dir / f"block-{index}.json")
-        write_json_atomic(self.dir / f"block-{index}.json",
-                   {"block": index, "key": self.key, "core": list(core), "rank": dist.rank()})
 
 
 # ---------------------------------------------------------------------- read -> compute -> write
@@ -310,8 +281,13 @@ class BlockPipeline:
                  ignore=None):
         self.plan, self.net, self.raw, self.labels, self.cfg = plan, net, raw, labels, cfg
         self.ignore = ignore  # the labels' unlabelled voxels (1), counted nowhere
-        self.prob, self.mask, self.manifest = out_group[PROBABILITY], out_group[MASK], manifest
+        self.prob, self.mask = writing_every_chunk(out_group[PROBABILITY]), writing_every_chunk(out_group[MASK])
+        self.manifest = manifest
         self.raw_cache = self.label_cache = None
+        # Our own chunk files only with zarr's own pipeline: predict.codec_pipeline=zarrs asks for zarrs.
+        files = ChunkFiles.of if cfg.codec_pipeline == "zarr" else (lambda array: None)
+        self.prob_files, self.mask_files = files(self.prob), files(self.mask)
+        self.chunk_files = files
 
     def plan_reads(self, todo: Sequence[int]) -> None:
         """Let the blocks `todo` share decoded input chunks (predict.chunk_cache_mb > 0)."""
@@ -320,9 +296,10 @@ class BlockPipeline:
             return
         cores = [block_core(self.plan, i) for i in todo]
         self.raw_cache = ChunkCache(self.raw, [mirror_box(input_region(self.plan, c), self.raw.shape)
-                                               for c in cores], cap)
+                                               for c in cores], cap, self.chunk_files(self.raw))
         if isinstance(self.labels, zarr.Array):
-            self.label_cache = ChunkCache(self.labels, [as_slices(self._input_core(c)) for c in cores], cap)
+            self.label_cache = ChunkCache(self.labels, [as_slices(self._input_core(c)) for c in cores], cap,
+                                          self.chunk_files(self.labels))
 
     def read(self, index: int) -> _Block:
         core = block_core(self.plan, index)
@@ -346,9 +323,14 @@ class BlockPipeline:
         region = as_slices(block.core)
         shape = tuple(hi - lo for lo, hi in block.core)
         mask = block.mask.reshape(shape)
-        self.prob[region] = block.prob.reshape(shape)
-        self.mask[region] = mask
-        self.manifest.mark(block.index, block.core)
+        for array, files, data in ((self.prob, self.prob_files, block.prob.reshape(shape)),
+                                   (self.mask, self.mask_files, mask)):
+            coords = files.chunk_of(region) if files is not None else None
+            if coords is None:
+                array[region] = data
+            else:
+                files.write(coords, data)
+        self.manifest.mark(block.index)
         return np.zeros(4, np.int64) if block.label is None else confusion_counts(mask, block.label, valid=block.valid)
 
     def recount(self, index: int) -> np.ndarray:
@@ -363,6 +345,13 @@ class BlockPipeline:
 
         One batch waits on the device while the next is assembled and submitted, so on a GPU the
         host never idles the device between batches."""
+        self.manifest.batch_for(len(todo))
+        try:
+            return self._run(todo, readers, writers, on_block)
+        finally:  # blocks stored before a failure or Ctrl-C are kept for the resume
+            self.manifest.flush()
+
+    def _run(self, todo: list[int], readers: int, writers: int, on_block: Callable[[], None]) -> np.ndarray:
         counts = np.zeros(4, np.int64)
         batch, refs, inflight = [], [], deque()
         waiting = None  # (Pending, refs) of the batch submitted last
@@ -439,54 +428,6 @@ def _check_output(out: Path, key: str, settings: dict, resume: bool, overwrite: 
         raise UserError(f"{out}: was predicted with another {', '.join(differ)}; cannot resume it "
                         "(pass --overwrite to replace it)")
     return True
-
-
-class OutputLock:
-    """`.PRED.zarr.lock` beside the output: one prediction writes an output at a time.
-
-    A lock left by a process that died on this host is stale and taken over (kill -9 then resume);
-    one held by a live process, or by another host, is respected.
-    """
-
-    def __init__(self, out: Path):
-        self.path = out.parent / f".{out.name}.lock"
-        self.mine = False
-
-    def holder(self) -> str | None:
-        try:
-            info = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
-        if info.get("host") == socket.gethostname():
-            try:
-                os.kill(int(info["pid"]), 0)
-            except ProcessLookupError:
-                return None  # its owner is gone
-            except (PermissionError, KeyError, ValueError):
-                pass
-        return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')}"
-
-    def acquire(self) -> None:
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                held_by = self.holder()
-                if held_by:
-                    raise UserError(f"{self.path.parent / self.path.name[1:-5]}: another prediction ({held_by}) "
-                                    f"is writing it; wait for it, or delete {self.path} if it is gone") from None
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid(),
-                           "since": time.strftime("%Y-%m-%dT%H:%M:%S")}, f)
-            self.mine = True
-            return
-
-    def release(self) -> None:
-        if self.mine:
-            self.path.unlink(missing_ok=True)
-            self.mine = False
 
 
 def _create_output(out: Path, plan: Plan, attrs: dict, cfg: PredictConfig, fresh: bool, manifest: Manifest, voxel):

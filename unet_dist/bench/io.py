@@ -67,7 +67,8 @@ def run_pipeline(store: str, out: str, cores: int, cache: bool, block: list, hal
 
     from ..config import ModelConfig, PredictConfig
     from ..data.store import RAW, open_store
-    from ..predict import (Manifest, _create_output, BlockPipeline, block_crop, block_order, io_threads, make_plan)
+    from ..predict import _create_output, BlockPipeline, block_crop, block_order, io_threads, make_plan
+    from ..predict_manifest import Manifest
     from ..tilenet import Pending
     from .common import measure
 

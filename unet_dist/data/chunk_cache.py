@@ -9,7 +9,8 @@ the volume's depth. `max_bytes` bounds the cache for orders where that is not so
 least recently used chunk, decoded again if needed later: bytes, not correctness).
 
 Reader threads may ask for the same chunk at once: the first decodes, the others wait for it.
-Chunks are decoded with `store.read_region`, so a damaged chunk is the same one-line error.
+Chunks are decoded by `chunk_io.ChunkFiles` when given one, else with `store.read_region`; either
+way a damaged chunk is the same one-line error.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ Box = tuple[slice, ...]
 class ChunkCache:
     """Region reads of one (N-d) zarr array through its decoded chunks (inner chunks when sharded)."""
 
-    def __init__(self, array, planned: Iterable[Box] = (), max_bytes: int = 1 << 30):
-        self.array = array
+    def __init__(self, array, planned: Iterable[Box] = (), max_bytes: int = 1 << 30, files=None):
+        self.array, self.files = array, files
         self.shape = tuple(int(n) for n in array.shape)
         self.unit = tuple(int(c) for c in array.chunks)
         self.max_bytes = max_bytes
@@ -83,7 +84,8 @@ class ChunkCache:
                 self._live.move_to_end(coords)
         if mine:
             try:
-                data = read_region(self.array, self.chunk_box(coords))
+                data = (self.files.read(coords) if self.files is not None
+                        else read_region(self.array, self.chunk_box(coords)))
             except BaseException as exc:
                 with self._lock:
                     self._live.pop(coords, None)

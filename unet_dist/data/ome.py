@@ -21,7 +21,7 @@ import zarr
 from . import pyramid
 from .instances import IDS
 from .store import (AXES, IGNORE, RAW, TARGET, Layout, Progress, create_volume_array, label_names, label_path,
-                    open_store, resolve_layout, write_volumes)
+                    open_store, resolve_layout, write_volumes, writing_every_chunk)
 from ..errors import UserError
 
 VERSION = "0.5"
@@ -185,7 +185,7 @@ def write_em_store(tmp: Path, layout: Layout, voxel_size, raw_dtype, labels: boo
 def image_levels(group: zarr.Group) -> list[zarr.Array]:
     """The levels of the image at `group`'s root (or of a label image group), in order."""
     datasets = group.attrs["ome"]["multiscales"][0]["datasets"]
-    return [group[d["path"]] for d in datasets]
+    return [writing_every_chunk(group[d["path"]]) for d in datasets]
 
 
 # ------------------------------------------------------------------------------- the upgrade

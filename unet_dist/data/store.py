@@ -348,6 +348,14 @@ def create_volume_array(group: zarr.Group, name: str, layout: Layout, dtype, kin
     )
 
 
+def writing_every_chunk(array):
+    """`array` writing every chunk, an all-fill one too, where it promises that (EVERY_CHUNK_STORED):
+    zarr forgets the `write_empty_chunks` of `create_volume_array` when an array is opened again."""
+    if isinstance(array, zarr.Array) and array.attrs.get(EVERY_CHUNK_STORED):
+        return array.with_config({"write_empty_chunks": True})
+    return array
+
+
 def _chunk_file(array, coords) -> Path | None:
     """The file that holds the chunk (the shard, when sharded) at `coords`, for local stores."""
     root = getattr(array.store_path.store, "root", None)

@@ -1,0 +1,132 @@
+"""The prediction's bookkeeping files: the manifest of finished blocks, and the lock beside the output.
+
+The manifest (`PRED.zarr/.manifest/`) is what `predict --resume` trusts: a block listed there under
+the current run key (a hash of the weights and the prediction settings) is not predicted again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from . import dist
+from .errors import UserError
+from .files import fault_point, write_json_atomic
+
+MANIFEST = ".manifest"
+MAX_BATCH = 64  # blocks per manifest file, at most
+BATCH_SECONDS = 2.0  # a pending block waits at most about this long for its batch's file
+
+
+class Manifest:
+    """Finished blocks, recorded in batches; an entry counts only with the current run key.
+
+    A block is added once its chunks are stored, and a batch is written (`blocks-<first>.json`, its
+    smallest index: unique, since a recorded block is never predicted again under its key) when it
+    holds `every` blocks, when its oldest has waited BATCH_SECONDS, and at `flush`. A file per block
+    cost 0.13 ms of a writer's time per block, as much as encoding the block (BENCHMARKS.md, io);
+    a kill now loses the pending batch, which a resume predicts again. `block-<i>.json` files of
+    earlier versions still count.
+    """
+
+    def __init__(self, out: Path, key: str, every: int = 1):
+        self.dir, self.key, self.every = Path(out) / MANIFEST, key, every
+        self._lock = threading.Lock()
+        self._pending: list[int] = []
+        self._since = 0.0
+
+    def create(self) -> None:
+        self.dir.mkdir(exist_ok=True)
+        # A group marker, so zarr sees a node here rather than warning about a stray folder.
+        (self.dir / "zarr.json").write_text(json.dumps(
+            {"zarr_format": 3, "node_type": "group", "attributes": {"unet_dist": "finished prediction blocks"}}))
+
+    def batch_for(self, n_blocks: int) -> None:
+        """Batches for a run of `n_blocks`: a kill loses at most 1/64 of it (or MAX_BATCH blocks)."""
+        self.every = max(1, min(MAX_BATCH, n_blocks // 64))
+
+    def done(self) -> set[int]:
+        found = set()
+        for pattern in ("blocks-*.json", "block-*.json"):
+            for path in self.dir.glob(pattern):
+                try:
+                    entry = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    continue
+                if entry.get("key") == self.key:
+                    found.update(int(i) for i in entry.get("blocks", [entry.get("block")]) if i is not None)
+        return found
+
+    def mark(self, index: int) -> None:
+        """Block `index` is stored; recorded with its batch."""
+        with self._lock:
+            if not self._pending:
+                self._since = time.monotonic()
+            self._pending.append(int(index))
+            if len(self._pending) < self.every and time.monotonic() - self._since < BATCH_SECONDS:
+                return
+            batch, self._pending = self._pending, []
+        self._write(batch)
+
+    def flush(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        if batch:
+            self._write(batch)
+
+    def _write(self, batch: list[int]) -> None:
+        path = self.dir / f"blocks-{min(batch)}.json"
+        fault_point("block-mark", path)
+        write_json_atomic(path, {"key": self.key, "rank": dist.rank(), "blocks": sorted(batch)}, indent=None)
+
+
+class OutputLock:
+    """`.PRED.zarr.lock` beside the output: one prediction writes an output at a time.
+
+    A lock left by a process that died on this host is stale and taken over (kill -9 then resume);
+    one held by a live process, or by another host, is respected.
+    """
+
+    def __init__(self, out: Path):
+        self.path = out.parent / f".{out.name}.lock"
+        self.mine = False
+
+    def holder(self) -> str | None:
+        try:
+            info = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        if info.get("host") == socket.gethostname():
+            try:
+                os.kill(int(info["pid"]), 0)
+            except ProcessLookupError:
+                return None  # its owner is gone
+            except (PermissionError, KeyError, ValueError):
+                pass
+        return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')}"
+
+    def acquire(self) -> None:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                held_by = self.holder()
+                if held_by:
+                    raise UserError(f"{self.path.parent / self.path.name[1:-5]}: another prediction ({held_by}) "
+                                    f"is writing it; wait for it, or delete {self.path} if it is gone") from None
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump({"host": socket.gethostname(), "pid": os.getpid(),
+                           "since": time.strftime("%Y-%m-%dT%H:%M:%S")}, f)
+            self.mine = True
+            return
+
+    def release(self) -> None:
+        if self.mine:
+            self.path.unlink(missing_ok=True)
+            self.mine = False
