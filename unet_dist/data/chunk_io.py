@@ -16,6 +16,7 @@ Equal bytes to zarr's own reads and writes, edge chunks included: tests/test_chu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import uuid
@@ -150,11 +151,17 @@ class ChunkFiles:
         if path.parent not in self._folders:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._folders.add(path.parent)
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+        tmp = f"{path}.{uuid.uuid4().hex}.partial"
         try:
-            with open(tmp, "wb") as f:
-                f.write(encoded)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(encoded).cast("B")
+                while view:  # a regular file takes it in one write; a short one is not an error
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise
