@@ -135,6 +135,10 @@ class ChunkFiles:
 
     def write(self, coords, data: np.ndarray) -> None:
         """Store the chunk at `coords` from its voxels inside the array (`data`, that shape)."""
+        self.store(coords, self.encode(coords, data))
+
+    def encode(self, coords, data: np.ndarray):
+        """The bytes of the chunk at `coords` holding `data` (its voxels inside the array), as zarr encodes them."""
         if self.read_only:
             raise UserError(f"{self.folder}: opened read-only, cannot write chunk {tuple(coords)}")
         box = self.box(coords)
@@ -146,7 +150,10 @@ class ChunkFiles:
         else:  # an edge chunk is stored whole, the part beyond the array holding the fill value
             chunk = np.full(self.chunks, self.fill, self.dtype)
             chunk[tuple(slice(0, n) for n in inside)] = data
-        encoded = chunk.reshape(-1).view(np.uint8) if self.blosc is None else self.blosc.encode(chunk)
+        return chunk.reshape(-1).view(np.uint8) if self.blosc is None else self.blosc.encode(chunk)
+
+    def store(self, coords, encoded) -> None:
+        """Write a chunk's encoded bytes to its file, as zarr's LocalStore does."""
         path = self.path(coords)
         if path.parent not in self._folders:
             path.parent.mkdir(parents=True, exist_ok=True)
