@@ -1,6 +1,6 @@
-"""`bench io`: the predictor's read -> (identity model) -> write pipeline against its limit, measured
-in the same run: the same chunk files read and decoded in a tight loop with the same codec, and a
-plain memory copy. Then the codecs and the Zarr back ends that set that limit.
+"""`bench io`: the predictor's read -> (identity model) -> write pipeline against its limits, measured
+in the same run: the same chunk files read and decoded in a tight loop with the same codec, a plain
+memory copy, and decoding plus encoding (and writing) the outputs in tight loops. Then the codecs and the Zarr back ends that set that limit.
 
 The volume (`--size` GB of uint8 raw, slices of `--width` squared, `unet-dist convert`'s layout:
 1 x 1024 x 1024 chunks, Blosc-zstd) is written once. Per core count (`--cores`, default 1 and all
@@ -14,12 +14,18 @@ usable cores; each child process is pinned to that many cores, readers and write
 - PEER: the same without the cache (`predict.chunk_cache_mb=0`): each block decodes every chunk
   it touches, as the predictor did before;
 - LIMIT: every chunk file of the input read and Blosc-decoded in a tight loop on as many threads as
-  cores, and a plain copy of the same bytes in memory.
+  cores, and a plain copy of the same bytes in memory; then what the pipeline cannot avoid beyond
+  decoding, in tight loops through data/chunk_io.py: each input chunk decoded and the output chunks
+  inside it encoded with the outputs' codecs (`decode + encode`), and the same with the files
+  written (`decode + encode + write`, the I/O limit).
 
 `input_mb_per_s` counts each input voxel once (what 250 Mvoxel/s of uint8 means), `output_mb_per_s`
 the two uint8 outputs, `read_amplification` bytes decoded over bytes delivered to the blocks (below
 1 when halos overlap), `fraction_of_decode_limit` OURS' input MB/s over the decode limit at the same
-core count. Top level: those two for the most cores measured; `speedup` OURS over PEER.
+core count. Top level: those two for the most cores measured; `speedup` OURS over PEER. Not the
+target's measure but beside it: `fraction_of_io_limit`, OURS over the I/O limit (how much of the
+unavoidable work's speed the pipeline keeps), and `io_limit_of_decode_limit`, the I/O limit over the
+decode limit: the most `fraction_of_decode_limit` any pipeline writing these outputs could reach here.
 
 Codecs (`codecs` table): raw, probability and mask slices encoded and decoded on one thread by
 numcodecs' Blosc (zstd 1/3/5, lz4; byte shuffle, bit shuffle for masks) and no compression.
