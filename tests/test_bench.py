@@ -99,6 +99,10 @@ def test_suite_runs_tiny_and_writes_a_report(suite, tmp_path):
         assert 0 < report["read_amplification"] <= 1.2
         assert report["peer"]["read_amplification"] > 2 * report["read_amplification"]
         assert positive(report["fraction_of_decode_limit"])
+        # the limits beyond decoding were measured (tiny: blocks of 64 inside chunks of 128)
+        assert positive(report["fraction_of_io_limit"]) and positive(report["io_limit_of_decode_limit"])
+        limits = {row["what"] for row in report["results"] if row["role"] == "limit"}
+        assert {"decode + encode limit (no files written)", "decode + encode + write limit (tight loop)"} <= limits
         assert {row["codec"] for row in report["codecs"]["rows"]} >= {"blosc-zstd-1", "blosc-zstd-3", "blosc-zstd-5",
                                                                       "blosc-lz4", "none"}
         assert {row["data"] for row in report["codecs"]["rows"]} == {"raw", "probability", "mask"}
