@@ -28,6 +28,7 @@ import submitit
 
 from unet_dist.commandline import slice_range
 from unet_dist.errors import UserError
+from unet_dist.predict_manifest import entries
 
 from . import common
 from .launch import (NotRequeued, SubmittedJob, add_launch_arguments, executor_for, launch_from, resources,
@@ -35,8 +36,8 @@ from .launch import (NotRequeued, SubmittedJob, add_launch_arguments, executor_f
 
 
 def manifest_blocks(out: str | Path) -> int:
-    """Finished blocks recorded in the prediction's manifest (PRED.zarr/.manifest/block-<i>.json)."""
-    return sum(1 for _ in (Path(out) / ".manifest").glob("block-*.json"))
+    """Finished blocks recorded in the prediction's manifest (PRED.zarr/.manifest/, any run key)."""
+    return sum(len(blocks) for _, blocks in entries(out))
 
 
 class PredictJob(submitit.helpers.Checkpointable):

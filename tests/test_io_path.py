@@ -5,6 +5,7 @@ tiles in, float32 probabilities out, quantized on the host). Real stores on disk
 from __future__ import annotations
 
 import importlib.util
+import json
 import threading
 
 import numpy as np
@@ -22,7 +23,7 @@ from unet_dist.errors import UserError
 from unet_dist.predict import (BlockPipeline, assign, block_core, block_order, input_region, io_threads, load_model,
                                make_plan, mirror_box, predict, read_mirrored)
 from unet_dist.data.prediction import MASK, PROBABILITY, create_prediction, quantize
-from unet_dist.predict_manifest import Manifest
+from unet_dist.predict_manifest import Manifest, entries
 from unet_dist.tilenet import TileNet
 
 from test_predict import SMALL, save_checkpoint
@@ -250,8 +251,10 @@ def test_the_manifest_records_batches_and_reads_every_version(tmp_path):
     # an earlier version's file per block still counts; another run key's entries do not
     (manifest.dir / "block-7.json").write_text('{"block": 7, "key": "key", "core": [], "rank": 0}')
     (manifest.dir / "block-8.json").write_text('{"block": 8, "key": "other", "core": [], "rank": 0}')
-    Manifest(out, "other", every=1).mark(2)
+    Manifest(out, "other", rank=1).mark(2)
     assert Manifest(out, "key").done() == {1, 4, 5, 7, 9}
+    assert sorted(i for _, blocks in entries(out) for i in blocks) == [1, 2, 4, 5, 7, 8, 9]  # any key: jobs count
+    assert json.loads((manifest.dir / "blocks-2.json").read_text())["rank"] == 1
     for n, every in ((10, 1), (64 * 5, 5), (10 ** 6, 64)):
         manifest.batch_for(n)
         assert manifest.every == every

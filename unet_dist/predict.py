@@ -508,7 +508,7 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
                     refused = str(exc)
             if refused := dist.broadcast_object(refused):
                 raise UserError(refused)
-            manifest = Manifest(out, key)
+            manifest = Manifest(out, key, dist.rank())
             if dist.is_main():
                 _create_output(out, plan, _attrs(plan, settings, key, cfg, input, ckpt, state["step"], raw_path),
                                cfg.predict, not continuing, manifest, volumes.voxel_size_of(input, raw_path))

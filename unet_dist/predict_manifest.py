@@ -2,6 +2,7 @@
 
 The manifest (`PRED.zarr/.manifest/`) is what `predict --resume` trusts: a block listed there under
 the current run key (a hash of the weights and the prediction settings) is not predicted again.
+No torch here: the job launchers read the manifest on machines that only submit.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from . import dist
 from .errors import UserError
 from .files import fault_point, write_json_atomic
 
@@ -33,8 +34,8 @@ class Manifest:
     earlier versions still count.
     """
 
-    def __init__(self, out: Path, key: str, every: int = 1):
-        self.dir, self.key, self.every = Path(out) / MANIFEST, key, every
+    def __init__(self, out: Path, key: str, rank: int = 0, every: int = 1):
+        self.dir, self.key, self.rank, self.every = Path(out) / MANIFEST, key, rank, every
         self._lock = threading.Lock()
         self._pending: list[int] = []
         self._since = 0.0
@@ -50,16 +51,7 @@ class Manifest:
         self.every = max(1, min(MAX_BATCH, n_blocks // 64))
 
     def done(self) -> set[int]:
-        found = set()
-        for pattern in ("blocks-*.json", "block-*.json"):
-            for path in self.dir.glob(pattern):
-                try:
-                    entry = json.loads(path.read_text())
-                except (OSError, ValueError):
-                    continue
-                if entry.get("key") == self.key:
-                    found.update(int(i) for i in entry.get("blocks", [entry.get("block")]) if i is not None)
-        return found
+        return {i for key, blocks in entries(self.dir.parent) if key == self.key for i in blocks}
 
     def mark(self, index: int) -> None:
         """Block `index` is stored; recorded with its batch."""
@@ -81,7 +73,19 @@ class Manifest:
     def _write(self, batch: list[int]) -> None:
         path = self.dir / f"blocks-{min(batch)}.json"
         fault_point("block-mark", path)
-        write_json_atomic(path, {"key": self.key, "rank": dist.rank(), "blocks": sorted(batch)}, indent=None)
+        write_json_atomic(path, {"key": self.key, "rank": self.rank, "blocks": sorted(batch)}, indent=None)
+
+
+def entries(out: Path) -> Iterator[tuple[str | None, list[int]]]:
+    """(run key, blocks) of every readable manifest file of the prediction `out`, any version."""
+    for pattern in ("blocks-*.json", "block-*.json"):
+        for path in (Path(out) / MANIFEST).glob(pattern):
+            try:
+                entry = json.loads(path.read_text())
+                blocks = [int(i) for i in entry["blocks"]] if "blocks" in entry else [int(entry["block"])]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # a file another writer is replacing, or not ours
+            yield entry.get("key"), blocks
 
 
 class OutputLock:
