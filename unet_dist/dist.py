@@ -371,11 +371,14 @@ def replica_spread(model: torch.nn.Module) -> float:
 
 
 def keep_freed_memory() -> None:
-    """Stop glibc from handing large freed blocks back to the OS (CPU inference only).
+    """Stop glibc from handing large freed blocks back to the OS (the predictor, on any device).
 
     By default every freed block over 32 MB is unmapped and faulted in again at the next forward
     pass: 1.4 million page faults per 4-tile batch in the predict benchmark, over 40% of its CPU
-    time in the kernel. Keeping them costs resident memory that no longer shrinks after a peak.
+    time in the kernel. The predictor's host side does the same on a smaller scale with every
+    decoded chunk, batch of tiles and block (0.3-1.3 MB each, thousands per GiB): about 10% of the
+    I/O pipeline's CPU time (BENCHMARKS.md, io). Keeping them costs resident memory that no longer
+    shrinks after a peak.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -480,8 +480,7 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
     torch_device = dist.choose_device(device, env.local_rank, env.local_world_size)
     precision = dist.resolve_precision(precision, torch_device)
     dist.tune_for_fixed_shapes(torch_device)
-    if torch_device.type == "cpu":
-        dist.keep_freed_memory()
+    dist.keep_freed_memory()
     settings = run_settings(plan, cfg, weights_digest(state["model"]), precision, input)
     if raw_path != RAW:  # another array of the same store is another input
         settings["input_array"] = raw_path

@@ -73,12 +73,14 @@ def run_pipeline(store: str, out: str, cores: int, cache: bool, block: list, hal
 
     from ..config import ModelConfig, PredictConfig
     from ..data.store import RAW, open_store
+    from ..dist import keep_freed_memory
     from ..predict import _create_output, BlockPipeline, block_crop, block_order, io_threads, make_plan
     from ..predict_manifest import Manifest
     from ..tilenet import Pending
     from .common import measure
 
     _pin(cores)
+    keep_freed_memory()  # as predict() does
     raw = open_store(store)[RAW]
     pcfg = PredictConfig(block_size=block, halo=halo, chunk_cache_mb=1024 if cache else 0)
     plan = make_plan(ModelConfig(depth=depth), pcfg, raw.shape, (0, raw.shape[0]))
@@ -130,8 +132,10 @@ def run_limit(store: str, cores: int, out: str | None = None, block: list | None
     import numpy as np
 
     from ..data.store import RAW, open_store
+    from ..dist import keep_freed_memory
 
     _pin(cores)
+    keep_freed_memory()  # the allocator as the pipeline measured beside it has it (predict() sets it)
     numcodecs.blosc.use_threads = False  # one decode per thread, as zarr's worker threads do
     raw = open_store(store)[RAW]
     files = sorted(str(p) for p in (Path(store) / RAW / "c").rglob("*") if p.is_file())
