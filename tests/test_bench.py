@@ -97,7 +97,10 @@ def test_suite_runs_tiny_and_writes_a_report(suite, tmp_path):
     if suite == "io":
         # byte counts, not timings: the cache decodes each chunk once, halos make that less than delivered
         assert 0 < report["read_amplification"] <= 1.2
-        assert report["peer"]["read_amplification"] > 2 * report["read_amplification"]
+        no_cache = next(row for row in report["results"] if row.get("variant") == "no_cache")
+        assert no_cache["read_amplification"] > 2 * report["read_amplification"]
+        # our chunk files and zarr-python's I/O read the same chunks through the cache
+        assert report["peer"]["read_amplification"] == report["read_amplification"]
         assert positive(report["fraction_of_decode_limit"])
         # the limits beyond decoding were measured (tiny: blocks of 64 inside chunks of 128)
         assert positive(report["fraction_of_io_limit"]) and positive(report["io_limit_of_decode_limit"])

@@ -10,9 +10,10 @@ usable cores; each child process is pinned to that many cores, readers and write
 - OURS: the predictor's `BlockPipeline` on every block (default 512^2 blocks with 32 px of mirrored
   context: 576^2 input regions), reading through the decoded-chunk cache, a model that returns its
   input (probability = raw / 255, stored as uint8 = raw; mask = raw > 127), writing both outputs
-  with their codecs and the manifest;
-- PEER: the same without the cache (`predict.chunk_cache_mb=0`): each block decodes every chunk
-  it touches, as the predictor did before;
+  with their codecs and the manifest, whole chunks read and written by data/chunk_io.py;
+- PEER: the same with every chunk through zarr-python (`array[...]`), as the predictor did before;
+  and a row without the cache either (`predict.chunk_cache_mb=0`: each block decodes every chunk
+  it touches), as it did before that;
 - LIMIT: every chunk file of the input read and Blosc-decoded in a tight loop on as many threads as
   cores, and a plain copy of the same bytes in memory; then what the pipeline cannot avoid beyond
   decoding, in tight loops through data/chunk_io.py: each input chunk decoded and the output chunks
@@ -22,7 +23,8 @@ usable cores; each child process is pinned to that many cores, readers and write
 `input_mb_per_s` counts each input voxel once (what 250 Mvoxel/s of uint8 means), `output_mb_per_s`
 the two uint8 outputs, `read_amplification` bytes decoded over bytes delivered to the blocks (below
 1 when halos overlap), `fraction_of_decode_limit` OURS' input MB/s over the decode limit at the same
-core count. Top level: those two for the most cores measured; `speedup` OURS over PEER. Not the
+core count (`_cpu`: the same in CPU seconds per byte, robust to other people's load). Top level:
+those for the most cores measured; `speedup` OURS over PEER. Not the
 target's measure but beside it: `fraction_of_io_limit`, OURS over the I/O limit (how much of the
 unavoidable work's speed the pipeline keeps), and `io_limit_of_decode_limit`, the I/O limit over the
 decode limit: the most `fraction_of_decode_limit` any pipeline writing these outputs could reach here.
@@ -48,6 +50,10 @@ from pathlib import Path
 CODECS = (("blosc-zstd-1", "zstd", 1), ("blosc-zstd-3", "zstd", 3), ("blosc-zstd-5", "zstd", 5),
           ("blosc-lz4", "lz4", 5), ("none", None, 0))
 BACKENDS = ("zarr", "zarrs", "tensorstore")
+# the pipeline's variants: (row, chunk cache, chunks through data/chunk_io.py)
+VARIANTS = {"ours": ("identity pipeline, chunk cache, chunk files", True, True),
+            "zarr": ("identity pipeline, chunk cache, zarr-python I/O (before)", True, False),
+            "no_cache": ("identity pipeline, no cache, zarr-python I/O (before the cache)", False, False)}
 TINY = {"shape": (4, 384, 384), "chunks": (1, 128, 128), "block": [1, 64, 64], "halo": [0, 8, 8], "depth": 2}
 
 
@@ -67,7 +73,8 @@ def _pin(cores: int) -> None:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
 
 
-def run_pipeline(store: str, out: str, cores: int, cache: bool, block: list, halo: list, depth: int) -> dict:
+def run_pipeline(store: str, out: str, cores: int, cache: bool, block: list, halo: list, depth: int,
+                 chunk_files: bool = True) -> dict:
     """The predictor's read -> identity -> write pipeline over every block; see the module doc."""
     import numpy as np
 
@@ -98,6 +105,9 @@ def run_pipeline(store: str, out: str, cores: int, cache: bool, block: list, hal
     import zarr
 
     pipeline = BlockPipeline(plan, Identity(), raw, None, zarr.open_group(out, mode="r+"), manifest, pcfg)
+    if not chunk_files:  # every chunk through zarr-python, as the predictor read and wrote them before
+        pipeline.chunk_files = lambda array: None
+        pipeline.prob_files = pipeline.mask_files = None
     todo = block_order(plan, range(plan.n_blocks), raw.chunks)
     readers, writers = io_threads(pcfg, cores)
     pipeline.plan_reads(todo)
@@ -391,7 +401,7 @@ def run(args) -> dict:
         common.run_child("unet_dist.bench.big_volume:run_write", {"out": str(store), "shape": list(shape),
                                                              "chunks": chunks, "shard": None})
         for n in cores:
-            common.log(f"io: {n} core(s): decode limit, then the pipeline with and without the chunk cache")
+            common.log(f"io: {n} core(s): the limits, then the pipeline: ours, zarr-python's I/O, no cache")
             lim = common.run_child("unet_dist.bench.io:run_limit", {"store": str(store), "cores": n,
                                                                  "out": str(work / "limit.zarr"), "block": block})
             shutil.rmtree(work / "limit.zarr", ignore_errors=True)
@@ -420,15 +430,16 @@ def run(args) -> dict:
                              "fraction_of_decode_limit_cpu": limit_cpu_per_mb / io_cpu_per_mb})
             rows.append({"what": "memory copy", "role": "limit", "cores": 1,
                          "input_mb_per_s": lim["copy_bytes"] / common.MB / lim["copy_s"], "seconds": lim["copy_s"]})
-            for cache in (True, False):
+            for variant, (what, cache, files) in VARIANTS.items():
                 out = work / "pred.zarr"
                 got = common.run_child("unet_dist.bench.io:run_pipeline", {
                     "store": str(store), "out": str(out), "cores": n, "cache": cache, "block": block,
-                    "halo": halo, "depth": depth})
+                    "halo": halo, "depth": depth, "chunk_files": files})
                 shutil.rmtree(out, ignore_errors=True)
                 mb_in = got["input_bytes"] / common.MB / got["seconds"]
-                rows.append({"what": "identity pipeline" + (", chunk cache" if cache else ", no cache (before)"),
-                             "role": ("ours" if cache else "peer") if n == cores[-1] else "scaling", "cores": n,
+                rows.append({"what": what, "variant": variant,
+                             "role": {"ours": "ours", "zarr": "peer"}.get(variant, "before") if n == cores[-1]
+                             else "scaling", "cores": n,
                              "readers": got["readers"], "writers": got["writers"], "input_mb_per_s": mb_in,
                              "output_mb_per_s": 2 * mb_in, "seconds": got["seconds"], "cpu_s": got["cpu_s"],
                              "read_amplification": got["decoded_bytes"] / got["delivered_bytes"],
@@ -452,16 +463,17 @@ def run(args) -> dict:
     ours = next(r for r in rows if r["role"] == "ours")
     peer = next(r for r in rows if r["role"] == "peer")
     for r in rows:
-        if "output_mb_per_s" in r:
+        if "variant" in r:
             r["x_peer"] = r["input_mb_per_s"] / next(
-                p["input_mb_per_s"] for p in rows if p["what"].endswith("(before)") and p["cores"] == r["cores"])
-    scaling = {n: next(r["input_mb_per_s"] for r in rows if r["cores"] == n and r["what"].endswith("chunk cache"))
+                p["input_mb_per_s"] for p in rows if p.get("variant") == "zarr" and p["cores"] == r["cores"])
+    scaling = {n: next(r["input_mb_per_s"] for r in rows if r["cores"] == n and r.get("variant") == "ours")
                for n in cores}
     config = {"volume": list(shape), "chunks": chunks, "block": block, "halo": halo, "model_depth": depth,
               "cores": cores, "input_mb": math.prod(shape) / common.MB, "codec_source": raw_tif and Path(raw_tif).name}
     report = common.make_report(
         "io", args, "cpu", config, rows, ours["input_mb_per_s"] / peer["input_mb_per_s"],
-        "input MB/s of the identity pipeline with the chunk cache / without it (the predictor before)", ours, peer,
+        "input MB/s of the identity pipeline with our chunk files / with zarr-python's I/O (the predictor before)",
+        ours, peer,
         notes=["each measurement ran in a fresh child process pinned to `cores` cores",
                "input MB/s counts every input voxel once; read_amplification is bytes decoded / bytes delivered "
                "to the blocks (regions with their context)"])
