@@ -482,7 +482,8 @@ def run(args) -> dict:
     report["fraction_of_decode_limit_cpu"] = ours["fraction_of_decode_limit_cpu"]
     # Not the target's measure: how close the pipeline comes to the work it cannot avoid, and where
     # that work alone would put fraction_of_decode_limit (its ceiling on this machine).
-    bound = next((r for r in rows if r["what"].startswith("decode + encode") and r["cores"] == ours["cores"]), None)
+    bound = next((r for r in rows if r["what"].startswith("decode + encode + write") and r["cores"] == ours["cores"]),
+                 None)
     report["fraction_of_io_limit"] = ours.get("fraction_of_io_limit")
     report["fraction_of_io_limit_cpu"] = ours.get("fraction_of_io_limit_cpu")
     report["io_limit_of_decode_limit"] = bound and bound["fraction_of_decode_limit"]
