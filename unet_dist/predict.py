@@ -154,18 +154,32 @@ def mirror_box(region, shape) -> tuple[slice, ...]:
 
 
 def read_mirrored(array, region, read: Callable | None = None) -> np.ndarray:
-    """The region of a (Z, Y, X) array, mirrored where it leaves the array; `read(array_box)`
-    (default `read_region(array, box)`) fetches the part inside."""
-    idx = [mirror_indices(lo, hi, n) for (lo, hi), n in zip(region, array.shape)]
+    """The region of a (Z, Y, X) array, mirrored where it leaves the array; `read(array_box, out)`
+    (default `read_region(array, box)`) fetches the part inside, into `out` when given one."""
     box = mirror_box(region, array.shape)
-    data = read(box) if read is not None else read_region(array, box)
     if all(lo >= 0 and hi <= n for (lo, hi), n in zip(region, array.shape)):
-        return data
+        return read(box) if read is not None else read_region(array, box)
     pads = [(max(0, -lo), max(0, hi - n)) for (lo, hi), n in zip(region, array.shape)]
     if all(s.start == max(lo, 0) and s.stop == min(hi, n) and max(b, a) <= s.stop - s.start
            for (b, a), s, (lo, hi), n in zip(pads, box, region, array.shape)):
-        # One reflection: np.pad copies rows, ~20x faster than the gather below on a 576^2 tile.
-        return np.pad(data, pads, mode="symmetric")
+        # One reflection: the part inside lands in place and its borders are reflected there, a
+        # copy less than np.pad, itself ~20x faster than the gather below on a 576^2 tile.
+        out = np.empty(tuple(hi - lo for lo, hi in region), array.dtype)
+        inner = out[tuple(slice(b, b + s.stop - s.start) for (b, _), s in zip(pads, box))]
+        if read is None:
+            inner[...] = read_region(array, box)
+        else:
+            read(box, inner)
+        for axis, (before, after) in enumerate(pads):
+            lead, stop = (slice(None),) * axis, out.shape[axis]
+            if before:
+                out[(*lead, slice(0, before))] = np.flip(out[(*lead, slice(before, 2 * before))], axis)
+            if after:
+                out[(*lead, slice(stop - after, stop))] = np.flip(out[(*lead, slice(stop - 2 * after, stop - after))],
+                                                                  axis)
+        return out
+    idx = [mirror_indices(lo, hi, n) for (lo, hi), n in zip(region, array.shape)]
+    data = read(box) if read is not None else read_region(array, box)
     return data[np.ix_(*(i - s.start for i, s in zip(idx, box)))]
 
 

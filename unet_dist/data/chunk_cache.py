@@ -56,10 +56,15 @@ class ChunkCache:
     def chunk_box(self, coords) -> Box:
         return tuple(slice(c * u, min((c + 1) * u, n)) for c, u, n in zip(coords, self.unit, self.shape))
 
-    def read(self, box: Box) -> np.ndarray:
-        """`array[box]` (unit steps); a planned read also spends its claim on the chunks."""
+    def read(self, box: Box, out: np.ndarray | None = None) -> np.ndarray:
+        """`array[box]` (unit steps), into `out` when given; a planned read also spends its claim on
+        the chunks."""
         box = tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(box, self.shape))
-        out = np.empty(tuple(sl.stop - sl.start for sl in box), self.array.dtype)
+        shape = tuple(sl.stop - sl.start for sl in box)
+        if out is None:
+            out = np.empty(shape, self.array.dtype)
+        elif out.shape != shape:
+            raise ValueError(f"out has shape {out.shape}, the box {shape}")
         for coords in self.chunks_of(box):
             chunk = self._get(coords)
             cbox = self.chunk_box(coords)
