@@ -14,7 +14,7 @@ import pytest
 import torch
 import zarr
 
-from conftest import CONFIGS, run_cli
+from conftest import CONFIGS, patch_spec, run_cli
 from test_instances import blobs, write_cremi
 from test_ome import check_ome
 from unet_dist import checkpoint
@@ -23,9 +23,8 @@ from unet_dist.data import pyramid
 from unet_dist.data.augment import Augmenter
 from unet_dist.data import store as st
 from unet_dist.data.instances import IDS, Rule, membrane_target
-from unet_dist.data.patches import PatchSpec, PatchStream
+from unet_dist.data.patches import OpenVolume, PatchSpec, PatchStream
 from unet_dist.data.synth import SynthVolume
-from unet_dist.data.volumes import open_ignore, open_training
 from unet_dist.errors import UserError
 from unet_dist.metrics import confusion_counts, scores_from_confusion
 
@@ -209,9 +208,7 @@ def test_ignore_value_and_id_are_refused_with_the_wrong_labels(tmp_path):
 
 
 def spec(store, **kw) -> PatchSpec:
-    base = dict(store=str(store), z_range=(0, 7), patch_size=(64, 64), label_crop=(0, 0), batch_size=4, seed=5,
-                rank=0)
-    return PatchSpec(**{**base, **kw})
+    return patch_spec(store, **{**dict(z_range=(0, 7), patch_size=(64, 64), batch_size=4, seed=5), **kw})
 
 
 def batches(spec_, n=3, augment=None):
@@ -277,13 +274,12 @@ def test_patches_below_the_labelled_fraction_are_never_drawn(source, tmp_path):
     check_ome(store, "raw", [st.TARGET, st.IGNORE], levels=1)
     s = spec(store, patch_size=(32, 32), min_labelled_fraction=0.5)
     stream = PatchStream(s, AugmentConfig(elastic=False))
-    raw, labels, _, _ = open_training(store)
-    ignore, _ = open_ignore(store, st.IGNORE, labels.shape)
+    (source,) = [OpenVolume.open(v) for v in s.volumes]
     fractions = []
     for index in range(40):
         rng = np.random.default_rng([s.seed, s.rank, index])
         for _ in range(s.batch_size):
-            region, skip = stream._draw(rng, raw.shape, ignore)
+            region, skip = stream._draw(rng, source)
             fractions.append(stream.labelled_fraction(skip))
             assert region[1].start < 40 and region[2].start < 40
     assert min(fractions) >= 0.5 and max(fractions) == 1.0
@@ -295,7 +291,7 @@ def test_patches_below_the_labelled_fraction_are_never_drawn(source, tmp_path):
     assert min(float(b["valid"].mean(dim=(1, 2, 3)).min()) for b in batches(loose, n=10)) < 0.5
     greedy = PatchStream(spec(store, patch_size=(48, 48), min_labelled_fraction=0.9), None)
     with pytest.raises(UserError, match="lower data.min_labelled_fraction"):
-        greedy.make_batch(raw, labels, Augmenter(None), 0, ignore)
+        greedy.make_batch([source], Augmenter(None), 0)
 
 
 # ------------------------------------------------------------------- train, validate, predict, evaluate

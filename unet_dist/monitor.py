@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .config import Config, to_dict
+from .data.training_set import volumes_of
 from .overlay import CLASS_LABELS, error_panel
 from .progress import format_eta
 from .rundir import METRICS, wandb_sync_command
@@ -57,6 +58,8 @@ class Monitor:
         self.wandb_mode = resolve_wandb_mode(cfg.logging.wandb)
         self.wandb_run = None
         self.run_id = run_id
+        # several volumes: each volume's membrane Dice on the console and in the summaries too
+        self.volume_names = [v.name for v in volumes_of(cfg.data) if v.val_slices] if cfg.data.volumes else []
         if self.wandb_mode != "disabled":
             self._start_wandb(to_dict(cfg), cfg.run.name, run_id)
 
@@ -80,6 +83,8 @@ class Monitor:
         # the run summary shows the best validation Dice and the lowest loss, not the last values
         for key, summary in SUMMARIES.items():
             self.wandb_run.define_metric(key, summary=summary)
+            for name in self.volume_names if key.startswith("val/") else ():
+                self.wandb_run.define_metric(key.replace("val/", f"val/{name}/"), summary=summary)
 
     def log(self, step: int, values: dict[str, float], console: bool = True) -> None:
         """One line of metrics.jsonl, the console and W&B for this step."""
@@ -96,6 +101,10 @@ class Monitor:
         eta = elapsed / done * (self.total_steps - step) if done > 0 else 0.0
         shown = "  ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in values.items()
                           if isinstance(v, (int, float)) and k in _CONSOLE_KEYS)
+        by_volume = [f"{name} {values[key]:.4g}" for name in self.volume_names
+                     if (key := f"val/{name}/dice_membrane") in values]
+        if by_volume:
+            shown += f"  (membrane Dice by volume: {', '.join(by_volume)})"
         line = f"step {step}/{self.total_steps}  {shown}  eta {format_eta(eta)}"
         if self.bar and not any(k.startswith("val/") for k in values):
             width = 24

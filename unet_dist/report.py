@@ -255,6 +255,12 @@ def _checkpoint_of(run_dir: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+def _validated_volume(cfg):
+    from .data.training_set import volumes_of
+
+    return next(v for v in volumes_of(cfg.data) if v.val_slices)
+
+
 def report(run_dir, pred=None, store=None, slices=None, max_rows: int = 6, panel: int = 384) -> list[Path]:
     """Write RUN_DIR/report/{slices,curves}.png (what can be drawn); returns the files written."""
     from .config import load_config
@@ -267,7 +273,8 @@ def report(run_dir, pred=None, store=None, slices=None, max_rows: int = 6, panel
         raise UserError(f"{run_dir}: not a run directory")
     cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
     metrics = run_dir / rundir.METRICS
-    store = store or (cfg.data.store if cfg else None)
+    shown = _validated_volume(cfg) if cfg else None  # the run's (first) validation volume
+    store = store or (shown.store if shown else None)
     ckpt = None if pred else _checkpoint_of(run_dir)
     grid = bool(store and (pred or ckpt))
     if not grid and not metrics.is_file():
@@ -282,7 +289,7 @@ def report(run_dir, pred=None, store=None, slices=None, max_rows: int = 6, panel
     if grid:
         group = open_store(store, arrays=(RAW, TARGET_PATH))
         raw, labels = group[RAW], group[TARGET_PATH]
-        lo, hi = slices_within(slices or (cfg.data.val_slices if cfg else None), raw.shape[0], str(store))
+        lo, hi = slices_within(slices or (shown.val_slices if shown else None), raw.shape[0], str(store))
         zs = sorted({int(round(z)) for z in np.linspace(lo, hi - 1, min(max_rows, hi - lo))})
         if pred:
             rows, source = _rows_from_pred(pred, zs), f"prediction {Path(pred).name}"
