@@ -381,3 +381,41 @@ def test_a_missing_named_ignore_mask_is_one_line(stores, tmp_path):
     assert not (tmp_path / "r").exists()
     done = run_cli("config", "show", SMOKE, "data.min_labelled_fraction=1.5")
     assert done.code == 2 and "data.min_labelled_fraction" in done.err
+
+
+def test_pictures_show_unlabelled_voxels_as_their_own_class(stores, tmp_path, monkeypatch):
+    """The validation panel carries the labelled voxels; W&B's ground-truth mask gives unlabelled
+    voxels class 2 ("unlabelled"), and the error overlay marks no error there (a real offline run file)."""
+    from PIL import Image
+
+    from unet_dist.config import load_config
+    from unet_dist.dist import autocast
+    from unet_dist.model import build_model
+    from unet_dist.monitor import Monitor
+    from unet_dist.overlay import MISSED, INVENTED
+    from unet_dist.validation import validate
+    from wandb_records import history
+
+    clean, _ = stores
+    cfg = load_config(SMOKE, [f"data.store={clean}", "data.train_slices=[0,7]", "data.val_slices=[7,10]",
+                              f"run.dir={tmp_path / 'run'}", "logging.wandb=offline", "logging.images=true"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    cpu = torch.device("cpu")
+    _, (raw, label, prob, valid) = validate(model, cfg, cpu, autocast(cpu, "fp32"), want_panel=True)
+    np.testing.assert_array_equal(valid, ignored_region(SHAPE)[7] == 0)  # the first block: all of slice 7
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monitor = Monitor(tmp_path / "run", cfg, 0)
+    monitor.log_images(3, raw, label, prob, 0.5, valid)
+    monitor.close()
+    (file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    (logged,) = [row["val/masks"] for row in history(file) if "val/masks" in row]
+    truth = np.asarray(Image.open(file.parent / "files" / logged["masks"]["ground_truth"]["path"]))
+    np.testing.assert_array_equal(truth == 2, ~valid)
+    np.testing.assert_array_equal(truth[valid], label[valid])
+    (errors,) = [row["val/errors"] for row in history(file) if "val/errors" in row]
+    rgb = np.asarray(Image.open(file.parent / "files" / errors["path"]).convert("RGB"))
+    coloured = np.all(rgb == MISSED, axis=-1) | np.all(rgb == INVENTED, axis=-1)
+    assert coloured[valid].any() and not coloured[~valid].any()  # an untrained net errs, but not there

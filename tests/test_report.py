@@ -50,6 +50,18 @@ def test_error_panel_colours():
     assert len({tuple(rgb[0, 0]), tuple(rgb[1, 0]), tuple(rgb[1, 1])}) == 1  # correct pixels: gray
 
 
+def test_error_panel_leaves_unlabelled_voxels_uncounted():
+    raw = np.zeros((2, 3), np.float32)
+    label = np.array([[1, 0, 1], [0, 1, 0]], np.uint8)
+    mask = np.array([[1, 1, 0], [0, 1, 0]], np.uint8)
+    valid = np.array([[True, False, True], [False, True, True]])
+    rgb = error_panel(raw, label, mask, valid)
+    assert tuple(rgb[0, 2]) == INVENTED  # a labelled error stays an error
+    assert tuple(rgb[0, 1]) not in (MISSED, INVENTED)  # the same error where unlabelled is not one
+    assert tuple(rgb[0, 1]) == tuple(rgb[1, 0]) != tuple(rgb[1, 1])  # unlabelled: tinted alike, not grey
+    np.testing.assert_array_equal(error_panel(raw, label, mask, np.ones((2, 3), bool)), error_panel(raw, label, mask))
+
+
 def test_ticks_are_round_and_cover_the_range():
     for lo, hi in ((0.0, 1.0), (0.213, 0.871), (3.0, 2017.0), (1e-5, 3e-3), (-2.5, 7.0)):
         ticks = nice_ticks(lo, hi)

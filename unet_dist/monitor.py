@@ -18,7 +18,7 @@ import numpy as np
 
 from .config import Config, to_dict
 from .data.training_set import volumes_of
-from .overlay import CLASS_LABELS, error_panel
+from .overlay import CLASS_LABELS, CLASS_LABELS_WITH_UNLABELLED, error_panel, truth_classes
 from .progress import format_eta
 from .rundir import METRICS, wandb_sync_command
 
@@ -117,23 +117,26 @@ class Monitor:
             print(line, flush=True)
 
     def log_images(self, step: int, raw: np.ndarray, label: np.ndarray, prob: np.ndarray,
-                   threshold: float) -> None:
+                   threshold: float, valid: np.ndarray | None = None) -> None:
         """A validation slice to W&B: raw with the prediction and ground truth as toggleable masks,
-        the probability, and the error overlay that `report` draws."""
+        the probability, and the error overlay that `report` draws. `valid` False: unlabelled voxels,
+        a class of their own in the ground truth and never an error."""
         if self.wandb_run is None or not self.logging.images:
             return
         import wandb
 
         mask = (prob > threshold).astype(np.uint8)
         grey = (np.clip(raw, 0, 1) * 255).astype(np.uint8)
+        truth_labels = CLASS_LABELS if valid is None else CLASS_LABELS_WITH_UNLABELLED
         masks = {"prediction": {"mask_data": mask, "class_labels": CLASS_LABELS},
-                 "ground_truth": {"mask_data": (label > 0).astype(np.uint8), "class_labels": CLASS_LABELS}}
+                 "ground_truth": {"mask_data": truth_classes(label, valid), "class_labels": truth_labels}}
         images = {
             "val/masks": wandb.Image(grey, masks=masks, caption=f"step {step}: toggle prediction / ground truth"),
             "val/probability": wandb.Image((np.clip(prob, 0, 1) * 255).astype(np.uint8),
                                            caption="probability of neuron interior"),
-            "val/errors": wandb.Image(error_panel(raw, label, mask),
-                                      caption="red: missed membrane (merges), blue: invented membrane (splits)"),
+            "val/errors": wandb.Image(error_panel(raw, label, mask, valid),
+                                      caption="red: missed membrane (merges), blue: invented membrane (splits)"
+                                              + ("" if valid is None else ", ochre: unlabelled (not counted)")),
         }
         self._wandb(lambda run: run.log(images, step=step))
 

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import rundir
 from .errors import UserError
-from .overlay import INVENTED, MISSED, error_panel
+from .overlay import INVENTED, MISSED, UNLABELLED_TINT, error_panel
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
 WHITE, BLACK, GRID, TEXT = (255, 255, 255), (0, 0, 0), (225, 225, 225), (40, 40, 40)
@@ -49,8 +49,12 @@ def _panel(image: np.ndarray, size: int, smooth: bool) -> Image.Image:
     return img
 
 
+UNLABELLED_SWATCH = tuple(int(c) for c in (0.5 * UNLABELLED_TINT + 0.5 * 115))  # the tint over mid grey
+
+
 def slice_grid(rows: list[dict], title: str, panel: int = 384) -> Image.Image:
-    """rows: dicts with z, raw (float [0,1]), label (0/1), prob (float [0,1]), mask (0/1)."""
+    """rows: dicts with z, raw (float [0,1]), label (0/1), prob (float [0,1]), mask (0/1) and, when the
+    store marks unlabelled voxels, valid (bool: labelled)."""
     from .metrics import confusion_counts, scores_from_confusion
 
     font, small = _font(16), _font(13)
@@ -59,7 +63,7 @@ def slice_grid(rows: list[dict], title: str, panel: int = 384) -> Image.Image:
     for row in rows:
         images.append([_panel(row["raw"], panel, True), _panel(row["label"].astype(np.float32), panel, False),
                        _panel(row["prob"], panel, True),
-                       _panel(error_panel(row["raw"], row["label"], row["mask"]), panel, False)])
+                       _panel(error_panel(row["raw"], row["label"], row["mask"], row.get("valid")), panel, False)])
     pw, ph = images[0][0].size
     gap, left, top, bottom = 6, 130, 56, 34
     width = left + len(columns) * (pw + gap)
@@ -71,7 +75,7 @@ def slice_grid(rows: list[dict], title: str, panel: int = 384) -> Image.Image:
         draw.text((left + c * (pw + gap) + pw // 2, top - 8), name, fill=TEXT, font=font, anchor="ms")
     for r, (row, panels) in enumerate(zip(rows, images)):
         y = top + r * (ph + gap)
-        scores = scores_from_confusion(confusion_counts(row["mask"], row["label"]))
+        scores = scores_from_confusion(confusion_counts(row["mask"], row["label"], valid=row.get("valid")))
         draw.text((gap, y + 4), f"slice {row['z']}", fill=TEXT, font=font)
         draw.text((gap, y + 26), f"Dice membrane\n  {scores['dice_membrane']:.3f}\npixel error\n"
                                  f"  {scores['pixel_error']:.3f}", fill=TEXT, font=small, spacing=3)
@@ -79,7 +83,10 @@ def slice_grid(rows: list[dict], title: str, panel: int = 384) -> Image.Image:
             canvas.paste(img, (left + c * (pw + gap), y))
     y = height - bottom + 10
     x = left
-    for color, text in ((MISSED, "missed membrane (merges)"), (INVENTED, "invented membrane (splits)")):
+    legend = [(MISSED, "missed membrane (merges)"), (INVENTED, "invented membrane (splits)")]
+    if any("valid" in row for row in rows):
+        legend.append((UNLABELLED_SWATCH, "unlabelled (not counted)"))
+    for color, text in legend:
         draw.rectangle((x, y, x + 14, y + 14), fill=color)
         draw.text((x + 20, y + 1), text, fill=TEXT, font=small)
         x += 40 + int(draw.textlength(text, font=small))
@@ -265,8 +272,8 @@ def report(run_dir, pred=None, store=None, slices=None, max_rows: int = 6, panel
     """Write RUN_DIR/report/{slices,curves}.png (what can be drawn); returns the files written."""
     from .config import load_config
     from .data.patches import to_unit_float
-    from .data.store import RAW, TARGET_PATH, open_store
-    from .data.store import slices_within
+    from .data.store import IGNORE, RAW, TARGET_PATH, open_store, slices_within
+    from .data.volumes import open_ignore
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -289,6 +296,7 @@ def report(run_dir, pred=None, store=None, slices=None, max_rows: int = 6, panel
     if grid:
         group = open_store(store, arrays=(RAW, TARGET_PATH))
         raw, labels = group[RAW], group[TARGET_PATH]
+        ignore, _ = open_ignore(store, IGNORE, labels.shape)  # unlabelled voxels: no error, not counted
         lo, hi = slices_within(slices or (shown.val_slices if shown else None), raw.shape[0], str(store))
         zs = sorted({int(round(z)) for z in np.linspace(lo, hi - 1, min(max_rows, hi - lo))})
         if pred:
@@ -299,6 +307,8 @@ def report(run_dir, pred=None, store=None, slices=None, max_rows: int = 6, panel
         for row in rows:
             row["raw"] = to_unit_float(np.asarray(raw[row["z"]]))
             row["label"] = np.asarray(labels[row["z"]])
+            if ignore is not None:
+                row["valid"] = np.asarray(ignore[row["z"]]) == 0
             if row["prob"].shape != row["raw"].shape:
                 raise UserError(f"{pred}: slices of {row['prob'].shape} do not match {store}'s {row['raw'].shape}")
         path = out_dir / "slices.png"

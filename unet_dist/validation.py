@@ -26,8 +26,8 @@ def validate(model, cfg: Config, device, autocast_ctx, want_panel: bool,
     tiles per forward pass, the blocks of all volumes spread over ranks and confusion counts summed,
     so N ranks report what one would and what `unet-dist predict` reports. Memory depends on the
     block, never on the slice or the 3D band. With several volumes, each is reported as
-    `val/<name>/...` and `val/...` pools their voxels. The panel (raw, label, prediction) is rank 0's
-    first block (its middle slice in 3D)."""
+    `val/<name>/...` and `val/...` pools their voxels. The panel (raw, label, prediction, labelled voxels
+    or None) is rank 0's first block (its middle slice in 3D)."""
     volumes = [_ValidationVolume(v, cfg) for v in volumes_of(cfg.data) if v.val_slices]
     work = [(i, block) for i, vol in enumerate(volumes) for block in range(vol.plan.n_blocks)]
     counts = np.zeros((len(volumes), 4), dtype=np.int64)
@@ -40,7 +40,7 @@ def validate(model, cfg: Config, device, autocast_ctx, want_panel: bool,
         if want_panel and panel is None:
             raw = to_unit_float(read_region(volumes[i].raw, as_slices(stored)))
             mid = prob.shape[0] // 2
-            panel = (raw[mid], label[mid], prob[mid])
+            panel = (raw[mid], label[mid], prob[mid], None if valid is None else valid[mid])
     model.train()
     counts = dist.all_reduce_sum(counts)
     metrics = {f"val/{k}": float(v) for k, v in scores_from_confusion(counts.sum(axis=0)).items()}
@@ -102,7 +102,8 @@ class Validator:
             metrics["val/replica_spread"] = dist.replica_spread(state.model)
             self.monitor.log(state.step, metrics)
             if panel is not None:
-                self.monitor.log_images(state.step, *panel, self.cfg.predict.threshold)
+                raw, label, prob, valid = panel
+                self.monitor.log_images(state.step, raw, label, prob, self.cfg.predict.threshold, valid)
             self.metrics = metrics
             is_best = metrics["val/dice_membrane"] > state.best
             state.best = max(state.best, metrics["val/dice_membrane"])
