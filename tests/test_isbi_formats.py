@@ -184,7 +184,16 @@ def test_every_format_converts_to_the_isbi_bytes(isbi, tmp_path, fmt):
 
 
 def test_ome_zarr_lower_level_keeps_its_scale(isbi, tmp_path):
-    """s2 of the OME-Zarr image converts to its own bytes at 4x the pixel size."""
+    """The image is valid OME-Zarr 0.4 (image, labels, label image), and its s2 converts to its own
+    bytes at 4x the pixel size."""
+    from ome_zarr_models.v04.image import ImageAttrs
+    from ome_zarr_models.v04.image_label import ImageLabelAttrs
+    from ome_zarr_models.v04.labels import LabelsAttrs
+
+    image = zarr.open_group(isbi.specs["ome-zarr"][0], mode="r")
+    ImageAttrs.model_validate(dict(image.attrs))
+    LabelsAttrs.model_validate(dict(image["labels"].attrs))
+    ImageLabelAttrs.model_validate(dict(image[f"labels/{IDS}"].attrs))
     out = tmp_path / "s2.zarr"
     done = run_cli("convert", "--raw", f"{isbi.specs['ome-zarr'][0]}:s2", "--out", out)
     assert done.code == 0, done.err
@@ -201,12 +210,13 @@ def membrane_dice(interior: np.ndarray, labels: np.ndarray) -> tuple[float, floa
     return 2 * both / (np.count_nonzero(ours) + np.count_nonzero(theirs)), both / np.count_nonzero(ours)
 
 
-# Measured on ISBI slices 0..5 (ISBI: 24.5% membrane): width 1 marks 9.9% membrane, Dice 0.573,
-# precision 0.996; width 2 marks 19.2%, Dice 0.840, precision 0.97 (width 3: Dice 0.827). The bounds
-# are these numbers with room for rounding, not for a change of rule: a target shifted by one pixel
-# gives Dice 0.48 / 0.71.
+# Measured on ISBI slices 0..5 (ISBI: 24.5% membrane): width 1 marks 9.9% membrane, Dice 0.5735,
+# precision 0.9992; width 2 marks 19.2%, Dice 0.8395, precision 0.9558 (width 3: Dice 0.827). The
+# same target shifted by one pixel in x gives precision 0.9912 at width 1 and Dice 0.798 at width 2:
+# the bounds catch it. (With --boundary-3d every voxel would be membrane, as the IDs differ between
+# slices: Dice 0.394.)
 DICE_BOUNDS = {1: (0.55, 0.60), 2: (0.82, 0.86)}
-MIN_PRECISION = {1: 0.99, 2: 0.95}
+MIN_PRECISION = {1: 0.995, 2: 0.94}
 
 
 def test_derived_membrane_agrees_with_isbi_membrane(isbi, tmp_path):
