@@ -187,6 +187,13 @@ def test_zarr_arrays(vol, tmp_path, fmt):
         check(source, vol)
     error(tmp_path / "g.zarr", "g.zarr", "2 arrays", "volumes/mask, volumes/raw")
     error(f"{tmp_path / 'g.zarr'}:volumes/nope", "no 'volumes/nope'", "volumes/mask, volumes/raw")
+    # a Zarr copy of a CREMI file keeps its attributes: resolution (z, y, x nm) and offset
+    group["volumes/raw"].attrs.update(resolution=[40, 4, 4], offset=[80, 0, 8])
+    group["volumes/mask"].attrs.update(resolution=[0, 1, 1])  # a placeholder, not a size
+    with open_source(f"{tmp_path / 'g.zarr'}:volumes/raw") as source:
+        check(source, vol, voxel_size=(40, 4, 4), offset=(80, 0, 8))
+    with open_source(f"{tmp_path / 'g.zarr'}:volumes/mask") as source:
+        assert source.voxel_size is None
 
 
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
