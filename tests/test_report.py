@@ -95,6 +95,26 @@ def test_report_from_the_runs_checkpoint(tmp_path, synth_store):
     assert len(colours(curves)) > 20
 
 
+def test_curves_of_several_volumes_add_a_chart_per_volume_dice(tmp_path):
+    from unet_dist.report import COLORS, curves, volume_names
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"step": 10, "train/loss": 0.5}]
+    for step in (10, 20, 30):
+        lines.append({"step": step, "val/dice_membrane": 0.5, "val/dice_neuron": 0.8,
+                      "val/cremi_A/dice_membrane": 0.4 + step / 100, "val/cremi_B/dice_membrane": 0.6,
+                      "val/cremi_A/pixel_error": 0.1})
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    rows = read_metrics(run / "metrics.jsonl")
+    assert volume_names(rows) == ["cremi_A", "cremi_B"]
+    picture = curves(rows)
+    assert picture.size == (720, 4 * 360)  # loss, learning rate, Dice, and Dice by volume
+    last = picture.crop((0, 3 * 360, 720, 4 * 360))
+    assert {COLORS[0], COLORS[1], COLORS[2]} <= colours(last)  # pooled, A and B drawn
+    assert volume_names(read_metrics(make_run(tmp_path / "one", tmp_path) / "metrics.jsonl")) == []
+
+
 def test_report_from_a_prediction_store_and_cli(tmp_path, synth_store, capsys):
     labels = zarr.open_group(str(synth_store), mode="r")["labels/neuron_interior/0"][:]
     pred = tmp_path / "pred.zarr"

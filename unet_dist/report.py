@@ -202,6 +202,17 @@ def _series(rows: dict[int, dict], key: str, name: str) -> tuple[str, list, list
     return name, [p[0] for p in pts], [p[1] for p in pts]
 
 
+def volume_names(rows: dict[int, dict]) -> list[str]:
+    """The volumes a run validated on one by one (`val/<name>/dice_membrane`), in order of appearance."""
+    names: dict[str, None] = {}
+    for row in rows.values():
+        for key in row:
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == "val" and parts[2] == "dice_membrane":
+                names[parts[1]] = None
+    return list(names)
+
+
 def curves(rows: dict[int, dict]) -> Image.Image:
     charts = [
         line_chart("loss", [_series(rows, "train/loss", "train"), _series(rows, "val/loss", "validation")], "loss"),
@@ -209,6 +220,9 @@ def curves(rows: dict[int, dict]) -> Image.Image:
         line_chart("validation Dice", [_series(rows, "val/dice_membrane", "membrane"),
                                        _series(rows, "val/dice_neuron", "neuron interior")], "Dice"),
     ]
+    if volumes := volume_names(rows):  # several volumes (data.volumes): each one's membrane Dice
+        charts.append(line_chart("membrane Dice by volume", [_series(rows, "val/dice_membrane", "pooled")]
+                                 + [_series(rows, f"val/{name}/dice_membrane", name) for name in volumes], "Dice"))
     out = Image.new("RGB", (charts[0].width, sum(c.height for c in charts)), WHITE)
     for i, chart in enumerate(charts):
         out.paste(chart, (0, i * charts[0].height))
