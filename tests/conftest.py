@@ -56,6 +56,19 @@ def free_port():
     return pick_free_port()
 
 
+def patch_spec(store, z_range, patch_size, batch_size, seed, rank=0, holdout=None, ignore=None, **kw):
+    """The patch stream of one store (a single-store run's), `z_range` its training slices."""
+    from unet_dist.data.patches import PatchSpec
+    from unet_dist.data.store import IGNORE, RAW, TARGET
+    from unet_dist.data.training_set import Volume
+
+    volume = Volume(store=str(store), name="v", raw_array=RAW, labels=TARGET, ignore=IGNORE if ignore is None else ignore,
+                    train_slices=tuple(z_range), val_slices=None, exclude=holdout)
+    crop = kw.pop("label_crop", (0,) * len(patch_size))
+    return PatchSpec(volumes=(volume,), patch_size=tuple(patch_size), label_crop=crop, batch_size=batch_size,
+                     seed=seed, rank=rank, **kw)
+
+
 def evaluate_volume(prob3d, label3d, threshold: float = 0.5) -> dict:
     """The one-process reference: Dice per class and pixel error plus V_rand / V_info of all the
     data at once, which the distributed `evaluate` (reduced sums) must reproduce."""

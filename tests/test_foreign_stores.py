@@ -1,4 +1,4 @@
-"""Training and prediction on stores made by other tools, read as they are (data/volumes.py): a
+"""Training, prediction and evaluation on stores made by other tools, read as they are (data/volumes.py): a
 Zarr v2 group with CREMI-like paths trains and predicts exactly as the same data converted does;
 unsuitable arrays are one line each, before anything starts."""
 
@@ -66,6 +66,17 @@ def test_a_zarr_v2_store_trains_and_predicts_as_the_converted_one(synth_store, v
     assert results["theirs"]["dice_membrane"] == results["ours"]["dice_membrane"]
     assert json.loads(json.dumps(zarr.open_group(str(tmp_path / "theirs.zarr")).attrs["unet_dist"]["sources"]))[
         "input"]["array"] == "volumes/raw"
+    # evaluate reads the foreign labels the same way: the same numbers as against the converted store
+    scores = {}
+    for name, labels in (("ours", synth_store), ("theirs", f"{v2_store}:volumes/labels/membrane")):
+        done = run_cli("evaluate", "--pred", tmp_path / "ours.zarr", "--labels", labels, "--json", tmp_path / f"{name}.json")
+        assert done.code == 0, done.err
+        scores[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    keys = ("dice_neuron", "dice_membrane", "pixel_error", "v_rand", "v_info")
+    assert {k: scores["theirs"][k] for k in keys} == {k: scores["ours"][k] for k in keys}
+    assert scores["theirs"]["segments"] == "binary target" and scores["theirs"]["labels"].endswith(":volumes/labels/membrane")
+    done = run_cli("evaluate", "--pred", tmp_path / "ours.zarr", "--labels", f"{v2_store}:volumes/labels/neuron_ids")
+    assert done.code == 2 and "other than 0 and 1" in done.err and len(done.err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("overrides,fragments", [

@@ -14,7 +14,7 @@ import pytest
 import torch
 import zarr
 
-from conftest import CONFIGS, run_cli
+from conftest import CONFIGS, patch_spec, run_cli
 from test_instances import blobs, write_cremi
 from test_ome import check_ome
 from unet_dist import checkpoint
@@ -23,9 +23,8 @@ from unet_dist.data import pyramid
 from unet_dist.data.augment import Augmenter
 from unet_dist.data import store as st
 from unet_dist.data.instances import IDS, Rule, membrane_target
-from unet_dist.data.patches import PatchSpec, PatchStream
+from unet_dist.data.patches import OpenVolume, PatchSpec, PatchStream
 from unet_dist.data.synth import SynthVolume
-from unet_dist.data.volumes import open_ignore, open_training
 from unet_dist.errors import UserError
 from unet_dist.metrics import confusion_counts, scores_from_confusion
 
@@ -209,9 +208,7 @@ def test_ignore_value_and_id_are_refused_with_the_wrong_labels(tmp_path):
 
 
 def spec(store, **kw) -> PatchSpec:
-    base = dict(store=str(store), z_range=(0, 7), patch_size=(64, 64), label_crop=(0, 0), batch_size=4, seed=5,
-                rank=0)
-    return PatchSpec(**{**base, **kw})
+    return patch_spec(store, **{**dict(z_range=(0, 7), patch_size=(64, 64), batch_size=4, seed=5), **kw})
 
 
 def batches(spec_, n=3, augment=None):
@@ -277,13 +274,12 @@ def test_patches_below_the_labelled_fraction_are_never_drawn(source, tmp_path):
     check_ome(store, "raw", [st.TARGET, st.IGNORE], levels=1)
     s = spec(store, patch_size=(32, 32), min_labelled_fraction=0.5)
     stream = PatchStream(s, AugmentConfig(elastic=False))
-    raw, labels, _, _ = open_training(store)
-    ignore, _ = open_ignore(store, st.IGNORE, labels.shape)
+    (source,) = [OpenVolume.open(v) for v in s.volumes]
     fractions = []
     for index in range(40):
         rng = np.random.default_rng([s.seed, s.rank, index])
         for _ in range(s.batch_size):
-            region, skip = stream._draw(rng, raw.shape, ignore)
+            region, skip = stream._draw(rng, source)
             fractions.append(stream.labelled_fraction(skip))
             assert region[1].start < 40 and region[2].start < 40
     assert min(fractions) >= 0.5 and max(fractions) == 1.0
@@ -295,7 +291,7 @@ def test_patches_below_the_labelled_fraction_are_never_drawn(source, tmp_path):
     assert min(float(b["valid"].mean(dim=(1, 2, 3)).min()) for b in batches(loose, n=10)) < 0.5
     greedy = PatchStream(spec(store, patch_size=(48, 48), min_labelled_fraction=0.9), None)
     with pytest.raises(UserError, match="lower data.min_labelled_fraction"):
-        greedy.make_batch(raw, labels, Augmenter(None), 0, ignore)
+        greedy.make_batch([source], Augmenter(None), 0)
 
 
 # ------------------------------------------------------------------- train, validate, predict, evaluate
@@ -385,3 +381,41 @@ def test_a_missing_named_ignore_mask_is_one_line(stores, tmp_path):
     assert not (tmp_path / "r").exists()
     done = run_cli("config", "show", SMOKE, "data.min_labelled_fraction=1.5")
     assert done.code == 2 and "data.min_labelled_fraction" in done.err
+
+
+def test_pictures_show_unlabelled_voxels_as_their_own_class(stores, tmp_path, monkeypatch):
+    """The validation panel carries the labelled voxels; W&B's ground-truth mask gives unlabelled
+    voxels class 2 ("unlabelled"), and the error overlay marks no error there (a real offline run file)."""
+    from PIL import Image
+
+    from unet_dist.config import load_config
+    from unet_dist.dist import autocast
+    from unet_dist.model import build_model
+    from unet_dist.monitor import Monitor
+    from unet_dist.overlay import MISSED, INVENTED
+    from unet_dist.validation import validate
+    from wandb_records import history
+
+    clean, _ = stores
+    cfg = load_config(SMOKE, [f"data.store={clean}", "data.train_slices=[0,7]", "data.val_slices=[7,10]",
+                              f"run.dir={tmp_path / 'run'}", "logging.wandb=offline", "logging.images=true"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    cpu = torch.device("cpu")
+    _, (raw, label, prob, valid) = validate(model, cfg, cpu, autocast(cpu, "fp32"), want_panel=True)
+    np.testing.assert_array_equal(valid, ignored_region(SHAPE)[7] == 0)  # the first block: all of slice 7
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monitor = Monitor(tmp_path / "run", cfg, 0)
+    monitor.log_images(3, raw, label, prob, 0.5, valid)
+    monitor.close()
+    (file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    (logged,) = [row["val/masks"] for row in history(file) if "val/masks" in row]
+    truth = np.asarray(Image.open(file.parent / "files" / logged["masks"]["ground_truth"]["path"]))
+    np.testing.assert_array_equal(truth == 2, ~valid)
+    np.testing.assert_array_equal(truth[valid], label[valid])
+    (errors,) = [row["val/errors"] for row in history(file) if "val/errors" in row]
+    rgb = np.asarray(Image.open(file.parent / "files" / errors["path"]).convert("RGB"))
+    coloured = np.all(rgb == MISSED, axis=-1) | np.all(rgb == INVENTED, axis=-1)
+    assert coloured[valid].any() and not coloured[~valid].any()  # an untrained net errs, but not there

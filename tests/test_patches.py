@@ -6,16 +6,15 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import patch_spec
 from unet_dist.config import AugmentConfig
-from unet_dist.data.patches import PatchSpec, PatchStream, make_loader
+from unet_dist.data.patches import OpenVolume, PatchSpec, PatchStream, make_loader
 from unet_dist.data.augment import Augmenter
 from unet_dist.data.store import RAW, TARGET_PATH, open_store
 
 
-def spec(store, rank=0, **kw):
-    base = dict(store=str(store), z_range=(0, 8), patch_size=(32, 32), label_crop=(0, 0), batch_size=2,
-                seed=7, rank=rank)
-    return PatchSpec(**{**base, **kw})
+def spec(store, **kw) -> PatchSpec:
+    return patch_spec(store, **{**dict(z_range=(0, 8), patch_size=(32, 32), batch_size=2, seed=7), **kw})
 
 
 def take(stream_spec, workers=0, n=4, start=0, method="fork"):
@@ -86,7 +85,8 @@ def test_holdout_slices_never_sampled(tmp_path):
     quiet = AugmentConfig(intensity=False, noise_std=0.0)
     stream = PatchStream(spec(store, holdout=(2, 6), batch_size=8), quiet)
     seen = set()
+    volumes = [OpenVolume.open(v) for v in stream.spec.volumes]
     for index in range(10):
-        batch = stream.make_batch(group[RAW], group[TARGET_PATH], Augmenter(quiet), index)
+        batch = stream.make_batch(volumes, Augmenter(quiet), index)
         seen |= {round((float(p.mean()) * 255 - 5) / 10) for p in batch["raw"][:, 0]}
     assert seen == {0, 1, 6, 7}

@@ -50,6 +50,18 @@ def test_error_panel_colours():
     assert len({tuple(rgb[0, 0]), tuple(rgb[1, 0]), tuple(rgb[1, 1])}) == 1  # correct pixels: gray
 
 
+def test_error_panel_leaves_unlabelled_voxels_uncounted():
+    raw = np.zeros((2, 3), np.float32)
+    label = np.array([[1, 0, 1], [0, 1, 0]], np.uint8)
+    mask = np.array([[1, 1, 0], [0, 1, 0]], np.uint8)
+    valid = np.array([[True, False, True], [False, True, True]])
+    rgb = error_panel(raw, label, mask, valid)
+    assert tuple(rgb[0, 2]) == INVENTED  # a labelled error stays an error
+    assert tuple(rgb[0, 1]) not in (MISSED, INVENTED)  # the same error where unlabelled is not one
+    assert tuple(rgb[0, 1]) == tuple(rgb[1, 0]) != tuple(rgb[1, 1])  # unlabelled: tinted alike, not grey
+    np.testing.assert_array_equal(error_panel(raw, label, mask, np.ones((2, 3), bool)), error_panel(raw, label, mask))
+
+
 def test_ticks_are_round_and_cover_the_range():
     for lo, hi in ((0.0, 1.0), (0.213, 0.871), (3.0, 2017.0), (1e-5, 3e-3), (-2.5, 7.0)):
         ticks = nice_ticks(lo, hi)
@@ -81,6 +93,26 @@ def test_report_from_the_runs_checkpoint(tmp_path, synth_store):
     assert curves.size == (720, 3 * 360)
     # the curves are drawn in colour, not just axes
     assert len(colours(curves)) > 20
+
+
+def test_curves_of_several_volumes_add_a_chart_per_volume_dice(tmp_path):
+    from unet_dist.report import COLORS, curves, volume_names
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"step": 10, "train/loss": 0.5}]
+    for step in (10, 20, 30):
+        lines.append({"step": step, "val/dice_membrane": 0.5, "val/dice_neuron": 0.8,
+                      "val/cremi_A/dice_membrane": 0.4 + step / 100, "val/cremi_B/dice_membrane": 0.6,
+                      "val/cremi_A/pixel_error": 0.1})
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    rows = read_metrics(run / "metrics.jsonl")
+    assert volume_names(rows) == ["cremi_A", "cremi_B"]
+    picture = curves(rows)
+    assert picture.size == (720, 4 * 360)  # loss, learning rate, Dice, and Dice by volume
+    last = picture.crop((0, 3 * 360, 720, 4 * 360))
+    assert {COLORS[0], COLORS[1], COLORS[2]} <= colours(last)  # pooled, A and B drawn
+    assert volume_names(read_metrics(make_run(tmp_path / "one", tmp_path) / "metrics.jsonl")) == []
 
 
 def test_report_from_a_prediction_store_and_cli(tmp_path, synth_store, capsys):

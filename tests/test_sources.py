@@ -187,6 +187,13 @@ def test_zarr_arrays(vol, tmp_path, fmt):
         check(source, vol)
     error(tmp_path / "g.zarr", "g.zarr", "2 arrays", "volumes/mask, volumes/raw")
     error(f"{tmp_path / 'g.zarr'}:volumes/nope", "no 'volumes/nope'", "volumes/mask, volumes/raw")
+    # a Zarr copy of a CREMI file keeps its attributes: resolution (z, y, x nm) and offset
+    group["volumes/raw"].attrs.update(resolution=[40, 4, 4], offset=[80, 0, 8])
+    group["volumes/mask"].attrs.update(resolution=[0, 1, 1])  # a placeholder, not a size
+    with open_source(f"{tmp_path / 'g.zarr'}:volumes/raw") as source:
+        check(source, vol, voxel_size=(40, 4, 4), offset=(80, 0, 8))
+    with open_source(f"{tmp_path / 'g.zarr'}:volumes/mask") as source:
+        assert source.voxel_size is None
 
 
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
@@ -415,3 +422,23 @@ def test_convert_reads_slab_by_slab(vol, tmp_path, fmt):
     assert source.asked == [(z, min(z + 2, 42)) for z in range(0, 42, 2)]  # each slab once, in order
     assert source.held == 4  # one chunk row of the source kept, never more
     np.testing.assert_array_equal(st.open_store(tmp_path / "out.zarr")[st.RAW][:], deep)
+
+
+def test_damaged_containers_are_one_line_and_write_nothing(vol, tmp_path):
+    """A truncated HDF5 file, a Zarr chunk and an N5 block overwritten with garbage: convert stops
+    with one line naming the file, exit 2, and leaves no output (the damage is found mid-stream)."""
+    cut = write_hdf5(tmp_path / "cut.hdf", {"volumes/raw": vol}, chunks=(1, 20, 24), resolution=[40, 4, 4])
+    data = cut.read_bytes()
+    cut.write_bytes(data[:len(data) * 2 // 3])
+    zarr.create_array(str(tmp_path / "bad.zarr"), data=vol, chunks=(1, 20, 24), zarr_format=2)
+    (tmp_path / "bad.zarr" / "5.0.0").write_bytes(b"\x00garbage" * 40)
+    write_n5_tensorstore(tmp_path / "bad.n5", vol, block=(1, 20, 24), resolution=[4, 4, 40])
+    (tmp_path / "bad.n5" / "0" / "0" / "5").write_bytes(b"\x00garbage" * 40)
+    for spec, name in ((f"{cut}:volumes/raw", "cut.hdf"), (tmp_path / "bad.zarr", "bad.zarr"),
+                       (tmp_path / "bad.n5", "bad.n5")):
+        out = tmp_path / f"out-{name}.zarr"
+        done = run_cli("convert", "--raw", spec, "--resolution", "40,4,4", "--out", out)
+        errors = [line for line in done.err.splitlines() if not line.startswith("convert: ")]  # progress
+        assert done.code == 2 and len(errors) == 1 and name in errors[0] and "damaged" in errors[0], (name, done.err)
+        assert not out.exists()
+        assert not list(tmp_path.glob(f".out-{name}*"))  # no temporary sibling left either

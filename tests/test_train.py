@@ -459,7 +459,8 @@ def test_validation_goes_through_the_predictor_tiling_and_agrees_with_it(overrid
                                               "data.val_slices=[4,12]", *overrides])
     cpu = torch.device("cpu")
     scores, panel = validate(model, cfg, cpu, autocast(cpu, "fp32"), want_panel=True)
-    raw, label, prob = panel  # of the first block, not a whole slice
+    raw, label, prob, valid = panel  # of the first block, not a whole slice
+    assert valid is None  # the store marks no voxel unlabelled
     assert raw.shape == label.shape == prob.shape == (64, 64)
     result = predict(ckpt, synth_store, tmp_path / "pred.zarr", labels=synth_store, slices=(4, 12), device="cpu",
                      precision="fp32")

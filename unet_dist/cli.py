@@ -312,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="Dice, pixel error and the ISBI V_rand / V_info of a prediction")
     p.add_argument("--pred", required=True, help="the prediction store (PRED.zarr)")
-    p.add_argument("--labels", required=True, help="the store with 'labels'")
+    p.add_argument("--labels", required=True,
+                   help="STORE[:LABEL]: the binary labels (default: the store's label image neuron_interior; "
+                        "another label image name or an array path, e.g. volumes/labels/membrane)")
     p.add_argument("--slices", help="START:STOP in the labels' slice numbers (default: all predicted slices)")
     p.add_argument("--json", help="write the metrics to this JSON file")
     p.set_defaults(func=cmd_evaluate)

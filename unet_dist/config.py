@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +36,22 @@ class AugmentConfig:
 
 
 @dataclass
+class VolumeConfig:
+    """One of several training volumes (`data.volumes`, e.g. CREMI's samples A, B and C).
+
+    "" takes the data section's value (`data.raw_array`, `data.labels`, `data.ignore`)."""
+
+    store: str = ""
+    name: str = ""  # in metric names (val/<name>/dice_membrane); "": the store's folder name without suffix
+    raw_array: str = ""
+    labels: str = ""
+    ignore: str = ""
+    train_slices: list[int] = field(default_factory=list)  # [start, stop); []: every slice outside val_slices
+    val_slices: list[int] = field(default_factory=list)  # [start, stop); []: not validated
+    weight: float = 1.0  # a patch comes from this volume with probability weight / sum of weights; 0: none
+
+
+@dataclass
 class DataConfig:
     store: str = "runs/isbi2012.zarr"  # ours, or any Zarr v2/v3 (OME-Zarr) store, read as it is
     # The arrays inside `store` (data/volumes.py): a path, or an OME multiscale group (its level 0).
@@ -58,6 +75,9 @@ class DataConfig:
     start_method: Literal["fork", "forkserver", "spawn"] = "fork"
     prefetch_factor: int = 4
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Several volumes in one run (data/training_set.py); when set, data.store, data.train_slices and
+    # data.val_slices are not used. Validation reports each volume (val/<name>/...) and all pooled (val/...).
+    volumes: list[VolumeConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -171,7 +191,8 @@ def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) if isinstance(a, str) else str(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
-        return f"list of {typing.get_args(tp)[0].__name__}"
+        item = typing.get_args(tp)[0]
+        return f"list of {'mappings of ' if dataclasses.is_dataclass(item) else ''}{item.__name__}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -190,6 +211,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
             raise bad()
+        if dataclasses.is_dataclass(item_tp):
+            return [_section(item_tp, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
         return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         raise TypeError(f"unsupported annotation for {key}")  # keep the schema simple
@@ -217,6 +240,15 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise bad()
         return value
     raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _section(tp: type, value: Any, key: str, source: str) -> Any:
+    """A list item that is itself a section (data.volumes[i]): its defaults, then `value`'s keys."""
+    if not isinstance(value, dict):
+        raise UserError(f"{source}: {key}: expected a mapping of {tp.__name__} keys, got {value!r}")
+    item = tp()
+    _merge(item, value, f"{key}.", source)
+    return item
 
 
 def _unknown_key(key: str, known: list[str], source: str) -> UserError:
@@ -307,6 +339,7 @@ def validate(cfg: Config, source: str) -> None:
     for key in ("raw_array", "labels"):
         check(bool(getattr(cfg.data, key).strip("/ ")), f"data.{key}", "must name an array in data.store")
     check(0.0 <= cfg.data.min_labelled_fraction <= 1.0, "data.min_labelled_fraction", "must be within [0, 1]")
+    _validate_volumes(cfg, check)
     check(cfg.data.max_files_per_patch >= 1, "data.max_files_per_patch", "must be >= 1")
     check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     check(cfg.model.depth >= 1, "model.depth", "must be >= 1")
@@ -325,6 +358,24 @@ def validate(cfg: Config, source: str) -> None:
     for key in ("readers", "writers"):
         check(getattr(cfg.predict, key) >= 0, f"predict.{key}", "must be >= 0 (0: from the cores)")
     check(cfg.predict.chunk_cache_mb >= 0, "predict.chunk_cache_mb", "must be >= 0 (0: no cache)")
+
+
+def _validate_volumes(cfg: Config, check) -> None:
+    volumes = cfg.data.volumes
+    for i, vol in enumerate(volumes):
+        key = f"data.volumes[{i}]"
+        check(bool(vol.store.strip()), f"{key}.store", "must name the volume's store")
+        for name in ("train_slices", "val_slices"):
+            lo_hi = getattr(vol, name)
+            check(not lo_hi or (len(lo_hi) == 2 and 0 <= lo_hi[0] < lo_hi[1]), f"{key}.{name}",
+                  f"expected [] or [start, stop) with 0 <= start < stop, got {lo_hi}")
+        check(math.isfinite(vol.weight) and vol.weight >= 0, f"{key}.weight", f"must be >= 0, got {vol.weight}")
+    if not volumes:
+        return
+    check(any(v.weight > 0 for v in volumes), "data.volumes", "every weight is 0: no volume to draw patches from")
+    check(any(v.val_slices for v in volumes), "data.volumes",
+          "no volume has val_slices (validation, and best.pt, needs at least one)")
+    check(not cfg.data.holdout_slices, "data.holdout_slices", "folds (cv) take one volume, not data.volumes")
 
 
 def to_dict(cfg: Any) -> dict:

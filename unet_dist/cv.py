@@ -319,6 +319,9 @@ def cv(config: str, overrides: Sequence[str] = (), folds: int = 5, only: int | N
     if checkpoint_kind not in ("best", "last"):
         raise UserError(f"--checkpoint {checkpoint_kind}: expected best or last")
     cfg = load_config(config, overrides)
+    if cfg.data.volumes:
+        raise UserError("cv: folds are consecutive slices of one store (data.store); unset data.volumes "
+                        "(or run cv on each volume)")
     n = _labelled_slices(cfg.data.store)
     todo = make_folds(n, folds, only, holdout)
     all_names = [f.name for f in (todo if holdout else make_folds(n, folds))]

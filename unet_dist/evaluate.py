@@ -20,7 +20,8 @@ import numpy as np
 
 from . import dist
 from .data.instances import IDS
-from .data.store import IGNORE, TARGET_PATH, label_names, label_path, open_store, slices_within
+from .data import volumes
+from .data.store import IGNORE, label_names, label_path, slices_within
 from .errors import UserError
 from .metrics import ISBI_THRESHOLDS, confusion_counts, isbi_scores_from_sums, isbi_sums, scores_from_confusion
 from .data.prediction import MASK, PROBABILITY, open_prediction, probability_float
@@ -29,12 +30,14 @@ from .files import write_json_atomic
 
 def _open(pred, labels, slices):
     group, z0 = open_prediction(pred)
-    label_group = open_store(labels, arrays=(TARGET_PATH,))
-    label_arr = label_group[TARGET_PATH]
+    # STORE[:LABEL]: a store made by another tool is read as it is (data/volumes.py); its unlabelled
+    # voxels (labels/ignore, convert --ignore-*) count in no metric.
+    store, label_arr, _, ignore = volumes.open_labels(labels)
     # Instance labels, when the store keeps them, are the true segments for V_rand / V_info.
+    label_group = volumes.open_group(store)
     ids = label_group[label_path(IDS)] if IDS in label_names(label_group) else None
     if ids is not None and tuple(ids.shape) != tuple(label_arr.shape):
-        raise UserError(f"{labels}: {label_path(IDS)} {tuple(ids.shape)} and {TARGET_PATH} "
+        raise UserError(f"{store}: {label_path(IDS)} {tuple(ids.shape)} and the labels "
                         f"{tuple(label_arr.shape)} differ in shape")
     prob, mask = group[PROBABILITY], group[MASK]
     depth = prob.shape[0]
@@ -42,11 +45,6 @@ def _open(pred, labels, slices):
         raise UserError(f"{labels}: labels {tuple(label_arr.shape)} do not cover the prediction "
                         f"{tuple(prob.shape)} of slices {z0}:{z0 + depth} ({pred})")
     lo, hi = slices_within(slices, depth, str(pred), z0)
-    # Unlabelled voxels (labels/ignore, convert --ignore-*) count in no metric.
-    ignore = label_group[label_path(IGNORE)] if IGNORE in label_names(label_group) else None
-    if ignore is not None and tuple(ignore.shape) != tuple(label_arr.shape):
-        raise UserError(f"{labels}: {label_path(IGNORE)} {tuple(ignore.shape)} and {TARGET_PATH} "
-                        f"{tuple(label_arr.shape)} differ in shape")
     return prob, mask, label_arr, ids, ignore, z0, (lo, hi)
 
 
@@ -82,7 +80,7 @@ def evaluate(pred, labels, slices=None, json_out=None) -> dict | None:
     result = {**scores_from_confusion(counts), **isbi_scores_from_sums(sums, hi - lo),
               "segments": "neuron_ids" if ids is not None else "binary target",
               **({"ignored": label_path(IGNORE)} if ignore is not None else {}),
-              "slices": [lo, hi], "n_slices": hi - lo, "pred": str(Path(pred)), "labels": str(Path(labels))}
+              "slices": [lo, hi], "n_slices": hi - lo, "pred": str(Path(pred)), "labels": str(labels)}
     if json_out:
         write_json_atomic(json_out, result)
     return result

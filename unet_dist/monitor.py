@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from .config import Config, to_dict
-from .overlay import CLASS_LABELS, error_panel
+from .data.training_set import volumes_of
+from .overlay import CLASS_LABELS, CLASS_LABELS_WITH_UNLABELLED, error_panel, truth_classes
 from .progress import format_eta
 from .rundir import METRICS, wandb_sync_command
 
@@ -57,6 +58,8 @@ class Monitor:
         self.wandb_mode = resolve_wandb_mode(cfg.logging.wandb)
         self.wandb_run = None
         self.run_id = run_id
+        # several volumes: each volume's membrane Dice on the console and in the summaries too
+        self.volume_names = [v.name for v in volumes_of(cfg.data) if v.val_slices] if cfg.data.volumes else []
         if self.wandb_mode != "disabled":
             self._start_wandb(to_dict(cfg), cfg.run.name, run_id)
 
@@ -80,6 +83,8 @@ class Monitor:
         # the run summary shows the best validation Dice and the lowest loss, not the last values
         for key, summary in SUMMARIES.items():
             self.wandb_run.define_metric(key, summary=summary)
+            for name in self.volume_names if key.startswith("val/") else ():
+                self.wandb_run.define_metric(key.replace("val/", f"val/{name}/"), summary=summary)
 
     def log(self, step: int, values: dict[str, float], console: bool = True) -> None:
         """One line of metrics.jsonl, the console and W&B for this step."""
@@ -96,6 +101,10 @@ class Monitor:
         eta = elapsed / done * (self.total_steps - step) if done > 0 else 0.0
         shown = "  ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in values.items()
                           if isinstance(v, (int, float)) and k in _CONSOLE_KEYS)
+        by_volume = [f"{name} {values[key]:.4g}" for name in self.volume_names
+                     if (key := f"val/{name}/dice_membrane") in values]
+        if by_volume:
+            shown += f"  (membrane Dice by volume: {', '.join(by_volume)})"
         line = f"step {step}/{self.total_steps}  {shown}  eta {format_eta(eta)}"
         if self.bar and not any(k.startswith("val/") for k in values):
             width = 24
@@ -108,23 +117,26 @@ class Monitor:
             print(line, flush=True)
 
     def log_images(self, step: int, raw: np.ndarray, label: np.ndarray, prob: np.ndarray,
-                   threshold: float) -> None:
+                   threshold: float, valid: np.ndarray | None = None) -> None:
         """A validation slice to W&B: raw with the prediction and ground truth as toggleable masks,
-        the probability, and the error overlay that `report` draws."""
+        the probability, and the error overlay that `report` draws. `valid` False: unlabelled voxels,
+        a class of their own in the ground truth and never an error."""
         if self.wandb_run is None or not self.logging.images:
             return
         import wandb
 
         mask = (prob > threshold).astype(np.uint8)
         grey = (np.clip(raw, 0, 1) * 255).astype(np.uint8)
+        truth_labels = CLASS_LABELS if valid is None else CLASS_LABELS_WITH_UNLABELLED
         masks = {"prediction": {"mask_data": mask, "class_labels": CLASS_LABELS},
-                 "ground_truth": {"mask_data": (label > 0).astype(np.uint8), "class_labels": CLASS_LABELS}}
+                 "ground_truth": {"mask_data": truth_classes(label, valid), "class_labels": truth_labels}}
         images = {
             "val/masks": wandb.Image(grey, masks=masks, caption=f"step {step}: toggle prediction / ground truth"),
             "val/probability": wandb.Image((np.clip(prob, 0, 1) * 255).astype(np.uint8),
                                            caption="probability of neuron interior"),
-            "val/errors": wandb.Image(error_panel(raw, label, mask),
-                                      caption="red: missed membrane (merges), blue: invented membrane (splits)"),
+            "val/errors": wandb.Image(error_panel(raw, label, mask, valid),
+                                      caption="red: missed membrane (merges), blue: invented membrane (splits)"
+                                              + ("" if valid is None else ", ochre: unlabelled (not counted)")),
         }
         self._wandb(lambda run: run.log(images, step=step))
 

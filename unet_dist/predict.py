@@ -43,8 +43,7 @@ from .data.chunk_cache import ChunkCache
 from .data.chunk_io import ChunkFiles
 from .data.prediction import MASK, PROBABILITY, build_pyramids, create_prediction
 from .data import volumes
-from .data.store import (IGNORE, RAW, TARGET, check_out, provenance, read_region, slices_within,
-                         writing_every_chunk)
+from .data.store import RAW, check_out, provenance, read_region, slices_within, writing_every_chunk
 from .errors import UserError
 from .infer import padded_input_shape
 from .metrics import confusion_counts, scores_from_confusion
@@ -480,14 +479,7 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
     z_range = slices_within(slices, raw.shape[0], str(input))
     label_arr = ignore_arr = None
     if labels is not None:
-        labels, label_name = volumes.split_store_spec(labels, TARGET)
-        label_arr, label_name = volumes.open_array(labels, volumes.label_array_path(label_name))
-        volumes.check_volume(label_arr, f"{labels}:{label_name}")
-        if tuple(label_arr.shape) != tuple(raw.shape):
-            raise UserError(f"{labels}: labels {tuple(label_arr.shape)} differ in shape from raw {tuple(raw.shape)}")
-        volumes.check_binary(label_arr, f"{labels}:{label_name}")
-        # the labels store's unlabelled voxels (labels/ignore, convert --ignore-*) count nowhere
-        ignore_arr, _ = volumes.open_ignore(labels, IGNORE, label_arr.shape)
+        labels, label_arr, _, ignore_arr = volumes.open_labels(labels, raw.shape)
     # No files-per-patch check here: the chunk cache reads each input chunk once, so small chunks
     # cost file opens, not the repeated reads that random training patches make.
     plan = make_plan(cfg.model, cfg.predict, raw.shape, z_range)

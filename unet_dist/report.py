@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import rundir
 from .errors import UserError
-from .overlay import INVENTED, MISSED, error_panel
+from .overlay import INVENTED, MISSED, UNLABELLED_TINT, error_panel
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
 WHITE, BLACK, GRID, TEXT = (255, 255, 255), (0, 0, 0), (225, 225, 225), (40, 40, 40)
@@ -49,8 +49,12 @@ def _panel(image: np.ndarray, size: int, smooth: bool) -> Image.Image:
     return img
 
 
+UNLABELLED_SWATCH = tuple(int(c) for c in (0.5 * UNLABELLED_TINT + 0.5 * 115))  # the tint over mid grey
+
+
 def slice_grid(rows: list[dict], title: str, panel: int = 384) -> Image.Image:
-    """rows: dicts with z, raw (float [0,1]), label (0/1), prob (float [0,1]), mask (0/1)."""
+    """rows: dicts with z, raw (float [0,1]), label (0/1), prob (float [0,1]), mask (0/1) and, when the
+    store marks unlabelled voxels, valid (bool: labelled)."""
     from .metrics import confusion_counts, scores_from_confusion
 
     font, small = _font(16), _font(13)
@@ -59,7 +63,7 @@ def slice_grid(rows: list[dict], title: str, panel: int = 384) -> Image.Image:
     for row in rows:
         images.append([_panel(row["raw"], panel, True), _panel(row["label"].astype(np.float32), panel, False),
                        _panel(row["prob"], panel, True),
-                       _panel(error_panel(row["raw"], row["label"], row["mask"]), panel, False)])
+                       _panel(error_panel(row["raw"], row["label"], row["mask"], row.get("valid")), panel, False)])
     pw, ph = images[0][0].size
     gap, left, top, bottom = 6, 130, 56, 34
     width = left + len(columns) * (pw + gap)
@@ -71,7 +75,7 @@ def slice_grid(rows: list[dict], title: str, panel: int = 384) -> Image.Image:
         draw.text((left + c * (pw + gap) + pw // 2, top - 8), name, fill=TEXT, font=font, anchor="ms")
     for r, (row, panels) in enumerate(zip(rows, images)):
         y = top + r * (ph + gap)
-        scores = scores_from_confusion(confusion_counts(row["mask"], row["label"]))
+        scores = scores_from_confusion(confusion_counts(row["mask"], row["label"], valid=row.get("valid")))
         draw.text((gap, y + 4), f"slice {row['z']}", fill=TEXT, font=font)
         draw.text((gap, y + 26), f"Dice membrane\n  {scores['dice_membrane']:.3f}\npixel error\n"
                                  f"  {scores['pixel_error']:.3f}", fill=TEXT, font=small, spacing=3)
@@ -79,7 +83,10 @@ def slice_grid(rows: list[dict], title: str, panel: int = 384) -> Image.Image:
             canvas.paste(img, (left + c * (pw + gap), y))
     y = height - bottom + 10
     x = left
-    for color, text in ((MISSED, "missed membrane (merges)"), (INVENTED, "invented membrane (splits)")):
+    legend = [(MISSED, "missed membrane (merges)"), (INVENTED, "invented membrane (splits)")]
+    if any("valid" in row for row in rows):
+        legend.append((UNLABELLED_SWATCH, "unlabelled (not counted)"))
+    for color, text in legend:
         draw.rectangle((x, y, x + 14, y + 14), fill=color)
         draw.text((x + 20, y + 1), text, fill=TEXT, font=small)
         x += 40 + int(draw.textlength(text, font=small))
@@ -195,6 +202,17 @@ def _series(rows: dict[int, dict], key: str, name: str) -> tuple[str, list, list
     return name, [p[0] for p in pts], [p[1] for p in pts]
 
 
+def volume_names(rows: dict[int, dict]) -> list[str]:
+    """The volumes a run validated on one by one (`val/<name>/dice_membrane`), in order of appearance."""
+    names: dict[str, None] = {}
+    for row in rows.values():
+        for key in row:
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == "val" and parts[2] == "dice_membrane":
+                names[parts[1]] = None
+    return list(names)
+
+
 def curves(rows: dict[int, dict]) -> Image.Image:
     charts = [
         line_chart("loss", [_series(rows, "train/loss", "train"), _series(rows, "val/loss", "validation")], "loss"),
@@ -202,6 +220,9 @@ def curves(rows: dict[int, dict]) -> Image.Image:
         line_chart("validation Dice", [_series(rows, "val/dice_membrane", "membrane"),
                                        _series(rows, "val/dice_neuron", "neuron interior")], "Dice"),
     ]
+    if volumes := volume_names(rows):  # several volumes (data.volumes): each one's membrane Dice
+        charts.append(line_chart("membrane Dice by volume", [_series(rows, "val/dice_membrane", "pooled")]
+                                 + [_series(rows, f"val/{name}/dice_membrane", name) for name in volumes], "Dice"))
     out = Image.new("RGB", (charts[0].width, sum(c.height for c in charts)), WHITE)
     for i, chart in enumerate(charts):
         out.paste(chart, (0, i * charts[0].height))
@@ -255,19 +276,26 @@ def _checkpoint_of(run_dir: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+def _validated_volume(cfg):
+    from .data.training_set import volumes_of
+
+    return next(v for v in volumes_of(cfg.data) if v.val_slices)
+
+
 def report(run_dir, pred=None, store=None, slices=None, max_rows: int = 6, panel: int = 384) -> list[Path]:
     """Write RUN_DIR/report/{slices,curves}.png (what can be drawn); returns the files written."""
     from .config import load_config
     from .data.patches import to_unit_float
-    from .data.store import RAW, TARGET_PATH, open_store
-    from .data.store import slices_within
+    from .data.store import IGNORE, RAW, TARGET_PATH, open_store, slices_within
+    from .data.volumes import open_ignore
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: not a run directory")
     cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
     metrics = run_dir / rundir.METRICS
-    store = store or (cfg.data.store if cfg else None)
+    shown = _validated_volume(cfg) if cfg else None  # the run's (first) validation volume
+    store = store or (shown.store if shown else None)
     ckpt = None if pred else _checkpoint_of(run_dir)
     grid = bool(store and (pred or ckpt))
     if not grid and not metrics.is_file():
@@ -282,7 +310,8 @@ def report(run_dir, pred=None, store=None, slices=None, max_rows: int = 6, panel
     if grid:
         group = open_store(store, arrays=(RAW, TARGET_PATH))
         raw, labels = group[RAW], group[TARGET_PATH]
-        lo, hi = slices_within(slices or (cfg.data.val_slices if cfg else None), raw.shape[0], str(store))
+        ignore, _ = open_ignore(store, IGNORE, labels.shape)  # unlabelled voxels: no error, not counted
+        lo, hi = slices_within(slices or (shown.val_slices if shown else None), raw.shape[0], str(store))
         zs = sorted({int(round(z)) for z in np.linspace(lo, hi - 1, min(max_rows, hi - lo))})
         if pred:
             rows, source = _rows_from_pred(pred, zs), f"prediction {Path(pred).name}"
@@ -292,6 +321,8 @@ def report(run_dir, pred=None, store=None, slices=None, max_rows: int = 6, panel
         for row in rows:
             row["raw"] = to_unit_float(np.asarray(raw[row["z"]]))
             row["label"] = np.asarray(labels[row["z"]])
+            if ignore is not None:
+                row["valid"] = np.asarray(ignore[row["z"]]) == 0
             if row["prob"].shape != row["raw"].shape:
                 raise UserError(f"{pred}: slices of {row['prob'].shape} do not match {store}'s {row['raw'].shape}")
         path = out_dir / "slices.png"

@@ -21,6 +21,7 @@ from . import checkpoint, dist, rundir
 from .checkpointing import Checkpointer
 from .config import Config, dump_yaml, to_dict
 from .data.patches import PatchSpec, PatchStream, make_loader, patch_z_starts
+from .data.training_set import Volume, volumes_of
 from .data.volumes import open_ignore, open_training
 from .errors import UserError
 from .model import check_patch_shape, output_shape
@@ -41,31 +42,37 @@ class TrainResult:
     reports: bool = True  # rank 0: the one that prints the result
 
 
-def check_inputs(cfg: Config) -> tuple[tuple[int, int, int], tuple[int, ...]]:
-    """Every user-fixable problem, before any process group; returns volume shape, label crop."""
+def check_inputs(cfg: Config) -> tuple[int, ...]:
+    """Every user-fixable problem, before any process group; returns the label crop."""
     patch = tuple(cfg.data.patch_size)
-    raw, _, _, _ = open_training(cfg.data.store, cfg.data.raw_array, cfg.data.labels,
-                                 (1, *patch) if len(patch) == 2 else patch, cfg.data.max_files_per_patch)
-    open_ignore(cfg.data.store, cfg.data.ignore, raw.shape)  # a wrong data.ignore: one line, before the group
-    shape = tuple(raw.shape)
-    depth = shape[0]
-    for key in ("train_slices", "val_slices"):
-        lo, hi = getattr(cfg.data, key)
-        if hi > depth:
-            raise UserError(f"data.{key}: [{lo}, {hi}) is outside the store's {depth} slices ({cfg.data.store})")
     check_patch_shape(cfg.model, patch)
-    full = (1, *patch) if len(patch) == 2 else patch
-    lo, hi = cfg.data.train_slices
-    limits = (hi - lo, shape[1], shape[2])
-    holdout = tuple(cfg.data.holdout_slices) or None
-    if any(p > n for p, n in zip(full, limits)) or not len(patch_z_starts((lo, hi), full[0], holdout)):
-        raise UserError(f"data.patch_size: {list(patch)} does not fit in the training volume "
-                        f"({limits[0]} slices of {limits[1]} x {limits[2]}"
-                        + (f", without slices {list(holdout)})" if holdout else ")"))
+    for volume in volumes_of(cfg.data):
+        _check_volume(volume, patch, cfg.data.max_files_per_patch, several=bool(cfg.data.volumes))
     out = output_shape(cfg.model, patch)
     crop = tuple((p - o) // 2 for p, o in zip(patch, out))
     checkpoint.check_writable(rundir.checkpoint_dir(cfg.run.dir))  # last: nothing is created for a mistake
-    return shape, crop
+    return crop
+
+
+def _check_volume(volume: Volume, patch: tuple[int, ...], max_files: int, several: bool) -> None:
+    """The arrays, slice ranges and patch size of one training volume."""
+    full = (1, *patch) if len(patch) == 2 else patch
+    raw, _, _, _ = open_training(volume.store, volume.raw_array, volume.labels, full, max_files)
+    open_ignore(volume.store, volume.ignore, raw.shape)  # a wrong data.ignore: one line, before the group
+    depth = raw.shape[0]
+    for key in ("train_slices", "val_slices"):
+        lo_hi = getattr(volume, key)
+        if lo_hi and lo_hi[1] > depth:
+            where = f"data.volumes '{volume.name}'.{key}" if several else f"data.{key}"
+            raise UserError(f"{where}: [{lo_hi[0]}, {lo_hi[1]}) is outside the store's {depth} slices ({volume.store})")
+    if volume.weight == 0:  # validation only: no patch comes from it
+        return
+    lo, hi = volume.train_range(depth)
+    limits = (hi - lo, raw.shape[1], raw.shape[2])
+    if any(p > n for p, n in zip(full, limits)) or not len(patch_z_starts((lo, hi), full[0], volume.exclude)):
+        without = f", without slices {list(volume.exclude)}" if volume.exclude else ""
+        raise UserError(f"data.patch_size: {list(patch)} does not fit in the training "
+                        f"volume ({volume.store}: {limits[0]} slices of {limits[1]} x {limits[2]}{without})")
 
 
 def deterministic_problem(cfg: Config, device_type: str) -> str | None:
@@ -104,7 +111,7 @@ def train(cfg: Config, resume: str = "never") -> TrainResult:
     if problem := deterministic_problem(cfg, device.type):
         raise UserError(problem)
     dist.tune_for_fixed_shapes(device)
-    _, label_crop = check_inputs(cfg)
+    label_crop = check_inputs(cfg)
     state = _resume_state(cfg, resume)
     if state is not None and state["model_config"] != to_dict(cfg.model):
         raise UserError(f"{cfg.run.dir}: checkpoint was trained with another model config; "
@@ -177,9 +184,19 @@ def _open_monitor(cfg: Config, state: TrainState, device, precision: str, notes:
     monitor = Monitor(Path(cfg.run.dir), cfg, state.step, state.run_id)
     monitor.message(f"training {cfg.train.steps} steps on {dist.world_size()} rank(s), device {device.type}, "
                     f"precision {precision}" + (f", resumed at step {state.step}" if state.step else ""))
+    if cfg.data.volumes:
+        spec = PatchSpec.from_config(cfg, 0, ())
+        monitor.message("volumes: " + "; ".join(
+            f"{v.name} ({v.store}, train {_slices(v.train_slices, 'all but validation')}, validate "
+            f"{_slices(v.val_slices, 'none')}, patch probability {p:.3g})"
+            for v, p in zip(spec.volumes, spec.volume_probabilities())))
     for note in notes:
         monitor.message(f"note: {note}")
     return monitor
+
+
+def _slices(lo_hi, otherwise: str) -> str:
+    return f"{lo_hi[0]}:{lo_hi[1]}" if lo_hi else otherwise
 
 
 def _loader(cfg: Config, env, device, label_crop, step: int):

@@ -1,4 +1,4 @@
-"""Validation during training: the validation slices through the predictor's tiling, every
+"""Validation during training: the validation slices (of every volume) through the predictor's tiling, every
 `train.val_every` steps and at the last, logged with images, best score kept."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from . import dist
 from .config import Config
 from .data.patches import to_unit_float
 from .data.store import read_region
+from .data.training_set import Volume, volumes_of
 from .data.volumes import open_ignore, open_training
 from .infer import forward_tiles
 from .metrics import confusion_counts, scores_from_confusion
@@ -20,40 +21,61 @@ from .train_step import Health
 
 def validate(model, cfg: Config, device, autocast_ctx, want_panel: bool,
              memory_format=torch.contiguous_format):
-    """The validation slices through the predictor's tiling: blocks of `predict.block_size` with their
-    context (mirrored at the volume's borders), `predict.batch_size` tiles per forward pass, blocks
-    spread over ranks and confusion counts summed, so N ranks report what one would and what
-    `unet-dist predict` reports. Memory depends on the block, never on the slice or the 3D band.
-    The panel (raw, label, prediction) is rank 0's first block (its middle slice in 3D)."""
-    raw_arr, label_arr, _, _ = open_training(cfg.data.store, cfg.data.raw_array, cfg.data.labels)
-    ignore_arr, _ = open_ignore(cfg.data.store, cfg.data.ignore, label_arr.shape)  # unlabelled voxels count nowhere
-    lo, hi = cfg.data.val_slices
-    plan = make_plan(cfg.model, cfg.predict, raw_arr.shape, (lo, hi))
-    offset = plan.offset[1:] if plan.dims == 2 else plan.offset
-    batch = cfg.predict.batch_size
-    counts = np.zeros(4, dtype=np.int64)
+    """The validation slices of every volume through the predictor's tiling: blocks of
+    `predict.block_size` with their context (mirrored at the volume's borders), `predict.batch_size`
+    tiles per forward pass, the blocks of all volumes spread over ranks and confusion counts summed,
+    so N ranks report what one would and what `unet-dist predict` reports. Memory depends on the
+    block, never on the slice or the 3D band. With several volumes, each is reported as
+    `val/<name>/...` and `val/...` pools their voxels. The panel (raw, label, prediction, labelled voxels
+    or None) is rank 0's first block (its middle slice in 3D)."""
+    volumes = [_ValidationVolume(v, cfg) for v in volumes_of(cfg.data) if v.val_slices]
+    work = [(i, block) for i, vol in enumerate(volumes) for block in range(vol.plan.n_blocks)]
+    counts = np.zeros((len(volumes), 4), dtype=np.int64)
     panel = None
     model.eval()
-    for index in assign(range(plan.n_blocks), dist.rank(), dist.world_size()):
+    for i, index in assign(work, dist.rank(), dist.world_size()):
+        prob, label, valid, stored = volumes[i].block(model, index, cfg.predict.batch_size, device, autocast_ctx,
+                                                      memory_format)
+        counts[i] += confusion_counts(prob, label, cfg.predict.threshold, valid)
+        if want_panel and panel is None:
+            raw = to_unit_float(read_region(volumes[i].raw, as_slices(stored)))
+            mid = prob.shape[0] // 2
+            panel = (raw[mid], label[mid], prob[mid], None if valid is None else valid[mid])
+    model.train()
+    counts = dist.all_reduce_sum(counts)
+    metrics = {f"val/{k}": float(v) for k, v in scores_from_confusion(counts.sum(axis=0)).items()}
+    if cfg.data.volumes:
+        for vol, vol_counts in zip(volumes, counts):
+            metrics.update({f"val/{vol.volume.name}/{k}": float(v) for k, v in scores_from_confusion(vol_counts).items()})
+    return metrics, panel
+
+
+class _ValidationVolume:
+    """One volume's validation slices: its arrays and the predictor's block plan over them."""
+
+    def __init__(self, volume: Volume, cfg: Config):
+        self.volume = volume
+        self.raw, self.labels, _, _ = open_training(volume.store, volume.raw_array, volume.labels)
+        self.ignore, _ = open_ignore(volume.store, volume.ignore, self.labels.shape)  # unlabelled voxels count nowhere
+        self.lo = volume.val_slices[0]
+        self.plan = make_plan(cfg.model, cfg.predict, self.raw.shape, volume.val_slices)
+
+    def block(self, model, index: int, batch: int, device, autocast_ctx, memory_format):
+        """The probability of block `index`, its labels and labelled voxels, and where it lies."""
+        plan = self.plan
+        offset = plan.offset[1:] if plan.dims == 2 else plan.offset
         core = block_core(plan, index)
         shape = tuple(b - a for a, b in core)
-        tiles = to_unit_float(read_mirrored(raw_arr, input_region(plan, core)))
+        tiles = to_unit_float(read_mirrored(self.raw, input_region(plan, core)))
         tiles = tiles if plan.dims == 2 else tiles[None]
         out = np.concatenate([forward_tiles(model, tiles[i:i + batch], device, autocast_ctx, memory_format)
                               for i in range(0, len(tiles), batch)])
         crop = (slice(None),) + tuple(slice(o, o + n) for o, n in zip(offset, shape[3 - len(offset):]))
         prob = out[crop].reshape(shape)
-        stored = ((core[0][0] + lo, core[0][1] + lo), *core[1:])  # output slice z is input slice lo + z
-        label = read_region(label_arr, as_slices(stored))
-        valid = None if ignore_arr is None else read_region(ignore_arr, as_slices(stored)) == 0
-        counts += confusion_counts(prob, label, cfg.predict.threshold, valid)
-        if want_panel and panel is None:
-            raw = to_unit_float(read_region(raw_arr, as_slices(stored)))
-            mid = shape[0] // 2
-            panel = (raw[mid], label[mid], prob[mid])
-    model.train()
-    scores = scores_from_confusion(dist.all_reduce_sum(counts))
-    return {f"val/{k}": float(v) for k, v in scores.items()}, panel
+        stored = ((core[0][0] + self.lo, core[0][1] + self.lo), *core[1:])  # output slice z is input slice lo + z
+        label = read_region(self.labels, as_slices(stored))
+        valid = None if self.ignore is None else read_region(self.ignore, as_slices(stored)) == 0
+        return prob, label, valid, stored
 
 
 class Validator:
@@ -80,7 +102,8 @@ class Validator:
             metrics["val/replica_spread"] = dist.replica_spread(state.model)
             self.monitor.log(state.step, metrics)
             if panel is not None:
-                self.monitor.log_images(state.step, *panel, self.cfg.predict.threshold)
+                raw, label, prob, valid = panel
+                self.monitor.log_images(state.step, raw, label, prob, self.cfg.predict.threshold, valid)
             self.metrics = metrics
             is_best = metrics["val/dice_membrane"] > state.best
             state.best = max(state.best, metrics["val/dice_membrane"])

@@ -109,7 +109,7 @@ def run(args) -> dict:
         cfg.data.store = store
         if not args.store or cfg.data.train_slices[1] > depth:
             cfg.data.train_slices, cfg.data.val_slices = [0, depth], [depth - 1, depth]
-        _, crop = check_inputs(cfg)
+        crop = check_inputs(cfg)
         spec = PatchSpec.from_config(cfg, 0, crop)
         rows = []
         for w in counts:

@@ -1,6 +1,7 @@
 """Training patches out of a Zarr store: a deterministic, rank-sharded stream of augmented batches.
 
-Batch number `i` of rank `r` is drawn from `numpy.random.default_rng([seed, r, i])`: every rank sees
+Batch number `i` of rank `r` is drawn from `numpy.random.default_rng([seed, r, i])` (each patch's
+volume too, when there are several: data/training_set.py): every rank sees
 its own stream, a rank's stream is the same on every run, and it does not depend on the number of
 DataLoader workers (worker `w` of `W` makes batches `i` with `i % W == w`, and the DataLoader
 interleaves workers in that order). Resuming therefore needs only the batch index.
@@ -17,7 +18,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .augment import Augmenter, unet_weight_map
 from ..errors import UserError
-from .store import IGNORE, RAW, TARGET, read_region
+from .store import read_region
+from .training_set import Volume, volumes_of
 from .volumes import open_ignore, open_training
 
 IGNORED = 2  # an unlabelled voxel's value in a label patch while it is augmented (nearest-neighbour moves keep it)
@@ -33,8 +35,7 @@ def to_unit_float(raw: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PatchSpec:
-    store: str
-    z_range: tuple[int, int]  # [start, stop) of the slices patches come from
+    volumes: tuple[Volume, ...]  # where patches come from (data/training_set.py)
     patch_size: tuple[int, ...]  # (Y, X) for 2D models, (Z, Y, X) for 3D
     label_crop: tuple[int, ...]  # per-side crop of labels to the model's output (valid padding)
     batch_size: int
@@ -43,22 +44,21 @@ class PatchSpec:
     weight_map: bool = False
     weight_map_w0: float = 10.0
     weight_map_sigma: float = 5.0
-    holdout: tuple[int, int] | None = None  # [start, stop) no patch may touch (a CV fold)
-    raw_array: str = RAW  # data.raw_array and data.labels: the arrays inside `store` (data/volumes.py)
-    labels: str = TARGET
-    ignore: str = IGNORE  # data.ignore: the unlabelled voxels' mask, when the store has it ("" = none)
     min_labelled_fraction: float = 0.5  # redraw patches with less of their loss region labelled
 
     @classmethod
     def from_config(cls, cfg, rank: int, label_crop: tuple[int, ...]) -> "PatchSpec":
-        """What the trainer draws from: the config's store, training slices, patch, augmentation
-        weights and held-out fold, for `rank`."""
-        return cls(store=cfg.data.store, z_range=tuple(cfg.data.train_slices), patch_size=tuple(cfg.data.patch_size),
+        """What the trainer draws from: the config's volumes (with their training slices, held-out
+        fold and weights), patch, augmentation weights, for `rank`."""
+        return cls(volumes=volumes_of(cfg.data), patch_size=tuple(cfg.data.patch_size),
                    label_crop=tuple(label_crop), batch_size=cfg.data.batch_size, seed=cfg.train.seed, rank=rank,
                    weight_map=cfg.train.weight_map, weight_map_w0=cfg.train.weight_map_w0,
-                   weight_map_sigma=cfg.train.weight_map_sigma, holdout=tuple(cfg.data.holdout_slices) or None,
-                   raw_array=cfg.data.raw_array, labels=cfg.data.labels, ignore=cfg.data.ignore,
+                   weight_map_sigma=cfg.train.weight_map_sigma,
                    min_labelled_fraction=cfg.data.min_labelled_fraction)
+
+    def volume_probabilities(self) -> np.ndarray:
+        weights = np.array([v.weight for v in self.volumes], dtype=np.float64)
+        return weights / weights.sum()
 
 
 def patch_z_starts(z_range: tuple[int, int], depth: int, holdout: tuple[int, int] | None) -> np.ndarray:
@@ -69,34 +69,50 @@ def patch_z_starts(z_range: tuple[int, int], depth: int, holdout: tuple[int, int
     return starts
 
 
+@dataclass
+class OpenVolume:
+    """One volume's arrays, opened in the process that reads them."""
+    volume: Volume
+    raw: object
+    labels: object
+    ignore: object | None = None
+
+    @classmethod
+    def open(cls, volume: Volume) -> "OpenVolume":
+        raw, labels, _, _ = open_training(volume.store, volume.raw_array, volume.labels)
+        ignore, _ = open_ignore(volume.store, volume.ignore, labels.shape)
+        return cls(volume, raw, labels, ignore)
+
+
 class PatchStream(IterableDataset):
-    """Endless batches of (raw, label[, weight][, valid]) patches; each worker opens the store itself.
+    """Endless batches of (raw, label[, weight][, valid]) patches; each worker opens the stores itself.
 
     With an ignore mask (`labels/ignore`, data.ignore) a batch also holds `valid` (1 = labelled, 0 =
     unlabelled: no loss there) and `weight` is 0 on unlabelled voxels; their labels are replaced by 0
     before anything else sees them, so whatever the store holds there never changes a batch. A patch
     whose loss region is labelled below `min_labelled_fraction` is drawn again from the same generator.
+    With several volumes, `volume` holds each patch's volume index.
     """
 
     def __init__(self, spec: PatchSpec, augment_cfg, start_batch: int = 0):
         self.spec = spec
         self.augment_cfg = augment_cfg
         self.start_batch = start_batch
+        self.probabilities = spec.volume_probabilities()
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        raw, labels, _, _ = open_training(self.spec.store, self.spec.raw_array, self.spec.labels)
         augmenter = Augmenter(self.augment_cfg)
         index = self.start_batch + worker
         try:
-            ignore, _ = open_ignore(self.spec.store, self.spec.ignore, labels.shape)
+            volumes = [OpenVolume.open(v) if v.weight > 0 else None for v in self.spec.volumes]
         except UserError as exc:
             yield {"error": str(exc)}
             return
         while True:
             try:
-                yield self.make_batch(raw, labels, augmenter, index, ignore)
+                yield self.make_batch(volumes, augmenter, index)
             except UserError as exc:
                 # Handed to the training loop as data: an exception raised in a worker would reach
                 # it wrapped in the worker's traceback instead of as one line.
@@ -104,15 +120,23 @@ class PatchStream(IterableDataset):
                 return
             index += workers
 
-    def make_batch(self, raw, labels, augmenter, index: int, ignore=None) -> dict[str, torch.Tensor]:
+    def pick_volume(self, rng: np.random.Generator) -> int:
+        """The volume of the next patch; one volume draws nothing (a single-store run's stream)."""
+        if len(self.spec.volumes) == 1:
+            return 0
+        return int(rng.choice(len(self.probabilities), p=self.probabilities))
+
+    def make_batch(self, volumes: list[OpenVolume], augmenter, index: int) -> dict[str, torch.Tensor]:
         spec = self.spec
         rng = np.random.default_rng([spec.seed, spec.rank, index])
-        raws, labs, weights, valids = [], [], [], []
+        raws, labs, weights, valids, picked = [], [], [], [], []
         for _ in range(spec.batch_size):
-            region, skip = self._draw(rng, raw.shape, ignore)
-            r = to_unit_float(read_region(raw, region))
-            lab = read_region(labels, region)
-            self._check(r, lab, region)
+            picked.append(self.pick_volume(rng))
+            source = volumes[picked[-1]]
+            region, skip = self._draw(rng, source)
+            r = to_unit_float(read_region(source.raw, region))
+            lab = read_region(source.labels, region)
+            self._check(r, lab, region, source.volume)
             if skip is not None:  # unlabelled: whatever the store holds there is gone from here on
                 lab = np.where(skip != 0, np.uint8(IGNORED), lab.astype(np.uint8, copy=False))
             if len(spec.patch_size) == 2:  # a 2D patch is one slice
@@ -123,6 +147,9 @@ class PatchStream(IterableDataset):
             if skip is not None:
                 valid = lab != IGNORED
                 lab = np.where(valid, lab, np.uint8(0))
+            elif any(v is not None and v.ignore is not None for v in volumes):
+                valid = np.ones(lab.shape, dtype=bool)  # another volume has unlabelled voxels: same keys
+            if valid is not None:
                 valids.append(valid)
             raws.append(r)
             labs.append(lab)
@@ -138,6 +165,8 @@ class PatchStream(IterableDataset):
             batch["weight"] = torch.from_numpy(np.stack(weights)[:, None].astype(np.float32))
         if valids:
             batch["valid"] = torch.from_numpy(np.stack(valids)[:, None].astype(np.float32))
+        if len(spec.volumes) > 1:
+            batch["volume"] = torch.tensor(picked)
         return batch
 
     def _crop(self, lab: np.ndarray) -> tuple[slice, ...]:
@@ -150,35 +179,36 @@ class PatchStream(IterableDataset):
         part = part[self._crop(part)]
         return 1.0 - np.count_nonzero(part) / max(1, part.size)
 
-    def _draw(self, rng: np.random.Generator, shape, ignore) -> tuple[tuple[slice, ...], np.ndarray | None]:
+    def _draw(self, rng: np.random.Generator, source: OpenVolume) -> tuple[tuple[slice, ...], np.ndarray | None]:
         """A patch region (and its ignore mask): drawn again, from the same generator, while its loss
         region is labelled below min_labelled_fraction, so the stream stays a function of (seed, rank, i)."""
-        spec = self.spec
+        spec, volume = self.spec, source.volume
         for _ in range(MAX_DRAWS):
-            region = self._random_region(rng, shape)
-            if ignore is None:
+            region = self._random_region(rng, source.raw.shape, volume)
+            if source.ignore is None:
                 return region, None
-            skip = read_region(ignore, region)
+            skip = read_region(source.ignore, region)
             if self.labelled_fraction(skip) >= spec.min_labelled_fraction:
                 return region, skip
-        raise UserError(f"{spec.store}: no {'x'.join(map(str, spec.patch_size))} patch in slices "
-                        f"{spec.z_range[0]}:{spec.z_range[1]} had at least {spec.min_labelled_fraction:g} of its "
-                        f"voxels labelled in {MAX_DRAWS} draws (its ignore mask '{spec.ignore}' covers most of "
+        lo, hi = volume.train_range(source.raw.shape[0])
+        raise UserError(f"{volume.store}: no {'x'.join(map(str, spec.patch_size))} patch in slices "
+                        f"{lo}:{hi} had at least {spec.min_labelled_fraction:g} of its "
+                        f"voxels labelled in {MAX_DRAWS} draws (its ignore mask '{volume.ignore}' covers most of "
                         "them); lower data.min_labelled_fraction or train on better labelled slices")
 
-    def _check(self, raw: np.ndarray, lab: np.ndarray, region) -> None:
-        where = f"{self.spec.store} at {', '.join(f'{s.start}:{s.stop}' for s in region)}"
+    def _check(self, raw: np.ndarray, lab: np.ndarray, region, volume: Volume) -> None:
+        where = f"{volume.store} at {', '.join(f'{s.start}:{s.stop}' for s in region)}"
         if not np.isfinite(raw).all():
             raise UserError(f"{where}: raw holds NaN or infinite values")
         if lab.max(initial=0) > 1:
             raise UserError(f"{where}: labels hold values other than 0 and 1 (max {lab.max()}); "
                             "convert them with --label-threshold")
 
-    def _random_region(self, rng: np.random.Generator, shape) -> tuple[slice, ...]:
+    def _random_region(self, rng: np.random.Generator, shape, volume: Volume) -> tuple[slice, ...]:
         size = self.spec.patch_size
         if len(size) == 2:
             size = (1, *size)
-        z_starts = patch_z_starts(self.spec.z_range, size[0], self.spec.holdout)
+        z_starts = patch_z_starts(volume.train_range(shape[0]), size[0], volume.exclude)
         starts = [int(z_starts[rng.integers(0, len(z_starts))])]
         starts += [int(rng.integers(0, shape[a] - size[a] + 1)) for a in (1, 2)]
         return tuple(slice(s, s + n) for s, n in zip(starts, size))

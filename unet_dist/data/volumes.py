@@ -156,6 +156,20 @@ def open_training(store, raw_array: str = RAW, labels: str = TARGET, patch=None,
     return raw, lab, raw_path, lab_path
 
 
+def open_labels(spec, shape=None) -> tuple[Path, zarr.Array, str, zarr.Array | None]:
+    """`--labels STORE[:LABEL]` (predict, evaluate): the store, its binary labels (3D, 0/1 in sampled
+    chunks, of `shape` when given), their path, and the store's unlabelled-voxel mask or None."""
+    store, name = split_store_spec(spec, TARGET)
+    array, path = open_array(store, label_array_path(name))
+    where = f"{store}:{path}"
+    check_volume(array, where)
+    if shape is not None and tuple(array.shape) != tuple(shape):
+        raise UserError(f"{store}: labels {tuple(array.shape)} differ in shape from raw {tuple(shape)}")
+    check_binary(array, where)
+    ignore, _ = open_ignore(store, IGNORE, array.shape)  # unlabelled voxels (convert --ignore-*) count nowhere
+    return store, array, path, ignore
+
+
 def open_ignore(store, name: str = IGNORE, shape=None) -> tuple[zarr.Array | None, str | None]:
     """The unlabelled-voxel mask of `store` (1 = unlabelled; `convert --ignore-*` writes `labels/ignore`)
     and its path, or (None, None). `name` as `data.labels` takes it (a label image name or a path);

@@ -3,7 +3,9 @@
 An OME-Zarr image group (0.4: zarr v2 `.zattrs` `multiscales`; 0.5: zarr v3 `attributes.ome.
 multiscales`) stands for its level 0; a level named by path (`img.zarr:1`, `seg.zarr:labels/
 neurons/0`) is that level. The voxel size and offset come from the coordinate transformations of
-the multiscale that lists the array, in the axes' units; an array no multiscale lists has none.
+the multiscale that lists the array, in the axes' units; an array no multiscale lists has the
+`resolution` (z, y, x nm) and `offset` attributes of CREMI's HDF5 convention when it carries them
+(a Zarr copy of a CREMI file), else none.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from zarr.storage import LocalStore
 
 from unet_dist.errors import UserError
 
-from .base import ArraySource, find_arrays, listing, nm_per, positive_floats, read_json
+from .base import ArraySource, finite_floats, find_arrays, listing, nm_per, positive_floats, read_json
 
 SPACE = ("z", "y", "x")
 
@@ -54,6 +56,10 @@ class ZarrSource(ArraySource):
         self.format = f"zarr v{array.metadata.zarr_format}"
         self._set_array(array, array.shape, array.dtype, array.chunks)
         self._ome_transform(folder)
+        if self.voxel_size is None:  # no OME metadata: a Zarr copy of CREMI's HDF5 keeps its attributes
+            attrs = _attrs(folder)
+            self.voxel_size = positive_floats(attrs.get("resolution", ()))
+            self.offset = finite_floats(attrs.get("offset", ())) if self.voxel_size else self.offset
 
     def _pick_array(self, group: Path, arrays) -> Path:
         """A group means its OME level 0, or the only array in the store."""
