@@ -34,7 +34,7 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 
 def torchrun_cmd(nproc: int, port: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-            f"--master_addr=127.0.0.1", f"--master_port={port}", "-m", "unet_dist", *map(str, args)]
+            "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "unet_dist", *map(str, args)]
 
 
 @pytest.fixture

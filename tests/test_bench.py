@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import ROOT, Completed, run_cli
+from conftest import Completed, run_cli
 
 SUITES = ("train", "loader", "predict", "convert", "load", "view", "io")
 

@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import pytest
 
 from unet_dist.config import Config, from_dict, load_config, parse_override, to_dict

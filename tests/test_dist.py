@@ -4,7 +4,6 @@ import re
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch
 from unet_dist import dist
 from unet_dist.errors import UserError
 
-from conftest import CONFIGS, ROOT, torchrun_cmd
+from conftest import CONFIGS, ROOT
 
 
 def test_single_process_by_default():

@@ -9,9 +9,7 @@ with unet_dist.metrics.
 from __future__ import annotations
 
 import math
-import os
 from collections import deque
-from pathlib import Path
 
 import numpy as np
 import pytest
