@@ -28,16 +28,11 @@ import submitit
 
 from unet_dist.commandline import slice_range
 from unet_dist.errors import UserError
-from unet_dist.predict_manifest import entries
+from unet_dist.predict_manifest import finished_blocks
 
 from . import common
 from .launch import (NotRequeued, SubmittedJob, add_launch_arguments, executor_for, launch_from, resources,
                      submit_and_report)
-
-
-def manifest_blocks(out: str | Path) -> int:
-    """Finished blocks recorded in the prediction's manifest (PRED.zarr/.manifest/, any run key)."""
-    return sum(len(blocks) for _, blocks in entries(out))
 
 
 class PredictJob(submitit.helpers.Checkpointable):
@@ -68,7 +63,7 @@ class PredictJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on rank 0 when the signal comes: requeue with --resume, within bounds."""
-        done = manifest_blocks(self.out)
+        done = finished_blocks(self.out)
         if self.requeues >= self.max_requeues:
             reason = f"already requeued {self.requeues} time(s) (--max-requeues {self.max_requeues})"
         elif done <= self.blocks_at_requeue:

@@ -230,7 +230,8 @@ def test_local_job_stops_when_its_requeues_are_used_up(synth_store, tmp_path, mo
 def test_local_prediction_job_requeues_and_matches_a_single_process(synth_store, tmp_path, monkeypatch):
     from test_slurm import _checkpoint
 
-    from jobs.predict import manifest_blocks, submit
+    from jobs.predict import submit
+    from unet_dist.predict_manifest import finished_blocks
 
     local_env(monkeypatch)
     ckpt = _checkpoint(tmp_path / "ckpt")
@@ -241,7 +242,7 @@ def test_local_prediction_job_requeues_and_matches_a_single_process(synth_store,
     out = tmp_path / "two.zarr"
     job = submit(ckpt, synth_store, out, overrides=blocks, cluster="local", gpus_per_node=0, tasks_per_node=2,
                  time_min=10)
-    wait_for(lambda: manifest_blocks(out) >= 20, "20 finished blocks")
+    wait_for(lambda: finished_blocks(out) >= 20, "20 finished blocks")
     signal_tasks(job)
     result = job.result()
     assert result["blocks"] == 192 and result["blocks_skipped"] > 0  # the restart kept finished blocks

@@ -134,3 +134,15 @@ class OutputLock:
         if self.mine:
             self.path.unlink(missing_ok=True)
             self.mine = False
+
+
+def finished_blocks(out) -> int:
+    """Blocks the manifest of the prediction `out` lists (any run key): the launchers' measure of
+    progress between a job's start and its time limit."""
+    return sum(len(blocks) for _, blocks in entries(Path(out)))
+
+
+if __name__ == "__main__":  # slurm/predict.sbatch: python -m unet_dist.predict_manifest PRED.zarr
+    import sys
+
+    print(finished_blocks(sys.argv[1]))
