@@ -20,8 +20,9 @@ from unet_dist.data.patches import to_unit_float
 from unet_dist.data.store import RAW, writing_every_chunk
 from unet_dist.data.synth import synthesize
 from unet_dist.errors import UserError
-from unet_dist.predict import (BlockPipeline, assign, block_core, block_order, input_region, io_threads, load_model,
-                               make_plan, mirror_box, predict, read_mirrored)
+from unet_dist.block_plan import (assign, block_core, block_order, input_region, make_plan, mirror_box,
+                                  read_mirrored)
+from unet_dist.predict import BlockPipeline, io_threads, load_model, predict
 from unet_dist.data.prediction import MASK, PROBABILITY, create_prediction, quantize
 from unet_dist.predict_manifest import Manifest, entries
 from unet_dist.tilenet import TileNet
@@ -128,7 +129,7 @@ def test_mirrored_reads_equal_the_index_gather_for_any_reach():
         for n in shape:
             lo = int(rng.integers(-15, n))
             region.append((lo, int(rng.integers(lo + 1, n + 16))))
-        from unet_dist.predict import mirror_indices
+        from unet_dist.block_plan import mirror_indices
 
         ref = a[np.ix_(*[mirror_indices(lo, hi, n) for (lo, hi), n in zip(region, shape)])]
         assert np.array_equal(read_mirrored(a, region), ref), (shape, region)

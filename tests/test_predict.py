@@ -25,8 +25,9 @@ from unet_dist.model import build_model, halo, pooling_factor
 from unet_dist.data.prediction import MASK, PROBABILITY, probability_float
 from unet_dist.data.store import RAW
 from unet_dist.files import FAULT_ENV
-from unet_dist.predict import (assign, block_core, input_region, make_plan, mirror_indices, predict,
-                               read_mirrored, tta_average)
+from unet_dist.block_plan import assign, block_core, input_region, make_plan, mirror_indices, read_mirrored
+from unet_dist.predict import predict
+from unet_dist.tilenet import tta_average
 
 from conftest import ROOT, run_cli, torchrun_cmd
 

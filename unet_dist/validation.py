@@ -14,7 +14,7 @@ from .data.training_set import Volume, volumes_of
 from .data.volumes import open_ignore, open_training
 from .infer import forward_tiles
 from .metrics import confusion_counts, scores_from_confusion
-from .predict import as_slices, assign, block_core, input_region, make_plan, read_mirrored
+from .block_plan import as_slices, assign, block_core, input_region, make_plan, read_mirrored
 from .train_state import TrainState
 from .train_step import Health
 

@@ -121,7 +121,8 @@ def run_read(ckpt: str, store: str, readers: int = 2) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     from ..data.store import RAW, open_store
-    from ..predict import block_core, input_region, load_model, make_plan, read_mirrored
+    from ..block_plan import block_core, input_region, make_plan, read_mirrored
+    from ..predict import load_model
     from .common import measure
 
     _, cfg, _ = load_model(ckpt)

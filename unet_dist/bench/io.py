@@ -81,7 +81,8 @@ def run_pipeline(store: str, out: str, cores: int, cache: bool, block: list, hal
     from ..config import ModelConfig, PredictConfig
     from ..data.store import RAW, open_store
     from ..dist import keep_freed_memory
-    from ..predict import _create_output, BlockPipeline, block_crop, block_order, io_threads, make_plan
+    from ..block_plan import block_order, make_plan
+    from ..predict import _create_output, BlockPipeline, block_crop, io_threads
     from ..predict_manifest import Manifest
     from ..tilenet import Pending
     from .common import measure
@@ -118,7 +119,7 @@ def run_pipeline(store: str, out: str, cores: int, cache: bool, block: list, hal
 
     result = measure(go)
     from ..data.chunk_cache import ChunkCache
-    from ..predict import block_core, input_region, mirror_box
+    from ..block_plan import block_core, input_region, mirror_box
 
     boxes = [mirror_box(input_region(plan, block_core(plan, i)), raw.shape) for i in todo]
     delivered = sum(math.prod(s.stop - s.start for s in b) for b in boxes) * raw.dtype.itemsize
@@ -296,7 +297,7 @@ def run_backends(store: str, block: list, halo: list, depth: int, tiny: bool) ->
     from ..config import ModelConfig, PredictConfig
     from ..data import backends
     from ..data.store import RAW, open_store
-    from ..predict import block_core, input_region, make_plan, mirror_box
+    from ..block_plan import block_core, input_region, make_plan, mirror_box
 
     raw = open_store(store)[RAW]
     cz, cy, cx = raw.chunks

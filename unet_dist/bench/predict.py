@@ -51,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def tile_runner(ckpt: str, device, precision: str, batch: int):
     """The predictor's tile runner for a checkpoint, laid out for its model's dimensions (a 3D model's
     5D weights take channels_last_3d, not channels_last)."""
-    from ..predict import TileNet, load_model
+    from ..predict import load_model
+    from ..tilenet import TileNet
 
     model, cfg, _ = load_model(ckpt)
     return TileNet(model, device, precision, batch, tta=False, dims=cfg.model.dims)
@@ -234,7 +235,7 @@ def run(args) -> dict:
     from ..config import to_dict
     from ..data.store import RAW, open_store
     from ..model import halo
-    from ..predict import make_plan
+    from ..block_plan import make_plan
     from . import common
 
     device = common.resolve_device(args.device)

@@ -1,0 +1,152 @@
+"""The block plan of tiled prediction, pure: which blocks cut the output (one Zarr chunk each), the
+input region of each with its halo of context, mirrored beyond the volume's borders (the U-Net
+paper's overlap-tile strategy), the order that keeps input chunks few at a time, and which rank
+takes which blocks. The predictor (predict.py) and validation during training (validation.py) both
+tile by it, so they cut a volume the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import PredictConfig
+from .data.store import read_region
+from .errors import UserError
+from .infer import padded_input_shape
+from .model import halo, pooling_factor
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where every block reads, what the model sees, and where its output lands. Axes (Z, Y, X)."""
+
+    in_shape: tuple[int, int, int]  # the input volume
+    z0: int  # first predicted input slice: output slice z is input slice z0 + z
+    shape: tuple[int, int, int]  # the output
+    block: tuple[int, int, int]  # output block = output chunk
+    dims: int  # 2: each slice of a block is one tile; 3: a block is one tile
+    context: tuple[int, int, int]  # context (halo) read on each side of a block, on the pooling grid
+    tile: tuple[int, int, int]  # model input extent (2D: tile[0] == 1)
+    offset: tuple[int, int, int]  # where a block starts inside the model's output tile
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return tuple(-(-n // b) for n, b in zip(self.shape, self.block))
+
+    @property
+    def n_blocks(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def model_tile(self) -> tuple[int, ...]:
+        return self.tile[1:] if self.dims == 2 else self.tile
+
+
+def make_plan(model_cfg, pcfg: PredictConfig, in_shape, z_range: tuple[int, int]) -> Plan:
+    """Blocks clamped to the volume and on the pooling grid; halo >= what the network reaches."""
+    dims = model_cfg.dims
+    pool = (1, *pooling_factor(model_cfg)) if dims == 2 else tuple(pooling_factor(model_cfg))
+    shape = (z_range[1] - z_range[0], int(in_shape[1]), int(in_shape[2]))
+    axes = (1, 2) if dims == 2 else (0, 1, 2)
+    block = [min(pcfg.block_size[0], shape[0]), *pcfg.block_size[1:]]
+    for a in axes:
+        block[a] = min(pcfg.block_size[a], -(-shape[a] // pool[a]) * pool[a])
+        if block[a] % pool[a]:
+            raise UserError(f"predict.block_size: {list(pcfg.block_size)} must be a multiple of the model's "
+                            f"pooling factor {list(pool)} on every axis (tiles must start on its grid)")
+    if model_cfg.padding == "same":
+        need = (0, *halo(model_cfg)) if dims == 2 else tuple(halo(model_cfg))
+        context = [(-(-max(pcfg.halo[a], need[a]) // pool[a]) * pool[a]) if a in axes else 0 for a in range(3)]
+        tile = [block[a] + 2 * context[a] if a in axes else 1 for a in range(3)]
+        offset = context
+    else:  # valid: the network itself consumes the context
+        in_tile, margin = padded_input_shape(model_cfg, tuple(block[a] for a in axes))
+        tile, context, offset = [1, *in_tile], [0, *margin], [0, 0, 0]
+        if dims == 3:
+            tile, context = list(in_tile), list(margin)
+    return Plan(tuple(int(n) for n in in_shape), int(z_range[0]), shape, tuple(block), dims, tuple(context),
+                tuple(tile), tuple(offset))
+
+
+def block_core(plan: Plan, index: int) -> tuple[tuple[int, int], ...]:
+    """The output voxels of block `index` (C order over the grid), [lo, hi) per axis."""
+    coords = np.unravel_index(index, plan.grid)
+    return tuple((int(c) * b, min(int(c) * b + b, n)) for c, b, n in zip(coords, plan.block, plan.shape))
+
+
+def input_region(plan: Plan, core) -> tuple[tuple[int, int], ...]:
+    """Input voxels a block reads, [lo, hi) per axis; may reach beyond the volume (mirrored)."""
+    region = []
+    for a, (lo, hi) in enumerate(core):
+        start = lo + (plan.z0 if a == 0 else 0) - plan.context[a]
+        span = hi - lo if (plan.dims == 2 and a == 0) else plan.tile[a]
+        region.append((start, start + span))
+    return tuple(region)
+
+
+def assign(blocks: Sequence[int], rank: int, world: int) -> list[int]:
+    """Rank r takes the r-th of `world` contiguous, near-equal runs of `blocks`: each block has exactly
+    one owner, and neighbouring blocks (which share input chunks) mostly have the same one."""
+    n = len(blocks)
+    return list(blocks[rank * n // world:(rank + 1) * n // world])
+
+
+def block_order(plan: Plan, blocks: Iterable[int], in_chunks: Sequence[int]) -> list[int]:
+    """`blocks` in the order that keeps the chunks they read few at a time: C order over the grid,
+    except that within one depth of input chunks every (y, x) column is finished before the next,
+    so a chunk deeper than a block (3D chunks, 2D blocks) is used up before its neighbours load."""
+    def key(index: int):
+        core = block_core(plan, index)
+        z = core[0][0] + plan.z0
+        return (z // in_chunks[0], *np.unravel_index(index, plan.grid)[1:], z)
+    return sorted(blocks, key=key)
+
+
+def mirror_indices(lo: int, hi: int, n: int) -> np.ndarray:
+    """Indices lo..hi-1 reflected into [0, n) as np.pad(mode="symmetric") would, for any reach."""
+    idx = np.arange(lo, hi) % (2 * n)
+    return np.where(idx < n, idx, 2 * n - 1 - idx)
+
+
+def mirror_box(region, shape) -> tuple[slice, ...]:
+    """The part of the array a (possibly out-of-bounds) region mirrors from."""
+    return tuple(slice(int(i.min()), int(i.max()) + 1)
+                 for i in (mirror_indices(lo, hi, n) for (lo, hi), n in zip(region, shape)))
+
+
+def read_mirrored(array, region, read: Callable | None = None) -> np.ndarray:
+    """The region of a (Z, Y, X) array, mirrored where it leaves the array; `read(array_box, out)`
+    (default `read_region(array, box)`) fetches the part inside, into `out` when given one."""
+    box = mirror_box(region, array.shape)
+    if all(lo >= 0 and hi <= n for (lo, hi), n in zip(region, array.shape)):
+        return read(box) if read is not None else read_region(array, box)
+    pads = [(max(0, -lo), max(0, hi - n)) for (lo, hi), n in zip(region, array.shape)]
+    if all(s.start == max(lo, 0) and s.stop == min(hi, n) and max(b, a) <= s.stop - s.start
+           for (b, a), s, (lo, hi), n in zip(pads, box, region, array.shape)):
+        # One reflection: the part inside lands in place and its borders are reflected there, a
+        # copy less than np.pad, itself ~20x faster than the gather below on a 576^2 tile.
+        out = np.empty(tuple(hi - lo for lo, hi in region), array.dtype)
+        inner = out[tuple(slice(b, b + s.stop - s.start) for (b, _), s in zip(pads, box))]
+        if read is None:
+            inner[...] = read_region(array, box)
+        else:
+            read(box, inner)
+        for axis, (before, after) in enumerate(pads):
+            lead, stop = (slice(None),) * axis, out.shape[axis]
+            if before:
+                out[(*lead, slice(0, before))] = np.flip(out[(*lead, slice(before, 2 * before))], axis)
+            if after:
+                out[(*lead, slice(stop - after, stop))] = np.flip(out[(*lead, slice(stop - 2 * after, stop - after))],
+                                                                  axis)
+        return out
+    idx = [mirror_indices(lo, hi, n) for (lo, hi), n in zip(region, array.shape)]
+    data = read(box) if read is not None else read_region(array, box)
+    return data[np.ix_(*(i - s.start for i, s in zip(idx, box)))]
+
+
+def as_slices(core) -> tuple[slice, ...]:
+    return tuple(slice(lo, hi) for lo, hi in core)
