@@ -6,7 +6,7 @@ block costs (BENCHMARKS.md, io). The predictor reads and writes whole chunks onl
 module can show that its bytes are zarr's bytes it does the work itself: the chunk's file read and
 Blosc-decoded by numcodecs, configured from the array's own metadata; a whole chunk encoded the
 same way and written as zarr's LocalStore writes it (a temporary sibling, then a rename, so a
-reader never sees half a chunk). `ChunkFiles.of` says None for anything else (sharded arrays,
+reader never sees half a chunk). `ChunkFiles.of` says None for anything else (sharded arrays: shard_io.py,
 other codecs or stores, another byte order), and the caller goes through zarr.
 
 Writes keep every chunk, an all-fill one too (zarr's `write_empty_chunks=True`): the project's
@@ -104,14 +104,19 @@ class ChunkFiles:
     def read(self, coords) -> np.ndarray:
         """The chunk's voxels inside the array, as `array[box]` returns them."""
         path = self.path(coords)
-        box = self.box(coords)
         try:
             with open(path, "rb") as f:
                 frame = f.read()
         except FileNotFoundError:
             if self.every_stored:
                 raise missing_chunk(path) from None
-            return np.full(tuple(s.stop - s.start for s in box), self.fill, self.dtype)
+            return np.full(tuple(s.stop - s.start for s in self.box(coords)), self.fill, self.dtype)
+        return self.decode(coords, frame, path)
+
+    def decode(self, coords, frame, where) -> np.ndarray:
+        """The voxels inside the array of the chunk at `coords` from its encoded bytes `frame`; a
+        UserError naming `where` if they do not decode to a whole chunk."""
+        box = self.box(coords)
         chunk = np.empty(self.chunks, self.dtype)
         try:
             if self.blosc is None:
@@ -128,7 +133,7 @@ class ChunkFiles:
                                      f"{self.chunk_nbytes} from the file's {len(frame)}")
                 numcodecs.blosc.decompress(frame, chunk)
         except (ValueError, RuntimeError) as exc:
-            raise damaged_chunk(path, exc) from None
+            raise damaged_chunk(where, exc) from None
         if all(s.stop - s.start == u for s, u in zip(box, self.chunks)):
             return chunk
         return chunk[tuple(slice(0, s.stop - s.start) for s in box)]
@@ -154,21 +159,28 @@ class ChunkFiles:
 
     def store(self, coords, encoded) -> None:
         """Write a chunk's encoded bytes to its file, as zarr's LocalStore does."""
-        path = self.path(coords)
-        if path.parent not in self._folders:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._folders.add(path.parent)
-        tmp = f"{path}.{uuid.uuid4().hex}.partial"
+        replace_file(self.path(coords), [encoded], self._folders)
+
+
+def replace_file(path: Path, parts, folders: set[Path]) -> None:
+    """Write the file at `path` from the byte-likes `parts`, as zarr's LocalStore writes a key: a
+    temporary sibling, then a rename, so a reader never sees half a file. `folders`: the parents
+    made already (one mkdir per folder, not per file), `path`'s added."""
+    if path.parent not in folders:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folders.add(path.parent)
+    tmp = f"{path}.{uuid.uuid4().hex}.partial"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                view = memoryview(encoded).cast("B")
+            for part in parts:
+                view = memoryview(part).cast("B")
                 while view:  # a regular file takes it in one write; a short one is not an error
                     view = view[os.write(fd, view):]
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
