@@ -105,7 +105,14 @@ def test_suite_runs_tiny_and_writes_a_report(suite, tmp_path):
         # the limits beyond decoding were measured (tiny: blocks of 64 inside chunks of 128)
         assert positive(report["fraction_of_io_limit"]) and positive(report["io_limit_of_decode_limit"])
         limits = {row["what"] for row in report["results"] if row["role"] == "limit"}
-        assert {"decode + encode limit (no files written)", "decode + encode + write limit (tight loop)"} <= limits
+        assert {"decode + encode limit (no files written)", "decode + encode + write limit, a file per block (tight loop)",
+                "decode + encode + write limit, shard files (tight loop)"} <= limits
+        # ours writes shards (the default predict.shard_blocks), the row before it a file per block
+        by_variant = {row["variant"]: row for row in report["results"] if row.get("variant")}
+        assert set(by_variant) == {"ours", "chunk_files", "zarr", "no_cache"}
+        # level 0 of 4 x 384 x 384 in blocks of 64: 4 x 6 x 6 blocks, in shards of 4 x 4 (edge shards 2)
+        assert by_variant["chunk_files"]["output_files"] == 2 * 4 * 36
+        assert by_variant["ours"]["output_files"] == 2 * 4 * 4
         assert {row["codec"] for row in report["codecs"]["rows"]} >= {"blosc-zstd-1", "blosc-zstd-3", "blosc-zstd-5",
                                                                       "blosc-lz4", "none"}
         assert {row["data"] for row in report["codecs"]["rows"]} == {"raw", "probability", "mask"}

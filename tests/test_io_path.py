@@ -138,7 +138,8 @@ def test_mirrored_reads_equal_the_index_gather_for_any_reach():
 # ------------------------------------------------------------------------- order and ownership
 
 def test_block_order_finishes_a_chunk_depth_column_by_column_and_ranks_get_runs():
-    plan = make_plan(SMALL, PredictConfig(block_size=[1, 32, 32], halo=[0, 8, 8]), (8, 64, 64), (0, 8))
+    plan = make_plan(SMALL, PredictConfig(block_size=[1, 32, 32], halo=[0, 8, 8], shard_blocks=[1, 1, 1]),
+                     (8, 64, 64), (0, 8))
     order = block_order(plan, range(plan.n_blocks), (4, 64, 64))
     cores = [block_core(plan, i) for i in order]
     assert sorted(order) == list(range(plan.n_blocks))
@@ -215,7 +216,7 @@ def test_the_predictors_chunk_files_are_the_bytes_zarr_writes(ckpt, volume, tmp_
     """The predictor writes its chunks itself (data/chunk_io.py): the same files as zarr-python
     writing the same arrays into the same layout, edge blocks included (100 x 120 in blocks of 32)."""
     out = tmp_path / "ours.zarr"
-    predict(ckpt, volume, out, overrides=["predict.block_size=[1,32,32]"])
+    predict(ckpt, volume, out, overrides=["predict.block_size=[1,32,32]", "predict.shard_blocks=[1,1,1]"])
     got = outputs(out)
     ref = tmp_path / "zarr.zarr"
     group = zarr.open_group(str(ref), mode="w", zarr_format=3)
@@ -227,11 +228,11 @@ def test_the_predictors_chunk_files_are_the_bytes_zarr_writes(ckpt, volume, tmp_
         assert all(ours[k] == theirs[k] for k in ours), path
     # the fast path is what ran: the pipeline takes our chunk files for zarr's pipeline only
     raw = raw_array(volume)
-    plan = make_plan(SMALL, PredictConfig(block_size=[1, 32, 32]), raw.shape, (0, raw.shape[0]))
+    plan = make_plan(SMALL, PredictConfig(block_size=[1, 32, 32], shard_blocks=[1, 1, 1]), raw.shape, (0, raw.shape[0]))
     pred = zarr.open_group(str(out), mode="r+")
     for name, used in (("zarr", True), ("zarrs", False)):
         pipeline = BlockPipeline(plan, None, raw, None, pred, Manifest(out, "k"), PredictConfig(codec_pipeline=name))
-        assert (pipeline.prob_files is not None and pipeline.mask_files is not None) == used
+        assert all((files is not None) == used for files in pipeline.output.files)
 
 
 def chunk_bytes(array_dir) -> dict[str, bytes]:
@@ -271,7 +272,7 @@ def test_blocks_of_zeros_are_stored_like_any_other(ckpt, volume, tmp_path):
     pipelines = ["zarr"] + (["zarrs"] if importlib.util.find_spec("zarrs") else [])
     for name in pipelines:
         out = tmp_path / f"{name}.zarr"
-        result = predict(zeros, volume, out, overrides=["predict.block_size=[1,32,32]",
+        result = predict(zeros, volume, out, overrides=["predict.block_size=[1,32,32]", "predict.shard_blocks=[1,1,1]",
                                                         f"predict.codec_pipeline={name}"])
         got = outputs(out)
         assert result["blocks_predicted"] == 64 and not any(v.any() for v in got.values())

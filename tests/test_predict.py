@@ -352,10 +352,11 @@ def test_two_ranks_equal_one_rank(ckpt, volume, reference, tmp_path, free_port):
 def test_killed_then_resumed_equals_uninterrupted(ckpt, volume, reference, tmp_path, free_port):
     ref_out, ref = reference
     out = tmp_path / "pred.zarr"
+    # shards of 2 x 2 blocks: a writer thread finishes the second shard while the first one's is held
     args = ["predict", "--checkpoint", ckpt, "--input", volume, "--out", out, "--labels", volume, "--resume",
-            *PRED_ARGS]
-    # The fault point holds the first block's writer before its manifest entry: killed then, the run
-    # has at least one block recorded (the others go on meanwhile) and never all of them.
+            *PRED_ARGS, "predict.shard_blocks=[1,2,2]"]
+    # The fault point holds the first shard's writer before its manifest entry: killed then, the run
+    # has at least one shard recorded (the others go on meanwhile) and never all of them.
     proc = subprocess.Popen([sys.executable, "-m", "unet_dist", *map(str, args)], cwd=ROOT,
                             env={**ENV, FAULT_ENV: "block-mark"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)

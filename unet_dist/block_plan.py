@@ -1,12 +1,13 @@
-"""The block plan of tiled prediction, pure: which blocks cut the output (one Zarr chunk each), the
-input region of each with its halo of context, mirrored beyond the volume's borders (the U-Net
-paper's overlap-tile strategy), the order that keeps input chunks few at a time, and which rank
-takes which blocks. The predictor (predict.py) and validation during training (validation.py) both
+"""The block plan of tiled prediction, pure: which blocks cut the output (one Zarr chunk each, grouped
+into shards of a few blocks per axis), the input region of each with its halo of context, mirrored
+beyond the volume's borders (the U-Net paper's overlap-tile strategy), the order that keeps input
+chunks few at a time, and which rank takes which blocks (whole shards each). The predictor (predict.py) and validation during training (validation.py) both
 tile by it, so they cut a volume the same way.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ class Plan:
     context: tuple[int, int, int]  # context (halo) read on each side of a block, on the pooling grid
     tile: tuple[int, int, int]  # model input extent (2D: tile[0] == 1)
     offset: tuple[int, int, int]  # where a block starts inside the model's output tile
+    shard_blocks: tuple[int, int, int] = (1, 1, 1)  # blocks per output shard, within the grid
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -40,6 +42,21 @@ class Plan:
     @property
     def n_blocks(self) -> int:
         return math.prod(self.grid)
+
+    @property
+    def shard(self) -> tuple[int, int, int] | None:
+        """The output's shard shape in voxels; None when a shard would be one block (unsharded)."""
+        if all(k == 1 for k in self.shard_blocks):
+            return None
+        return tuple(b * k for b, k in zip(self.block, self.shard_blocks))
+
+    @property
+    def shard_grid(self) -> tuple[int, int, int]:
+        return tuple(-(-g // k) for g, k in zip(self.grid, self.shard_blocks))
+
+    @property
+    def n_shards(self) -> int:
+        return math.prod(self.shard_grid)
 
     @property
     def model_tile(self) -> tuple[int, ...]:
@@ -68,8 +85,10 @@ def make_plan(model_cfg, pcfg: PredictConfig, in_shape, z_range: tuple[int, int]
         tile, context, offset = [1, *in_tile], [0, *margin], [0, 0, 0]
         if dims == 3:
             tile, context = list(in_tile), list(margin)
+    grid = [-(-n // b) for n, b in zip(shape, block)]
+    shard_blocks = tuple(min(int(k), g) for k, g in zip(pcfg.shard_blocks, grid))
     return Plan(tuple(int(n) for n in in_shape), int(z_range[0]), shape, tuple(block), dims, tuple(context),
-                tuple(tile), tuple(offset))
+                tuple(tile), tuple(offset), shard_blocks)
 
 
 def block_core(plan: Plan, index: int) -> tuple[tuple[int, int], ...]:
@@ -88,21 +107,60 @@ def input_region(plan: Plan, core) -> tuple[tuple[int, int], ...]:
     return tuple(region)
 
 
-def assign(blocks: Sequence[int], rank: int, world: int) -> list[int]:
+def shard_of(plan: Plan, index: int) -> tuple[int, int, int]:
+    """The output shard (its coordinates on the shard grid) that holds block `index`."""
+    return tuple(int(c) // k for c, k in zip(np.unravel_index(index, plan.grid), plan.shard_blocks))
+
+
+def shard_members(plan: Plan, shard: Sequence[int]) -> list[int]:
+    """The blocks of one shard (those inside the output), in C order."""
+    ranges = [range(s * k, min((s + 1) * k, g)) for s, k, g in zip(shard, plan.shard_blocks, plan.grid)]
+    return [int(np.ravel_multi_index(c, plan.grid)) for c in itertools.product(*ranges)]
+
+
+def whole_shards(plan: Plan, blocks: Iterable[int]) -> set[int]:
+    """The blocks of `blocks` whose shard lies wholly inside it: a shard is written once, whole, so a
+    run stopped between storing a shard and recording all of its blocks redoes that shard."""
+    blocks = set(blocks)
+    whole = set()
+    for shard in {shard_of(plan, i) for i in blocks}:
+        members = shard_members(plan, shard)
+        if blocks.issuperset(members):
+            whole.update(members)
+    return whole
+
+
+def assign(blocks: Sequence[int], rank: int, world: int, unit: Callable[[int], object] | None = None) -> list[int]:
     """Rank r takes the r-th of `world` contiguous, near-equal runs of `blocks`: each block has exactly
-    one owner, and neighbouring blocks (which share input chunks) mostly have the same one."""
+    one owner, and neighbouring blocks (which share input chunks) mostly have the same one. With
+    `unit` (block -> its write unit, e.g. `shard_of`), a run of consecutive blocks of one unit goes
+    whole to the rank whose share holds its first block, so each unit has one writer and shares
+    differ by less than a unit."""
     n = len(blocks)
-    return list(blocks[rank * n // world:(rank + 1) * n // world])
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    if unit is None:
+        return list(blocks[lo:hi])
+    mine, start = [], 0
+    for _, run in itertools.groupby(blocks, key=unit):
+        run = list(run)
+        if lo <= start < hi:
+            mine += run
+        start += len(run)
+    return mine
 
 
 def block_order(plan: Plan, blocks: Iterable[int], in_chunks: Sequence[int]) -> list[int]:
-    """`blocks` in the order that keeps the chunks they read few at a time: C order over the grid,
-    except that within one depth of input chunks every (y, x) column is finished before the next,
-    so a chunk deeper than a block (3D chunks, 2D blocks) is used up before its neighbours load."""
+    """`blocks` in the order that keeps the chunks they read few at a time, shard by shard (each
+    shard's blocks consecutive, so one shard is open at a time): C order over the grid, except that
+    within one depth of input chunks every (y, x) column of shards, and inside a shard every column
+    of blocks, is finished before the next, so a chunk deeper than a block (3D chunks, 2D blocks)
+    is used up before its neighbours load."""
     def key(index: int):
-        core = block_core(plan, index)
-        z = core[0][0] + plan.z0
-        return (z // in_chunks[0], *np.unravel_index(index, plan.grid)[1:], z)
+        grid = np.unravel_index(index, plan.grid)
+        shard = shard_of(plan, index)
+        z = int(grid[0]) * plan.block[0] + plan.z0
+        shard_z = shard[0] * plan.shard_blocks[0] * plan.block[0] + plan.z0
+        return (shard_z // in_chunks[0], shard[1], shard[2], shard[0], z // in_chunks[0], *grid[1:], z)
     return sorted(blocks, key=key)
 
 

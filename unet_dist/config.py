@@ -126,6 +126,10 @@ class TrainConfig:
 class PredictConfig:
     block_size: list[int] = field(default_factory=lambda: [1, 512, 512])  # output block (Z, Y, X)
     halo: list[int] = field(default_factory=lambda: [0, 32, 32])  # context per side (Z, Y, X)
+    # Blocks per output shard (Z, Y, X): each shard is one file holding that many blocks (Zarr v3
+    # sharding), so a volume has that many times fewer files for Lustre/GPFS and the kernel to create.
+    # Each rank writes whole shards. [1, 1, 1]: a file per block (unsharded).
+    shard_blocks: list[int] = field(default_factory=lambda: [1, 4, 4])
     batch_size: int = 4
     tta: bool = False
     probability_dtype: Literal["uint8", "float16"] = "uint8"
@@ -353,6 +357,8 @@ def validate(cfg: Config, source: str) -> None:
           "predict.block_size", "expected 3 positive sizes (Z, Y, X)")
     check(len(cfg.predict.halo) == 3 and all(h >= 0 for h in cfg.predict.halo),
           "predict.halo", "expected 3 non-negative sizes (Z, Y, X)")
+    check(len(cfg.predict.shard_blocks) == 3 and all(k > 0 for k in cfg.predict.shard_blocks),
+          "predict.shard_blocks", "expected 3 positive block counts (Z, Y, X); [1, 1, 1]: unsharded")
     check(0.0 <= cfg.predict.threshold <= 1.0, "predict.threshold", "must be within [0, 1]")
     check(cfg.predict.pyramid_max_side >= 8, "predict.pyramid_max_side", "must be >= 8")
     for key in ("readers", "writers"):

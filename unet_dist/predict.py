@@ -48,8 +48,9 @@ from .errors import UserError
 from .metrics import confusion_counts, scores_from_confusion
 from .model import build_model
 from .block_plan import (Plan, as_slices, assign, block_core, block_order, input_region, make_plan, mirror_box,
-                         read_mirrored)
+                         read_mirrored, shard_of, whole_shards)
 from .predict_manifest import Manifest, OutputLock
+from .predict_output import OutputWriter
 from .progress import Progress
 from .tilenet import TileNet
 
@@ -97,7 +98,7 @@ def run_settings(plan: Plan, cfg: Config, weights: str, precision: str, input_pa
             "input_shape": list(plan.in_shape), "slices": [plan.z0, plan.z0 + plan.shape[0]],
             "block_size": list(plan.block), "halo": list(plan.context), "tta": p.tta,
             "probability_dtype": p.probability_dtype, "threshold": p.threshold, "precision": precision,
-            "pyramid_max_side": p.pyramid_max_side}
+            "pyramid_max_side": p.pyramid_max_side, "shard_blocks": list(plan.shard_blocks)}
 
 
 def run_key(settings: dict) -> str:
@@ -161,13 +162,15 @@ class BlockPipeline:
                  ignore=None):
         self.plan, self.net, self.raw, self.labels, self.cfg = plan, net, raw, labels, cfg
         self.ignore = ignore  # the labels' unlabelled voxels (1), counted nowhere
-        self.prob, self.mask = writing_every_chunk(out_group[PROBABILITY]), writing_every_chunk(out_group[MASK])
+        self.mask = writing_every_chunk(out_group[MASK])
         self.manifest = manifest
         self.raw_cache = self.label_cache = None
         # Our own chunk files only with zarr's own pipeline: predict.codec_pipeline=zarrs asks for zarrs.
-        files = ChunkFiles.of if cfg.codec_pipeline == "zarr" else (lambda array: None)
-        self.prob_files, self.mask_files = files(self.prob), files(self.mask)
-        self.chunk_files = files
+        own_files = cfg.codec_pipeline == "zarr"
+        self.chunk_files = ChunkFiles.of if own_files else (lambda array: None)
+        self.output = OutputWriter(plan, [writing_every_chunk(out_group[PROBABILITY]), self.mask], own_files)
+        # the block that completes a shard writes it: so long a write must not stop the loop
+        self.shard_size = math.prod(plan.shard_blocks)
 
     def plan_reads(self, todo: Sequence[int]) -> None:
         """Let the blocks `todo` share decoded input chunks (predict.chunk_cache_mb > 0)."""
@@ -199,18 +202,11 @@ class BlockPipeline:
         return ((core[0][0] + self.plan.z0, core[0][1] + self.plan.z0), *core[1:])
 
     def write(self, block: _Block) -> np.ndarray:
-        """Store a finished block, then record it; returns its confusion counts (zeros without labels)."""
-        region = as_slices(block.core)
+        """Store a finished block, then record what is stored for good (with shards: whole shards);
+        returns its confusion counts (zeros without labels)."""
         shape = tuple(hi - lo for lo, hi in block.core)
         mask = block.mask.reshape(shape)
-        for array, files, data in ((self.prob, self.prob_files, block.prob.reshape(shape)),
-                                   (self.mask, self.mask_files, mask)):
-            coords = files.chunk_of(region) if files is not None else None
-            if coords is None:
-                array[region] = data
-            else:
-                files.write(coords, data)
-        self.manifest.mark(block.index)
+        self.manifest.mark(*self.output.store(block.index, (block.prob.reshape(shape), mask)))
         return np.zeros(4, np.int64) if block.label is None else confusion_counts(mask, block.label, valid=block.valid)
 
     def recount(self, index: int) -> np.ndarray:
@@ -251,7 +247,7 @@ class BlockPipeline:
                 block.remaining -= 1
                 if block.remaining == 0:
                     inflight.append(write_pool.submit(self.write, block))
-            drain(keep=2 * writers)  # bounded: at most this many finished blocks wait in memory
+            drain(keep=2 * writers + self.shard_size)  # bounded: at most this many finished blocks wait
 
         def flush() -> None:
             nonlocal waiting
@@ -315,7 +311,8 @@ def _create_output(out: Path, plan: Plan, attrs: dict, cfg: PredictConfig, fresh
         shutil.rmtree(out)
     group = zarr.open_group(str(out), mode="a" if not fresh else "w", zarr_format=3, attributes=attrs)
     # levels missing after a resumed run whose creator died early are created too
-    create_prediction(group, plan.shape, plan.block, cfg.probability_dtype, voxel, plan.z0, cfg.pyramid_max_side)
+    create_prediction(group, plan.shape, plan.block, cfg.probability_dtype, voxel, plan.z0, cfg.pyramid_max_side,
+                      shard=plan.shard)
     manifest.create()
 
 
@@ -358,9 +355,10 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
     if raw_path != RAW:  # another array of the same store is another input
         settings["input_array"] = raw_path
     key = run_key(settings)
-    if env.world_size > plan.n_blocks:
-        raise UserError(f"{env.world_size} ranks but only {plan.n_blocks} block(s) to predict: use fewer ranks "
-                        "or a smaller predict.block_size")
+    if env.world_size > plan.n_shards:  # a rank writes whole shards (a shard: one block when unsharded)
+        unit = "shard(s)" if plan.shard else "block(s)"
+        raise UserError(f"{env.world_size} ranks but only {plan.n_shards} {unit} to predict: use fewer ranks, "
+                        f"a smaller predict.block_size{' or predict.shard_blocks' if plan.shard else ''}")
     lock = OutputLock(out)
     if held_by := lock.holder():  # every rank sees this before any collective
         raise UserError(f"{out}: another prediction ({held_by}) is writing it; wait for it, "
@@ -400,7 +398,9 @@ def _predict(plan, cfg, model, device, precision, raw, labels, out, manifest, do
     raw = backends.reopen(raw, cfg.predict.codec_pipeline)
     labels = labels if labels is None else backends.reopen(labels, cfg.predict.codec_pipeline)
     ignore = ignore if ignore is None else backends.reopen(ignore, cfg.predict.codec_pipeline)
-    todo = assign(block_order(plan, [i for i in range(plan.n_blocks) if i not in done], raw.chunks), rank, world)
+    done = whole_shards(plan, done)  # a shard some of whose blocks a stopped run had not recorded is redone
+    todo = assign(block_order(plan, [i for i in range(plan.n_blocks) if i not in done], raw.chunks), rank, world,
+                  unit=lambda index: shard_of(plan, index))
     finished = assign(sorted(done), rank, world)
     main = dist.is_main()
     if main:

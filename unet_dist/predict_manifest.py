@@ -53,12 +53,15 @@ class Manifest:
     def done(self) -> set[int]:
         return {i for key, blocks in entries(self.dir.parent) if key == self.key for i in blocks}
 
-    def mark(self, index: int) -> None:
-        """Block `index` is stored; recorded with its batch."""
+    def mark(self, *indices: int) -> None:
+        """Blocks `indices` are stored; recorded with their batch, all in the same one (a shard's blocks
+        are stored together, so a resume finds all of them or none)."""
+        if not indices:
+            return
         with self._lock:
             if not self._pending:
                 self._since = time.monotonic()
-            self._pending.append(int(index))
+            self._pending.extend(int(i) for i in indices)
             if len(self._pending) < self.every and time.monotonic() - self._since < BATCH_SECONDS:
                 return
             batch, self._pending = self._pending, []

@@ -10,7 +10,9 @@ usable cores; each child process is pinned to that many cores, readers and write
 - OURS: the predictor's `BlockPipeline` on every block (default 512^2 blocks with 32 px of mirrored
   context: 576^2 input regions), reading through the decoded-chunk cache, a model that returns its
   input (probability = raw / 255, stored as uint8 = raw; mask = raw > 127), writing both outputs
-  with their codecs and the manifest, whole chunks read and written by data/chunk_io.py;
+  with their codecs and the manifest, whole chunks read by data/chunk_io.py and whole shards of
+  4 x 4 blocks written by data/shard_io.py (the default `predict.shard_blocks`);
+- the same writing a file per block (unsharded, data/chunk_io.py), as it did before shards;
 - PEER: the same with every chunk through zarr-python (`array[...]`), as the predictor did before;
   and a row without the cache either (`predict.chunk_cache_mb=0`: each block decodes every chunk
   it touches), as it did before that;
@@ -18,16 +20,18 @@ usable cores; each child process is pinned to that many cores, readers and write
   cores, and a plain copy of the same bytes in memory; then what the pipeline cannot avoid beyond
   decoding, in tight loops through data/chunk_io.py: each input chunk decoded and the output chunks
   inside it encoded with the outputs' codecs (`decode + encode`), and the same with the files
-  written (`decode + encode + write`, the I/O limit).
+  written (`decode + encode + write`, the I/O limit), a file per block and a file per shard.
 
 `input_mb_per_s` counts each input voxel once (what 250 Mvoxel/s of uint8 means), `output_mb_per_s`
 the two uint8 outputs, `read_amplification` bytes decoded over bytes delivered to the blocks (below
 1 when halos overlap), `fraction_of_decode_limit` OURS' input MB/s over the decode limit at the same
 core count (`_cpu`: the same in CPU seconds per byte, robust to other people's load). Top level:
 those for the most cores measured; `speedup` OURS over PEER. Not the
-target's measure but beside it: `fraction_of_io_limit`, OURS over the I/O limit (how much of the
-unavoidable work's speed the pipeline keeps), and `io_limit_of_decode_limit`, the I/O limit over the
-decode limit: the most `fraction_of_decode_limit` any pipeline writing these outputs could reach here.
+target's measure but beside it: `fraction_of_io_limit`, OURS over the I/O limit with the same files
+(how much of the unavoidable work's speed the pipeline keeps), and `io_limit_of_decode_limit`, the
+shard-file I/O limit over the decode limit: the most `fraction_of_decode_limit` any pipeline writing
+these outputs could reach here. Every output stays on disk until the end: ext4 creates files slowly
+for minutes after many were deleted, which would charge each row for the previous one's clean-up.
 
 Codecs (`codecs` table): raw, probability and mask slices encoded and decoded on one thread by
 numcodecs' Blosc (zstd 1/3/5, lz4; byte shuffle, bit shuffle for masks) and no compression.
@@ -50,10 +54,11 @@ from pathlib import Path
 CODECS = (("blosc-zstd-1", "zstd", 1), ("blosc-zstd-3", "zstd", 3), ("blosc-zstd-5", "zstd", 5),
           ("blosc-lz4", "lz4", 5), ("none", None, 0))
 BACKENDS = ("zarr", "zarrs", "tensorstore")
-# the pipeline's variants: (row, chunk cache, chunks through data/chunk_io.py)
-VARIANTS = {"ours": ("identity pipeline, chunk cache, chunk files", True, True),
-            "zarr": ("identity pipeline, chunk cache, zarr-python I/O (before)", True, False),
-            "no_cache": ("identity pipeline, no cache, zarr-python I/O (before the cache)", False, False)}
+# the pipeline's variants: (row, chunk cache, chunks through data/chunk_io.py / shard_io.py, blocks per shard)
+VARIANTS = {"ours": ("identity pipeline, chunk cache, shard files", True, True, [1, 4, 4]),
+            "chunk_files": ("identity pipeline, chunk cache, a file per block (before)", True, True, [1, 1, 1]),
+            "zarr": ("identity pipeline, chunk cache, zarr-python I/O (before)", True, False, [1, 1, 1]),
+            "no_cache": ("identity pipeline, no cache, zarr-python I/O (before the cache)", False, False, [1, 1, 1])}
 TINY = {"shape": (4, 384, 384), "chunks": (1, 128, 128), "block": [1, 64, 64], "halo": [0, 8, 8], "depth": 2}
 
 
@@ -74,7 +79,7 @@ def _pin(cores: int) -> None:
 
 
 def run_pipeline(store: str, out: str, cores: int, cache: bool, block: list, halo: list, depth: int,
-                 chunk_files: bool = True) -> dict:
+                 chunk_files: bool = True, shard_blocks: list | None = None) -> dict:
     """The predictor's read -> identity -> write pipeline over every block; see the module doc."""
     import numpy as np
 
@@ -84,13 +89,15 @@ def run_pipeline(store: str, out: str, cores: int, cache: bool, block: list, hal
     from ..block_plan import block_order, make_plan
     from ..predict import _create_output, BlockPipeline, block_crop, io_threads
     from ..predict_manifest import Manifest
+    from ..predict_output import OutputWriter
     from ..tilenet import Pending
     from .common import measure
 
     _pin(cores)
     keep_freed_memory()  # as predict() does
     raw = open_store(store)[RAW]
-    pcfg = PredictConfig(block_size=block, halo=halo, chunk_cache_mb=1024 if cache else 0)
+    pcfg = PredictConfig(block_size=block, halo=halo, chunk_cache_mb=1024 if cache else 0,
+                         shard_blocks=shard_blocks or [1, 1, 1])
     plan = make_plan(ModelConfig(depth=depth), pcfg, raw.shape, (0, raw.shape[0]))
     crop = (slice(None), *block_crop(plan))
 
@@ -108,7 +115,7 @@ def run_pipeline(store: str, out: str, cores: int, cache: bool, block: list, hal
     pipeline = BlockPipeline(plan, Identity(), raw, None, zarr.open_group(out, mode="r+"), manifest, pcfg)
     if not chunk_files:  # every chunk through zarr-python, as the predictor read and wrote them before
         pipeline.chunk_files = lambda array: None
-        pipeline.prob_files = pipeline.mask_files = None
+        pipeline.output = OutputWriter(plan, pipeline.output.arrays, files=False)
     todo = block_order(plan, range(plan.n_blocks), raw.chunks)
     readers, writers = io_threads(pcfg, cores)
     pipeline.plan_reads(todo)
@@ -129,12 +136,15 @@ def run_pipeline(store: str, out: str, cores: int, cache: bool, block: list, hal
         counter = ChunkCache(raw)
         decoded = sum(math.prod(s.stop - s.start for s in counter.chunk_box(c))
                       for b in boxes for c in counter.chunks_of(b)) * raw.dtype.itemsize
+    files = sum(1 for p in Path(out).rglob("*") if p.is_file() and p.name != "zarr.json" and ".manifest" not in p.parts)
     return {**result, "readers": readers, "writers": writers, "input_bytes": raw.dtype.itemsize * math.prod(plan.shape),
+            "output_files": files,
             "decoded_bytes": decoded, "delivered_bytes": delivered,
             "tile": list(plan.model_tile), "block": list(plan.block)}
 
 
-def run_limit(store: str, cores: int, out: str | None = None, block: list | None = None) -> dict:
+def run_limit(store: str, cores: int, out: str | None = None, block: list | None = None,
+              shard_blocks: list | None = None) -> dict:
     """Every chunk file of `raw` read and decoded in a tight loop on `cores` threads; a memory copy;
     with `out` and `block`, the decode + encode + write limit (`io_limit`) too."""
     from concurrent.futures import ThreadPoolExecutor
@@ -174,15 +184,17 @@ def run_limit(store: str, cores: int, out: str | None = None, block: list | None
     result = {"decode_bytes": decoded, "decode_s": decode_s, "decode_cpu_s": decode_cpu_s,
               "copy_bytes": nbytes * len(files), "copy_s": copy_s, "chunks": len(files)}
     if out is not None:
-        result |= io_limit(raw, out, cores, block)
+        result |= io_limit(raw, out, cores, block, shard_blocks or [1, 1, 1])
     return result
 
 
-def io_limit(raw, out: str, cores: int, block: list) -> dict:
+def io_limit(raw, out: str, cores: int, block: list, shard_blocks: list) -> dict:
     """What the identity pipeline cannot avoid, in a tight loop on `cores` threads: each input chunk
-    decoded, and the output chunks inside it encoded with the outputs' codecs and written as new
-    files (probability = raw, mask = raw > 127), all by data/chunk_io.py; no halo, cache, queue or
-    batch. Empty where an output chunk does not lie inside one input chunk."""
+    decoded, and the output chunks inside it encoded with the outputs' codecs (probability = raw,
+    mask = raw > 127) and written as new files, a file per chunk (data/chunk_io.py) and, apart, a
+    file per shard of `shard_blocks` blocks (data/shard_io.py); no halo, cache, queue or batch.
+    Empty where an output chunk does not lie inside one input chunk (shards: where a shard is not
+    made of whole input chunks)."""
     import itertools
     from concurrent.futures import ThreadPoolExecutor
 
@@ -191,37 +203,74 @@ def io_limit(raw, out: str, cores: int, block: list) -> dict:
 
     from ..data.chunk_io import ChunkFiles
     from ..data.prediction import MASK, PROBABILITY, create_prediction
+    from ..data.shard_io import ShardFiles
     from .common import cpu_seconds
 
     block = [min(b, n) for b, n in zip(block, raw.shape)]
+    shard = [min(b * k, -(-n // b) * b) for b, k, n in zip(block, shard_blocks, raw.shape)]
     if any(c % b for c, b in zip(raw.chunks, block)):
         return {}
-    group = zarr.open_group(out, mode="w", zarr_format=3)
-    create_prediction(group, raw.shape, block, "uint8", None, 0)
-    source, prob, mask = ChunkFiles.of(raw), ChunkFiles.of(group[PROBABILITY]), ChunkFiles.of(group[MASK])
-    if None in (source, prob, mask):
+    source = ChunkFiles.of(raw)
+    outputs = {}
+    for name, layout in (("chunks", None), ("shards", shard)):
+        group = zarr.open_group(f"{out}-{name}", mode="w", zarr_format=3)
+        create_prediction(group, raw.shape, block, "uint8", None, 0, shard=layout)
+        outputs[name] = [(ShardFiles if layout else ChunkFiles).of(group[path]) for path in (PROBABILITY, MASK)]
+    if source is None or None in outputs["chunks"] + outputs["shards"]:
         return {}
-    grid = list(np.ndindex(*(-(-n // c) for n, c in zip(raw.shape, raw.chunks))))
+    in_grid = [-(-n // c) for n, c in zip(raw.shape, raw.chunks)]
 
-    def work(part, write: bool) -> int:
+    def encoded(coords, files) -> tuple[int, list]:
+        """Input chunk `coords` decoded; (its bytes, [(output chunk, [bytes per output])])."""
+        chunk, box = source.read(coords), source.box(coords)
+        coded = []
+        for corner in itertools.product(*(range(s.start, s.stop, b) for s, b in zip(box, block))):
+            local = tuple(slice(c - s.start, min(c + b, s.stop) - s.start) for c, s, b in zip(corner, box, block))
+            data = chunk[local]
+            at = tuple(c // b for c, b in zip(corner, block))
+            coded.append((at, [f.encode(at, v) for f, v in zip(files, (data, np.greater(data, 127).view(np.uint8)))]))
+        return chunk.nbytes, coded
+
+    def per_chunk(part, write: bool) -> int:
         done = 0
         for coords in part:
-            chunk, box = source.read(coords), source.box(coords)
-            for corner in itertools.product(*(range(s.start, s.stop, b) for s, b in zip(box, block))):
-                local = tuple(slice(c - s.start, min(c + b, s.stop) - s.start) for c, s, b in zip(corner, box, block))
-                data = chunk[local]
-                at = tuple(c // b for c, b in zip(corner, block))
-                for files, values in ((prob, data), (mask, np.greater(data, 127).view(np.uint8))):
-                    encoded = files.encode(at, values)
+            nbytes, coded = encoded(coords, outputs["chunks"])
+            for at, parts in coded:
+                for files, data in zip(outputs["chunks"], parts):
                     if write:
-                        files.store(at, encoded)
-            done += chunk.nbytes
+                        files.store(at, data)
+            done += nbytes
         return done
 
+    per_shard_chunks = [s // c for s, c in zip(shard, raw.chunks)]
+
+    def per_shard(part, write: bool) -> int:
+        done = 0
+        for at_shard in part:
+            held = [{}, {}]
+            for inner in itertools.product(*(range(a * k, min((a + 1) * k, g))
+                                             for a, k, g in zip(at_shard, per_shard_chunks, in_grid))):
+                nbytes, coded = encoded(inner, outputs["shards"])
+                for at, parts in coded:
+                    for h, data in zip(held, parts):
+                        h[at] = data
+                done += nbytes
+            for files, h in zip(outputs["shards"], held):
+                files.write(at_shard, h)
+        return done
+
+    grids = {"chunks": list(np.ndindex(*in_grid))}
+    if not any(s % c for s, c in zip(shard, raw.chunks)):
+        grids["shards"] = list(np.ndindex(*(-(-n // s) for n, s in zip(raw.shape, shard))))
     result = {}
     # decode + encode alone first: the difference is what writing the files costs (the kernel's
     # page cache), measured apart because on some machines it exceeds all the rest
-    for name, write in (("io_limit_no_write", False), ("io_limit", True)):
+    runs = [("io_limit_no_write", per_chunk, "chunks", False), ("io_limit", per_chunk, "chunks", True),
+            ("io_limit_shards", per_shard, "shards", True)]
+    for name, work, grid_name, write in runs:
+        if grid_name not in grids:
+            continue
+        grid = grids[grid_name]
         t0, c0 = time.perf_counter(), cpu_seconds()
         with ThreadPoolExecutor(cores) as pool:
             total = sum(pool.map(lambda part: work(part, write), [grid[i::cores] for i in range(cores)]))
@@ -377,8 +426,6 @@ def _raw_tif(args) -> str | None:
 
 
 def run(args) -> dict:
-    import shutil
-
     from ..errors import UserError
     from . import common
 
@@ -402,16 +449,18 @@ def run(args) -> dict:
         common.run_child("unet_dist.bench.big_volume:run_write", {"out": str(store), "shape": list(shape),
                                                              "chunks": chunks, "shard": None})
         for n in cores:
-            common.log(f"io: {n} core(s): the limits, then the pipeline: ours, zarr-python's I/O, no cache")
-            lim = common.run_child("unet_dist.bench.io:run_limit", {"store": str(store), "cores": n,
-                                                                 "out": str(work / "limit.zarr"), "block": block})
-            shutil.rmtree(work / "limit.zarr", ignore_errors=True)
+            common.log(f"io: {n} core(s): the limits, then the pipeline: ours, a file per block, zarr-python's I/O, "
+                       "no cache")
+            # Outputs are kept to the end: ext4 creates files slowly for minutes after many were deleted
+            # (it skips recently freed inodes), which would charge one row for the last one's clean-up.
+            lim = common.run_child("unet_dist.bench.io:run_limit", {
+                "store": str(store), "cores": n, "out": str(work / f"limit-{n}"), "block": block,
+                "shard_blocks": VARIANTS["ours"][3]})
             limits[n] = lim["decode_bytes"] / common.MB / lim["decode_s"]
             rows.append({"what": "decode limit (chunk files, tight loop)", "role": "limit", "cores": n,
                          "input_mb_per_s": limits[n], "seconds": lim["decode_s"], "cpu_s": lim["decode_cpu_s"],
                          "read_amplification": 1.0})
             limit_cpu_per_mb = lim["decode_cpu_s"] / (lim["decode_bytes"] / common.MB)
-            io_mb = io_cpu_per_mb = None
             if "io_limit_no_write_s" in lim:
                 coded = lim["io_limit_no_write_bytes"] / common.MB / lim["io_limit_no_write_s"]
                 rows.append({"what": "decode + encode limit (no files written)", "role": "limit", "cores": n,
@@ -420,23 +469,26 @@ def run(args) -> dict:
                              "fraction_of_decode_limit": coded / limits[n],
                              "fraction_of_decode_limit_cpu": limit_cpu_per_mb / (
                                  lim["io_limit_no_write_cpu_s"] / (lim["io_limit_no_write_bytes"] / common.MB))})
-            if "io_limit_s" in lim:
-                io_mb = lim["io_limit_bytes"] / common.MB
-                io_cpu_per_mb = lim["io_limit_cpu_s"] / io_mb
-                io_limits[n] = io_mb / lim["io_limit_s"]
-                rows.append({"what": "decode + encode + write limit (tight loop)", "role": "limit", "cores": n,
-                             "input_mb_per_s": io_limits[n], "output_mb_per_s": 2 * io_limits[n],
-                             "seconds": lim["io_limit_s"], "cpu_s": lim["io_limit_cpu_s"], "read_amplification": 1.0,
-                             "fraction_of_decode_limit": io_limits[n] / limits[n],
-                             "fraction_of_decode_limit_cpu": limit_cpu_per_mb / io_cpu_per_mb})
+            io_limits[n] = {}  # files -> (input MB/s, CPU s per MB) of decode + encode + write
+            for files, key, what in (("chunks", "io_limit", "decode + encode + write limit, a file per block"),
+                                     ("shards", "io_limit_shards", "decode + encode + write limit, shard files")):
+                if f"{key}_s" not in lim:
+                    continue
+                io_mb = lim[f"{key}_bytes"] / common.MB
+                io_limits[n][files] = (io_mb / lim[f"{key}_s"], lim[f"{key}_cpu_s"] / io_mb)
+                rows.append({"what": f"{what} (tight loop)", "role": "limit", "cores": n,
+                             "input_mb_per_s": io_limits[n][files][0], "output_mb_per_s": 2 * io_limits[n][files][0],
+                             "seconds": lim[f"{key}_s"], "cpu_s": lim[f"{key}_cpu_s"], "read_amplification": 1.0,
+                             "fraction_of_decode_limit": io_limits[n][files][0] / limits[n],
+                             "fraction_of_decode_limit_cpu": limit_cpu_per_mb / io_limits[n][files][1]})
             rows.append({"what": "memory copy", "role": "limit", "cores": 1,
                          "input_mb_per_s": lim["copy_bytes"] / common.MB / lim["copy_s"], "seconds": lim["copy_s"]})
-            for variant, (what, cache, files) in VARIANTS.items():
-                out = work / "pred.zarr"
+            for variant, (what, cache, files, shard_blocks) in VARIANTS.items():
+                bound = io_limits[n].get("shards" if shard_blocks != [1, 1, 1] else "chunks")
                 got = common.run_child("unet_dist.bench.io:run_pipeline", {
-                    "store": str(store), "out": str(out), "cores": n, "cache": cache, "block": block,
-                    "halo": halo, "depth": depth, "chunk_files": files})
-                shutil.rmtree(out, ignore_errors=True)
+                    "store": str(store), "out": str(work / f"pred-{n}-{variant}.zarr"), "cores": n, "cache": cache,
+                    "block": block, "halo": halo, "depth": depth, "chunk_files": files,
+                    "shard_blocks": shard_blocks})
                 mb_in = got["input_bytes"] / common.MB / got["seconds"]
                 rows.append({"what": what, "variant": variant,
                              "role": {"ours": "ours", "zarr": "peer"}.get(variant, "before") if n == cores[-1]
@@ -449,10 +501,10 @@ def run(args) -> dict:
                              "fraction_of_decode_limit_cpu": limit_cpu_per_mb / (
                                  got["cpu_s"] / (got["input_bytes"] / common.MB)),
                              # against what decoding, encoding and writing the files cost alone
-                             "fraction_of_io_limit": mb_in / io_limits[n] if n in io_limits else None,
-                             "fraction_of_io_limit_cpu": io_cpu_per_mb / (got["cpu_s"] / (got["input_bytes"] / common.MB))
-                             if io_cpu_per_mb else None,
-                             "peak_rss_mb": got["peak_rss_bytes"] / common.MB})
+                             "fraction_of_io_limit": mb_in / bound[0] if bound else None,
+                             "fraction_of_io_limit_cpu": bound[1] / (got["cpu_s"] / (got["input_bytes"] / common.MB))
+                             if bound else None,
+                             "peak_rss_mb": got["peak_rss_bytes"] / common.MB, "output_files": got["output_files"]})
         tables = {}
         if "codecs" not in skip:
             common.log("io: codecs (" + ("the TIFF given" if raw_tif else "synthetic data") + ")")
@@ -483,8 +535,8 @@ def run(args) -> dict:
     report["fraction_of_decode_limit_cpu"] = ours["fraction_of_decode_limit_cpu"]
     # Not the target's measure: how close the pipeline comes to the work it cannot avoid, and where
     # that work alone would put fraction_of_decode_limit (its ceiling on this machine).
-    bound = next((r for r in rows if r["what"].startswith("decode + encode + write") and r["cores"] == ours["cores"]),
-                 None)
+    bound = next((r for r in rows if r["what"].startswith("decode + encode + write limit, shard") and
+                  r["cores"] == ours["cores"]), None)
     report["fraction_of_io_limit"] = ours.get("fraction_of_io_limit")
     report["fraction_of_io_limit_cpu"] = ours.get("fraction_of_io_limit_cpu")
     report["io_limit_of_decode_limit"] = bound and bound["fraction_of_decode_limit"]

@@ -2,7 +2,8 @@
 
 An OME-Zarr 0.5 image whose image is the probability of neuron interior (levels `0`, `1`, ...;
 uint8 = round(255 p), or float16) with the binary mask as the label image `labels/mask`
-(1 = neuron interior, 0 = membrane), chunks = the prediction block, the input's voxel size, and
+(1 = neuron interior, 0 = membrane), chunks = the prediction block (in shards of a few blocks per
+axis, `predict.shard_blocks`, when the volume has that many), the input's voxel size, and
 the first predicted input slice as a z translation.
 
 The probability is the store's image rather than a label image of the input store: a prediction
@@ -41,9 +42,10 @@ def probability_float(values: np.ndarray) -> np.ndarray:
 
 
 def create_prediction(group: zarr.Group, shape, block, dtype: str, voxel_size, z0: int,
-                      max_side: int = pyramid.MAX_SIDE) -> Pyramid:
-    """Metadata and empty levels of probability and mask in `group` (missing ones only)."""
-    plan = Pyramid.plan(Layout(tuple(shape), tuple(block), None), voxel_size, max_side)
+                      max_side: int = pyramid.MAX_SIDE, shard=None) -> Pyramid:
+    """Metadata and empty levels of probability and mask in `group` (missing ones only); chunks
+    are the blocks, grouped into shards of shape `shard` when given."""
+    plan = Pyramid.plan(Layout(tuple(shape), tuple(block), shard and tuple(shard)), voxel_size, max_side)
     translation = [z0 * plan.scales[0][0], 0.0, 0.0]
     create_image(group, "probability", plan, dtype, "probability", translation)
     create_label_image(group, MASK_NAME, plan, np.uint8, translation, kind="mask")
