@@ -19,9 +19,23 @@ from unet_dist.data.store import writing_every_chunk
 from unet_dist.predict import predict
 from unet_dist.predict_manifest import Manifest
 
-from test_predict import SMALL, arrays, ckpt, volume  # noqa: F401  (module fixtures)
+from unet_dist.data.synth import synthesize
+
+from test_predict import SMALL, arrays, save_checkpoint
 
 BLOCKS = ["predict.block_size=[1,32,32]", "predict.pyramid_max_side=32"]  # 6 x 100 x 120: 6 x 4 x 4 blocks
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt"), SMALL)
+
+
+@pytest.fixture(scope="module")
+def volume(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("vol") / "vol.zarr"
+    synthesize(out, shape=(6, 100, 120), seed=3)
+    return out
 
 
 def test_ranks_own_whole_shards_and_every_block_once():
