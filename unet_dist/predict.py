@@ -132,6 +132,7 @@ class _Block:
     prob: np.ndarray | None = None  # (n, *core of one tile), the stored dtype
     mask: np.ndarray | None = None
     remaining: int = 0
+    out_shape: tuple = ()  # the shape of prob and mask
 
 
 def usable_cores() -> int:
@@ -242,8 +243,13 @@ class BlockPipeline:
         def collect(pending, refs_of) -> None:
             prob, mask = pending.result()
             for (block, t), p, m in zip(refs_of, prob, mask):
-                crop = tuple(slice(0, n) for n in block.prob.shape[1:])  # blocks at the far edges are smaller
-                block.prob[t], block.mask[t] = p[crop], m[crop]
+                crop = tuple(slice(0, n) for n in block.out_shape[1:])  # blocks at the far edges are smaller
+                if block.prob is None:
+                    # A block of one tile keeps the model's output (the batch's own arrays, which
+                    # TileNet never reuses): the writer thread's encoder copies it, not this loop.
+                    block.prob, block.mask = p[crop][None].astype(stored, copy=False), m[crop][None]
+                else:
+                    block.prob[t], block.mask[t] = p[crop], m[crop]
                 block.remaining -= 1
                 if block.remaining == 0:
                     inflight.append(write_pool.submit(self.write, block))
@@ -266,8 +272,9 @@ class BlockPipeline:
             for block in prefetch(self.read, todo, read_pool, depth=2 * readers + self.cfg.batch_size):
                 shape = tuple(hi - lo for lo, hi in block.core)
                 n = len(block.tiles)
-                block.prob = np.empty((n, *shape[1:]) if self.plan.dims == 2 else (1, *shape), stored)
-                block.mask = np.empty(block.prob.shape, np.uint8)
+                block.out_shape = (n, *shape[1:]) if self.plan.dims == 2 else (1, *shape)
+                if n > 1:  # a 2D block of several slices gathers its tiles' outputs
+                    block.prob, block.mask = np.empty(block.out_shape, stored), np.empty(block.out_shape, np.uint8)
                 block.remaining = n
                 for t in range(n):
                     batch.append(block.tiles[t])
