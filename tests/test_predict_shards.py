@@ -136,3 +136,19 @@ def test_more_ranks_than_shards_is_refused_in_one_line(ckpt, volume, tmp_path):
                                                     "LOCAL_WORLD_SIZE": "2"})
     assert done.code == 2 and "2 ranks but only 1 shard(s)" in done.err and "predict.shard_blocks" in done.err
     assert not (tmp_path / "p.zarr").exists()
+
+
+def test_resuming_with_other_shards_is_refused_naming_the_setting_to_pass(ckpt, volume, tmp_path):
+    """An output written a file per block (as every output was before shards) resumes only unsharded:
+    the refusal says which setting continues it, and an unsharded run keeps the key it always had."""
+    from conftest import run_cli
+
+    out = tmp_path / "flat.zarr"
+    predict(ckpt, volume, out, overrides=[*BLOCKS, "predict.shard_blocks=[1,1,1]"])
+    settings = zarr.open_group(str(out), mode="r").attrs["unet_dist"]["predict"]["settings"]
+    assert "shard_blocks" not in settings
+    done = run_cli("predict", "--checkpoint", ckpt, "--input", volume, "--out", out, "--resume", *BLOCKS)
+    assert done.code == 2 and len(done.err.strip().splitlines()) == 1
+    assert "another shard_blocks" in done.err and "pass predict.shard_blocks=[1,1,1] to continue it" in done.err
+    again = predict(ckpt, volume, out, overrides=[*BLOCKS, "predict.shard_blocks=[1,1,1]"], resume=True)
+    assert again["blocks_predicted"] == 0 and again["blocks_skipped"] == 96

@@ -98,7 +98,9 @@ def run_settings(plan: Plan, cfg: Config, weights: str, precision: str, input_pa
             "input_shape": list(plan.in_shape), "slices": [plan.z0, plan.z0 + plan.shape[0]],
             "block_size": list(plan.block), "halo": list(plan.context), "tta": p.tta,
             "probability_dtype": p.probability_dtype, "threshold": p.threshold, "precision": precision,
-            "pyramid_max_side": p.pyramid_max_side, "shard_blocks": list(plan.shard_blocks)}
+            "pyramid_max_side": p.pyramid_max_side,
+            # only when sharded: an unsharded output keeps the key it had before shards existed
+            **({"shard_blocks": list(plan.shard_blocks)} if plan.shard else {})}
 
 
 def run_key(settings: dict) -> str:
@@ -307,9 +309,12 @@ def _check_output(out: Path, key: str, settings: dict, resume: bool, overwrite: 
     if not old.get("run_key"):
         raise UserError(f"{out}: exists but is not a unet_dist prediction; pass --overwrite to replace it")
     if old["run_key"] != key:
-        differ = [k for k in settings if old.get("settings", {}).get(k) != settings[k]] or ["settings"]
-        raise UserError(f"{out}: was predicted with another {', '.join(differ)}; cannot resume it "
-                        "(pass --overwrite to replace it)")
+        before = old.get("settings", {})
+        differ = [k for k in sorted(set(settings) | set(before)) if before.get(k) != settings.get(k)] or ["settings"]
+        hint = (f"pass predict.shard_blocks={json.dumps(before.get('shard_blocks', [1, 1, 1])).replace(' ', '')} "
+                "to continue it, or --overwrite to replace it") if differ == ["shard_blocks"] else \
+            "pass --overwrite to replace it"
+        raise UserError(f"{out}: was predicted with another {', '.join(differ)}; cannot resume it ({hint})")
     return True
 
 
