@@ -53,6 +53,21 @@ def _blosc_of(codecs: list, dtype: np.dtype) -> numcodecs.blosc.Blosc | None | b
                                  typesize=int(config["typesize"]))
 
 
+def local_array(array, sharded: bool) -> tuple[Path, dict, np.dtype] | None:
+    """(folder, metadata, dtype) of a Zarr v3 array in a local store, sharded or not as asked, of a
+    native-order number type and without storage transformers; None for anything else."""
+    if not isinstance(array, zarr.Array) or array.metadata.zarr_format != 3 or (array.shards is not None) != sharded:
+        return None
+    store = array.store_path.store
+    if type(store) is not LocalStore:
+        return None
+    meta = array.metadata.to_dict()
+    dtype = np.dtype(array.dtype)
+    if meta.get("storage_transformers") or dtype.kind not in "biuf" or not dtype.isnative:
+        return None
+    return Path(store.root) / array.store_path.path, meta, dtype
+
+
 class ChunkFiles:
     """The chunks of one zarr array as files; see the module doc."""
 
@@ -70,19 +85,14 @@ class ChunkFiles:
     @classmethod
     def of(cls, array) -> ChunkFiles | None:
         """Files of `array`'s chunks, or None where only zarr knows how to read and write them."""
-        if not isinstance(array, zarr.Array) or array.metadata.zarr_format != 3 or array.shards is not None:
+        found = local_array(array, sharded=False)
+        if found is None:
             return None
-        store = array.store_path.store
-        if type(store) is not LocalStore:
-            return None
-        meta = array.metadata.to_dict()
-        dtype = np.dtype(array.dtype)
-        if meta.get("storage_transformers") or dtype.kind not in "biuf" or not dtype.isnative:
-            return None
+        folder, meta, dtype = found
         blosc = _blosc_of(list(meta.get("codecs", ())), dtype)
         if blosc is False:
             return None
-        return cls(array, Path(store.root) / array.store_path.path, blosc)
+        return cls(array, folder, blosc)
 
     def path(self, coords) -> Path:
         return self.folder / self.array.metadata.encode_chunk_key(tuple(int(c) for c in coords))

@@ -27,10 +27,9 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 import zarr
-from zarr.storage import LocalStore
 
 from ..errors import UserError
-from .chunk_io import ChunkFiles, _blosc_of, replace_file
+from .chunk_io import ChunkFiles, _blosc_of, local_array, replace_file
 from .store import damaged_chunk, missing_chunk
 
 MISSING = 2**64 - 1  # an index entry's (offset, nbytes) for a chunk the shard does not hold
@@ -78,16 +77,12 @@ class ShardFiles:
     @classmethod
     def of(cls, array) -> ShardFiles | None:
         """Files of `array`'s shards, or None where only zarr knows how to read and write them."""
-        if not isinstance(array, zarr.Array) or array.metadata.zarr_format != 3 or array.shards is None:
+        found = local_array(array, sharded=True)
+        if found is None:
             return None
-        store = array.store_path.store
-        if type(store) is not LocalStore:
-            return None
-        meta = array.metadata.to_dict()
-        dtype = np.dtype(array.dtype)
+        folder, meta, dtype = found
         codecs = list(meta.get("codecs", ()))
-        if (meta.get("storage_transformers") or dtype.kind not in "biuf" or not dtype.isnative
-                or len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed"):
+        if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
             return None
         config = _config(codecs[0])[1]
         if ([_config(c) for c in config.get("index_codecs", ())] != INDEX_CODECS
@@ -97,7 +92,6 @@ class ShardFiles:
         blosc = _blosc_of(list(config.get("codecs", ())), dtype)
         if blosc is False:
             return None
-        folder = Path(store.root) / array.store_path.path
         return cls(array, folder, ChunkFiles(array, folder, blosc), config.get("index_location") == "start")
 
     def path(self, shard_coords) -> Path:
