@@ -95,6 +95,28 @@ def test_sharded_outputs_equal_unsharded_in_zarrs_bytes_and_tensorstore_reads_th
         assert np.array_equal(store.read().result(), x[key]), path
 
 
+def test_a_sharded_prediction_is_valid_ome_zarr_with_sharded_levels(ckpt, volume, tmp_path):
+    from test_ome import check_ome
+
+    out = tmp_path / "pred.zarr"
+    predict(ckpt, volume, out, overrides=BLOCKS)
+    group = zarr.open_group(str(out), mode="r")
+    levels = group.attrs["ome"]["multiscales"][0]["datasets"]
+    assert len(levels) == 3 and all(group[d["path"]].shards is not None for d in levels)
+    check_ome(out, "probability", ["mask"], 3)  # ome-zarr-models and ome-zarr-py's reader
+
+
+@pytest.mark.parametrize("value", ["[1,4]", "[0,4,4]", "[1,-2,4]"])
+def test_bad_shard_blocks_are_one_line_before_anything_is_written(ckpt, volume, tmp_path, value):
+    from conftest import run_cli
+
+    out = tmp_path / "p.zarr"
+    done = run_cli("predict", "--checkpoint", ckpt, "--input", volume, "--out", out, *BLOCKS,
+                   f"predict.shard_blocks={value}")
+    assert done.code == 2 and len(done.err.strip().splitlines()) == 1 and "predict.shard_blocks" in done.err
+    assert "Traceback" not in done.err and not out.exists()
+
+
 def test_the_zarrs_pipeline_writes_whole_shards_through_zarr(ckpt, volume, tmp_path):
     pytest.importorskip("zarrs")
     ours, theirs = tmp_path / "ours.zarr", tmp_path / "zarrs.zarr"
