@@ -35,7 +35,7 @@ SHUFFLES = {"noshuffle": numcodecs.blosc.NOSHUFFLE, "shuffle": numcodecs.blosc.S
 BLOSC_HEADER = 16  # version, versionlz, flags, typesize, then nbytes, blocksize, cbytes (uint32 LE)
 
 
-def _blosc_of(codecs: list, dtype: np.dtype) -> numcodecs.blosc.Blosc | None | bool:
+def blosc_of(codecs: list, dtype: np.dtype) -> numcodecs.blosc.Blosc | None | bool:
     """The Blosc codec that `codecs` (metadata JSON) amount to; None for plain bytes; False when we
     cannot tell that our bytes would equal zarr's."""
     if not codecs or codecs[0].get("name") != "bytes" or len(codecs) > 2:
@@ -89,7 +89,7 @@ class ChunkFiles:
         if found is None:
             return None
         folder, meta, dtype = found
-        blosc = _blosc_of(list(meta.get("codecs", ())), dtype)
+        blosc = blosc_of(list(meta.get("codecs", ())), dtype)
         if blosc is False:
             return None
         return cls(array, folder, blosc)

@@ -29,7 +29,7 @@ import numpy as np
 import zarr
 
 from ..errors import UserError
-from .chunk_io import ChunkFiles, _blosc_of, local_array, replace_file
+from .chunk_io import ChunkFiles, blosc_of, local_array, replace_file
 from .store import damaged_chunk, missing_chunk
 
 MISSING = 2**64 - 1  # an index entry's (offset, nbytes) for a chunk the shard does not hold
@@ -89,7 +89,7 @@ class ShardFiles:
                 or config.get("index_location", "end") not in ("start", "end")
                 or tuple(config.get("chunk_shape", ())) != tuple(array.chunks)):
             return None
-        blosc = _blosc_of(list(config.get("codecs", ())), dtype)
+        blosc = blosc_of(list(config.get("codecs", ())), dtype)
         if blosc is False:
             return None
         return cls(array, folder, ChunkFiles(array, folder, blosc), config.get("index_location") == "start")
