@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unet_dist.config import Config, load_config
-from unet_dist.commandline import run_command
+from unet_dist.errors import run_command
 from unet_dist.rundir import (STATUS, newest_step, read_status, record_requeue, requeue_steps,  # noqa: F401
                               status_mtime, wandb_sync_command)
 from unet_dist.errors import UserError

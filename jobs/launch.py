@@ -12,10 +12,10 @@ from typing import Callable
 
 import submitit
 
-from unet_dist.commandline import run_command
+from unet_dist.errors import run_command
 from unet_dist.errors import UserError
 
-from . import common
+from jobs import common
 
 
 class NotRequeued(RuntimeError):

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import submitit
 
-from unet_dist.commandline import slice_range
+from unet_dist.cli.arguments import slice_range
 from unet_dist.errors import UserError
-from unet_dist.predict_manifest import finished_blocks
+from unet_dist.predict.manifest import finished_blocks
 
-from . import common
-from .launch import (NotRequeued, SubmittedJob, add_launch_arguments, executor_for, launch_from, resources,
+from jobs import common
+from jobs.launch import (NotRequeued, SubmittedJob, add_launch_arguments, executor_for, launch_from, resources,
                      submit_and_report)
 
 
@@ -49,7 +49,7 @@ class PredictJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         from unet_dist import dist
         from unet_dist.files import write_json_atomic
-        from unet_dist.predict import predict
+        from unet_dist.predict.pipeline import predict
 
         resume, overwrite = self.resume, self.overwrite
         if int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:  # requeued by SLURM: continue, never replace
@@ -88,7 +88,6 @@ def submit(checkpoint: str | Path, input: str | Path, out: str | Path, *, labels
     from unet_dist import checkpoint as ckpt
     from unet_dist.config import from_dict
     from unet_dist.data.store import RAW, TARGET_PATH, open_store
-
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other")
     kind = common.choose_cluster(cluster)

@@ -33,8 +33,8 @@ import submitit
 
 from unet_dist.errors import UserError
 
-from . import common
-from .launch import (NotRequeued, SubmittedJob, add_launch_arguments, executor_for, launch_from, resources,
+from jobs import common
+from jobs.launch import (NotRequeued, SubmittedJob, add_launch_arguments, executor_for, launch_from, resources,
                      submit_and_report)
 
 # What a stop signal means: USR1/USR2 = time limit or preemption notice (requeue); TERM alone = cancel.
@@ -103,7 +103,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict:
         from unet_dist.config import load_config
-        from unet_dist.train import train
+        from unet_dist.train.loop import train
 
         cfg = load_config(self.config, self.overrides)
         env = submitit.JobEnvironment()
@@ -161,7 +161,7 @@ def submit(config: str | Path, overrides=(), *, cluster: str = "auto", resume: s
         cfg = load_config(config, overrides)
     req = resources(cfg, kind, **request)  # what the cluster can run (quick: no torch yet)
     from unet_dist.rundir import refuse_earlier_run
-    from unet_dist.train import check_inputs
+    from unet_dist.train.loop import check_inputs
 
     check_inputs(cfg)  # the store, slices and patch size, before anything is queued
     if resume == "never":

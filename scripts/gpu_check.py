@@ -78,7 +78,7 @@ for name in sys.argv[1].split(","):
         info["missing"].append(f"{name} ({type(exc).__name__}: {str(exc)[:120]})")
 try:
     import torch
-    from unet_dist import dist
+    from unet_dist import dist, runtime
     cuda = torch.cuda.is_available()
     info.update(torch=torch.__version__, cuda_available=cuda, cuda_runtime=torch.version.cuda,
                 cudnn=torch.backends.cudnn.version() if cuda else None, gpu_count=torch.cuda.device_count())
@@ -86,13 +86,13 @@ try:
         props = torch.cuda.get_device_properties(0)
         device = torch.device("cuda", 0)
         info.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
-                    gpu_memory_gb=round(props.total_memory / 2**30, 1), native_bf16=dist.native_bf16(device),
-                    precision_auto=dist.resolve_precision("auto", device),
+                    gpu_memory_gb=round(props.total_memory / 2**30, 1), native_bf16=runtime.native_bf16(device),
+                    precision_auto=runtime.resolve_precision("auto", device),
                     tf32_convolutions=bool(torch.backends.cudnn.allow_tf32))
         from unet_dist.bench.common import peak_bf16_flops
         info["peak_bf16_dense_tflops"] = (peak_bf16_flops(props.name) or 0) / 1e12 or None
     else:
-        info.update(gpu=None, native_bf16=False, precision_auto=dist.resolve_precision("auto", torch.device("cpu")))
+        info.update(gpu=None, native_bf16=False, precision_auto=runtime.resolve_precision("auto", torch.device("cpu")))
 except Exception as exc:
     info["error"] = f"{type(exc).__name__}: {exc}"
 smi = shutil.which("nvidia-smi")

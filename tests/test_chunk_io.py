@@ -12,7 +12,7 @@ import zarr
 from zarr.codecs import BloscCodec, TransposeCodec, ZstdCodec
 
 from unet_dist.data.chunk_io import ChunkFiles
-from unet_dist.data.store import EVERY_CHUNK_STORED
+from unet_dist.data.damaged_chunks import EVERY_CHUNK_STORED
 from unet_dist.errors import UserError
 
 SHAPE, CHUNKS = (3, 50, 70), (2, 16, 32)  # edge chunks on every axis

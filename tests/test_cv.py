@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from unet_dist.config import load_config
-from unet_dist.cv import (THRESHOLDS, Fold, best_threshold, cross_fitted, fold_config, fold_slices, make_folds,
+from unet_dist.evaluate.cross_validation import (THRESHOLDS, Fold, best_threshold, cross_fitted, fold_config, fold_slices, make_folds,
                           mean_std, scores, summarize)
 from unet_dist.errors import UserError
 

@@ -8,6 +8,7 @@ import textwrap
 import pytest
 import torch
 
+from unet_dist import runtime
 from unet_dist import dist
 from unet_dist.errors import UserError
 
@@ -68,10 +69,10 @@ def test_device_choice_without_cuda():
 
 def test_precision_resolution_on_cpu():
     cpu = torch.device("cpu")
-    assert dist.resolve_precision("auto", cpu) == "fp32"
-    assert dist.resolve_precision("bf16", cpu) == "bf16"
+    assert runtime.resolve_precision("auto", cpu) == "fp32"
+    assert runtime.resolve_precision("bf16", cpu) == "bf16"
     with pytest.raises(UserError, match="fp16 needs a GPU"):
-        dist.resolve_precision("fp16", cpu)
+        runtime.resolve_precision("fp16", cpu)
 
 
 def test_reductions_without_process_group():
@@ -140,25 +141,25 @@ def test_one_gpu_per_rank_is_accepted():
 
 
 def test_auto_precision_wants_native_bf16():
-    assert dist.auto_precision("cuda", native_bf16=True) == "bf16"
-    assert dist.auto_precision("cuda", native_bf16=False) == "fp32"  # emulated bf16 is slower than fp32
-    assert dist.auto_precision("cpu", native_bf16=True) == "fp32"
-    assert not dist.native_bf16(torch.device("cpu"))
+    assert runtime.auto_precision("cuda", native_bf16=True) == "bf16"
+    assert runtime.auto_precision("cuda", native_bf16=False) == "fp32"  # emulated bf16 is slower than fp32
+    assert runtime.auto_precision("cpu", native_bf16=True) == "fp32"
+    assert not runtime.native_bf16(torch.device("cpu"))
 
 
 def test_deterministic_sets_the_cublas_workspace_and_keeps_cudnn_autotuner_off():
     code = textwrap.dedent("""
         import json, os, torch
-        from unet_dist import dist
-        dist.make_deterministic()
-        dist.tune_for_fixed_shapes(torch.device("cuda"))  # must not turn the autotuner on now
+        from unet_dist import runtime
+        runtime.make_deterministic()
+        runtime.tune_for_fixed_shapes(torch.device("cuda"))  # must not turn the autotuner on now
         print(json.dumps([os.environ.get("CUBLAS_WORKSPACE_CONFIG"), torch.are_deterministic_algorithms_enabled(),
                           torch.backends.cudnn.benchmark]))
     """)
     env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == [":4096:8", True, False]
-    code = ("import torch; from unet_dist import dist; dist.tune_for_fixed_shapes(torch.device('cuda')); "
+    code = ("import torch; from unet_dist import runtime; runtime.tune_for_fixed_shapes(torch.device('cuda')); "
             "print(torch.backends.cudnn.benchmark)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "True"
 

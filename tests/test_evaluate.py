@@ -12,8 +12,8 @@ import pytest
 import zarr
 
 from unet_dist.cli import main
-from unet_dist.evaluate import evaluate
-from unet_dist.data.prediction import MASK, PROBABILITY, create_prediction, probability_float
+from unet_dist.evaluate.scoring import evaluate
+from unet_dist.predict.prediction_store import MASK, PROBABILITY, create_prediction, probability_float
 
 from conftest import ROOT, evaluate_volume, torchrun_cmd
 

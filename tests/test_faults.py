@@ -183,7 +183,6 @@ def _float_store(path: Path, raw, labels) -> Path:
 
     group = zarr.open_group(path, mode="w")
     from unet_dist.data.store import RAW, TARGET_PATH
-
     group.create_array(RAW, shape=raw.shape, chunks=(1, *raw.shape[1:]), dtype=raw.dtype)[:] = raw
     group.create_array(TARGET_PATH, shape=labels.shape, chunks=(1, *raw.shape[1:]), dtype=labels.dtype)[:] = labels
     return path

@@ -79,8 +79,8 @@ def test_resume_on_gpu_continues_within_tolerance(synth_store, tmp_path, record_
 def test_predictor_on_gpu_matches_the_cpu(tmp_path, record_property):
     from unet_dist.config import ModelConfig
     from unet_dist.data.synth import synthesize
-    from unet_dist.data.prediction import probability_float
-    from unet_dist.predict import predict
+    from unet_dist.predict.prediction_store import probability_float
+    from unet_dist.predict.pipeline import predict
 
     from test_predict import save_checkpoint
 

@@ -222,7 +222,7 @@ def batches(spec_, n=3, augment=None):
 @pytest.mark.parametrize("kind,weight_map", [("bce", False), ("bce_dice", True)])
 def test_loss_and_gradients_ignore_labels_of_unlabelled_voxels(kind, weight_map):
     """loss_fn itself: garbage labels under valid = 0 change neither the loss nor a gradient bit."""
-    from unet_dist.train_step import loss_fn
+    from unet_dist.train.step import loss_fn
 
     g = torch.Generator().manual_seed(0)
     label = (torch.rand(2, 1, 16, 16, generator=g) > 0.5).float()
@@ -355,9 +355,9 @@ def test_training_validation_predict_and_evaluate_ignore_the_garbage(stores, tmp
 
     # validation in-process equals predict's counts over the labelled voxels
     from unet_dist.config import from_dict
-    from unet_dist.dist import autocast
+    from unet_dist.runtime import autocast
     from unet_dist.model import build_model
-    from unet_dist.validation import validate
+    from unet_dist.train.validation import validate
 
     state = checkpoint.load(ckpt)
     cfg = from_dict(state["config"])
@@ -389,11 +389,11 @@ def test_pictures_show_unlabelled_voxels_as_their_own_class(stores, tmp_path, mo
     from PIL import Image
 
     from unet_dist.config import load_config
-    from unet_dist.dist import autocast
+    from unet_dist.runtime import autocast
     from unet_dist.model import build_model
-    from unet_dist.monitor import Monitor
-    from unet_dist.overlay import MISSED, INVENTED
-    from unet_dist.validation import validate
+    from unet_dist.monitor.training import Monitor
+    from unet_dist.visualize.overlay import MISSED, INVENTED
+    from unet_dist.train.validation import validate
     from wandb_records import history
 
     clean, _ = stores

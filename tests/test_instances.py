@@ -16,7 +16,7 @@ from test_ome import check_ome
 from unet_dist.data import pyramid
 from unet_dist.data import store as st
 from unet_dist.data.instances import IDS, Rule, membrane_target
-from unet_dist.data.prediction import MASK, PROBABILITY, create_prediction
+from unet_dist.predict.prediction_store import MASK, PROBABILITY, create_prediction
 
 IDS_PATH = st.label_path(IDS)
 

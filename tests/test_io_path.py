@@ -17,15 +17,16 @@ from unet_dist import checkpoint
 from unet_dist.config import PredictConfig, load_config
 from unet_dist.data.chunk_cache import ChunkCache
 from unet_dist.data.patches import to_unit_float
-from unet_dist.data.store import RAW, writing_every_chunk
+from unet_dist.data.damaged_chunks import writing_every_chunk
+from unet_dist.data.store import RAW
 from unet_dist.data.synth import synthesize
 from unet_dist.errors import UserError
-from unet_dist.block_plan import (assign, block_core, block_order, input_region, make_plan, mirror_box,
+from unet_dist.predict.block_plan import (assign, block_core, block_order, input_region, make_plan, mirror_box,
                                   read_mirrored)
-from unet_dist.predict import BlockPipeline, io_threads, load_model, predict
-from unet_dist.data.prediction import MASK, PROBABILITY, create_prediction, quantize
-from unet_dist.predict_manifest import Manifest, entries
-from unet_dist.tilenet import TileNet
+from unet_dist.predict.pipeline import BlockPipeline, io_threads, load_model, predict
+from unet_dist.predict.prediction_store import MASK, PROBABILITY, create_prediction, quantize
+from unet_dist.predict.manifest import Manifest, entries
+from unet_dist.predict.tilenet import TileNet
 
 from test_predict import SMALL, save_checkpoint
 
@@ -129,7 +130,7 @@ def test_mirrored_reads_equal_the_index_gather_for_any_reach():
         for n in shape:
             lo = int(rng.integers(-15, n))
             region.append((lo, int(rng.integers(lo + 1, n + 16))))
-        from unet_dist.block_plan import mirror_indices
+        from unet_dist.predict.block_plan import mirror_indices
 
         ref = a[np.ix_(*[mirror_indices(lo, hi, n) for (lo, hi), n in zip(region, shape)])]
         assert np.array_equal(read_mirrored(a, region), ref), (shape, region)

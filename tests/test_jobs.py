@@ -231,7 +231,7 @@ def test_local_prediction_job_requeues_and_matches_a_single_process(synth_store,
     from test_slurm import _checkpoint
 
     from jobs.predict import submit
-    from unet_dist.predict_manifest import finished_blocks
+    from unet_dist.predict.manifest import finished_blocks
 
     local_env(monkeypatch)
     ckpt = _checkpoint(tmp_path / "ckpt")

@@ -78,7 +78,7 @@ def test_convert_and_synth_stores_are_valid_ome_zarr(isbi_dir, tmp_path):
 def test_prediction_store_is_valid_ome_zarr(tmp_path, tiny_synth_store):
     from test_predict import SMALL, save_checkpoint
 
-    from unet_dist.predict import predict
+    from unet_dist.predict.pipeline import predict
 
     ckpt = save_checkpoint(tmp_path / "ck", SMALL)
     out = tmp_path / "pred.zarr"

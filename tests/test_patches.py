@@ -11,8 +11,6 @@ from unet_dist.config import AugmentConfig
 from unet_dist.data.patches import OpenVolume, PatchSpec, PatchStream, make_loader
 from unet_dist.data.augment import Augmenter
 from unet_dist.data.store import RAW, TARGET_PATH, open_store
-
-
 def spec(store, **kw) -> PatchSpec:
     return patch_spec(store, **{**dict(z_range=(0, 8), patch_size=(32, 32), batch_size=2, seed=7), **kw})
 

@@ -20,14 +20,14 @@ from unet_dist.cli import main
 from unet_dist.config import Config, ModelConfig, PredictConfig, to_dict
 from unet_dist.data.synth import synthesize
 from unet_dist.errors import UserError
-from unet_dist.infer import forward_whole
+from unet_dist.predict.infer import forward_whole
 from unet_dist.model import build_model, halo, pooling_factor
-from unet_dist.data.prediction import MASK, PROBABILITY, probability_float
+from unet_dist.predict.prediction_store import MASK, PROBABILITY, probability_float
 from unet_dist.data.store import RAW
 from unet_dist.files import FAULT_ENV
-from unet_dist.block_plan import assign, block_core, input_region, make_plan, mirror_indices, read_mirrored
-from unet_dist.predict import predict
-from unet_dist.tilenet import tta_average
+from unet_dist.predict.block_plan import assign, block_core, input_region, make_plan, mirror_indices, read_mirrored
+from unet_dist.predict.pipeline import predict
+from unet_dist.predict.tilenet import tta_average
 
 from conftest import ROOT, run_cli, torchrun_cmd
 

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import zarr
 
-from unet_dist.block_plan import assign, block_order, make_plan, shard_members, shard_of, whole_shards
+from unet_dist.predict.block_plan import assign, block_order, make_plan, shard_members, shard_of, whole_shards
 from unet_dist.config import ModelConfig, PredictConfig
-from unet_dist.data.prediction import MASK, PROBABILITY, create_prediction
-from unet_dist.data.store import writing_every_chunk
-from unet_dist.predict import predict
-from unet_dist.predict_manifest import Manifest
+from unet_dist.predict.prediction_store import MASK, PROBABILITY, create_prediction
+from unet_dist.data.damaged_chunks import writing_every_chunk
+from unet_dist.predict.pipeline import predict
+from unet_dist.predict.manifest import Manifest
 
 from unet_dist.data.synth import synthesize
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from unet_dist.progress import Progress
+from unet_dist.monitor.progress import Progress
 
 from conftest import run_cli
 

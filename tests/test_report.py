@@ -14,7 +14,7 @@ from PIL import Image
 from unet_dist.cli import main
 from unet_dist.config import Config, ModelConfig, dump_yaml
 from unet_dist.errors import UserError
-from unet_dist.report import (INVENTED, MISSED, error_panel, format_tick, line_chart, nice_ticks, read_metrics,
+from unet_dist.visualize.report import (INVENTED, MISSED, error_panel, format_tick, line_chart, nice_ticks, read_metrics,
                               report)
 
 from test_evaluate import fake_prediction
@@ -96,7 +96,7 @@ def test_report_from_the_runs_checkpoint(tmp_path, synth_store):
 
 
 def test_curves_of_several_volumes_add_a_chart_per_volume_dice(tmp_path):
-    from unet_dist.report import COLORS, curves, volume_names
+    from unet_dist.visualize.report import COLORS, curves, volume_names
 
     run = tmp_path / "run"
     run.mkdir()

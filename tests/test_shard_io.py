@@ -14,7 +14,8 @@ from zarr.codecs import BloscCodec, BytesCodec, ShardingCodec, TransposeCodec, Z
 from zarr.core.indexing import morton_order_iter
 
 from unet_dist.data.shard_io import ShardFiles, morton_order
-from unet_dist.data.store import EVERY_CHUNK_STORED, Layout, create_volume_array
+from unet_dist.data.damaged_chunks import EVERY_CHUNK_STORED
+from unet_dist.data.layout import Layout, create_volume_array
 from unet_dist.errors import UserError
 
 try:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
+from unet_dist.data import slab_writer
 from unet_dist.data import store as st
 from unet_dist.data.convert import store_info
 from unet_dist.data.synth import SynthVolume, synthesize
@@ -22,7 +23,7 @@ def test_deterministic_and_slab_independent(tiny_synth_store, tmp_path, monkeypa
     raw, labels = arrays(tiny_synth_store)
     # Same seed, other slab sizes (4-slice chunks; 8-slice shards): the same volume.
     synthesize(tmp_path / "a.zarr", shape=(8, 96, 128), seed=0, chunks=(4, 48, 64))
-    monkeypatch.setattr(st, "READ_AHEAD_BYTES", 0)  # and the serial path, without read-ahead
+    monkeypatch.setattr(slab_writer, "READ_AHEAD_BYTES", 0)  # and the serial path, without read-ahead
     synthesize(tmp_path / "b.zarr", shape=(8, 96, 128), seed=0, chunks=(2, 96, 128),
                shard=(8, 96, 128))
     for other in ("a.zarr", "b.zarr"):

@@ -73,9 +73,9 @@ def test_two_ranks_torchrun_stay_in_sync(em_store, tmp_path, free_port):
     assert "training 40 steps on 2 rank(s)" in proc.stdout
     # Validation counts are summed over ranks: one process on the final weights reports the same.
     from unet_dist.config import from_dict
-    from unet_dist.dist import autocast
+    from unet_dist.runtime import autocast
     from unet_dist.model import build_model
-    from unet_dist.validation import validate
+    from unet_dist.train.validation import validate
 
     state = checkpoint.load(run / "checkpoints" / "step-000000040.pt")
     cfg = from_dict(state["config"])
@@ -281,7 +281,7 @@ def test_model_command(cli):
 
 
 def test_loss_options():
-    from unet_dist.train_step import loss_fn
+    from unet_dist.train.step import loss_fn
 
     logits = torch.tensor([[[[4.0, -4.0], [4.0, -4.0]]]])
     label = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
@@ -295,7 +295,7 @@ def test_loss_options():
 
 def test_warmup_then_cosine():
     from unet_dist.config import TrainConfig
-    from unet_dist.train_state import lr_factor
+    from unet_dist.train.state import lr_factor
 
     cfg = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
     factors = [lr_factor(s, cfg) for s in range(100)]
@@ -364,7 +364,7 @@ def test_torch_compile_option(synth_store, tmp_path):
 # ------------------------------------------------------------------ GPU-path decisions, on the CPU
 
 def test_fp16_resume_from_a_bf16_or_fp32_checkpoint_starts_a_fresh_loss_scale():
-    from unet_dist.train_state import restore_scaler
+    from unet_dist.train.state import restore_scaler
 
     fp16 = torch.amp.GradScaler("cpu", enabled=True)
     note = restore_scaler(fp16, {})  # what a disabled (bf16/fp32) scaler saved: GradScaler would raise
@@ -380,7 +380,7 @@ def test_fp16_resume_from_a_bf16_or_fp32_checkpoint_starts_a_fresh_loss_scale():
 
 def test_deterministic_without_cuda_kernels_is_refused_on_cuda_only():
     from unet_dist.config import load_config
-    from unet_dist.train import deterministic_problem
+    from unet_dist.train.loop import deterministic_problem
 
     cfg = load_config(SMOKE, ["train.deterministic=true", "model.upsample=interp"])
     problem = deterministic_problem(cfg, "cuda")
@@ -396,7 +396,7 @@ def test_deterministic_without_cuda_kernels_is_refused_on_cuda_only():
 def test_a_non_finite_step_is_skipped_without_reading_the_flag_on_the_host(fused):
     """Fused Adam (the GPU optimizer; also built on the CPU here) takes the decision on the device via
     found_inf, as GradScaler drives it; the plain one reads the flag."""
-    from unet_dist.train_step import step_if_finite
+    from unet_dist.train.step import step_if_finite
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
@@ -413,7 +413,7 @@ def test_a_non_finite_step_is_skipped_without_reading_the_flag_on_the_host(fused
 
 
 def test_health_counts_consecutive_non_finite_steps_on_the_device():
-    from unet_dist.train_step import Health, TrainingDiverged
+    from unet_dist.train.step import Health, TrainingDiverged
 
     health = Health(torch.device("cpu"), limit=3, precision="bf16")
     for flag in (False, False, True, False, False):
@@ -451,9 +451,9 @@ def _random_run(tmp_path: Path, overrides: list[str]):
 def test_validation_goes_through_the_predictor_tiling_and_agrees_with_it(overrides, synth_store, tmp_path):
     """Validation reads blocks with their context, as the predictor does, so it never puts a whole
     slice or 3D band through the network at once, and its scores are the predictor's."""
-    from unet_dist.dist import autocast
-    from unet_dist.predict import predict
-    from unet_dist.validation import validate
+    from unet_dist.runtime import autocast
+    from unet_dist.predict.pipeline import predict
+    from unet_dist.train.validation import validate
 
     cfg, model, ckpt = _random_run(tmp_path, [f"data.store={synth_store}", "data.train_slices=[0,4]",
                                               "data.val_slices=[4,12]", *overrides])
@@ -475,7 +475,7 @@ def test_loader_workers_end_with_training(synth_store, tmp_path):
     import multiprocessing
 
     from unet_dist.config import load_config
-    from unet_dist.train import train
+    from unet_dist.train.loop import train
 
     cfg = load_config(SMOKE, [f"data.store={synth_store}", "data.train_slices=[0,8]", "data.val_slices=[8,12]",
                               f"run.dir={tmp_path / 'run'}", "train.steps=2", "train.val_every=2",

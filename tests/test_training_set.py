@@ -20,10 +20,10 @@ from unet_dist.config import AugmentConfig, from_dict, load_config
 from unet_dist.data.augment import Augmenter
 from unet_dist.data.patches import OpenVolume, PatchSpec, PatchStream
 from unet_dist.data.store import RAW, TARGET_PATH
-from unet_dist.dist import autocast
+from unet_dist.runtime import autocast
 from unet_dist.errors import UserError
 from unet_dist.model import build_model
-from unet_dist.validation import validate
+from unet_dist.train.validation import validate
 
 SMOKE = CONFIGS / "smoke.yaml"
 QUIET = AugmentConfig(intensity=False, noise_std=0.0, elastic=False)  # a constant patch stays constant

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import zarr
 
-from unet_dist.data import prediction as pr
+from unet_dist.predict import prediction_store as pr
 from unet_dist.data import store as st
 from unet_dist.data.synth import synthesize
 from unet_dist.errors import UserError
@@ -42,7 +42,7 @@ def need(module: str):
 def browser():
     need("neuroglancer")
     need("playwright")
-    from unet_dist.view import find_chromium
+    from unet_dist.visualize.view import find_chromium
 
     try:
         return find_chromium()
@@ -64,7 +64,7 @@ def predict_as_labels(ckpt: Path, store: Path, out: Path, slices: tuple[int, int
     """A prediction store written by `predict` (metadata, levels, translation), whose mask is then set
     to the store's labels of those slices and probability to 255 x labels, so a test knows what must
     appear where."""
-    from unet_dist.predict import predict
+    from unet_dist.predict.pipeline import predict
 
     predict(ckpt, store, out, slices=slices, overrides=["predict.block_size=[1,128,128]"])
     source = zarr.open_group(str(store), mode="r")
@@ -172,7 +172,7 @@ def test_screenshot_shows_every_layer_loaded_and_aligned(browser, stores, tmp_pa
 def test_isbi_store_and_prediction_screenshot(browser, isbi_store, ckpt, tmp_path):
     """The README's command on the ISBI stack: a prediction of slices 25:30 (random weights, uint8)
     and one in float16 (the client reads no float16: served from Python)."""
-    from unet_dist.predict import predict
+    from unet_dist.predict.pipeline import predict
 
     pred = tmp_path / "pred.zarr"
     predict(ckpt, isbi_store, pred, slices=(25, 30))

@@ -57,7 +57,7 @@ def test_cremi_walkthrough_runs_as_written(tmp_path):
     script = script.replace("100:125", f"{VAL[0]}:{VAL[1]}")
     if "--screenshot" in script:
         from unet_dist.errors import UserError
-        from unet_dist.view import find_chromium
+        from unet_dist.visualize.view import find_chromium
 
         try:
             find_chromium()

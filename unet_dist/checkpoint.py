@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
-from .files import fault_point
-from .rundir import BEST, STEP_FILE, step_file
+from unet_dist.errors import UserError
+from unet_dist.files import fault_point
+from unet_dist.rundir import BEST, STEP_FILE, step_file
 
 FORMAT = 1
 REQUIRED_KEYS = ("format", "model", "model_config", "step")

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import UserError
+from unet_dist.errors import UserError
 
 
 @dataclass

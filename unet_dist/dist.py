@@ -9,11 +9,9 @@ process group with `process_group(...)` for their work and then read like single
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import os
 import re
-import sys
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -21,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from .errors import UserError
+from unet_dist.errors import UserError, warn_once
 
 
 @dataclass(frozen=True)
@@ -82,15 +80,6 @@ def tasks_on_node(tasks_per_node: str, node_id: int) -> int:
     return counts[node_id] if 0 <= node_id < len(counts) else (counts[0] if counts else 1)
 
 
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
 def detect_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
     """Rank and world size from torchrun, else srun/submitit (SLURM variables), else submitit's local
     executor (`SUBMITIT_LOCAL_*`), else one process."""
@@ -108,7 +97,7 @@ def detect_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
     # also sees SLURM_PROCID=0 and the job's SLURM_NTASKS, but no other rank will ever join it.
     tasks = int(environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or 1)
     if "SLURM_PROCID" in environ and tasks > 1 and "SLURM_STEP_ID" not in environ:
-        _warn_once(f"SLURM_NTASKS={tasks} but this process is not in a job step (no srun): it runs alone; "
+        warn_once(f"SLURM_NTASKS={tasks} but this process is not in a job step (no srun): it runs alone; "
                    "start it with srun (see slurm/train.sbatch) to use every task")
     elif "SLURM_PROCID" in environ and tasks > 1:
         job_id = environ.get("SLURM_JOB_ID", "")
@@ -279,46 +268,6 @@ def broadcast_object(obj):
     return box[0]
 
 
-def auto_precision(device_type: str, native_bf16: bool) -> str:
-    """What `precision=auto` means: bf16 only where the GPU computes it natively (compute capability
-    8.0+); emulated bf16 (older GPUs accept the dtype) is slower than fp32, so those get fp32."""
-    return "bf16" if device_type == "cuda" and native_bf16 else "fp32"
-
-
-def native_bf16(device: torch.device) -> bool:
-    # including_emulation=False: torch's default also counts GPUs that merely accept the dtype.
-    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """auto: bf16 where the device computes it natively (Ampere+ GPUs), fp32 elsewhere."""
-    if requested != "auto":
-        if requested == "fp16" and device.type == "cpu":
-            raise UserError("train.precision: fp16 needs a GPU; use bf16 or fp32 on the CPU")
-        if requested == "bf16" and device.type == "cuda" and not native_bf16(device):
-            _warn_once(f"precision bf16: {torch.cuda.get_device_name(device)} has no native bf16, it is emulated "
-                       "(slow); fp16 or fp32 is faster there")
-        return requested
-    return auto_precision(device.type, native_bf16(device))
-
-
-def make_deterministic() -> None:
-    """Deterministic kernels (train.deterministic). Called before CUDA is first used: cuBLAS reads
-    CUBLAS_WORKSPACE_CONFIG when it creates its handle, and without it torch refuses its matmuls
-    under deterministic algorithms."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = False
-
-
-def tune_for_fixed_shapes(device: torch.device) -> None:
-    """cuDNN's autotuner: training patches, validation tiles and predictor tiles have fixed shapes, so
-    the best convolution algorithm found on the first call is reused for every later one. Not under
-    deterministic algorithms (it may pick a different, non-deterministic kernel per run)."""
-    if device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
-        torch.backends.cudnn.benchmark = True
-
-
 def loader_workers(requested: int, env: DistEnv, environ: Mapping[str, str] = os.environ) -> int:
     """DataLoader workers this rank can run without oversubscribing what SLURM gave it.
 
@@ -333,17 +282,11 @@ def loader_workers(requested: int, env: DistEnv, environ: Mapping[str, str] = os
     usable = max(0, per_rank - 1)
     if requested > usable:
         if env.is_main:
-            _warn_once(f"data.num_workers={requested} but SLURM gives this rank {per_rank} CPU(s) "
+            warn_once(f"data.num_workers={requested} but SLURM gives this rank {per_rank} CPU(s) "
                        f"(SLURM_CPUS_PER_TASK={cpus}): using {usable} loader worker(s); ask for "
                        f"--cpus-per-task={(requested + 1) * ranks} to run {requested}")
         return usable
     return requested
-
-
-def autocast(device: torch.device, precision: str):
-    """One autocast context for every precision; fp32 is autocast disabled."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def broadcast_buffers(model: torch.nn.Module) -> None:
@@ -370,21 +313,3 @@ def replica_spread(model: torch.nn.Module) -> float:
     return float(values.max() - values.min())
 
 
-def keep_freed_memory() -> None:
-    """Stop glibc from handing large freed blocks back to the OS (the predictor, on any device).
-
-    By default every freed block over 32 MB is unmapped and faulted in again at the next forward
-    pass: 1.4 million page faults per 4-tile batch in the predict benchmark, over 40% of its CPU
-    time in the kernel. The predictor's host side does the same on a smaller scale with every
-    decoded chunk, batch of tiles and block (0.3-1.3 MB each, thousands per GiB): about 10% of the
-    I/O pipeline's CPU time (BENCHMARKS.md, io). Keeping them costs resident memory that no longer
-    shrinks after a peak.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to tune
-        return
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, (1 << 31) - 1)
-    libc.mallopt(m_top_pad, 256 << 20)

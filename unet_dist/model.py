@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .errors import UserError
+from unet_dist.errors import UserError
 
 NORMS = ("batch", "group", "instance", "none")
 UPSAMPLES = ("transpose", "interp")

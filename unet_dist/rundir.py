@@ -17,8 +17,8 @@ import shlex
 import time
 from pathlib import Path
 
-from .errors import UserError
-from .files import write_json_atomic
+from unet_dist.errors import UserError
+from unet_dist.files import write_json_atomic
 
 CHECKPOINTS = "checkpoints"
 BEST = "best.pt"

@@ -67,8 +67,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_bench(args) -> int:
-    from ..files import write_json_atomic
-    from .common import format_table, log
+    from unet_dist.files import write_json_atomic
+    from unet_dist.bench.common import format_table, log
 
     suite = _suite(args.suite)
     report = suite.run(args)
@@ -90,7 +90,7 @@ def cmd_bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m unet_dist.bench SUITE ...`: the same as `unet-dist bench SUITE ...`."""
-    from ..commandline import run_command
+    from unet_dist.errors import run_command
 
     parser = argparse.ArgumentParser(prog="unet-dist")
     add_bench_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))

@@ -2,6 +2,6 @@
 
 import sys
 
-from . import main
+from unet_dist.bench import main
 
 sys.exit(main())

@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def layouts(names: str, shape, chunk: int, shard_depth: int) -> dict[str, tuple]:
     """name -> (chunks, shard) for make_volume_store."""
-    from ..errors import UserError
+    from unet_dist.errors import UserError
 
     _, height, width = shape
     small = (1, min(chunk, height), min(chunk, width))
@@ -90,7 +90,7 @@ def store_files(path: str) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- in child processes
 
 def run_write(out: str, shape: list, chunks, shard) -> dict:
-    from .common import make_volume_store, measure
+    from unet_dist.bench.common import make_volume_store, measure
 
     def go() -> None:
         make_volume_store(Path(out), shape, chunks=tuple(chunks) if isinstance(chunks, list) else chunks,
@@ -100,9 +100,9 @@ def run_write(out: str, shape: list, chunks, shard) -> dict:
 
 
 def run_train(overrides: list) -> dict:
-    from ..config import load_config
-    from ..train import train
-    from .common import PeakRSS, measure
+    from unet_dist.config import load_config
+    from unet_dist.train.loop import train
+    from unet_dist.bench.common import PeakRSS, measure
 
     cfg = load_config(None, overrides)
 
@@ -120,10 +120,10 @@ def run_read(ckpt: str, store: str, readers: int = 2) -> dict:
     threads as the predictor reads them, without the network (which hides I/O on a CPU)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from ..data.store import RAW, open_store
-    from ..block_plan import block_core, input_region, make_plan, read_mirrored
-    from ..predict import load_model
-    from .common import measure
+    from unet_dist.data.store import RAW, open_store
+    from unet_dist.predict.block_plan import block_core, input_region, make_plan, read_mirrored
+    from unet_dist.predict.pipeline import load_model
+    from unet_dist.bench.common import measure
 
     _, cfg, _ = load_model(ckpt)
     raw = open_store(store)[RAW]
@@ -139,8 +139,8 @@ def run_read(ckpt: str, store: str, readers: int = 2) -> dict:
 
 
 def run_predict(ckpt: str, store: str, out: str, device: str) -> dict:
-    from ..predict import predict
-    from .common import PeakRSS, measure
+    from unet_dist.predict.pipeline import predict
+    from unet_dist.bench.common import PeakRSS, measure
 
     def go() -> dict:
         with PeakRSS(interval=0.02, children=True) as tree:
@@ -153,7 +153,7 @@ def run_predict(ckpt: str, store: str, out: str, device: str) -> dict:
 # ------------------------------------------------------------------------------------ the parent
 
 def _mb(value) -> float | None:
-    from .common import MB
+    from unet_dist.bench.common import MB
 
     return None if value is None else value / MB
 
@@ -161,9 +161,9 @@ def _mb(value) -> float | None:
 def run(args) -> dict:
     import shutil
 
-    from ..config import to_dict
-    from ..errors import UserError
-    from . import common
+    from unet_dist.config import to_dict
+    from unet_dist.errors import UserError
+    from unet_dist.bench import common
 
     device = common.resolve_device(args.device)
     cuda = device.type == "cuda"

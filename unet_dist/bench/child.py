@@ -16,7 +16,7 @@ def main() -> int:
     spec = json.loads(sys.stdin.read())
     module, _, name = spec["target"].partition(":")
     result = getattr(importlib.import_module(module), name)(**spec["kwargs"])
-    from .common import peak_rss_bytes
+    from unet_dist.bench.common import peak_rss_bytes
 
     result["peak_rss_bytes"] = peak_rss_bytes()
     sys.stdout.write("\n" + json.dumps(result) + "\n")

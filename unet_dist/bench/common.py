@@ -56,13 +56,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
-
-
 def peak_bf16_flops(device_name: str | None) -> float | None:
     """The device's bf16 dense peak in FLOP/s, or None (CPUs, GPUs not in the table)."""
     if not device_name:
@@ -77,9 +70,11 @@ def machine_info(device) -> dict:
     import psutil
     import torch
 
+    from unet_dist import runtime
+
     info = {
         "cpu": cpu_model(),
-        "cores": usable_cores(),
+        "cores": runtime.usable_cores(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
@@ -103,7 +98,7 @@ def versions() -> dict:
     import torch
     import zarr
 
-    from .. import __version__
+    from unet_dist import __version__
 
     found = {"unet_dist": __version__, "python": platform.python_version(), "torch": torch.__version__,
              "numpy": np.__version__, "scipy": scipy.__version__, "zarr": zarr.__version__,
@@ -121,7 +116,7 @@ def versions() -> dict:
 # ----------------------------------------------------------------------------- config and device
 
 def resolve_device(requested: str):
-    from .. import dist
+    from unet_dist import dist
 
     return dist.choose_device(requested, 0)
 
@@ -130,7 +125,7 @@ def suite_config(args, profiles: dict[str, list[str]], device):
     """Config for a suite: defaults + the suite's size profile for this device (cpu | cuda), or
     --config FILE instead of the profile; then the tiny profile with --tiny; then the user's
     dotted overrides. Returns the Config and the overrides applied, in order."""
-    from ..config import load_config
+    from unet_dist.config import load_config
 
     applied = [] if args.config else list(profiles["cuda" if device.type == "cuda" else "cpu"])
     if args.tiny:
@@ -314,7 +309,7 @@ def synthetic_slices(shape: tuple[int, int, int], distinct: int = 8, seed: int =
     `distinct` slices are rendered and slice z is slice z % distinct of them. Compression is not
     flattered: 2D chunks hold one slice each, and in 3D chunks a repeat is `distinct` slices away,
     farther than one Blosc block (blocks are compressed independently; measured: the same ratio)."""
-    from ..data.synth import SynthVolume
+    from unet_dist.data.synth import SynthVolume
 
     depth, height, width = shape
     n = max(1, min(distinct, depth))
@@ -332,16 +327,18 @@ def make_volume_store(out: Path, shape, chunks="2d", seed: int = 0, distinct: in
     """A volume store (raw + labels, our layout and codecs, optionally sharded) of any size from
     `synthetic_slices`; for volumes of at most `distinct` slices and no shards this is exactly
     `unet-dist synth`'s output."""
-    from ..data import store as st
-    from ..data.ome import write_em_store
-    from ..data.synth import synthesize
+    from unet_dist.data import store as st
+    from unet_dist.data.atomic_dir import atomic_store_dir
+    from unet_dist.data.layout import resolve_layout
+    from unet_dist.data.ome import write_em_store
+    from unet_dist.data.synth import synthesize
 
     shape = tuple(int(s) for s in shape)
     if shape[0] <= distinct and shard is None:
         synthesize(out, shape=shape, seed=seed, chunks=chunks, overwrite=True)
         return Path(out)
-    layout = st.resolve_layout(shape, chunks, shard)
-    with st.atomic_store_dir(out, overwrite=True) as tmp:
+    layout = resolve_layout(shape, chunks, shard)
+    with atomic_store_dir(out, overwrite=True) as tmp:
         attrs = st.provenance({"synthetic": {"generator": "unet_dist.bench.common.synthetic_slices",
                                              "seed": seed, "shape": list(shape), "distinct": distinct}})
         write_em_store(tmp, layout, (50.0, 4.0, 4.0), np.uint8, True, synthetic_slices(shape, distinct, seed), attrs)

@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _slabs(shape, depth):
-    from .common import synthetic_slices
+    from unet_dist.bench.common import synthetic_slices
 
     read_slab = synthetic_slices(shape, seed=0)
     for z0 in range(0, shape[0], depth):
@@ -59,7 +59,7 @@ def write_tiff(path, shape, seed: int = 0) -> float:
     """A uint8 multi-page TIFF (BigTIFF, contiguous pages), page by page; returns seconds."""
     import tifffile
 
-    from .common import synthetic_slices
+    from unet_dist.bench.common import synthetic_slices
 
     t0 = time.perf_counter()
     read_slab = synthetic_slices(shape, seed=seed)
@@ -125,7 +125,7 @@ def write_source(kind: str, work: Path, shape) -> str:
 
 def run_read(kind: str, spec: str, slab: int) -> dict:
     """The peer: the source's own library, slab by slab, discarding the data."""
-    from .common import measure
+    from unet_dist.bench.common import measure
 
     path, _, inner = spec.partition(":")
 
@@ -173,8 +173,8 @@ def _peer_slabs(kind, path, inner, slab):
 
 
 def run_convert(spec: str, out: str, chunks, shard, resolution=None) -> dict:
-    from ..data.convert import convert
-    from .common import measure
+    from unet_dist.data.convert import convert
+    from unet_dist.bench.common import measure
 
     return measure(lambda: {"summary": convert(spec, out, chunks=chunks, shard=shard, overwrite=True,
                                                resolution=resolution)})
@@ -184,9 +184,10 @@ def run_convert(spec: str, out: str, chunks, shard, resolution=None) -> dict:
 
 
 def run(args) -> dict:
-    from ..data.store import resolve_layout, stored_bytes
-    from ..errors import UserError
-    from . import common
+    from unet_dist.data.layout import resolve_layout
+    from unet_dist.data.store import stored_bytes
+    from unet_dist.errors import UserError
+    from unet_dist.bench import common
 
     device = common.resolve_device("cpu")
     size_mb = args.size or DEFAULT_MB["tiny" if args.tiny else "cpu"]

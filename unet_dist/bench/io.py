@@ -73,15 +73,15 @@ def run_pipeline(store: str, out: str, cores: int, cache: bool, block: list, hal
     """The predictor's read -> identity -> write pipeline over every block; see the module doc."""
     import numpy as np
 
-    from ..config import ModelConfig, PredictConfig
-    from ..data.store import RAW, open_store
-    from ..dist import keep_freed_memory
-    from ..block_plan import block_order, make_plan
-    from ..predict import _create_output, BlockPipeline, block_crop, io_threads
-    from ..predict_manifest import Manifest
-    from ..predict_output import OutputWriter
-    from ..tilenet import Pending
-    from .common import measure
+    from unet_dist.config import ModelConfig, PredictConfig
+    from unet_dist.data.store import RAW, open_store
+    from unet_dist.runtime import keep_freed_memory
+    from unet_dist.predict.block_plan import block_order, make_plan
+    from unet_dist.predict.pipeline import _create_output, BlockPipeline, block_crop, io_threads
+    from unet_dist.predict.manifest import Manifest
+    from unet_dist.predict.output import OutputWriter
+    from unet_dist.predict.tilenet import Pending
+    from unet_dist.bench.common import measure
 
     _pin(cores)
     keep_freed_memory()  # as predict() does
@@ -115,8 +115,8 @@ def run_pipeline(store: str, out: str, cores: int, cache: bool, block: list, hal
         return {"blocks": len(todo)}
 
     result = measure(go)
-    from ..data.chunk_cache import ChunkCache
-    from ..block_plan import block_core, input_region, mirror_box
+    from unet_dist.data.chunk_cache import ChunkCache
+    from unet_dist.predict.block_plan import block_core, input_region, mirror_box
 
     boxes = [mirror_box(input_region(plan, block_core(plan, i)), raw.shape) for i in todo]
     delivered = sum(math.prod(s.stop - s.start for s in b) for b in boxes) * raw.dtype.itemsize
@@ -142,8 +142,8 @@ def run_limit(store: str, cores: int, out: str | None = None, block: list | None
     import numcodecs.blosc
     import numpy as np
 
-    from ..data.store import RAW, open_store
-    from ..dist import keep_freed_memory
+    from unet_dist.data.store import RAW, open_store
+    from unet_dist.runtime import keep_freed_memory
 
     _pin(cores)
     keep_freed_memory()  # the allocator as the pipeline measured beside it has it (predict() sets it)
@@ -159,7 +159,7 @@ def run_limit(store: str, cores: int, out: str | None = None, block: list | None
                 numcodecs.blosc.decompress(f.read(), out)
         return len(part) * nbytes
 
-    from .common import cpu_seconds
+    from unet_dist.bench.common import cpu_seconds
 
     parts = [files[i::cores] for i in range(cores)]
     t0, c0 = time.perf_counter(), cpu_seconds()
@@ -191,10 +191,10 @@ def io_limit(raw, out: str, cores: int, block: list, shard_blocks: list) -> dict
     import numpy as np
     import zarr
 
-    from ..data.chunk_io import ChunkFiles
-    from ..data.prediction import MASK, PROBABILITY, create_prediction
-    from ..data.shard_io import ShardFiles
-    from .common import cpu_seconds
+    from unet_dist.data.chunk_io import ChunkFiles
+    from unet_dist.predict.prediction_store import MASK, PROBABILITY, create_prediction
+    from unet_dist.data.shard_io import ShardFiles
+    from unet_dist.bench.common import cpu_seconds
 
     block = [min(b, n) for b, n in zip(block, raw.shape)]
     shard = [min(b * k, -(-n // b) * b) for b, k, n in zip(block, shard_blocks, raw.shape)]
@@ -270,8 +270,8 @@ def io_limit(raw, out: str, cores: int, block: list, shard_blocks: list) -> dict
 
 
 def _core_counts(text: str | None) -> list[int]:
-    from ..errors import UserError
-    from .common import usable_cores
+    from unet_dist.errors import UserError
+    from unet_dist.runtime import usable_cores
 
     most = usable_cores()
     if text is None:
@@ -286,7 +286,7 @@ def _core_counts(text: str | None) -> list[int]:
 
 
 def _raw_tif(args) -> str | None:
-    from ..errors import UserError
+    from unet_dist.errors import UserError
 
     if args.raw_tif:
         if not Path(args.raw_tif).is_file():
@@ -298,8 +298,8 @@ def _raw_tif(args) -> str | None:
 
 
 def run(args) -> dict:
-    from ..errors import UserError
-    from . import common, io_tables
+    from unet_dist.errors import UserError
+    from unet_dist.bench import common, io_tables
 
     if args.size <= 0 or args.width < 64:
         raise UserError("--size must be positive and --width at least 64")

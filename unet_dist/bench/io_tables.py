@@ -34,7 +34,7 @@ def _codec_inputs(raw_tif: str | None, tiny: bool):
         raw = labels = None
         source = "synthetic"
     if labels is None:
-        from .common import synthetic_slices
+        from unet_dist.bench.common import synthetic_slices
 
         n, w = (2, 256) if tiny else (8, 1024)
         slab = synthetic_slices((n, w, w))(0, n)
@@ -84,10 +84,10 @@ def run_backends(store: str, block: list, halo: list, depth: int, tiny: bool) ->
     """The same reads through each back end: whole chunks, block regions, 256^2 patches; one thread."""
     import numpy as np
 
-    from ..config import ModelConfig, PredictConfig
-    from ..data import backends
-    from ..data.store import RAW, open_store
-    from ..block_plan import block_core, input_region, make_plan, mirror_box
+    from unet_dist.config import ModelConfig, PredictConfig
+    from unet_dist.data import backends
+    from unet_dist.data.store import RAW, open_store
+    from unet_dist.predict.block_plan import block_core, input_region, make_plan, mirror_box
 
     raw = open_store(store)[RAW]
     cz, cy, cx = raw.chunks

@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _worker_counts(text: str | None, cuda: bool, tiny: bool, cores: int) -> list[int]:
-    from ..errors import UserError
+    from unet_dist.errors import UserError
 
     if text:
         try:
@@ -58,7 +58,7 @@ def _worker_counts(text: str | None, cuda: bool, tiny: bool, cores: int) -> list
 
 def measure_loader(stream, workers: int, cfg, pin: bool, seconds: float, min_batches: int) -> dict:
     """Start-up time and steady patches/s of a DataLoader with `workers` workers."""
-    from ..data.patches import make_loader
+    from unet_dist.data.patches import make_loader
 
     loader = make_loader(stream, workers, cfg.data.start_method, pin_memory=pin,
                          prefetch_factor=cfg.data.prefetch_factor)
@@ -83,18 +83,18 @@ def measure_loader(stream, workers: int, cfg, pin: bool, seconds: float, min_bat
 
 
 def run(args) -> dict:
-    from .. import dist
-    from ..config import to_dict
-    from ..data.patches import PatchSpec, PatchStream
-    from ..data.store import RAW, TARGET_PATH, open_store
-    from ..train import check_inputs
-    from . import common
-    from .train import Batch, OurStep, Variant
+    from unet_dist import runtime
+    from unet_dist.config import to_dict
+    from unet_dist.data.patches import PatchSpec, PatchStream
+    from unet_dist.data.store import RAW, TARGET_PATH, open_store
+    from unet_dist.train.loop import check_inputs
+    from unet_dist.bench import common
+    from unet_dist.bench.train import Batch, OurStep, Variant
 
     device = common.resolve_device(args.device)
     cuda = device.type == "cuda"
     cfg, applied = common.suite_config(args, PROFILES, device)
-    counts = _worker_counts(args.workers, cuda, args.tiny, common.usable_cores())
+    counts = _worker_counts(args.workers, cuda, args.tiny, runtime.usable_cores())
     seconds = args.seconds if args.seconds is not None else (0.0 if args.tiny else 5.0)
     steps = args.steps or (2 if args.tiny else 5)
     min_batches = 2 if args.tiny else 5
@@ -117,7 +117,7 @@ def run(args) -> dict:
             m = measure_loader(PatchStream(spec, cfg.data.augment), w, cfg, cuda, seconds, min_batches)
             rows.append({"what": f"loader {w} worker(s)", "role": "ours", "workers": w, **m})
 
-        precision = dist.resolve_precision(cfg.train.precision, device)
+        precision = runtime.resolve_precision(cfg.train.precision, device)
         # nosync=False: each step ends with a device synchronisation, so a step can be timed on its own
         # (the trainer skips it; its throughput over many steps is the same).
         variant = Variant("ours", precision=precision, channels_last=cfg.train.channels_last,
@@ -166,7 +166,7 @@ def run(args) -> dict:
 
 def _fed(step, stream, workers: int, cfg, pin: bool, steps: int) -> dict:
     """Our step with each batch taken from the loader (as the trainer does), waiting time measured."""
-    from ..data.patches import make_loader
+    from unet_dist.data.patches import make_loader
 
     loader = make_loader(stream, workers, cfg.data.start_method, pin_memory=pin,
                          prefetch_factor=cfg.data.prefetch_factor)
@@ -196,8 +196,7 @@ def _feed(step, batch) -> None:
 
 
 def _volume(text: str | None, default) -> tuple[int, int, int]:
-    from ..data.store import parse_zyx
-
+    from unet_dist.data.layout import parse_zyx
     return parse_zyx(text, "--volume") if text else tuple(default)
 
 

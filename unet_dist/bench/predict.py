@@ -51,8 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def tile_runner(ckpt: str, device, precision: str, batch: int):
     """The predictor's tile runner for a checkpoint, laid out for its model's dimensions (a 3D model's
     5D weights take channels_last_3d, not channels_last)."""
-    from ..predict import load_model
-    from ..tilenet import TileNet
+    from unet_dist.predict.pipeline import load_model
+    from unet_dist.predict.tilenet import TileNet
 
     model, cfg, _ = load_model(ckpt)
     return TileNet(model, device, precision, batch, tta=False, dims=cfg.model.dims)
@@ -76,8 +76,8 @@ def _warmup(ckpt: str, device, precision: str, plan_tile, batch: int) -> None:
 def run_ours(ckpt: str, store: str, out: str, device: str, precision: str, tile: list, batch: int) -> dict:
     import torch
 
-    from ..predict import predict
-    from .common import measure
+    from unet_dist.predict.pipeline import predict
+    from unet_dist.bench.common import measure
 
     dev = torch.device(device)
     _warmup(ckpt, dev, precision, tile, batch)
@@ -92,12 +92,12 @@ def run_monai(ckpt: str, store: str, out: str, device: str, precision: str, tile
     import zarr
     from monai.inferers import sliding_window_inference
 
-    from .. import dist
-    from ..data.patches import to_unit_float
-    from ..data.prediction import MASK, PROBABILITY, build_pyramids, create_prediction, quantize
-    from ..data.store import RAW, open_store, voxel_size
-    from ..predict import load_model
-    from .common import measure
+    from unet_dist import runtime
+    from unet_dist.data.patches import to_unit_float
+    from unet_dist.predict.prediction_store import MASK, PROBABILITY, build_pyramids, create_prediction, quantize
+    from unet_dist.data.store import RAW, open_store, voxel_size
+    from unet_dist.predict.pipeline import load_model
+    from unet_dist.bench.common import measure
 
     dev = torch.device(device)
     _warmup(ckpt, dev, precision, tile, batch)
@@ -105,7 +105,7 @@ def run_monai(ckpt: str, store: str, out: str, device: str, precision: str, tile
     def go():
         model, cfg, _ = load_model(ckpt)
         model = model.to(dev)
-        autocast = dist.autocast(dev, precision)
+        autocast = runtime.autocast(dev, precision)
         source = open_store(store)
         volume = to_unit_float(np.asarray(source[RAW][:]))  # the whole volume in memory
         x = torch.from_numpy(volume)
@@ -140,11 +140,11 @@ def _checkpoint(folder, cfg, store: str, device, seed: int = 0) -> str:
     import numpy as np
     import torch
 
-    from .. import checkpoint
-    from ..config import to_dict
-    from ..data.patches import to_unit_float
-    from ..data.store import RAW, open_store
-    from ..model import build_model, valid_input_shape
+    from unet_dist import checkpoint
+    from unet_dist.config import to_dict
+    from unet_dist.data.patches import to_unit_float
+    from unet_dist.data.store import RAW, open_store
+    from unet_dist.model import build_model, valid_input_shape
 
     torch.manual_seed(seed)
     model = build_model(cfg.model).to(device)
@@ -190,8 +190,7 @@ def level_bytes(pred: str) -> dict[str, int]:
     """Stored bytes of each level of probability and mask, keyed by array path."""
     from pathlib import Path
 
-    from ..data.store import stored_bytes
-
+    from unet_dist.data.store import stored_bytes
     root = Path(pred)
     return {str(p.parent.relative_to(root)): stored_bytes(p.parent) for p in root.rglob("zarr.json")
             if p.parent != root and (p.parent / "c").exists()}
@@ -209,7 +208,7 @@ def compare(ours: str, peer: str, border: tuple[int, ...], slab: int = 8) -> dic
     import numpy as np
     import zarr
 
-    from ..data.prediction import MASK, PROBABILITY, probability_float
+    from unet_dist.predict.prediction_store import MASK, PROBABILITY, probability_float
 
     a, b = (zarr.open_group(p, mode="r") for p in (ours, peer))
     shape = a[PROBABILITY].shape
@@ -231,25 +230,24 @@ def compare(ours: str, peer: str, border: tuple[int, ...], slab: int = 8) -> dic
 
 
 def run(args) -> dict:
-    from .. import dist
-    from ..config import to_dict
-    from ..data.store import RAW, open_store
-    from ..model import halo
-    from ..block_plan import make_plan
-    from . import common
+    from unet_dist import runtime
+    from unet_dist.config import to_dict
+    from unet_dist.data.store import RAW, open_store
+    from unet_dist.model import halo
+    from unet_dist.predict.block_plan import make_plan
+    from unet_dist.bench import common
 
     device = common.resolve_device(args.device)
     cuda = device.type == "cuda"
     cfg, applied = common.suite_config(args, PROFILES, device)
-    precision = dist.resolve_precision(args.precision, device)
+    precision = runtime.resolve_precision(args.precision, device)
     profile = "tiny" if args.tiny else "cuda" if cuda else "cpu"
     rows, diff = [], {}
     with common.workdir(args.workdir) as work:
         if args.store:
             store = args.store
         else:
-            from ..data.store import parse_zyx
-
+            from unet_dist.data.layout import parse_zyx
             shape = parse_zyx(args.volume, "--volume") if args.volume else VOLUMES[profile]
             common.log(f"predict: writing a synthetic volume {shape}")
             store = str(common.make_volume_store(work / "volume.zarr", shape))

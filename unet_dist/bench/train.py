@@ -67,7 +67,7 @@ FLAGS = {"cl": ("channels_last", True), "compile": ("compile", True), "sync": ("
 
 
 def parse_variants(text: str | None, device, precision: str, tiny: bool = False) -> list[Variant]:
-    from ..errors import UserError
+    from unet_dist.errors import UserError
 
     p = precision
     if text is None and device.type == "cuda":  # tiny: one compile, so CI still covers it
@@ -95,7 +95,7 @@ class Batch:
     def __init__(self, cfg, seed: int = 0):
         import torch
 
-        from ..model import output_shape
+        from unet_dist.model import output_shape
 
         patch = tuple(cfg.data.patch_size)
         out = output_shape(cfg.model, patch)
@@ -118,8 +118,8 @@ class OurStep:
     def __init__(self, cfg, device, variant: Variant, batch: Batch):
         import torch
 
-        from .. import dist
-        from ..train_state import build_training
+        from unet_dist import runtime
+        from unet_dist.train.state import build_training
 
         cfg = copy.deepcopy(cfg)
         cfg.train.channels_last, cfg.train.compile = variant.channels_last, variant.compile
@@ -128,7 +128,7 @@ class OurStep:
         self.model, self.optimizer, self.scheduler = build_training(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=variant.precision == "fp16")
         self.net = torch.compile(self.model) if cfg.train.compile else self.model
-        self.autocast = dist.autocast(device, variant.precision)
+        self.autocast = runtime.autocast(device, variant.precision)
         self.memory_format = (torch.channels_last if cfg.train.channels_last and cfg.model.dims == 2
                               else torch.contiguous_format)
         self.batch = batch.pinned() if device.type == "cuda" else batch
@@ -138,7 +138,7 @@ class OurStep:
     def __call__(self) -> float | None:
         import torch
 
-        from ..train_step import loss_fn, step_if_finite
+        from unet_dist.train.step import loss_fn, step_if_finite
 
         cfg, device, accumulate = self.cfg, self.device, self.cfg.train.accumulate
         loss_sum = torch.zeros((), device=device)
@@ -186,7 +186,7 @@ class PeerStep:
     def __init__(self, cfg, device, batch: Batch):
         import torch
 
-        from ..model import build_model
+        from unet_dist.model import build_model
 
         torch.manual_seed(cfg.train.seed)
         self.device, self.batch = device, batch
@@ -247,8 +247,8 @@ def memory_probe(config: dict, variant: dict, device: str, steps: int = 2) -> di
     of the kernels, allocator and thread-pool set-up: ~150 MB) are in the baseline, not the peak."""
     import torch
 
-    from ..config import from_dict, load_config
-    from .common import peak_rss_bytes, reset_peak_rss, rss_bytes
+    from unet_dist.config import from_dict, load_config
+    from unet_dist.bench.common import peak_rss_bytes, reset_peak_rss, rss_bytes
 
     cfg = from_dict(config, "bench")
     dev = torch.device(device)
@@ -271,14 +271,14 @@ def memory_probe(config: dict, variant: dict, device: str, steps: int = 2) -> di
 def run(args) -> dict:
     import torch
 
-    from .. import dist
-    from ..config import to_dict
-    from ..model import flops_per_forward
-    from . import common
+    from unet_dist import runtime
+    from unet_dist.config import to_dict
+    from unet_dist.model import flops_per_forward
+    from unet_dist.bench import common
 
     device = common.resolve_device(args.device)
     cfg, applied = common.suite_config(args, PROFILES, device)
-    precision = dist.resolve_precision(cfg.train.precision, device)
+    precision = runtime.resolve_precision(cfg.train.precision, device)
     variants = parse_variants(args.variants, device, precision, args.tiny)
     cuda = device.type == "cuda"
     steps = args.steps or (2 if args.tiny else 20 if cuda else 3)

@@ -53,8 +53,8 @@ def read_panels(store: str, screen: int, rounds: int) -> dict:
     """Chunk files, decoded MB per shown MB and median ms for each panel and the overview."""
     import zarr
 
-    from ..data.ome import image_levels
-    from .common import median
+    from unet_dist.data.ome import image_levels
+    from unet_dist.bench.common import median
 
     group = zarr.open_group(store, mode="r")
     levels = image_levels(group)
@@ -80,9 +80,9 @@ def read_panels(store: str, screen: int, rounds: int) -> dict:
 
 
 def run(args) -> dict:
-    from ..data.store import parse_zyx, resolve_layout
-    from ..errors import UserError
-    from . import common
+    from unet_dist.data.layout import parse_zyx, resolve_layout
+    from unet_dist.errors import UserError
+    from unet_dist.bench import common
 
     device = common.resolve_device("cpu")
     shape = parse_zyx(args.shape, "--shape") if args.shape else DEFAULT_SHAPE["tiny" if args.tiny else "cpu"]

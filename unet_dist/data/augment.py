@@ -19,7 +19,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.interpolate import make_interp_spline
 
-from ..errors import UserError
+from unet_dist.errors import UserError
 
 # Ranges of the intensity augmentation (per section in 3D, as EM sections vary in staining and
 # thickness): contrast factor 1 +- CONTRAST around the mean, brightness offset +- BRIGHTNESS,

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import zarr
 
-from ..errors import UserError
+from unet_dist.errors import UserError
 
 PIPELINES = {"zarr": "zarr.core.codec_pipeline.BatchedCodecPipeline", "zarrs": "zarrs.ZarrsCodecPipeline"}
 

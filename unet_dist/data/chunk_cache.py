@@ -23,8 +23,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from .store import read_region
-
+from unet_dist.data.damaged_chunks import read_region
 Box = tuple[slice, ...]
 
 

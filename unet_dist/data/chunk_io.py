@@ -27,9 +27,8 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from ..errors import UserError
-from .store import EVERY_CHUNK_STORED, damaged_chunk, missing_chunk
-
+from unet_dist.errors import UserError
+from unet_dist.data.damaged_chunks import EVERY_CHUNK_STORED, damaged_chunk, missing_chunk
 SHUFFLES = {"noshuffle": numcodecs.blosc.NOSHUFFLE, "shuffle": numcodecs.blosc.SHUFFLE,
             "bitshuffle": numcodecs.blosc.BITSHUFFLE}
 BLOSC_HEADER = 16  # version, versionlz, flags, typesize, then nbytes, blocksize, cbytes (uint32 LE)

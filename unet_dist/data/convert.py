@@ -16,6 +16,12 @@ import numpy as np
 import zarr
 
 from unet_dist.data import store as st
+
+from unet_dist.data.atomic_dir import atomic_store_dir, check_out
+
+from unet_dist.data.layout import Layout, resolve_layout
+
+from unet_dist.data.slab_writer import Progress
 from unet_dist.data.instances import IDS, Rule, check_ids_dtype, looks_like_ids, target_of_slab
 from unet_dist.data.ome import image_levels, write_em_store
 from unet_dist.data.sources import Source, open_source
@@ -109,7 +115,7 @@ def convert(
     label_threshold: float | None = None,
     invert: bool = False,
     overwrite: bool = False,
-    progress: st.Progress | None = None,
+    progress: Progress | None = None,
     instances: Rule | None = None,
     ignore_id: int | None = None,
     ignore_value: float | None = None,
@@ -126,7 +132,7 @@ def convert(
     non-zero voxels of `ignore_mask` (PATH[:INNER], any source).
     """
     started = time.perf_counter()
-    out = st.check_out(out, overwrite)
+    out = check_out(out, overwrite)
     if resolution is not None:
         resolution = _check_resolution(resolution)
     if instances is not None and (labels is None or label_threshold is not None or invert):
@@ -157,7 +163,7 @@ def convert(
                 if ignore_id is not None and not _representable(ignore_id, ids_dtype):
                     raise UserError(f"--ignore-id {ignore_id}: not a value of {label_src.path}'s IDs ({ids_dtype})")
         resolution = decide_voxel_size(resolution, sources)
-        layout = st.resolve_layout(raw_src.shape, chunks, shard)
+        layout = resolve_layout(raw_src.shape, chunks, shard)
         raw_dtype = np.uint8 if raw_src.dtype == bool else raw_src.dtype
         dtypes = {"raw": raw_dtype} | ({"labels": np.uint8} if label_src is not None else {})
         if instances is not None:
@@ -198,7 +204,7 @@ def convert(
                 ones += int(np.count_nonzero(slab["labels"]))
             return slab
 
-        with st.atomic_store_dir(out, overwrite) as tmp:
+        with atomic_store_dir(out, overwrite) as tmp:
             provenance = {"raw": raw_src.record()}
             if label_src is not None:
                 provenance["labels"] = label_src.record()
@@ -355,13 +361,13 @@ def store_info(path) -> dict:
             "ratio": raw_bytes / stored if stored else None,
         }
         if key == st.TARGET_PATH:
-            ones = sum(int(np.count_nonzero(array[z0:z1])) for z0, z1 in st.Layout.of(array).slabs())
+            ones = sum(int(np.count_nonzero(array[z0:z1])) for z0, z1 in Layout.of(array).slabs())
             entry["label_fraction"] = ones / max(1, int(np.prod(array.shape)))
             rule = group["labels"][st.TARGET].attrs.get("unet_dist", {}).get("instances")
             if rule:  # derived from labels/neuron_ids (convert --instances, relabel)
                 entry["instances"] = rule
         if key == st.label_path(st.IGNORE):
-            ignored = sum(int(np.count_nonzero(array[z0:z1])) for z0, z1 in st.Layout.of(array).slabs())
+            ignored = sum(int(np.count_nonzero(array[z0:z1])) for z0, z1 in Layout.of(array).slabs())
             entry["ignored_fraction"] = ignored / max(1, int(np.prod(array.shape)))
         arrays[key] = entry
     return {

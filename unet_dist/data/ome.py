@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from . import pyramid
-from .instances import IDS
-from .store import (AXES, IGNORE, RAW, TARGET, Layout, Progress, create_volume_array, label_names, label_path,
-                    open_store, resolve_layout, write_volumes, writing_every_chunk)
-from ..errors import UserError
+from unet_dist.data import pyramid
+from unet_dist.data.instances import IDS
+from unet_dist.data.damaged_chunks import writing_every_chunk
+from unet_dist.data.layout import Layout, create_volume_array, resolve_layout
+from unet_dist.data.slab_writer import Progress, write_volumes
+from unet_dist.data.store import AXES, IGNORE, RAW, TARGET, label_names, label_path, open_store
+from unet_dist.errors import UserError
 
 VERSION = "0.5"
 # label value -> (what it means, RGBA shown by viewers that read `colors`)

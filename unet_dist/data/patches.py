@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .augment import Augmenter, unet_weight_map
-from ..errors import UserError
-from .store import read_region
-from .training_set import Volume, volumes_of
-from .volumes import open_ignore, open_training
+from unet_dist.data.augment import Augmenter, unet_weight_map
+from unet_dist.errors import UserError
+from unet_dist.data.damaged_chunks import read_region
+from unet_dist.data.training_set import Volume, volumes_of
+from unet_dist.data.volumes import open_ignore, open_training
 
 IGNORED = 2  # an unlabelled voxel's value in a label patch while it is augmented (nearest-neighbour moves keep it)
 MAX_DRAWS = 1000  # patches drawn for one batch item before a store that is hardly labelled is refused

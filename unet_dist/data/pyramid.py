@@ -134,7 +134,7 @@ def units(array) -> list[tuple[slice, ...]]:
 def write_level(source, target, step: Sequence[int], rule: Rule, rank: int = 0, world: int = 1,
                 threads: int = 2) -> int:
     """Fill this rank's units of `target` from `source` (the level below); returns voxels written."""
-    from .store import read_region  # a damaged source chunk is named, as everywhere else
+    from unet_dist.data.damaged_chunks import read_region  # a damaged source chunk is named, as everywhere else
 
     mine = units(target)[rank::world]
 

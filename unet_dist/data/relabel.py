@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from . import pyramid
-from .instances import IDS, Rule, target_of_slab
-from .ome import VERSION, image_levels, label_image_attrs
-from .prediction import steps_of
-from .store import (IGNORE, TARGET, Layout, create_volume_array, label_names, label_path, open_store,
-                    read_region)
-
+from unet_dist.data import pyramid
+from unet_dist.data.instances import IDS, Rule, target_of_slab
+from unet_dist.data.ome import VERSION, image_levels, label_image_attrs
+from unet_dist.predict.prediction_store import steps_of
+from unet_dist.data.damaged_chunks import read_region
+from unet_dist.data.layout import Layout, create_volume_array
+from unet_dist.data.store import IGNORE, TARGET, label_names, label_path, open_store
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 

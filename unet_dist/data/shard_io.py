@@ -28,10 +28,9 @@ import google_crc32c
 import numpy as np
 import zarr
 
-from ..errors import UserError
-from .chunk_io import ChunkFiles, blosc_of, local_array, replace_file
-from .store import damaged_chunk, missing_chunk
-
+from unet_dist.errors import UserError
+from unet_dist.data.chunk_io import ChunkFiles, blosc_of, local_array, replace_file
+from unet_dist.data.damaged_chunks import damaged_chunk, missing_chunk
 MISSING = 2**64 - 1  # an index entry's (offset, nbytes) for a chunk the shard does not hold
 INDEX_CODECS = [("bytes", {"endian": "little"}), ("crc32c", {})]  # zarr's default; the only ones we write
 CRC32C = 4

@@ -18,6 +18,12 @@ import time
 import numpy as np
 
 from unet_dist.data import store as st
+
+from unet_dist.data.atomic_dir import atomic_store_dir, check_out
+
+from unet_dist.data.layout import check_zyx, resolve_layout
+
+from unet_dist.data.slab_writer import Progress
 from unet_dist.data.ome import write_em_store
 
 SPACING = 40  # px between seeds: neurite cross-sections of ~160 nm at 4 nm/px, as in ISBI
@@ -170,14 +176,14 @@ def synthesize(
     chunks="2d",
     shard=None,
     overwrite: bool = False,
-    progress: st.Progress | None = None,
+    progress: Progress | None = None,
     resolution=(50.0, 4.0, 4.0),
 ) -> dict:
     """Write a synthetic volume store (raw uint8 + exact labels) at `out`; returns a summary dict."""
     started = time.perf_counter()
-    out = st.check_out(out, overwrite)
-    shape = st.check_zyx(shape, "shape")
-    layout = st.resolve_layout(shape, chunks, shard)
+    out = check_out(out, overwrite)
+    shape = check_zyx(shape, "shape")
+    layout = resolve_layout(shape, chunks, shard)
     volume = SynthVolume(shape, seed)
     ones = 0
 
@@ -196,7 +202,7 @@ def synthesize(
             "membrane_px": THICKNESS,
         }
     }
-    with st.atomic_store_dir(out, overwrite) as tmp:
+    with atomic_store_dir(out, overwrite) as tmp:
         plan, _ = write_em_store(tmp, layout, resolution, np.uint8, True, read_slab, st.provenance(sources), progress)
     voxels = math.prod(shape)
     return {

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
+from unet_dist.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ..errors import UserError
-from .instances import looks_like_ids
-from .store import IGNORE, RAW, TARGET, _missing, label_path, open_store, read_region, voxel_size
-
+from unet_dist.errors import UserError
+from unet_dist.data.instances import looks_like_ids
+from unet_dist.data.damaged_chunks import read_region
+from unet_dist.data.store import IGNORE, RAW, TARGET, _missing, label_path, open_store, voxel_size
 LABEL_SAMPLE_CHUNKS = 3  # first, middle and last chunk: enough to tell a mask from IDs or 0/255
 
 
@@ -38,7 +38,7 @@ def label_array_path(name: str) -> str:
 
 def split_store_spec(spec, default: str) -> tuple[Path, str]:
     """`STORE[:ARRAY]` -> (STORE, ARRAY or default); a path that exists is never split."""
-    from .sources import split_spec
+    from unet_dist.data.sources import split_spec
 
     path, inner = split_spec(spec)
     return path, inner or default
@@ -196,7 +196,7 @@ def voxel_size_of(store, inner: str):
     path = Path(store)
     if inner == RAW and not _is_v2(path):
         return voxel_size(open_store(path, arrays=()))
-    from .sources.zarr_arrays import ZarrSource
+    from unet_dist.data.sources.zarr_arrays import ZarrSource
 
     try:
         return ZarrSource(path, inner).voxel_size

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from unet_dist.errors import UserError
 
-from .base import Source, check_readable, read_json, sha256_files
-from .images import IMAGE_SUFFIXES, PIL_SUFFIXES, TIFF_SUFFIXES, SingleImage, SliceFolder, TiffStack
+from unet_dist.data.sources.base import Source, check_readable, read_json, sha256_files
+from unet_dist.data.sources.images import IMAGE_SUFFIXES, PIL_SUFFIXES, TIFF_SUFFIXES, SingleImage, SliceFolder, TiffStack
 
 __all__ = ["Source", "open_source", "split_spec", "sha256_files"]
 
@@ -70,13 +70,13 @@ def _open(path: Path, inner: str | None) -> Source:
         for folder in (path, path / inner) if inner else (path,):
             # a container is known by its root, or (a zarr v3 root may have no zarr.json) its node
             if _is_zarr(folder):
-                from .zarr_arrays import ZarrSource
+                from unet_dist.data.sources.zarr_arrays import ZarrSource
                 return ZarrSource(path, inner)
             if folder == path and _is_precomputed(path):
-                from .tensorstore_formats import PrecomputedSource
+                from unet_dist.data.sources.tensorstore_formats import PrecomputedSource
                 return PrecomputedSource(path, inner)
             if (folder / "attributes.json").is_file():
-                from .tensorstore_formats import N5Source
+                from unet_dist.data.sources.tensorstore_formats import N5Source
                 return N5Source(path, inner)
         if inner:
             raise UserError(f"{path}:{inner}: {path} is not a Zarr, N5 or precomputed container")
@@ -84,7 +84,7 @@ def _open(path: Path, inner: str | None) -> Source:
     check_readable(path)
     suffix = path.suffix.lower()
     if suffix not in IMAGE_SUFFIXES and _is_hdf5(path):
-        from .hdf5 import Hdf5Source
+        from unet_dist.data.sources.hdf5 import Hdf5Source
         return Hdf5Source(path, inner)
     if inner:
         raise UserError(f"{path}:{inner}: {path} is not a container (HDF5, Zarr, N5, precomputed); "

@@ -12,7 +12,7 @@ import h5py
 
 from unet_dist.errors import UserError
 
-from .base import ArraySource, finite_floats, listing, positive_floats
+from unet_dist.data.sources.base import ArraySource, finite_floats, listing, positive_floats
 
 
 class Hdf5Source(ArraySource):

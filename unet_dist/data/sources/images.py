@@ -14,7 +14,7 @@ from PIL import Image
 
 from unet_dist.errors import UserError
 
-from .base import Source, check_readable, natural_key, positive_floats, to_nm
+from unet_dist.data.sources.base import Source, check_readable, natural_key, positive_floats, to_nm
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg")

@@ -17,7 +17,7 @@ import tensorstore as ts
 
 from unet_dist.errors import UserError
 
-from .base import ArraySource, find_arrays, listing, natural_key, positive_floats, read_json, to_nm
+from unet_dist.data.sources.base import ArraySource, find_arrays, listing, natural_key, positive_floats, read_json, to_nm
 
 
 class TensorstoreSource(ArraySource):

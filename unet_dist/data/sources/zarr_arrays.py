@@ -17,7 +17,7 @@ from zarr.storage import LocalStore
 
 from unet_dist.errors import UserError
 
-from .base import ArraySource, finite_floats, find_arrays, listing, nm_per, positive_floats, read_json
+from unet_dist.data.sources.base import ArraySource, finite_floats, find_arrays, listing, nm_per, positive_floats, read_json
 
 SPACE = ("z", "y", "x")
 

@@ -10,11 +10,12 @@ import argparse
 import json
 import sys
 
-from . import __version__
-from .bench import add_bench_parser
-from .commandline import run_command, slice_range
-from .errors import UserError
-from .files import write_json_atomic
+from unet_dist import __version__
+from unet_dist.bench import add_bench_parser
+from unet_dist.cli.arguments import slice_range
+from unet_dist.errors import run_command
+from unet_dist.errors import UserError
+from unet_dist.files import write_json_atomic
 
 EXIT_DIVERGED = 3
 
@@ -45,13 +46,13 @@ def _chunks(text: str):
 
 def _progress(label: str):
     """Progress with rate and ETA for long conversions (stderr, so stdout stays the result)."""
-    from .progress import Progress
+    from unet_dist.monitor.progress import Progress
 
     return Progress(label, 0, "slices")
 
 
 def cmd_convert(args) -> int:
-    from .data.convert import convert, format_info, store_info
+    from unet_dist.data.convert import convert, format_info, store_info
 
     convert(
         raw=args.raw, out=args.out, labels=args.labels,
@@ -66,7 +67,7 @@ def cmd_convert(args) -> int:
 
 
 def _rule(args):
-    from .data.instances import Rule
+    from unet_dist.data.instances import Rule
 
     return Rule(args.boundary_width, args.boundary_3d, args.background_interior)
 
@@ -81,8 +82,8 @@ def _add_rule_options(p, what: str) -> None:
 
 
 def cmd_relabel(args) -> int:
-    from .data.convert import format_info, store_info
-    from .data.relabel import relabel
+    from unet_dist.data.convert import format_info, store_info
+    from unet_dist.data.relabel import relabel
 
     done = relabel(args.store, _rule(args))
     print(f"relabelled {done['store']}: boundary width {args.boundary_width}, label fraction "
@@ -92,8 +93,8 @@ def cmd_relabel(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from .data.convert import format_info, store_info
-    from .data.synth import synthesize
+    from unet_dist.data.convert import format_info, store_info
+    from unet_dist.data.synth import synthesize
 
     synthesize(args.out, shape=_ints(args.shape, "--shape"), seed=args.seed, chunks=_chunks(args.chunks),
                shard=_ints(args.shard, "--shard") if args.shard else None, overwrite=args.overwrite,
@@ -103,7 +104,7 @@ def cmd_synth(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .data.convert import format_info, store_info
+    from unet_dist.data.convert import format_info, store_info
 
     info = store_info(args.store)
     print(json.dumps(info, indent=2, default=str) if args.json else format_info(info))
@@ -111,8 +112,8 @@ def cmd_info(args) -> int:
 
 
 def cmd_upgrade(args) -> int:
-    from .data.convert import format_info, store_info
-    from .data.ome import upgrade
+    from unet_dist.data.convert import format_info, store_info
+    from unet_dist.data.ome import upgrade
 
     done = upgrade(args.store)
     print(f"upgraded {done['path']}: image '{done['image']}', label images {done['labels'] or 'none'}, "
@@ -122,15 +123,15 @@ def cmd_upgrade(args) -> int:
 
 
 def cmd_config_show(args) -> int:
-    from .config import dump_yaml, load_config
+    from unet_dist.config import dump_yaml, load_config
 
     print(dump_yaml(load_config(args.config, args.overrides)), end="")
     return 0
 
 
 def cmd_model(args) -> int:
-    from .config import load_config
-    from .model import describe
+    from unet_dist.config import load_config
+    from unet_dist.model import describe
 
     cfg = load_config(args.config, args.overrides)
     patch = tuple(_ints(args.patch, "--patch", cfg.model.dims)) if args.patch else tuple(cfg.data.patch_size)
@@ -139,9 +140,9 @@ def cmd_model(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
-    from .train import train
-    from .train_step import TrainingDiverged
+    from unet_dist.config import load_config
+    from unet_dist.train.loop import train
+    from unet_dist.train.step import TrainingDiverged
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -155,8 +156,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from . import dist
-    from .predict import predict
+    from unet_dist import dist
+    from unet_dist.predict.pipeline import predict
 
     result = predict(args.checkpoint, args.input, args.out, labels=args.labels, slices=slice_range(args.slices),
                      overrides=args.overrides, resume=args.resume, overwrite=args.overwrite, device=args.device,
@@ -169,7 +170,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate
+    from unet_dist.evaluate.scoring import evaluate
 
     result = evaluate(args.pred, args.labels, slices=slice_range(args.slices), json_out=args.json)
     if result is not None:
@@ -178,7 +179,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .evaluate import export_tiff
+    from unet_dist.evaluate.scoring import export_tiff
 
     print(json.dumps(export_tiff(args.pred, args.out, array=args.array, slices=slice_range(args.slices),
                                  overwrite=args.overwrite)))
@@ -186,7 +187,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import report
+    from unet_dist.visualize.report import report
 
     for path in report(args.run_dir, pred=args.pred, store=args.store, slices=slice_range(args.slices),
                        max_rows=args.max_rows, panel=args.panel):
@@ -195,7 +196,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_cv(args) -> int:
-    from .cv import cv
+    from unet_dist.evaluate.cross_validation import cv
 
     holdout = slice_range(args.holdout) if args.holdout else None
     cv(args.config, args.overrides, folds=args.folds, only=args.only, holdout=holdout, resume=args.resume,
@@ -204,7 +205,7 @@ def cmd_cv(args) -> int:
 
 
 def cmd_view(args) -> int:
-    from .view import view
+    from unet_dist.visualize.view import view
 
     size = _ints(args.size, "--size", 2) if args.size else None
     result = view([args.store, *args.pred], slices=slice_range(args.slices), port=args.port, bind=args.bind,

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from . import pyramid
-from .ome import Pyramid, create_image, create_label_image, image_levels
-from .store import RAW, Layout, label_path, open_store
-
+from unet_dist.data import pyramid
+from unet_dist.data.ome import Pyramid, create_image, create_label_image, image_levels
+from unet_dist.data.layout import Layout
+from unet_dist.data.store import RAW, label_path, open_store
 PROBABILITY = RAW
 MASK_NAME = "mask"
 MASK = label_path(MASK_NAME)

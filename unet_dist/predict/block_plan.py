@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import PredictConfig
-from .data.store import read_region
-from .errors import UserError
-from .infer import padded_input_shape
-from .model import halo, pooling_factor
+from unet_dist.config import PredictConfig
+from unet_dist.data.damaged_chunks import read_region
+from unet_dist.errors import UserError
+from unet_dist.predict.infer import padded_input_shape
+from unet_dist.model import halo, pooling_factor
 
 
 @dataclass(frozen=True)

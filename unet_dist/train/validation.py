@@ -6,17 +6,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import dist
-from .config import Config
-from .data.patches import to_unit_float
-from .data.store import read_region
-from .data.training_set import Volume, volumes_of
-from .data.volumes import open_ignore, open_training
-from .infer import forward_tiles
-from .metrics import confusion_counts, scores_from_confusion
-from .block_plan import as_slices, assign, block_core, input_region, make_plan, read_mirrored
-from .train_state import TrainState
-from .train_step import Health
+from unet_dist import dist
+from unet_dist.config import Config
+from unet_dist.data.patches import to_unit_float
+from unet_dist.data.damaged_chunks import read_region
+from unet_dist.data.training_set import Volume, volumes_of
+from unet_dist.data.volumes import open_ignore, open_training
+from unet_dist.predict.infer import forward_tiles
+from unet_dist.metrics import confusion_counts, scores_from_confusion
+from unet_dist.predict.block_plan import as_slices, assign, block_core, input_region, make_plan, read_mirrored
+from unet_dist.train.state import TrainState
+from unet_dist.train.step import Health
 
 
 def validate(model, cfg: Config, device, autocast_ctx, want_panel: bool,

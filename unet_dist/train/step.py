@@ -12,8 +12,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
-from .train_state import TrainState
+from unet_dist.errors import UserError
+from unet_dist.train.state import TrainState
 
 
 class TrainingDiverged(Exception):

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import dist
-from .data.instances import IDS
-from .data import volumes
-from .data.store import IGNORE, label_names, label_path, slices_within
-from .errors import UserError
-from .metrics import ISBI_THRESHOLDS, confusion_counts, isbi_scores_from_sums, isbi_sums, scores_from_confusion
-from .data.prediction import MASK, PROBABILITY, open_prediction, probability_float
-from .files import write_json_atomic
+from unet_dist import dist
+from unet_dist.data.instances import IDS
+from unet_dist.data import volumes
+from unet_dist.data.store import IGNORE, label_names, label_path, slices_within
+from unet_dist.errors import UserError
+from unet_dist.metrics import ISBI_THRESHOLDS, confusion_counts, isbi_scores_from_sums, isbi_sums, scores_from_confusion
+from unet_dist.predict.prediction_store import MASK, PROBABILITY, open_prediction, probability_float
+from unet_dist.files import write_json_atomic
 
 
 def _open(pred, labels, slices):

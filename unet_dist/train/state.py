@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import dist
-from .config import Config, to_dict
-from .model import build_model
+from unet_dist import dist
+from unet_dist.config import Config, to_dict
+from unet_dist.model import build_model
 
 
 def lr_factor(step: int, cfg) -> float:

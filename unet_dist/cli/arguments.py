@@ -1,14 +1,8 @@
-"""What the console script (`cli.py`) and the launchers (`jobs/`) share: argument types, and a user's
-mistake turned into one line on stderr and exit code 2 instead of a traceback."""
+"""Argument types shared by the subcommands' parsers and the launchers (`jobs/`)."""
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
-
-from .errors import UserError
-
-EXIT_USER_ERROR = 2
+from unet_dist.errors import UserError
 
 
 def slice_range(text: str | None) -> tuple[int, int] | None:
@@ -24,12 +18,3 @@ def slice_range(text: str | None) -> tuple[int, int] | None:
     if start < 0 or stop <= start:
         raise UserError(f"--slices '{text}': expected 0 <= START < STOP")
     return start, stop
-
-
-def run_command(command: Callable[[], int]) -> int:
-    """Run `command`; a UserError becomes `error: ...` on stderr and exit code 2."""
-    try:
-        return command()
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR

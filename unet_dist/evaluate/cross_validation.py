@@ -33,12 +33,12 @@ from typing import Sequence
 
 import numpy as np
 
-from . import checkpoint, dist, rundir
-from .config import Config, load_config, to_dict
-from .data.store import RAW, TARGET_PATH, open_store
-from .errors import UserError
-from .files import write_json_atomic
-from .signals import StopFlag
+from unet_dist import checkpoint, dist, rundir
+from unet_dist.config import Config, load_config, to_dict
+from unet_dist.data.store import RAW, TARGET_PATH, open_store
+from unet_dist.errors import UserError
+from unet_dist.files import write_json_atomic
+from unet_dist.train.signals import StopFlag
 
 METRICS = ("dice_neuron", "dice_membrane", "dice_mean", "pixel_error", "v_rand", "v_info")
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
@@ -94,7 +94,7 @@ def fold_config(cfg: Config, n: int, fold: Fold) -> Config:
 
 def scores(counts) -> dict:
     """Dice of both classes, their mean and pixel error from (tp, fp, fn, tn) of the interior class."""
-    from .metrics import scores_from_confusion
+    from unet_dist.metrics import scores_from_confusion
 
     s = scores_from_confusion(counts)
     return {**s, "dice_mean": 0.5 * (s["dice_neuron"] + s["dice_membrane"])}
@@ -102,7 +102,7 @@ def scores(counts) -> dict:
 
 def sweep_counts(prob: np.ndarray, label: np.ndarray, thresholds: Sequence[float] = THRESHOLDS) -> np.ndarray:
     """(len(thresholds), 4) confusion counts of `prob > t` against the labels, for each t."""
-    from .metrics import confusion_counts
+    from unet_dist.metrics import confusion_counts
 
     return np.stack([confusion_counts(prob, label, t) for t in thresholds])
 
@@ -230,10 +230,10 @@ def _log(message: str) -> None:
 def run_fold(cfg: Config, n: int, fold: Fold, resume: str, tta: bool, checkpoint_kind: str, stop: StopFlag) -> str:
     """Train (unless finished), predict the held-out slices, evaluate; rank 0 writes the fold's result.
     Returns "done", or "stopped" when a stop signal interrupted it (run again with --resume auto)."""
-    from .evaluate import evaluate
-    from .data.prediction import PROBABILITY, open_prediction, probability_float
-    from .predict import predict
-    from .train import train
+    from unet_dist.evaluate.scoring import evaluate
+    from unet_dist.predict.prediction_store import PROBABILITY, open_prediction, probability_float
+    from unet_dist.predict.pipeline import predict
+    from unet_dist.train.loop import train
 
     fcfg = fold_config(cfg, n, fold)
     run_dir = Path(fcfg.run.dir)

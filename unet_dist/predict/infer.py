@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .model import halo, pooling_factor, valid_input_shape
+from unet_dist.model import halo, pooling_factor, valid_input_shape
 
 
 def padded_input_shape(model_cfg, out_shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from .config import Config, to_dict
-from .data.training_set import volumes_of
-from .overlay import CLASS_LABELS, CLASS_LABELS_WITH_UNLABELLED, error_panel, truth_classes
-from .progress import format_eta
-from .rundir import METRICS, wandb_sync_command
+from unet_dist.config import Config, to_dict
+from unet_dist.data.training_set import volumes_of
+from unet_dist.visualize.overlay import CLASS_LABELS, CLASS_LABELS_WITH_UNLABELLED, error_panel, truth_classes
+from unet_dist.monitor.progress import format_eta
+from unet_dist.rundir import METRICS, wandb_sync_command
 
 SUMMARIES = {"train/loss": "min", "val/dice_membrane": "max", "val/dice_neuron": "max", "val/pixel_error": "min"}
 

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import numpy as np
 import zarr
 
-from .block_plan import Plan, as_slices, block_core, shard_members, shard_of
-from .data.chunk_io import ChunkFiles
-from .data.shard_io import ShardFiles
+from unet_dist.predict.block_plan import Plan, as_slices, block_core, shard_members, shard_of
+from unet_dist.data.chunk_io import ChunkFiles
+from unet_dist.data.shard_io import ShardFiles
 
 
 def grid_coords(plan: Plan, index: int) -> tuple[int, ...]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -36,23 +35,27 @@ import numpy as np
 import torch
 import zarr
 
-from . import __version__, checkpoint, dist
-from .config import Config, PredictConfig, from_dict, parse_override, to_dict, validate
-from .data import backends
-from .data.chunk_cache import ChunkCache
-from .data.chunk_io import ChunkFiles
-from .data.prediction import MASK, PROBABILITY, build_pyramids, create_prediction
-from .data import volumes
-from .data.store import RAW, check_out, provenance, read_region, slices_within, writing_every_chunk
-from .errors import UserError
-from .metrics import confusion_counts, scores_from_confusion
-from .model import build_model
-from .block_plan import (Plan, as_slices, assign, block_core, block_order, input_region, make_plan, mirror_box,
+from unet_dist import runtime
+from unet_dist.runtime import usable_cores
+from unet_dist import __version__, checkpoint, dist
+from unet_dist.config import Config, PredictConfig, from_dict, parse_override, to_dict, validate
+from unet_dist.data import backends
+from unet_dist.data.chunk_cache import ChunkCache
+from unet_dist.data.chunk_io import ChunkFiles
+from unet_dist.predict.prediction_store import MASK, PROBABILITY, build_pyramids, create_prediction
+from unet_dist.data import volumes
+from unet_dist.data.atomic_dir import check_out
+from unet_dist.data.damaged_chunks import read_region, writing_every_chunk
+from unet_dist.data.store import RAW, provenance, slices_within
+from unet_dist.errors import UserError
+from unet_dist.metrics import confusion_counts, scores_from_confusion
+from unet_dist.model import build_model
+from unet_dist.predict.block_plan import (Plan, as_slices, assign, block_core, block_order, input_region, make_plan, mirror_box,
                          read_mirrored, shard_of, whole_shards)
-from .predict_manifest import Manifest, OutputLock
-from .predict_output import OutputWriter
-from .progress import Progress
-from .tilenet import TileNet
+from unet_dist.predict.manifest import Manifest, OutputLock
+from unet_dist.predict.output import OutputWriter
+from unet_dist.monitor.progress import Progress
+from unet_dist.predict.tilenet import TileNet
 
 # ------------------------------------------------------------------------- settings and run key
 
@@ -135,13 +138,6 @@ class _Block:
     mask: np.ndarray | None = None
     remaining: int = 0
     out_shape: tuple = ()  # the shape of prob and mask
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
 
 
 def io_threads(cfg: PredictConfig, cores: int | None = None) -> tuple[int, int]:
@@ -360,9 +356,9 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
     # cost file opens, not the repeated reads that random training patches make.
     plan = make_plan(cfg.model, cfg.predict, raw.shape, z_range)
     torch_device = dist.choose_device(device, env.local_rank, env.local_world_size)
-    precision = dist.resolve_precision(precision, torch_device)
-    dist.tune_for_fixed_shapes(torch_device)
-    dist.keep_freed_memory()
+    precision = runtime.resolve_precision(precision, torch_device)
+    runtime.tune_for_fixed_shapes(torch_device)
+    runtime.keep_freed_memory()
     settings = run_settings(plan, cfg, weights_digest(state["model"]), precision, input)
     if raw_path != RAW:  # another array of the same store is another input
         settings["input_array"] = raw_path

@@ -17,20 +17,21 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import checkpoint, dist, rundir
-from .checkpointing import Checkpointer
-from .config import Config, dump_yaml, to_dict
-from .data.patches import PatchSpec, PatchStream, make_loader, patch_z_starts
-from .data.training_set import Volume, volumes_of
-from .data.volumes import open_ignore, open_training
-from .errors import UserError
-from .model import check_patch_shape, output_shape
-from .monitor import Monitor, NullMonitor
-from .signals import StopFlag, ignore_stop_signals
-from .throughput import ThroughputLog
-from .train_state import TrainState
-from .train_step import Health, TrainStep
-from .validation import Validator
+from unet_dist import runtime
+from unet_dist import checkpoint, dist, rundir
+from unet_dist.train.checkpointing import Checkpointer
+from unet_dist.config import Config, dump_yaml, to_dict
+from unet_dist.data.patches import PatchSpec, PatchStream, make_loader, patch_z_starts
+from unet_dist.data.training_set import Volume, volumes_of
+from unet_dist.data.volumes import open_ignore, open_training
+from unet_dist.errors import UserError
+from unet_dist.model import check_patch_shape, output_shape
+from unet_dist.monitor.training import Monitor, NullMonitor
+from unet_dist.train.signals import StopFlag, ignore_stop_signals
+from unet_dist.train.throughput import ThroughputLog
+from unet_dist.train.state import TrainState
+from unet_dist.train.step import Health, TrainStep
+from unet_dist.train.validation import Validator
 
 
 @dataclass
@@ -103,14 +104,14 @@ def _resume_state(cfg: Config, resume: str) -> dict | None:
 def train(cfg: Config, resume: str = "never") -> TrainResult:
     env = dist.detect_env()
     if cfg.train.deterministic:
-        dist.make_deterministic()  # before CUDA is first used (cuBLAS reads its setting then)
+        runtime.make_deterministic()  # before CUDA is first used (cuBLAS reads its setting then)
     device = dist.choose_device(cfg.train.device, env.local_rank, env.local_world_size)
-    precision = dist.resolve_precision(cfg.train.precision, device)
+    precision = runtime.resolve_precision(cfg.train.precision, device)
     if cfg.train.sync_batchnorm and device.type != "cuda" and env.world_size > 1:
         raise UserError("train.sync_batchnorm: SyncBatchNorm runs on GPUs only; set it false on the CPU")
     if problem := deterministic_problem(cfg, device.type):
         raise UserError(problem)
-    dist.tune_for_fixed_shapes(device)
+    runtime.tune_for_fixed_shapes(device)
     label_crop = check_inputs(cfg)
     state = _resume_state(cfg, resume)
     if state is not None and state["model_config"] != to_dict(cfg.model):
@@ -133,7 +134,7 @@ def _train(cfg: Config, env, device, precision, label_crop, saved) -> TrainResul
     batches = iter(_loader(cfg, env, device, label_crop, state.step))
     memory_format = ((torch.channels_last if cfg.model.dims == 2 else torch.channels_last_3d)
                      if cfg.train.channels_last else torch.contiguous_format)
-    autocast_ctx = dist.autocast(device, precision)
+    autocast_ctx = runtime.autocast(device, precision)
     stop = StopFlag()
     health = Health(device, cfg.train.max_nonfinite_steps, precision)
     train_step = TrainStep(state, net, ddp, device, precision, autocast_ctx, memory_format)

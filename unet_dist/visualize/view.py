@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.store import label_names, open_store, voxel_size
-from .errors import UserError
+from unet_dist.data.store import label_names, open_store, voxel_size
+from unet_dist.errors import UserError
 
 BROWSER_ENV = "UNET_DIST_CHROMIUM"  # path of a Chromium binary for --screenshot
 SCREENSHOT_SIZE = (1280, 1040)

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from . import rundir
-from .errors import UserError
-from .overlay import INVENTED, MISSED, UNLABELLED_TINT, error_panel
+from unet_dist import rundir
+from unet_dist.errors import UserError
+from unet_dist.visualize.overlay import INVENTED, MISSED, UNLABELLED_TINT, error_panel
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
 WHITE, BLACK, GRID, TEXT = (255, 255, 255), (0, 0, 0), (225, 225, 225), (40, 40, 40)
@@ -55,7 +55,7 @@ UNLABELLED_SWATCH = tuple(int(c) for c in (0.5 * UNLABELLED_TINT + 0.5 * 115))  
 def slice_grid(rows: list[dict], title: str, panel: int = 384) -> Image.Image:
     """rows: dicts with z, raw (float [0,1]), label (0/1), prob (float [0,1]), mask (0/1) and, when the
     store marks unlabelled voxels, valid (bool: labelled)."""
-    from .metrics import confusion_counts, scores_from_confusion
+    from unet_dist.metrics import confusion_counts, scores_from_confusion
 
     font, small = _font(16), _font(13)
     columns = ("raw", "label", "prediction", "errors")
@@ -232,7 +232,7 @@ def curves(rows: dict[int, dict]) -> Image.Image:
 # ----------------------------------------------------------------------------- the command
 
 def _rows_from_pred(pred, zs) -> list[dict]:
-    from .data.prediction import MASK, PROBABILITY, open_prediction, probability_float
+    from unet_dist.predict.prediction_store import MASK, PROBABILITY, open_prediction, probability_float
 
     group, z0 = open_prediction(pred)
     depth = group[PROBABILITY].shape[0]
@@ -245,11 +245,11 @@ def _rows_from_pred(pred, zs) -> list[dict]:
 def _rows_from_checkpoint(ckpt: Path, raw, lo: int, hi: int, zs, threshold: float) -> list[dict]:
     import torch
 
-    from . import checkpoint
-    from .config import from_dict
-    from .data.patches import to_unit_float
-    from .infer import forward_whole
-    from .model import build_model
+    from unet_dist import checkpoint
+    from unet_dist.config import from_dict
+    from unet_dist.data.patches import to_unit_float
+    from unet_dist.predict.infer import forward_whole
+    from unet_dist.model import build_model
 
     state = checkpoint.load(ckpt)
     model_cfg = from_dict({"model": state["model_config"]}, str(ckpt)).model
@@ -267,7 +267,7 @@ def _rows_from_checkpoint(ckpt: Path, raw, lo: int, hi: int, zs, threshold: floa
 
 
 def _checkpoint_of(run_dir: Path) -> Path | None:
-    from . import checkpoint
+    from unet_dist import checkpoint
 
     best = rundir.checkpoint_dir(run_dir) / rundir.BEST
     if best.is_file():
@@ -277,17 +277,17 @@ def _checkpoint_of(run_dir: Path) -> Path | None:
 
 
 def _validated_volume(cfg):
-    from .data.training_set import volumes_of
+    from unet_dist.data.training_set import volumes_of
 
     return next(v for v in volumes_of(cfg.data) if v.val_slices)
 
 
 def report(run_dir, pred=None, store=None, slices=None, max_rows: int = 6, panel: int = 384) -> list[Path]:
     """Write RUN_DIR/report/{slices,curves}.png (what can be drawn); returns the files written."""
-    from .config import load_config
-    from .data.patches import to_unit_float
-    from .data.store import IGNORE, RAW, TARGET_PATH, open_store, slices_within
-    from .data.volumes import open_ignore
+    from unet_dist.config import load_config
+    from unet_dist.data.patches import to_unit_float
+    from unet_dist.data.store import IGNORE, RAW, TARGET_PATH, open_store, slices_within
+    from unet_dist.data.volumes import open_ignore
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from . import dist
-from .train_step import Health
+from unet_dist import dist
+from unet_dist.train.step import Health
 
 
 def synchronize(device: torch.device) -> None:

@@ -23,8 +23,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from . import dist
-from .data.patches import to_unit_float
+from unet_dist import runtime
+from unet_dist.data.patches import to_unit_float
 
 
 def _dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
@@ -84,7 +84,7 @@ class TileNet:
         self.memory_format = torch.channels_last if dims == 2 else torch.channels_last_3d
         self.model = model.to(device).to(memory_format=self.memory_format)
         self.device, self.batch_size, self.tta = device, batch_size, tta
-        self.autocast = dist.autocast(device, precision)
+        self.autocast = runtime.autocast(device, precision)
         self.crop = tuple(crop) if crop is not None else None
         self.threshold, self.probability_dtype = threshold, probability_dtype
         # uint8 -> [0, 1] exactly as to_unit_float does it on the host, on whatever device.

@@ -3,9 +3,9 @@ and `best.pt` whenever validation improves; never past a divergence."""
 
 from __future__ import annotations
 
-from . import checkpoint, rundir
-from .train_state import TrainState
-from .train_step import Health
+from unet_dist import checkpoint, rundir
+from unet_dist.train.state import TrainState
+from unet_dist.train.step import Health
 
 
 class Checkpointer:

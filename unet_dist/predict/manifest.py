@@ -15,8 +15,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import UserError
-from .files import fault_point, write_json_atomic
+from unet_dist.errors import UserError
+from unet_dist.files import fault_point, write_json_atomic
 
 MANIFEST = ".manifest"
 MAX_BATCH = 64  # blocks per manifest file, at most

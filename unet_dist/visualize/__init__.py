@@ -1,0 +1,1 @@
+"""Pictures of masks: PNG reports of a run (`report`, `overlay`) and neuroglancer (`view`)."""
