@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real single-node SLURM cluster on this machine, for CI and for trying the launchers on a workstation.
+# A real SLURM cluster on this machine (two nodes by default, one with LOCAL_SLURM_NODES=1), for CI and for trying the launchers on a workstation.
 #
 #   eval "$(sudo slurm/local-cluster.sh start)"   # prints `export SLURM_CONF=...` lines to eval
 #   sinfo; sbatch ...; squeue
