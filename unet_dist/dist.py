@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import os
 import re
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ class DistEnv:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     local_world_size: int = 1  # ranks on this node (torchrun's LOCAL_WORLD_SIZE, SLURM's tasks on the node)
+    # torchrun's restarts of the workers (`--max-restarts`): > 0 means this process replaces ranks that
+    # failed, and the run continues from its own latest checkpoint.
+    restart_count: int = 0
+    agent_store: bool = False  # torchrun's agent hosts the TCPStore at master_addr:master_port
 
     @property
     def is_main(self) -> bool:
@@ -92,6 +97,8 @@ def detect_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
             master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(environ.get("MASTER_PORT", 29500)),
             local_world_size=int(environ.get("LOCAL_WORLD_SIZE", 1)),
+            restart_count=int(environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+            agent_store=environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
         )
     # Only a job step (srun, or submitit's srun) runs one process per task: the batch script's shell
     # also sees SLURM_PROCID=0 and the job's SLURM_NTASKS, but no other rank will ever join it.
@@ -185,9 +192,11 @@ def setup(env: DistEnv, device: torch.device, timeout_s: int = 600) -> bool:
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
     backend = "nccl" if device.type == "cuda" else "gloo"
+    store = _store_of_this_restart(env, timeout_s)
     tdist.init_process_group(
         backend=backend,
-        init_method="env://",
+        init_method=None if store else "env://",
+        store=store,
         rank=env.rank,
         world_size=env.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
@@ -197,6 +206,26 @@ def setup(env: DistEnv, device: torch.device, timeout_s: int = 600) -> bool:
         _groups["host"] = tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
     _groups["patient"] = tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=PATIENT_TIMEOUT_S))
     return True
+
+
+_joins = itertools.count()  # every rank joins the same groups in the same order
+
+
+def _store_of_this_restart(env: DistEnv, timeout_s: int):
+    """Under torchrun, the agent's TCPStore with a prefix of this restart's own; None elsewhere.
+
+    The agent keeps one store for all restarts of its workers, and `env://` puts every round's keys
+    under the same prefix: a restarted rank can read the gloo address of a peer that died with the
+    previous round and fail in `connectFullMesh ... Connection refused` (reproduced with a plain
+    15-line gloo script under torchrun 2.13 --standalone --max-restarts). Keys of one round only
+    (`restart-<TORCHELASTIC_RESTART_COUNT>`) never meet a dead round's; a join count in the prefix
+    keeps a second group of the same round (a later `process_group`) apart from the first in the same way.
+    """
+    if not env.agent_store:
+        return None
+    store = tdist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False,
+                           timeout=datetime.timedelta(seconds=timeout_s))
+    return tdist.PrefixStore(f"unet_dist/restart-{env.restart_count}/join-{next(_joins)}", store)
 
 
 def teardown() -> None:

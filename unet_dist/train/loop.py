@@ -113,17 +113,23 @@ def train(cfg: Config, resume: str = "never") -> TrainResult:
         raise UserError(problem)
     runtime.tune_for_fixed_shapes(device)
     label_crop = check_inputs(cfg)
+    notes = []
+    if env.restart_count and resume == "never":
+        # torchrun restarted the workers after a failure (--max-restarts): the command is the one
+        # that started the run, so it carries no --resume; the run continues from its own checkpoints.
+        resume = "auto"
+        notes.append(f"torchrun restart {env.restart_count}: resuming {cfg.run.dir} from its latest checkpoint")
     state = _resume_state(cfg, resume)
     if state is not None and state["model_config"] != to_dict(cfg.model):
         raise UserError(f"{cfg.run.dir}: checkpoint was trained with another model config; "
                         "use the same model.* settings or another run.dir")
     with dist.process_group(env, device, cfg.train.dist_timeout_s):
-        return _train(cfg, env, device, precision, label_crop, state)
+        return _train(cfg, env, device, precision, label_crop, state, notes)
 
 
-def _train(cfg: Config, env, device, precision, label_crop, saved) -> TrainResult:
+def _train(cfg: Config, env, device, precision, label_crop, saved, notes: list[str]) -> TrainResult:
     state = TrainState.build(cfg, device, precision)
-    notes = state.load_state_dict(saved) if saved is not None else []
+    notes = notes + (state.load_state_dict(saved) if saved is not None else [])
     ddp = dist.world_size() > 1
     net = DDP(state.model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else state.model
     net = torch.compile(net) if cfg.train.compile else net

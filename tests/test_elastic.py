@@ -1,0 +1,76 @@
+"""torchrun's own recovery (`--max-restarts`): a rank killed with SIGKILL, the workers restarted by the
+agent with the command that started the run (no --resume), and the run finishing with the same final
+checkpoint as one never interrupted, bit for bit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from unet_dist import checkpoint
+
+from conftest import CONFIGS, ROOT, pick_free_port
+
+ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+def rank_pids(agent_pid: int) -> dict[int, int]:
+    """rank -> pid of the workers a torchrun agent runs now."""
+    ranks = {}
+    for pid in map(int, Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split()):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ranks.update({int(item[5:]): pid for item in environ if item.startswith(b"RANK=")})
+    return ranks
+
+
+def torchrun(run: Path, *extra: str, restarts: int = 0) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           f"--max-restarts={restarts}", "-m", "unet_dist", "train", "--config", str(CONFIGS / "smoke.yaml"),
+           f"run.dir={run}", "train.deterministic=true", "data.num_workers=0", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def final_params(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return checkpoint.load(checkpoint.step_path(run / "checkpoints", step))["model"]
+
+
+@pytest.mark.slow
+def test_torchrun_restart_after_sigkill_resumes_and_ends_bit_identical(em_store, tmp_path):
+    n = 8
+    args = [f"data.store={em_store}", f"train.steps={2 * n}", f"train.ckpt_every={n}", f"train.val_every={n}"]
+    straight = tmp_path / "straight"
+    proc = torchrun(straight, *args)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+
+    elastic = tmp_path / "elastic"
+    proc = torchrun(elastic, *args, restarts=1)
+    try:
+        deadline = time.monotonic() + 300
+        while not checkpoint.step_path(elastic / "checkpoints", n).exists():
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint at step n"
+            time.sleep(0.05)
+        os.kill(rank_pids(proc.pid)[1], signal.SIGKILL)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    assert "torchrun restart 1: resuming" in out and "resumed at step" in out, out[-2000:]
+    assert "connectFullMesh" not in err
+    a, b = final_params(straight, 2 * n), final_params(elastic, 2 * n)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
