@@ -16,7 +16,7 @@ import torch
 
 from unet_dist import checkpoint
 
-from conftest import CONFIGS, ROOT, pick_free_port
+from conftest import CONFIGS, ROOT
 
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
