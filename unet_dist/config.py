@@ -103,6 +103,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # 0 disables
     accumulate: int = 1  # micro-batches per optimizer step
+    # Patches per optimizer step over all ranks; when set (> 0), train.accumulate is chosen from it
+    # and the ranks at hand, so a run resumed on another number of ranks keeps its global batch.
+    global_batch: int = 0
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     loss: Literal["bce", "bce_dice"] = "bce"
     weight_map: bool = False  # the U-Net paper's class balance + border weights
@@ -351,6 +354,7 @@ def validate(cfg: Config, source: str) -> None:
     check(cfg.train.steps >= 1, "train.steps", "must be >= 1")
     check(cfg.train.lr > 0, "train.lr", "must be > 0")
     check(cfg.train.accumulate >= 1, "train.accumulate", "must be >= 1")
+    check(cfg.train.global_batch >= 0, "train.global_batch", "must be >= 0 (0: data.batch_size x ranks x train.accumulate)")
     for key in ("val_every", "ckpt_every", "log_every", "keep_last"):
         check(getattr(cfg.train, key) >= 1, f"train.{key}", "must be >= 1")
     check(len(cfg.predict.block_size) == 3 and all(b > 0 for b in cfg.predict.block_size),

@@ -20,11 +20,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from unet_dist import runtime
 from unet_dist import checkpoint, dist, rundir
 from unet_dist.train.checkpointing import Checkpointer
+from unet_dist.train.global_batch import fit_accumulate, world_change
 from unet_dist.config import Config, dump_yaml, to_dict
 from unet_dist.data.patches import PatchSpec, PatchStream, make_loader, patch_z_starts
 from unet_dist.data.training_set import Volume, volumes_of
 from unet_dist.data.volumes import open_ignore, open_training
-from unet_dist.errors import UserError
+from unet_dist.errors import UserError, warn_once
 from unet_dist.model import check_patch_shape, output_shape
 from unet_dist.monitor.training import Monitor, NullMonitor
 from unet_dist.train.signals import StopFlag, ignore_stop_signals
@@ -113,6 +114,7 @@ def train(cfg: Config, resume: str = "never") -> TrainResult:
         raise UserError(problem)
     runtime.tune_for_fixed_shapes(device)
     label_crop = check_inputs(cfg)
+    fit_accumulate(cfg, env.world_size)
     notes = []
     if env.restart_count and resume == "never":
         # torchrun restarted the workers after a failure (--max-restarts): the command is the one
@@ -123,6 +125,11 @@ def train(cfg: Config, resume: str = "never") -> TrainResult:
     if state is not None and state["model_config"] != to_dict(cfg.model):
         raise UserError(f"{cfg.run.dir}: checkpoint was trained with another model config; "
                         "use the same model.* settings or another run.dir")
+    if state is not None:
+        note, warning = world_change(state, cfg, env.world_size)
+        notes += [note] if note else []
+        if warning and env.is_main:
+            warn_once(warning)
     with dist.process_group(env, device, cfg.train.dist_timeout_s):
         return _train(cfg, env, device, precision, label_crop, state, notes)
 
