@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from unet_dist import runtime
 from unet_dist import checkpoint, dist, rundir
 from unet_dist.train.checkpointing import Checkpointer
-from unet_dist.config import Config, dump_yaml, to_dict
+from unet_dist.config import Config, dump_yaml, model_config_from_dict
 from unet_dist.data.patches import PatchSpec, PatchStream, make_loader, patch_z_starts
 from unet_dist.data.training_set import Volume, volumes_of
 from unet_dist.data.volumes import open_ignore, open_training
@@ -114,7 +114,7 @@ def train(cfg: Config, resume: str = "never") -> TrainResult:
     runtime.tune_for_fixed_shapes(device)
     label_crop = check_inputs(cfg)
     state = _resume_state(cfg, resume)
-    if state is not None and state["model_config"] != to_dict(cfg.model):
+    if state is not None and model_config_from_dict(state["model_config"], f"{cfg.run.dir}: checkpoint") != cfg.model:
         raise UserError(f"{cfg.run.dir}: checkpoint was trained with another model config; "
                         "use the same model.* settings or another run.dir")
     with dist.process_group(env, device, cfg.train.dist_timeout_s):
