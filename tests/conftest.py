@@ -58,7 +58,7 @@ def free_port():
 
 def patch_spec(store, z_range, patch_size, batch_size, seed, rank=0, holdout=None, ignore=None, **kw):
     """The patch stream of one store (a single-store run's), `z_range` its training slices; the
-    other settings config.py's defaults unless given."""
+    other settings config/sections.py's defaults unless given."""
     from unet_dist.config import DataConfig, TrainConfig
     from unet_dist.data.patches import PatchSpec
     from unet_dist.data.store import IGNORE, RAW, TARGET

@@ -211,7 +211,7 @@ def test_weight_map_matches_brute_force():
 
 
 def test_the_default_augmenter_is_the_configs():
-    """config.py holds the only defaults: the augmenter of `AugmentConfig()` adds its noise_std and
+    """config/sections.py holds the only defaults: the augmenter of `AugmentConfig()` adds its noise_std and
     misaligns by up to its misalign_max_px (a second defaults table once had 0.0 and 0 here)."""
     defaults = AugmentConfig()
     assert defaults.noise_std > 0 and defaults.misalign_max_px > 0

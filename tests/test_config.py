@@ -110,7 +110,7 @@ def test_model_rules_are_the_same_from_yaml_a_checkpoint_and_code(tmp_path, key,
 
 
 def test_an_older_checkpoints_model_config_gets_the_defaults(tmp_path):
-    """A model_config from before a key existed loads, the missing keys at config.py's defaults."""
+    """A model_config from before a key existed loads, the missing keys at config/sections.py's defaults."""
     stored = to_dict(ModelConfig(depth=2, base_channels=4))
     del stored["anisotropic_levels"], stored["padding"]
     path = checkpoint.save(tmp_path / "ck", {"model": {}, "model_config": stored, "step": 1}, keep_last=1)

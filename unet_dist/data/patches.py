@@ -42,7 +42,7 @@ class PatchSpec:
     batch_size: int
     seed: int
     rank: int
-    # the rest as train.weight_map* and data.min_labelled_fraction; their defaults are config.py's
+    # the rest as train.weight_map* and data.min_labelled_fraction (their defaults: config/sections.py)
     weight_map: bool
     weight_map_w0: float
     weight_map_sigma: float
