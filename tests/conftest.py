@@ -57,7 +57,9 @@ def free_port():
 
 
 def patch_spec(store, z_range, patch_size, batch_size, seed, rank=0, holdout=None, ignore=None, **kw):
-    """The patch stream of one store (a single-store run's), `z_range` its training slices."""
+    """The patch stream of one store (a single-store run's), `z_range` its training slices; the
+    other settings config/sections.py's defaults unless given."""
+    from unet_dist.config import DataConfig, TrainConfig
     from unet_dist.data.patches import PatchSpec
     from unet_dist.data.store import IGNORE, RAW, TARGET
     from unet_dist.data.training_set import Volume
@@ -65,8 +67,11 @@ def patch_spec(store, z_range, patch_size, batch_size, seed, rank=0, holdout=Non
     volume = Volume(store=str(store), name="v", raw_array=RAW, labels=TARGET, ignore=IGNORE if ignore is None else ignore,
                     train_slices=tuple(z_range), val_slices=None, exclude=holdout)
     crop = kw.pop("label_crop", (0,) * len(patch_size))
+    train, data = TrainConfig(), DataConfig()
+    defaults = dict(weight_map=train.weight_map, weight_map_w0=train.weight_map_w0,
+                    weight_map_sigma=train.weight_map_sigma, min_labelled_fraction=data.min_labelled_fraction)
     return PatchSpec(volumes=(volume,), patch_size=tuple(patch_size), label_crop=crop, batch_size=batch_size,
-                     seed=seed, rank=rank, **kw)
+                     seed=seed, rank=rank, **{**defaults, **kw})
 
 
 def evaluate_volume(prob3d, label3d, threshold: float = 0.5) -> dict:

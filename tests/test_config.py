@@ -1,6 +1,8 @@
 import pytest
 
-from unet_dist.config import Config, from_dict, load_config, parse_override, to_dict
+from unet_dist import checkpoint
+from unet_dist.config import (AugmentConfig, Config, ModelConfig, from_dict, load_config, model_config_from_dict,
+                              parse_override, to_dict)
 from unet_dist.errors import UserError
 
 from conftest import CONFIGS
@@ -81,3 +83,53 @@ def test_config_show_cli(cli):
     assert "lr: 0.01" in done.out and "store:" in done.out
     bad = cli("config", "show", CONFIGS / "smoke.yaml", "train.lrr=0.01")
     assert bad.code == 2 and bad.err.count("\n") == 1 and "train.lrr" in bad.err and "Traceback" not in bad.err
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("depth", 0, "must be >= 1"),
+    ("out_channels", 0, "must be >= 1"),
+    ("anisotropic_levels", 1, "1 needs model.dims 3 (got 2)"),
+    ("norm", "bn", "expected 'batch' | 'group' | 'instance' | 'none'"),
+])
+def test_model_rules_are_the_same_from_yaml_a_checkpoint_and_code(tmp_path, key, value, problem):
+    """One rule, one message: a YAML model section, a checkpoint's model_config (and its stored
+    config) and a ModelConfig built in code are refused alike."""
+    from unet_dist import model as M
+
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model:\n  {key}: {value}\n")
+    bad = {**to_dict(ModelConfig()), key: value}
+    refusals = []
+    for attempt in (lambda: load_config(path), lambda: model_config_from_dict(bad, "ckpt"),
+                    lambda: from_dict({"model": bad}, "ckpt"), lambda: M.build_model(ModelConfig(**{key: value}))):
+        with pytest.raises(UserError) as exc:
+            attempt()
+        refusals.append(str(exc.value))
+    words = {r.split(": ", 1)[1] for r in refusals}  # the message without its source
+    assert len(words) == 1 and f"model.{key}: {problem}" in words.pop()
+
+
+def test_an_older_checkpoints_model_config_gets_the_defaults(tmp_path):
+    """A model_config from before a key existed loads, the missing keys at config/sections.py's defaults."""
+    stored = to_dict(ModelConfig(depth=2, base_channels=4))
+    del stored["anisotropic_levels"], stored["padding"]
+    path = checkpoint.save(tmp_path / "ck", {"model": {}, "model_config": stored, "step": 1}, keep_last=1)
+    model = model_config_from_dict(checkpoint.load(path)["model_config"], str(path))
+    assert model == ModelConfig(depth=2, base_channels=4)
+    with pytest.raises(UserError, match="ckpt: unknown key 'model.dpeth' .did you mean 'depth'"):
+        model_config_from_dict({"dpeth": 2}, "ckpt")
+    with pytest.raises(UserError, match="ckpt: expected a mapping of model keys"):
+        model_config_from_dict([2], "ckpt")
+
+
+def test_augment_rules_apply_when_the_config_loads():
+    with pytest.raises(UserError, match="^command line: data.augment.misalign_p: must be a probability"):
+        load_config(None, ["data.augment.misalign_p=2"])
+    with pytest.raises(UserError, match="^command line: data.augment.elastic_grid: must be >= 2"):
+        load_config(None, ["data.augment.elastic_grid=1"])
+
+
+def test_disabled_augmentation_turns_every_switch_off():
+    off = AugmentConfig.disabled()
+    assert not (off.flip or off.rot90 or off.elastic or off.intensity)
+    assert off.noise_std == off.missing_section_p == off.misalign_p == 0

@@ -289,9 +289,9 @@ def test_patches_below_the_labelled_fraction_are_never_drawn(source, tmp_path):
     # without the threshold the corner's neighbours are drawn too; above what the corner allows: one line
     loose = spec(store, patch_size=(32, 32), min_labelled_fraction=0.0)
     assert min(float(b["valid"].mean(dim=(1, 2, 3)).min()) for b in batches(loose, n=10)) < 0.5
-    greedy = PatchStream(spec(store, patch_size=(48, 48), min_labelled_fraction=0.9), None)
+    greedy = PatchStream(spec(store, patch_size=(48, 48), min_labelled_fraction=0.9), AugmentConfig.disabled())
     with pytest.raises(UserError, match="lower data.min_labelled_fraction"):
-        greedy.make_batch([source], Augmenter(None), 0)
+        greedy.make_batch([source], Augmenter(AugmentConfig.disabled()), 0)
 
 
 # ------------------------------------------------------------------- train, validate, predict, evaluate

@@ -1,14 +1,13 @@
 """The U-Net: shapes, config validation, receptive field, parameter and FLOP counts."""
 
 import math
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from unet_dist import model as M
+from unet_dist.config import ModelConfig
 from unet_dist.errors import UserError
 
 
@@ -16,7 +15,7 @@ def cfg(**kw):
     base = dict(dims=2, in_channels=1, out_channels=1, depth=2, base_channels=4, norm="batch",
                 upsample="transpose", padding="same", anisotropic_levels=0)
     base.update(kw)
-    return SimpleNamespace(**base)
+    return ModelConfig(**base)
 
 
 @pytest.mark.parametrize("dims", [2, 3])
@@ -54,7 +53,7 @@ def test_anisotropic_3d(padding):
 
 
 @pytest.mark.parametrize("key,value,needle", [
-    ("norm", "bn", "model.norm: 'bn' is not one of batch, group, instance, none"),
+    ("norm", "bn", "model.norm: expected 'batch' | 'group' | 'instance' | 'none', got 'bn'"),
     ("upsample", "nearest", "model.upsample"),
     ("padding", "full", "model.padding"),
     ("dims", 4, "model.dims"),
@@ -66,7 +65,7 @@ def test_anisotropic_3d(padding):
     ("anisotropic_levels", 1, "model.anisotropic_levels"),  # with dims 2
 ])
 def test_bad_config_names_the_key(key, value, needle):
-    with pytest.raises(UserError, match="^" + needle.split(":")[0]) as err:
+    with pytest.raises(UserError, match="^model config: " + needle.split(":")[0]) as err:
         M.UNet(cfg(**{key: value}))
     assert needle in str(err.value)
 

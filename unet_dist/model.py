@@ -21,14 +21,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from unet_dist.config import ModelConfig, validate_model
 from unet_dist.errors import UserError
-
-NORMS = ("batch", "group", "instance", "none")
-UPSAMPLES = ("transpose", "interp")
-PADDINGS = ("same", "valid")
-_DEFAULTS = dict(in_channels=1, out_channels=1, depth=4, base_channels=64, norm="batch",
-                 upsample="transpose", padding="same", anisotropic_levels=0)
-
 
 @dataclass(frozen=True)
 class _Arch:
@@ -53,37 +47,16 @@ class _Arch:
         return "yx" if self.dims == 2 else "zyx"
 
 
-def _int(cfg, key: str, minimum: int) -> int:
-    value = getattr(cfg, key, _DEFAULTS.get(key))
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UserError(f"model.{key}: must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _choice(cfg, key: str, options: tuple[str, ...]) -> str:
-    value = getattr(cfg, key, _DEFAULTS.get(key))
-    if value not in options:
-        raise UserError(f"model.{key}: {value!r} is not one of {', '.join(options)}")
-    return value
-
-
-def _arch(cfg) -> _Arch:
-    dims = getattr(cfg, "dims", None)
-    if dims not in (2, 3) or isinstance(dims, bool):
-        raise UserError(f"model.dims: must be 2 or 3, got {dims!r}")
-    depth = _int(cfg, "depth", 0)
-    aniso = _int(cfg, "anisotropic_levels", 0)
-    if aniso and dims != 3:
-        raise UserError(f"model.anisotropic_levels: {aniso} needs model.dims 3 (got {dims})")
-    if aniso > depth:
-        raise UserError(f"model.anisotropic_levels: {aniso} exceeds model.depth ({depth})")
+def _arch(cfg: ModelConfig) -> _Arch:
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"expected a ModelConfig (unet_dist.config), got {type(cfg).__name__}")
+    validate_model(cfg, "model config")
+    dims, aniso = cfg.dims, cfg.anisotropic_levels
     flat = (1, 3, 3)
-    kernels = tuple(flat if level < aniso else (3,) * dims for level in range(depth + 1))
-    pools = tuple((1, 2, 2) if level < aniso else (2,) * dims for level in range(depth))
-    return _Arch(dims, _int(cfg, "in_channels", 1), _int(cfg, "out_channels", 1), depth,
-                 _int(cfg, "base_channels", 1), _choice(cfg, "norm", NORMS),
-                 _choice(cfg, "upsample", UPSAMPLES), _choice(cfg, "padding", PADDINGS),
-                 kernels, pools)
+    kernels = tuple(flat if level < aniso else (3,) * dims for level in range(cfg.depth + 1))
+    pools = tuple((1, 2, 2) if level < aniso else (2,) * dims for level in range(cfg.depth))
+    return _Arch(dims, cfg.in_channels, cfg.out_channels, cfg.depth, cfg.base_channels, cfg.norm,
+                 cfg.upsample, cfg.padding, kernels, pools)
 
 
 # ----------------------------------------------------------------------------------------- network
@@ -129,9 +102,9 @@ def _center_crop(x: torch.Tensor, shape) -> torch.Tensor:
 
 
 class UNet(nn.Module):
-    """The U-Net; `cfg` is any object with the model attributes (see module docstring)."""
+    """The U-Net of a `ModelConfig` (see module docstring)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         arch = _arch(cfg)
         self.arch = arch
@@ -178,7 +151,7 @@ class UNet(nn.Module):
         return self.head(x)
 
 
-def build_model(cfg) -> UNet:
+def build_model(cfg: ModelConfig) -> UNet:
     return UNet(cfg)
 
 
@@ -247,7 +220,7 @@ def _nearest(arch: _Arch, axis: int, n: int) -> tuple[int | None, int]:
     return below, above
 
 
-def check_patch_shape(cfg, patch_shape) -> None:
+def check_patch_shape(cfg: ModelConfig, patch_shape) -> None:
     """Raise UserError (with the nearest valid sizes) if the network cannot take this spatial shape."""
     arch = _arch(cfg)
     shape = tuple(patch_shape)
@@ -271,19 +244,19 @@ def check_patch_shape(cfg, patch_shape) -> None:
                     f"(padding {arch.padding}): {rule}; nearest valid sizes: {'; '.join(hints)}")
 
 
-def output_shape(cfg, input_shape) -> tuple[int, ...]:
+def output_shape(cfg: ModelConfig, input_shape) -> tuple[int, ...]:
     """Spatial output shape for a spatial input shape (the same, or smaller with valid padding)."""
     check_patch_shape(cfg, input_shape)
     return _walk(_arch(cfg), tuple(int(n) for n in input_shape))[0]
 
 
-def valid_input_shape(cfg, shape) -> tuple[int, ...]:
+def valid_input_shape(cfg: ModelConfig, shape) -> tuple[int, ...]:
     """The smallest spatial input shape the network accepts that is >= `shape` on every axis."""
     arch = _arch(cfg)
     return tuple(_nearest(arch, axis, int(n))[1] for axis, n in enumerate(shape))
 
 
-def pooling_factor(cfg) -> tuple[int, ...]:
+def pooling_factor(cfg: ModelConfig) -> tuple[int, ...]:
     """Total downsampling per axis. The network is shift-equivariant only by multiples of this, so
     tiles must start on this grid for tiled prediction to equal a whole-volume pass."""
     arch = _arch(cfg)
@@ -317,7 +290,7 @@ def _rf_extents(arch: _Arch, axis: int) -> tuple[int, int]:
     return span, reach
 
 
-def receptive_field(cfg) -> tuple[int, ...]:
+def receptive_field(cfg: ModelConfig) -> tuple[int, ...]:
     """Receptive field size per axis: how many input voxels along each axis can change one output
     voxel. Spatial only: instance/group norms (and batch norm in training) also mix in statistics
     of the whole patch."""
@@ -325,7 +298,7 @@ def receptive_field(cfg) -> tuple[int, ...]:
     return tuple(_rf_extents(arch, a)[0] for a in range(arch.dims))
 
 
-def halo(cfg) -> tuple[int, ...]:
+def halo(cfg: ModelConfig) -> tuple[int, ...]:
     """Context per side and axis a tile needs so that its output equals a whole-volume pass.
 
     Valid padding: (input - output) / 2, read around each output tile. Same padding: the farthest
@@ -340,21 +313,21 @@ def halo(cfg) -> tuple[int, ...]:
     return tuple((n - m) // 2 for n, m in zip(shape, out))
 
 
-def flops_per_forward(cfg, input_shape) -> int:
+def flops_per_forward(cfg: ModelConfig, input_shape) -> int:
     """FLOPs (2 x multiply-adds) of all convolutions for one sample of this spatial shape; norms,
     activations, pooling and interpolation are left out (they are not matmul work)."""
     check_patch_shape(cfg, input_shape)
     return _walk(_arch(cfg), tuple(int(n) for n in input_shape))[1]
 
 
-def describe(cfg, patch_shape) -> str:
+def describe(cfg: ModelConfig, patch_shape) -> str:
     """A few lines for `unet-dist model CONFIG`."""
     arch = _arch(cfg)
     out = output_shape(cfg, patch_shape)
     with torch.device("meta"):  # counts parameters without allocating them
         params = parameter_count(UNet(cfg))
     fmt = " x ".join
-    aniso = getattr(cfg, "anisotropic_levels", 0)
+    aniso = cfg.anisotropic_levels
     return "\n".join([
         f"U-Net {arch.dims}D: depth {arch.depth}, base channels {arch.base_channels}, norm {arch.norm}, "
         f"upsample {arch.upsample}, padding {arch.padding}"

@@ -19,17 +19,12 @@ import numpy as np
 from scipy import ndimage
 from scipy.interpolate import make_interp_spline
 
-from unet_dist.errors import UserError
+from unet_dist.config import AugmentConfig, validate_augment
 
 # Ranges of the intensity augmentation (per section in 3D, as EM sections vary in staining and
 # thickness): contrast factor 1 +- CONTRAST around the mean, brightness offset +- BRIGHTNESS,
 # gamma 2 ** (+- GAMMA_LOG2).
 CONTRAST, BRIGHTNESS, GAMMA_LOG2 = 0.25, 0.1, 0.5
-
-# Augmenter config attributes and their defaults (the lead's config dataclass carries the same names)
-DEFAULTS = dict(flip=True, rot90=True, elastic=True, elastic_grid=3, elastic_sigma=10.0,
-                intensity=True, noise_std=0.0, missing_section_p=0.0, misalign_p=0.0,
-                misalign_max_px=0)
 
 
 # ------------------------------------------------------------------------------------- geometric
@@ -61,8 +56,8 @@ def _spline_matrix(points: int, size: int) -> np.ndarray:
     return np.ascontiguousarray(spline(np.arange(size)), dtype=np.float32)
 
 
-def elastic_coordinates(rng: np.random.Generator, shape_yx: tuple[int, int], grid: int = 3,
-                        sigma: float = 10.0) -> np.ndarray:
+def elastic_coordinates(rng: np.random.Generator, shape_yx: tuple[int, int], grid: int,
+                        sigma: float) -> np.ndarray:
     """Sampling coordinates (2, Y, X) of the paper's deformation: displacement vectors drawn from
     N(0, sigma) on a coarse grid x grid lattice of control points spread over the patch,
     interpolated by cubic splines (sigma in pixels; the paper: 3 x 3, 10 px)."""
@@ -91,8 +86,8 @@ def warp(array: np.ndarray, coords: np.ndarray, order: int) -> np.ndarray:
 
 
 def elastic_deform(rng: np.random.Generator, raw: np.ndarray, label: np.ndarray,
-                   weight: np.ndarray | None = None, grid: int = 3,
-                   sigma: float = 10.0) -> tuple[np.ndarray, ...]:
+                   weight: np.ndarray | None = None, *, grid: int,
+                   sigma: float) -> tuple[np.ndarray, ...]:
     """One random deformation of y, x (the same for every z section): raw and weight linearly
     interpolated, labels by nearest neighbour so they keep their values."""
     coords = elastic_coordinates(rng, raw.shape[-2:], grid, sigma)
@@ -155,40 +150,18 @@ def gaussian_noise(rng: np.random.Generator, raw: np.ndarray, std: float) -> np.
 
 # ------------------------------------------------------------------------------------- pipeline
 
-def _validated(cfg) -> dict:
-    # every attribute is read without a fallback, so a renamed config field fails loudly
-    values = {k: getattr(cfg, k) for k in DEFAULTS} if cfg is not None else \
-        dict(DEFAULTS, flip=False, rot90=False, elastic=False, intensity=False)
-    for key in ("flip", "rot90", "elastic", "intensity"):
-        if not isinstance(values[key], bool):
-            raise UserError(f"augment.{key}: must be true or false, got {values[key]!r}")
-    for key in ("missing_section_p", "misalign_p"):
-        if not isinstance(values[key], (int, float)) or not 0 <= values[key] <= 1:
-            raise UserError(f"augment.{key}: must be a probability in [0, 1], got {values[key]!r}")
-    for key in ("elastic_sigma", "noise_std"):
-        if not isinstance(values[key], (int, float)) or values[key] < 0:
-            raise UserError(f"augment.{key}: must be a number >= 0, got {values[key]!r}")
-    for key, least in (("elastic_grid", 2), ("misalign_max_px", 0)):
-        v = values[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < least:
-            raise UserError(f"augment.{key}: must be an integer >= {least}, got {v!r}")
-    return values
-
-
 class Augmenter:
     """Applies the configured augmentations to one patch: flips/rotations, elastic deformation,
     misalignment (3D), intensity, noise, missing sections (3D), in that order.
 
-    `cfg` is any object with the attributes in DEFAULTS (None: no augmentation). Give `dims` to
-    have 3D-only settings rejected for 2D models; without it they are skipped on 2D patches."""
+    `cfg` is the run's `data.augment` (`AugmentConfig.disabled()`: none). Give `dims` to have
+    3D-only settings rejected for 2D models; without it they are skipped on 2D patches."""
 
-    def __init__(self, cfg, dims: int | None = None):
-        self.cfg = _validated(cfg)
-        if dims == 2:
-            for key in ("missing_section_p", "misalign_p"):
-                if self.cfg[key] > 0:
-                    raise UserError(f"augment.{key}: {self.cfg[key]} applies to 3D patches only "
-                                    f"(model.dims is 2)")
+    def __init__(self, cfg: AugmentConfig, dims: int | None = None):
+        if not isinstance(cfg, AugmentConfig):
+            raise TypeError(f"expected an AugmentConfig (unet_dist.config), got {type(cfg).__name__}")
+        validate_augment(cfg, "augment config", dims)
+        self.cfg = cfg
 
     def __call__(self, rng: np.random.Generator, raw: np.ndarray, label: np.ndarray,
                  weight: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
@@ -196,25 +169,24 @@ class Augmenter:
         c = self.cfg
         raw = np.asarray(raw, dtype=np.float32)
         arrays = (raw, label) if weight is None else (raw, label, weight)
-        if c["flip"] or c["rot90"]:
-            arrays = flip_rot(rng, *arrays, flip=c["flip"], rot90=c["rot90"])
-        if c["elastic"] and c["elastic_sigma"] > 0:
-            arrays = elastic_deform(rng, *arrays, grid=c["elastic_grid"],
-                                    sigma=c["elastic_sigma"])
+        if c.flip or c.rot90:
+            arrays = flip_rot(rng, *arrays, flip=c.flip, rot90=c.rot90)
+        if c.elastic and c.elastic_sigma > 0:
+            arrays = elastic_deform(rng, *arrays, grid=c.elastic_grid, sigma=c.elastic_sigma)
         is3d = raw.ndim == 3 and raw.shape[0] > 1
-        if is3d and c["misalign_max_px"] > 0 and rng.random() < c["misalign_p"]:
-            arrays = misalign(rng, *arrays, max_px=c["misalign_max_px"])
+        if is3d and c.misalign_max_px > 0 and rng.random() < c.misalign_p:
+            arrays = misalign(rng, *arrays, max_px=c.misalign_max_px)
         raw, rest = arrays[0], arrays[1:]
-        if c["intensity"]:
+        if c.intensity:
             raw = intensity(rng, raw)
-        if c["noise_std"] > 0:
-            raw = gaussian_noise(rng, raw, c["noise_std"])
-        if is3d and c["missing_section_p"] > 0:
-            raw = missing_sections(rng, raw, c["missing_section_p"])
+        if c.noise_std > 0:
+            raw = gaussian_noise(rng, raw, c.noise_std)
+        if is3d and c.missing_section_p > 0:
+            raw = missing_sections(rng, raw, c.missing_section_p)
         return tuple(np.ascontiguousarray(a) for a in (raw, *rest))
 
 
-def context_margin(aug_cfg) -> int:
+def context_margin(aug_cfg: AugmentConfig) -> int:
     """Extra y, x context per side the patch reader should add for augmentation: 0, as elastic
     deformation and misalignment work in place with reflecting borders (see module docstring)."""
     return 0
@@ -242,7 +214,7 @@ def _two_nearest_distances(objects: np.ndarray, cutoff: float) -> tuple[np.ndarr
     return d1, d2
 
 
-def unet_weight_map(label: np.ndarray, w0: float = 10.0, sigma: float = 5.0, valid=None) -> np.ndarray:
+def unet_weight_map(label: np.ndarray, w0: float, sigma: float, valid=None) -> np.ndarray:
     """The U-Net paper's weight map, float32: w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)) where
     the border term is on membrane pixels only and d1, d2 are the distances to the nearest and the
     second-nearest neuron (4-connected component of label != 0).

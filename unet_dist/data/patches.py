@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from unet_dist.config import AugmentConfig, Config
 from unet_dist.data.augment import Augmenter, unet_weight_map
 from unet_dist.errors import UserError
 from unet_dist.data.damaged_chunks import read_region
@@ -41,13 +42,14 @@ class PatchSpec:
     batch_size: int
     seed: int
     rank: int
-    weight_map: bool = False
-    weight_map_w0: float = 10.0
-    weight_map_sigma: float = 5.0
-    min_labelled_fraction: float = 0.5  # redraw patches with less of their loss region labelled
+    # the rest as train.weight_map* and data.min_labelled_fraction (their defaults: config/sections.py)
+    weight_map: bool
+    weight_map_w0: float
+    weight_map_sigma: float
+    min_labelled_fraction: float  # redraw patches with less of their loss region labelled
 
     @classmethod
-    def from_config(cls, cfg, rank: int, label_crop: tuple[int, ...]) -> "PatchSpec":
+    def from_config(cls, cfg: Config, rank: int, label_crop: tuple[int, ...]) -> "PatchSpec":
         """What the trainer draws from: the config's volumes (with their training slices, held-out
         fold and weights), patch, augmentation weights, for `rank`."""
         return cls(volumes=volumes_of(cfg.data), patch_size=tuple(cfg.data.patch_size),
@@ -94,16 +96,16 @@ class PatchStream(IterableDataset):
     With several volumes, `volume` holds each patch's volume index.
     """
 
-    def __init__(self, spec: PatchSpec, augment_cfg, start_batch: int = 0):
+    def __init__(self, spec: PatchSpec, augment_cfg: AugmentConfig, start_batch: int = 0):
         self.spec = spec
-        self.augment_cfg = augment_cfg
+        self.augmenter = Augmenter(augment_cfg)  # checked here, in the process that configures the run
         self.start_batch = start_batch
         self.probabilities = spec.volume_probabilities()
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        augmenter = Augmenter(self.augment_cfg)
+        augmenter = self.augmenter
         index = self.start_batch + worker
         try:
             volumes = [OpenVolume.open(v) if v.weight > 0 else None for v in self.spec.volumes]

@@ -38,7 +38,8 @@ import zarr
 from unet_dist import runtime
 from unet_dist.runtime import usable_cores
 from unet_dist import __version__, checkpoint, dist
-from unet_dist.config import Config, PredictConfig, from_dict, parse_override, to_dict, validate
+from unet_dist.config import (Config, PredictConfig, from_dict, model_config_from_dict, parse_override, to_dict,
+                              validate)
 from unet_dist.data import backends
 from unet_dist.data.chunk_cache import ChunkCache
 from unet_dist.data.chunk_io import ChunkFiles
@@ -62,7 +63,7 @@ from unet_dist.predict.tilenet import TileNet
 def load_model(ckpt_path, overrides: Sequence[str] = ()) -> tuple[torch.nn.Module, Config, dict]:
     """The checkpoint's model and config, `predict.*` overrides applied; mistakes are UserErrors."""
     state = checkpoint.load(ckpt_path)
-    model_cfg = from_dict({"model": state["model_config"]}, f"{ckpt_path}: model_config").model
+    model_cfg = model_config_from_dict(state["model_config"], f"{ckpt_path}: model_config")
     stored = state.get("config") or {}
     if stored.get("model", state["model_config"]) != state["model_config"]:
         raise UserError(f"{ckpt_path}: its model_config and config.model disagree; not a checkpoint of one model")

@@ -21,7 +21,7 @@ from unet_dist import runtime
 from unet_dist import checkpoint, dist, rundir
 from unet_dist.train.checkpointing import Checkpointer
 from unet_dist.train.global_batch import fit_accumulate, world_change
-from unet_dist.config import Config, dump_yaml, to_dict
+from unet_dist.config import Config, dump_yaml, model_config_from_dict
 from unet_dist.data.patches import PatchSpec, PatchStream, make_loader, patch_z_starts
 from unet_dist.data.training_set import Volume, volumes_of
 from unet_dist.data.volumes import open_ignore, open_training
@@ -122,7 +122,7 @@ def train(cfg: Config, resume: str = "never") -> TrainResult:
         resume = "auto"
         notes.append(f"torchrun restart {env.restart_count}: resuming {cfg.run.dir} from its latest checkpoint")
     state = _resume_state(cfg, resume)
-    if state is not None and state["model_config"] != to_dict(cfg.model):
+    if state is not None and model_config_from_dict(state["model_config"], f"{cfg.run.dir}: checkpoint") != cfg.model:
         raise UserError(f"{cfg.run.dir}: checkpoint was trained with another model config; "
                         "use the same model.* settings or another run.dir")
     if state is not None:

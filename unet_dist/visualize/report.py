@@ -246,13 +246,13 @@ def _rows_from_checkpoint(ckpt: Path, raw, lo: int, hi: int, zs, threshold: floa
     import torch
 
     from unet_dist import checkpoint
-    from unet_dist.config import from_dict
+    from unet_dist.config import model_config_from_dict
     from unet_dist.data.patches import to_unit_float
     from unet_dist.predict.infer import forward_whole
     from unet_dist.model import build_model
 
     state = checkpoint.load(ckpt)
-    model_cfg = from_dict({"model": state["model_config"]}, str(ckpt)).model
+    model_cfg = model_config_from_dict(state["model_config"], f"{ckpt}: model_config")
     model = build_model(model_cfg)
     model.load_state_dict(state["model"])
     model.eval()
