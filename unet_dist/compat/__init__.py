@@ -16,6 +16,15 @@ import re
 
 Range = tuple[str, str]  # (lowest tested, first untested): ">=lo,<hi"
 
+# The one list of tested ranges; each shim names its own as `TESTED`. wandb has no shim (the monitor
+# uses its public API) but its offline run files are read back by tests, so its range is tested too.
+TESTED_RANGES: dict[str, Range] = {
+    "torch": ("2.4", "2.14"),
+    "zarr": ("3.1", "3.2"),
+    "neuroglancer": ("2.40", "2.42"),
+    "wandb": ("0.18", "0.32"),
+}
+
 
 def installed_version(distribution: str) -> str | None:
     """The installed version of `distribution` ("torch", "zarr", ...); None if it is not installed."""

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import functools
 
-from unet_dist.compat import Range, out_of_range
+from unet_dist.compat import TESTED_RANGES, out_of_range
 from unet_dist.errors import warn_once
 
-TESTED: Range = ("2.4", "2.14")
+TESTED = TESTED_RANGES["torch"]
 SHUTDOWN = "_shutdown_workers"
 
 

@@ -13,10 +13,10 @@ import functools
 
 import torch
 
-from unet_dist.compat import Range, out_of_range
+from unet_dist.compat import TESTED_RANGES, out_of_range
 from unet_dist.errors import warn_once
 
-TESTED: Range = ("2.4", "2.14")
+TESTED = TESTED_RANGES["torch"]
 SUPPORTS_SCALING = "_step_supports_amp_scaling"
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import functools
 import itertools
 
-from unet_dist.compat import Range, out_of_range
+from unet_dist.compat import TESTED_RANGES, out_of_range
 from unet_dist.errors import warn_once
 
-TESTED: Range = ("3.1", "3.2")
+TESTED = TESTED_RANGES["zarr"]
 # zarr's default index codecs of a shard, as (name, configuration) pairs: the only ones we write
 INDEX_CODECS = [("bytes", {"endian": "little"}), ("crc32c", {})]
 PROBE_GRID = (2, 3, 5)  # uneven extents: an axis drops out of the interleaving early
