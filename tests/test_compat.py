@@ -5,6 +5,7 @@ about in one line. A failure here means a dependency moved an internal: update t
 
 from __future__ import annotations
 
+import itertools
 import tomllib
 import urllib.error
 import urllib.request
@@ -128,9 +129,12 @@ def test_an_untested_torch_still_stops_the_workers_and_says_so(installed_as, cap
 # ---------------------------------------------------------------------------------- zarr
 
 
-@pytest.mark.parametrize("grid", [(1,), (4,), (3, 5), (1, 4, 4), (2, 3, 5), (4, 4, 4), (5, 1, 7)])
+@pytest.mark.parametrize("grid", [(1,), (5,), (3, 5), (33, 2), (1, 1, 1), (1, 4, 4), (2, 4, 2), (3, 5, 7),
+                                  (4, 4, 4), (5, 1, 7)])
 def test_the_shard_chunk_order_is_zarrs(grid):
-    assert zarr_internals.zarrs_morton_order(grid) == zarr_internals.morton_order(grid)
+    order = zarr_internals.morton_order(grid)
+    assert zarr_internals.zarrs_morton_order(grid) == order
+    assert sorted(order) == list(itertools.product(*(range(n) for n in grid)))  # each chunk once
 
 
 def test_zarrs_default_shard_index_codecs_are_the_ones_we_write():
