@@ -4,16 +4,14 @@ independent reader (tensorstore); zarr for anything else. Real stores on disk th
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, ShardingCodec, TransposeCodec, ZstdCodec
-from zarr.core.indexing import morton_order_iter
 
-from unet_dist.data.shard_io import ShardFiles, morton_order
+from unet_dist.data.shard_io import ShardFiles
 from unet_dist.data.damaged_chunks import EVERY_CHUNK_STORED
 from unet_dist.data.layout import Layout, create_volume_array
 from unet_dist.errors import UserError
@@ -158,12 +156,6 @@ def test_the_index_may_come_first(tmp_path):
     assert_same_files(tmp_path / "zarr.zarr" / "a", tmp_path / "ours.zarr" / "a", len(grid(SHAPE, SHARDS)))
     assert_read_back(tmp_path / "ours.zarr" / "a", data)
     assert all(np.array_equal(files.read(c), data[files.box(c)]) for c in grid(SHAPE, CHUNKS))
-
-
-@pytest.mark.parametrize("per_shard", [(1,), (5,), (1, 4, 4), (2, 4, 2), (3, 5, 7), (4, 4, 4), (33, 2), (1, 1, 1)])
-def test_the_chunk_order_is_zarrs_morton_order(per_shard):
-    assert list(morton_order(per_shard)) == list(morton_order_iter(per_shard))
-    assert sorted(morton_order(per_shard)) == list(itertools.product(*(range(n) for n in per_shard)))
 
 
 def test_what_it_cannot_prove_equal_is_left_to_zarr(tmp_path):

@@ -27,6 +27,7 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
+from unet_dist.compat.zarr_internals import files_match_zarr
 from unet_dist.errors import UserError
 from unet_dist.data.damaged_chunks import EVERY_CHUNK_STORED, damaged_chunk, missing_chunk
 SHUFFLES = {"noshuffle": numcodecs.blosc.NOSHUFFLE, "shuffle": numcodecs.blosc.SHUFFLE,
@@ -54,7 +55,10 @@ def blosc_of(codecs: list, dtype: np.dtype) -> numcodecs.blosc.Blosc | None | bo
 
 def local_array(array, sharded: bool) -> tuple[Path, dict, np.dtype] | None:
     """(folder, metadata, dtype) of a Zarr v3 array in a local store, sharded or not as asked, of a
-    native-order number type and without storage transformers; None for anything else."""
+    native-order number type and without storage transformers, on a zarr whose bytes we know; None
+    for anything else."""
+    if not files_match_zarr():
+        return None
     if not isinstance(array, zarr.Array) or array.metadata.zarr_format != 3 or (array.shards is not None) != sharded:
         return None
     store = array.store_path.store

@@ -7,8 +7,9 @@ zarr-python would re-read and re-write a shard on every block assigned to it, an
 1-2 ms of Python per call besides (chunk_io.py), so we write the file ourselves where we can show
 that its bytes are zarr's: the inner chunks coded as `chunk_io.ChunkFiles` codes a chunk, laid out
 in zarr's (Morton) order, followed (or preceded) by the index of (offset, nbytes) pairs, uint64
-little endian plus its crc32c, as zarr's default `index_codecs` have it. `ShardFiles.of` says None
-for anything else and the caller goes through zarr.
+little endian plus its crc32c, as zarr's default `index_codecs` have it (order and defaults checked
+on the installed zarr by compat/zarr_internals.py). `ShardFiles.of` says None for anything else and
+the caller goes through zarr.
 
 Every inner chunk inside the array is stored, an all-fill one too (the project's arrays promise
 that: `EVERY_CHUNK_STORED`, `write_empty_chunks=True`); an edge shard's inner chunks wholly beyond
@@ -19,8 +20,6 @@ tests/test_shard_io.py.
 
 from __future__ import annotations
 
-import functools
-import itertools
 import os
 from pathlib import Path
 
@@ -28,36 +27,12 @@ import google_crc32c
 import numpy as np
 import zarr
 
+from unet_dist.compat.zarr_internals import INDEX_CODECS, codec_pairs, morton_order
 from unet_dist.errors import UserError
 from unet_dist.data.chunk_io import ChunkFiles, blosc_of, local_array, replace_file
 from unet_dist.data.damaged_chunks import damaged_chunk, missing_chunk
 MISSING = 2**64 - 1  # an index entry's (offset, nbytes) for a chunk the shard does not hold
-INDEX_CODECS = [("bytes", {"endian": "little"}), ("crc32c", {})]  # zarr's default; the only ones we write
 CRC32C = 4
-
-
-@functools.lru_cache(maxsize=16)
-def morton_order(grid: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
-    """Every coordinate of `grid` in the order zarr stores a shard's chunks: by Morton code, the
-    bits of the coordinates interleaved from the lowest, axis 0 first in each round, an axis
-    dropping out once its bits (those that its extent needs) are spent. zarr's own function lives in
-    zarr.core.indexing, not a public API; tests check that this order equals it."""
-    bits = [(n - 1).bit_length() for n in grid]
-
-    def code(coords):
-        z = out = 0
-        for bit in range(max(bits, default=0)):
-            for axis, c in enumerate(coords):
-                if bit < bits[axis]:
-                    z |= ((c >> bit) & 1) << out
-                    out += 1
-        return z
-
-    return tuple(sorted(itertools.product(*(range(n) for n in grid)), key=code))
-
-
-def _config(codec: dict) -> tuple[str, dict]:
-    return codec.get("name"), dict(codec.get("configuration") or {})
 
 
 class ShardFiles:
@@ -83,8 +58,8 @@ class ShardFiles:
         codecs = list(meta.get("codecs", ()))
         if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
             return None
-        config = _config(codecs[0])[1]
-        if ([_config(c) for c in config.get("index_codecs", ())] != INDEX_CODECS
+        config = codec_pairs(codecs)[0][1]
+        if (codec_pairs(config.get("index_codecs", ())) != INDEX_CODECS
                 or config.get("index_location", "end") not in ("start", "end")
                 or tuple(config.get("chunk_shape", ())) != tuple(array.chunks)):
             return None

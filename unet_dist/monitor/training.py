@@ -7,12 +7,14 @@ calls it unconditionally. W&B is imported lazily and only when enabled.
 from __future__ import annotations
 
 import json
+import netrc
 import os
 import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -22,24 +24,28 @@ from unet_dist.visualize.overlay import CLASS_LABELS, CLASS_LABELS_WITH_UNLABELL
 from unet_dist.monitor.progress import format_eta
 from unet_dist.rundir import METRICS, wandb_sync_command
 
+PUBLIC_WANDB = "https://api.wandb.ai"
 SUMMARIES = {"train/loss": "min", "val/dice_membrane": "max", "val/dice_neuron": "max", "val/pixel_error": "min"}
 
 
 def resolve_wandb_mode(mode: str, environ=os.environ) -> str:
-    """`auto`: online with an API key, offline without one (the usual case on compute nodes)."""
+    """`auto`: online with an API key for the W&B server, offline without one (the usual case on
+    compute nodes). The server is $WANDB_BASE_URL (a self-hosted one) or the public one; its key is
+    $WANDB_API_KEY or, as wandb itself looks it up, the password of that host's `machine` entry in
+    $NETRC or ~/.netrc."""
     if environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
         return environ["WANDB_MODE"]
     if mode != "auto":
         return mode
     if environ.get("WANDB_API_KEY"):
         return "online"
-    netrc = Path(environ.get("NETRC", Path.home() / ".netrc"))
+    host = urlsplit(environ.get("WANDB_BASE_URL") or PUBLIC_WANDB).netloc
+    path = environ.get("NETRC") or Path(environ.get("HOME") or Path.home()) / ".netrc"
     try:
-        if "api.wandb.ai" in netrc.read_text():
-            return "online"
-    except OSError:
-        pass
-    return "offline"
+        entry = netrc.netrc(path).authenticators(host) if host else None
+    except (OSError, netrc.NetrcParseError):
+        entry = None
+    return "online" if entry and entry[2] else "offline"
 
 
 class Monitor:

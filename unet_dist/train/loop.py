@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from unet_dist import runtime
 from unet_dist import checkpoint, dist, rundir
+from unet_dist.compat.dataloader import stop_workers
 from unet_dist.train.checkpointing import Checkpointer
 from unet_dist.train.global_batch import fit_accumulate, world_change
 from unet_dist.config import Config, dump_yaml, model_config_from_dict
@@ -173,7 +174,7 @@ def _train(cfg: Config, env, device, precision, label_crop, saved, notes: list[s
             validated = validator.maybe_run(state, throughput)
             checkpointer.maybe_save(state, validated, throughput)
     finally:
-        _stop_loader_workers(batches)
+        stop_workers(batches)  # they ignore the stop signals: see compat/dataloader.py
 
     if main:
         # Launchers (sbatch scripts, submitit) read this to decide between requeue and done; it is
@@ -181,16 +182,6 @@ def _train(cfg: Config, env, device, precision, label_crop, saved, notes: list[s
         rundir.write_status(cfg.run.dir, status, state.step, cfg.train.steps, checkpointer.last, validator.metrics)
     monitor.close()
     return TrainResult(state.step, status, validator.metrics, checkpointer.last, reports=main)
-
-
-def _stop_loader_workers(batches) -> None:
-    """Shut the DataLoader's workers down now. They ignore the stop signals (signals.py), so the
-    terminate() that multiprocessing sends daemon children at interpreter exit cannot end them, and
-    the loader and its iterator hold each other (persistent workers): left to the garbage collector,
-    the exit could wait for the workers forever (seen under torchrun)."""
-    shutdown = getattr(batches, "_shutdown_workers", None)  # a multi-process iterator; 0 workers: none
-    if shutdown is not None:
-        shutdown()
 
 
 def _open_monitor(cfg: Config, state: TrainState, device, precision: str, notes: list[str]) -> Monitor:

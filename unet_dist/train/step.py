@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from unet_dist.compat.torch_amp import step_if_finite
 from unet_dist.errors import UserError
 from unet_dist.train.state import TrainState
 
@@ -44,23 +45,6 @@ def loss_fn(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | No
         dice_mem = (2 * ((one - p) * (one - t)).sum(dims) + 1) / ((one - p).sum(dims) + (one - t).sum(dims) + 1)
         loss = loss + 1 - 0.5 * (dice_in + dice_mem).mean()
     return loss
-
-
-def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
-    """optimizer.step() only where `finite` (a 0-d bool tensor) holds.
-
-    A fused optimizer (Adam on GPUs) takes the decision on the device, through the `found_inf` input
-    GradScaler feeds it: the host never waits for the GPU to learn the answer. Others read the flag
-    (on a CPU that costs nothing)."""
-    if getattr(optimizer, "_step_supports_amp_scaling", False):
-        optimizer.found_inf = (~finite).to(torch.float32)
-        optimizer.grad_scale = None
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.found_inf, optimizer.grad_scale
-    elif bool(finite):
-        optimizer.step()
 
 
 class Health:

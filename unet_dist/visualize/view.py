@@ -2,7 +2,8 @@
 
 How the data reaches the browser: the stores' own files, served over HTTP by the `neuroglancer`
 package's web server (which also serves the viewer's client, bundled in the package: no internet
-needed). Each store is a route `/zarr/<token>/<i>/...` added to that server, and each layer's
+needed). Each store is a route `/zarr/<token>/<i>/...` added to that server (through
+compat/neuroglancer_server.py, as the server's internals are not public API), and each layer's
 source is `zarr3://http://HOST:PORT/zarr/<token>/<i>/` (or `.../labels/<name>/`), which the client
 reads as OME-Zarr 0.5. Chosen over `LocalVolume` (arrays served from Python) because the client
 then uses every pyramid level of the store (a zoomed-out view of a large volume fetches the coarse
@@ -26,7 +27,6 @@ and writes the page (panels with their layer names) as PNG.
 from __future__ import annotations
 
 import getpass
-import logging
 import os
 import shutil
 import socket
@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from unet_dist.compat import neuroglancer_server
 from unet_dist.data.store import label_names, open_store, voxel_size
 from unet_dist.errors import UserError
 
@@ -60,21 +61,6 @@ void main() {{ emitRGB(viridis(p())); }}
 GREY_SHADER = """#uicontrol invlerp normalized(range=[{lo}, {hi}])
 void main() {{ emitGrayscale(normalized()); }}
 """
-
-# In the page: each layer's name and the state of its data sources ("ok", "loading", "error: ...").
-LAYER_STATUS_JS = """() => window.viewer.layerManager.managedLayers.map(m => ({
-  name: m.name,
-  sources: m.layer ? m.layer.dataSources.map(d => {
-    const s = d.loadState;
-    return s === undefined ? 'loading' : (s.error !== undefined ? 'error: ' + s.error.message : 'ok');
-  }) : ['no layer'],
-  shaderError: (m.layer && m.layer.shaderError && m.layer.shaderError.value) ? String(m.layer.shaderError.value.message || m.layer.shaderError.value) : null,
-}))"""
-
-# In the page: where each 2D panel is (x, y, width, height in CSS pixels = PNG pixels), in DOM order.
-PANEL_RECTS_JS = """() => Array.from(document.querySelectorAll('.neuroglancer-rendered-data-panel')).map(e => {
-  const r = e.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; })"""
-
 
 @dataclass
 class Store:
@@ -225,27 +211,13 @@ class Session:
     def __init__(self, stores: list[Store], bind: str = "127.0.0.1", port: int = 0,
                  slices: tuple[int, int] | None = None, size=SCREENSHOT_SIZE, crosshair: bool = True):
         _need("neuroglancer")
-        import neuroglancer
-        import neuroglancer.server
-
-        logging.getLogger("tornado.access").setLevel(logging.ERROR)  # no line per 404
-        if neuroglancer.server.is_server_running():
-            neuroglancer.server.stop()
-        neuroglancer.set_server_bind_address(bind, port)
-        try:
-            self.viewer = neuroglancer.Viewer()
-        except OSError as exc:
-            raise UserError(f"cannot serve on {bind}:{port} ({exc.strerror or exc}); "
-                            "choose another --port (0: any free one) or --bind") from None
-        server = neuroglancer.server.global_server
+        self.viewer = neuroglancer_server.start(bind, port)
         self.token = self.viewer.token
-        handlers = [(rf"/{ROUTE}/{self.token}/{i}/(.*)", _store_files(), dict(path=str(s.path.resolve())))
-                    for i, s in enumerate(stores)]
-        server.app.add_handlers(r".*", handlers)
-        self.port = server.port
+        self.port, server_url = neuroglancer_server.serve_folders(
+            {rf"/{ROUTE}/{self.token}/{i}/(.*)": s.path.resolve() for i, s in enumerate(stores)})
         self.bind = bind
         self.url = self.viewer.get_viewer_url()
-        base = f"{server.server_url}/{ROUTE}/{self.token}"
+        base = f"{server_url}/{ROUTE}/{self.token}"
         self.plan = plan(stores, base, slices, self._local_volume)
         first = stores[0]
         with self.viewer.txn() as s:
@@ -278,26 +250,7 @@ class Session:
                 "addresses contain it)")
 
     def close(self) -> None:
-        import neuroglancer.server
-
-        neuroglancer.server.stop()
-
-
-_STORE_FILES = []
-
-
-def _store_files():
-    """tornado's StaticFileHandler for a store's files, without ETags: tornado would hash a whole
-    (shard) file for every range request to make one."""
-    if not _STORE_FILES:
-        import tornado.web
-
-        class StoreFiles(tornado.web.StaticFileHandler):
-            def compute_etag(self):
-                return None
-
-        _STORE_FILES.append(StoreFiles)
-    return _STORE_FILES[0]
+        neuroglancer_server.stop()
 
 
 def _need(module: str) -> None:
@@ -350,8 +303,9 @@ def screenshot(session: Session, out, size=SCREENSHOT_SIZE, timeout: float = 180
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(session.url)
             _wait_drawn(session.viewer, timeout)
-            status = {layer["name"]: layer for layer in page.evaluate(LAYER_STATUS_JS)}
-            rects = page.evaluate(PANEL_RECTS_JS)
+            # the client's internals, kept with the server's in one shim
+            status = {layer["name"]: layer for layer in page.evaluate(neuroglancer_server.LAYER_STATUS_JS)}
+            rects = page.evaluate(neuroglancer_server.PANEL_RECTS_JS)
             page.screenshot(path=str(out))
         finally:
             browser.close()
