@@ -77,7 +77,8 @@ def run_pipeline(store: str, out: str, cores: int, cache: bool, block: list, hal
     from unet_dist.data.store import RAW, open_store
     from unet_dist.runtime import keep_freed_memory
     from unet_dist.predict.block_plan import block_order, make_plan
-    from unet_dist.predict.pipeline import _create_output, BlockPipeline, block_crop, io_threads
+    from unet_dist.predict.block_pipeline import BlockPipeline, block_crop, io_threads
+    from unet_dist.predict.pipeline import _create_output
     from unet_dist.predict.manifest import Manifest
     from unet_dist.predict.output import OutputWriter
     from unet_dist.predict.tilenet import Pending
