@@ -89,7 +89,8 @@ def run(args) -> dict:
     from unet_dist.data.store import RAW, TARGET_PATH, open_store
     from unet_dist.train.loop import check_inputs
     from unet_dist.bench import common
-    from unet_dist.bench.train import Batch, OurStep, Variant
+    from unet_dist.bench.train import Variant
+    from unet_dist.bench.train_steps import Batch, OurStep
 
     device = common.resolve_device(args.device)
     cuda = device.type == "cuda"
