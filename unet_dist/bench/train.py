@@ -121,6 +121,7 @@ def run(args) -> dict:
 
     from unet_dist import runtime
     from unet_dist.model import flops_per_forward
+    from unet_dist.bench.machine import peak_bf16_flops
     from unet_dist.bench import common
 
     device = common.resolve_device(args.device)
@@ -133,7 +134,7 @@ def run(args) -> dict:
     warmup = 1 if args.warmup is None else args.warmup
     patch = tuple(cfg.data.patch_size)
     flops_per_image = 3 * flops_per_forward(cfg.model, patch)  # forward + backward (~2x forward)
-    peak = common.peak_bf16_flops(torch.cuda.get_device_name(device) if cuda else None)
+    peak = peak_bf16_flops(torch.cuda.get_device_name(device) if cuda else None)
     times, cpu, peaks, losses = _measure(cfg, device, variants, steps, rounds, warmup)
     rows = [_row(cfg, v, steps, times[v.name], cpu[v.name], peaks[v.name], losses[v.name], flops_per_image, peak,
                  cuda) for v in variants]
