@@ -89,7 +89,7 @@ try:
                     gpu_memory_gb=round(props.total_memory / 2**30, 1), native_bf16=runtime.native_bf16(device),
                     precision_auto=runtime.resolve_precision("auto", device),
                     tf32_convolutions=bool(torch.backends.cudnn.allow_tf32))
-        from unet_dist.bench.common import peak_bf16_flops
+        from unet_dist.bench.machine import peak_bf16_flops
         info["peak_bf16_dense_tflops"] = (peak_bf16_flops(props.name) or 0) / 1e12 or None
     else:
         info.update(gpu=None, native_bf16=False, precision_auto=runtime.resolve_precision("auto", torch.device("cpu")))

@@ -174,7 +174,7 @@ def test_add_bench_parser_registers_every_suite():
 # ------------------------------------------------------------------------------ pieces, pure
 
 def test_peak_table_matches_device_names():
-    from unet_dist.bench.common import peak_bf16_flops
+    from unet_dist.bench.machine import peak_bf16_flops
 
     assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_bf16_flops("NVIDIA H100 PCIe") == 756e12

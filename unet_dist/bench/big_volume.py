@@ -159,75 +159,22 @@ def _mb(value) -> float | None:
 
 
 def run(args) -> dict:
-    import shutil
-
     from unet_dist.config import to_dict
-    from unet_dist.errors import UserError
     from unet_dist.bench import common
 
     device = common.resolve_device(args.device)
-    cuda = device.type == "cuda"
     cfg, applied = common.suite_config(args, PROFILES, device)
-    if args.tiny:
-        shape = TINY_VOLUME
-    else:
-        size_gb = args.size or DEFAULT_GB["cuda" if cuda else "cpu"]
-        if size_gb <= 0 or args.width <= 0:
-            raise UserError("--size and --width must be positive")
-        shape = (max(2, math.ceil(size_gb * (1 << 30) / args.width ** 2)), args.width, args.width)
-    if args.chunk <= 0 or args.shard_depth <= 0:
-        raise UserError("--chunk and --shard-depth must be positive")
-    chunk = min(args.chunk, 32) if args.tiny else args.chunk
+    shape, chunk = _volume_shape(args, device.type == "cuda")
     chosen = layouts(args.layouts, shape, chunk, args.shard_depth)
-    volume_bytes = math.prod(shape)  # uint8 raw
-    rows = []
     with common.workdir(args.workdir) as work:
-        for name, (chunks, shard) in chosen.items():
-            store, run_dir, out = work / f"{name}.zarr", work / f"{name}-run", work / f"{name}-pred.zarr"
-            common.log(f"load: {name}: writing {shape} raw + labels ({2 * volume_bytes / (1 << 30):.2f} GiB of "
-                       f"voxels), chunks {chunks}, shards {shard}")
-            wrote = common.run_child("unet_dist.bench.big_volume:run_write", {
-                "out": str(store), "shape": list(shape), "chunks": chunks, "shard": shard})
-            files, stored = store_files(str(store))
-            common.log(f"load: {name}: {files} files, {stored / common.MB:.0f} MB; training (child process)")
-            trained = common.run_child("unet_dist.bench.big_volume:run_train", {"overrides": [
-                *applied, f"data.store={store}", f"run.dir={run_dir}", f"data.train_slices=[0,{shape[0]}]",
-                "data.val_slices=[0,1]", f"train.val_every={10 ** 9}", f"train.ckpt_every={10 ** 9}",
-                f"train.device={device.type}", "logging.wandb=disabled", "logging.progress=plain",
-                "logging.images=false"]})
-            common.log(f"load: {name}: reading every block's input as the predictor does (child process)")
-            scanned = common.run_child("unet_dist.bench.big_volume:run_read", {
-                "ckpt": trained["checkpoint"], "store": str(store)})
-            common.log(f"load: {name}: predicting all {shape[0]} slices (child process)")
-            predicted = common.run_child("unet_dist.bench.big_volume:run_predict", {
-                "ckpt": trained["checkpoint"], "store": str(store), "out": str(out), "device": device.type})
-            images = trained["steps"] * cfg.data.batch_size
-            rows.append({
-                "layout": name, "role": {"sharded": "ours", "small-chunks": "peer"}.get(name, name),
-                "chunks": list(chunks) if isinstance(chunks, tuple) else chunks,
-                "shards": list(shard) if shard else None, "files": files, "stored_mb": stored / common.MB,
-                "write_s": wrote["seconds"], "write_mb_per_s": 2 * volume_bytes / common.MB / wrote["seconds"],
-                "write_peak_rss_mb": _mb(wrote["peak_rss_bytes"]),
-                "train_s": trained["seconds"], "train_steps": trained["steps"],
-                "train_images_per_s": images / trained["seconds"],
-                "train_peak_rss_mb": _mb(trained["peak_rss_bytes"]),
-                "train_tree_peak_rss_mb": _mb(trained["tree_peak_rss_bytes"]),
-                "read_s": scanned["seconds"], "read_mb_per_s": scanned["bytes"] / common.MB / scanned["seconds"],
-                "read_cpu_s": scanned["cpu_s"], "read_peak_rss_mb": _mb(scanned["peak_rss_bytes"]),
-                "predict_s": predicted["seconds"], "predict_voxels": predicted["voxels"],
-                "predict_voxels_per_s": (predicted["voxels"] or 0) / predicted["seconds"],
-                "predict_peak_rss_mb": _mb(predicted["peak_rss_bytes"]),
-                "predict_tree_peak_rss_mb": _mb(predicted["tree_peak_rss_bytes"]),
-                "predict_cpu_s": predicted["cpu_s"],
-            })
-            for path in (store, run_dir, out):  # keep the disk to one layout at a time
-                shutil.rmtree(path, ignore_errors=True)
+        rows = [_measure_layout(name, chunks, shard, shape, work, cfg, applied, device)
+                for name, (chunks, shard) in chosen.items()]
     by = {r["layout"]: r for r in rows}
     ours, peer = by.get("sharded", rows[0]), by.get("small-chunks", rows[-1])
     for row in rows:
         row["x_peer"] = peer["read_s"] / row["read_s"]
         row["x_peer_predict"] = peer["predict_s"] / row["predict_s"]
-    volume_mb = volume_bytes / common.MB
+    volume_mb = math.prod(shape) / common.MB
     config = {"device": str(device), "overrides": applied, "model": to_dict(cfg.model), "data": to_dict(cfg.data),
               "predict": to_dict(cfg.predict), "train_steps": cfg.train.steps, "volume": list(shape),
               "raw_mb": volume_mb, "labels_mb": volume_mb, "layouts": {n: {"chunks": c, "shards": s}
@@ -246,6 +193,69 @@ def run(args) -> dict:
                          "worst_peak_rss_over_volume": round(worst / volume_mb, 4)}
     return report
 
+
+def _volume_shape(args, cuda: bool) -> tuple[tuple[int, int, int], int]:
+    """(the volume's shape, the chunk edge) from --tiny, --size, --width and --chunk, checked."""
+    from unet_dist.errors import UserError
+
+    if args.tiny:
+        shape = TINY_VOLUME
+    else:
+        size_gb = args.size or DEFAULT_GB["cuda" if cuda else "cpu"]
+        if size_gb <= 0 or args.width <= 0:
+            raise UserError("--size and --width must be positive")
+        shape = (max(2, math.ceil(size_gb * (1 << 30) / args.width ** 2)), args.width, args.width)
+    if args.chunk <= 0 or args.shard_depth <= 0:
+        raise UserError("--chunk and --shard-depth must be positive")
+    return shape, min(args.chunk, 32) if args.tiny else args.chunk
+
+
+def _measure_layout(name: str, chunks, shard, shape, work, cfg, applied, device) -> dict:
+    """One layout's row: write the store, train on it, read every block's input, predict (each a child)."""
+    import shutil
+
+    from unet_dist.bench import common
+
+    volume_bytes = math.prod(shape)  # uint8 raw
+    store, run_dir, out = work / f"{name}.zarr", work / f"{name}-run", work / f"{name}-pred.zarr"
+    common.log(f"load: {name}: writing {shape} raw + labels ({2 * volume_bytes / (1 << 30):.2f} GiB of "
+               f"voxels), chunks {chunks}, shards {shard}")
+    wrote = common.run_child("unet_dist.bench.big_volume:run_write", {
+        "out": str(store), "shape": list(shape), "chunks": chunks, "shard": shard})
+    files, stored = store_files(str(store))
+    common.log(f"load: {name}: {files} files, {stored / common.MB:.0f} MB; training (child process)")
+    trained = common.run_child("unet_dist.bench.big_volume:run_train", {"overrides": [
+        *applied, f"data.store={store}", f"run.dir={run_dir}", f"data.train_slices=[0,{shape[0]}]",
+        "data.val_slices=[0,1]", f"train.val_every={10 ** 9}", f"train.ckpt_every={10 ** 9}",
+        f"train.device={device.type}", "logging.wandb=disabled", "logging.progress=plain",
+        "logging.images=false"]})
+    common.log(f"load: {name}: reading every block's input as the predictor does (child process)")
+    scanned = common.run_child("unet_dist.bench.big_volume:run_read", {
+        "ckpt": trained["checkpoint"], "store": str(store)})
+    common.log(f"load: {name}: predicting all {shape[0]} slices (child process)")
+    predicted = common.run_child("unet_dist.bench.big_volume:run_predict", {
+        "ckpt": trained["checkpoint"], "store": str(store), "out": str(out), "device": device.type})
+    images = trained["steps"] * cfg.data.batch_size
+    for path in (store, run_dir, out):  # keep the disk to one layout at a time
+        shutil.rmtree(path, ignore_errors=True)
+    return {
+        "layout": name, "role": {"sharded": "ours", "small-chunks": "peer"}.get(name, name),
+        "chunks": list(chunks) if isinstance(chunks, tuple) else chunks,
+        "shards": list(shard) if shard else None, "files": files, "stored_mb": stored / common.MB,
+        "write_s": wrote["seconds"], "write_mb_per_s": 2 * volume_bytes / common.MB / wrote["seconds"],
+        "write_peak_rss_mb": _mb(wrote["peak_rss_bytes"]),
+        "train_s": trained["seconds"], "train_steps": trained["steps"],
+        "train_images_per_s": images / trained["seconds"],
+        "train_peak_rss_mb": _mb(trained["peak_rss_bytes"]),
+        "train_tree_peak_rss_mb": _mb(trained["tree_peak_rss_bytes"]),
+        "read_s": scanned["seconds"], "read_mb_per_s": scanned["bytes"] / common.MB / scanned["seconds"],
+        "read_cpu_s": scanned["cpu_s"], "read_peak_rss_mb": _mb(scanned["peak_rss_bytes"]),
+        "predict_s": predicted["seconds"], "predict_voxels": predicted["voxels"],
+        "predict_voxels_per_s": (predicted["voxels"] or 0) / predicted["seconds"],
+        "predict_peak_rss_mb": _mb(predicted["peak_rss_bytes"]),
+        "predict_tree_peak_rss_mb": _mb(predicted["tree_peak_rss_bytes"]),
+        "predict_cpu_s": predicted["cpu_s"],
+    }
 
 COLUMNS = [("layout", "layout"), ("files", "files"), ("stored_mb", "stored MB"), ("write_mb_per_s", "write MB/s"),
            ("write_peak_rss_mb", "write RSS MB"), ("train_images_per_s", "train img/s"),

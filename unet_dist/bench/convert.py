@@ -185,7 +185,6 @@ def run_convert(spec: str, out: str, chunks, shard, resolution=None) -> dict:
 
 def run(args) -> dict:
     from unet_dist.data.layout import resolve_layout
-    from unet_dist.data.store import stored_bytes
     from unet_dist.errors import UserError
     from unet_dist.bench import common
 
@@ -202,23 +201,8 @@ def run(args) -> dict:
     kind = args.source
     peer_slab = max(layout.slab_depth, 1 if kind in ("tiff", "hdf5") else CHUNK_Z)
     peer = f"{PEERS[kind]} read"
+    runs, source_bytes, source_s = _measure(args, kind, shape, chunks, shard, peer, peer_slab)
     rows = []
-    with common.workdir(args.workdir) as work:
-        common.log(f"convert: writing a {shape} uint8 {kind} source ({math.prod(shape) / common.MB:.0f} MB)")
-        t0 = time.perf_counter()
-        spec = write_source(kind, work, shape)
-        source_s = time.perf_counter() - t0
-        on_disk = Path(spec.partition(":")[0])
-        source_bytes = on_disk.stat().st_size if on_disk.is_file() else stored_bytes(on_disk)
-        runs = {"read": [], "convert": []}
-        for r in range(args.rounds):
-            common.log(f"convert: round {r + 1}/{args.rounds}: {peer} (child process)")
-            runs["read"].append(common.run_child("unet_dist.bench.convert:run_read",
-                                                 {"kind": kind, "spec": spec, "slab": peer_slab}))
-            common.log(f"convert: round {r + 1}/{args.rounds}: unet_dist convert (child process)")
-            runs["convert"].append(common.run_child("unet_dist.bench.convert:run_convert", {
-                "spec": spec, "out": str(work / "out.zarr"), "chunks": chunks, "shard": shard,
-                "resolution": list(RESOLUTION) if kind == "tiff" else None}))
     data_mb = math.prod(shape) / common.MB
     for name, what, role in (("convert", f"unet_dist convert ({kind})", "ours"), ("read", peer, "peer")):
         row = {"what": what, "role": role, **common.measured_row(runs[name])}
@@ -248,6 +232,31 @@ def run(args) -> dict:
                          "pyramid_time_frac": round(made["pyramid_seconds"] / rows[0]["seconds"], 4),
                          "pyramid_bytes_frac": round(made["pyramid_stored_bytes"] / stored, 4) if stored else None}
     return report
+
+
+def _measure(args, kind: str, shape, chunks, shard, peer: str, peer_slab: int) -> tuple[dict, int, float]:
+    """The source written, then `--rounds` rounds of the peer's read and our convert, each in a child:
+    ({"read": [...], "convert": [...]}, the source's bytes on disk, seconds it took to write)."""
+    from unet_dist.data.store import stored_bytes
+    from unet_dist.bench import common
+
+    with common.workdir(args.workdir) as work:
+        common.log(f"convert: writing a {shape} uint8 {kind} source ({math.prod(shape) / common.MB:.0f} MB)")
+        t0 = time.perf_counter()
+        spec = write_source(kind, work, shape)
+        source_s = time.perf_counter() - t0
+        on_disk = Path(spec.partition(":")[0])
+        source_bytes = on_disk.stat().st_size if on_disk.is_file() else stored_bytes(on_disk)
+        runs = {"read": [], "convert": []}
+        for r in range(args.rounds):
+            common.log(f"convert: round {r + 1}/{args.rounds}: {peer} (child process)")
+            runs["read"].append(common.run_child("unet_dist.bench.convert:run_read",
+                                                 {"kind": kind, "spec": spec, "slab": peer_slab}))
+            common.log(f"convert: round {r + 1}/{args.rounds}: unet_dist convert (child process)")
+            runs["convert"].append(common.run_child("unet_dist.bench.convert:run_convert", {
+                "spec": spec, "out": str(work / "out.zarr"), "chunks": chunks, "shard": shard,
+                "resolution": list(RESOLUTION) if kind == "tiff" else None}))
+    return runs, source_bytes, source_s
 
 
 COLUMNS = [("what", "what"), ("mb_per_s", "MB/s"), ("seconds", "seconds"), ("peak_rss_mb", "peak RSS MB"),

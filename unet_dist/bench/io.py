@@ -33,7 +33,8 @@ shard-file I/O limit over the decode limit: the most `fraction_of_decode_limit` 
 these outputs could reach here. Every output stays on disk until the end: ext4 creates files slowly
 for minutes after many were deleted, which would charge each row for the previous one's clean-up.
 
-The codec and back-end tables that set that limit: bench/io_tables.py.
+The limits' tight loops: bench/io_limits.py; the codec and back-end tables that set that limit:
+bench/io_tables.py.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import time
 from pathlib import Path
+
+from unet_dist.bench.io_limits import pin_cores
 
 # the pipeline's variants: (row, chunk cache, chunks through data/chunk_io.py / shard_io.py, blocks per shard)
 VARIANTS = {"ours": ("identity pipeline, chunk cache, shard files", True, True, [1, 4, 4]),
@@ -63,11 +65,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # ----------------------------------------------------------------------------- in child processes
 
-def _pin(cores: int) -> None:
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
-
-
 def run_pipeline(store: str, out: str, cores: int, cache: bool, block: list, halo: list, depth: int,
                  chunk_files: bool = True, shard_blocks: list | None = None) -> dict:
     """The predictor's read -> identity -> write pipeline over every block; see the module doc."""
@@ -77,13 +74,14 @@ def run_pipeline(store: str, out: str, cores: int, cache: bool, block: list, hal
     from unet_dist.data.store import RAW, open_store
     from unet_dist.runtime import keep_freed_memory
     from unet_dist.predict.block_plan import block_order, make_plan
-    from unet_dist.predict.pipeline import _create_output, BlockPipeline, block_crop, io_threads
+    from unet_dist.predict.block_pipeline import BlockPipeline, block_crop, io_threads
+    from unet_dist.predict.pipeline import _create_output
     from unet_dist.predict.manifest import Manifest
     from unet_dist.predict.output import OutputWriter
     from unet_dist.predict.tilenet import Pending
     from unet_dist.bench.common import measure
 
-    _pin(cores)
+    pin_cores(cores)
     keep_freed_memory()  # as predict() does
     raw = open_store(store)[RAW]
     pcfg = PredictConfig(block_size=block, halo=halo, chunk_cache_mb=1024 if cache else 0,
@@ -115,17 +113,7 @@ def run_pipeline(store: str, out: str, cores: int, cache: bool, block: list, hal
         return {"blocks": len(todo)}
 
     result = measure(go)
-    from unet_dist.data.chunk_cache import ChunkCache
-    from unet_dist.predict.block_plan import block_core, input_region, mirror_box
-
-    boxes = [mirror_box(input_region(plan, block_core(plan, i)), raw.shape) for i in todo]
-    delivered = sum(math.prod(s.stop - s.start for s in b) for b in boxes) * raw.dtype.itemsize
-    if cache:
-        decoded = pipeline.raw_cache.decoded_bytes
-    else:  # every chunk a block touches, decoded whole for that block
-        counter = ChunkCache(raw)
-        decoded = sum(math.prod(s.stop - s.start for s in counter.chunk_box(c))
-                      for b in boxes for c in counter.chunks_of(b)) * raw.dtype.itemsize
+    decoded, delivered = _decoded_and_delivered(plan, raw, todo, pipeline.raw_cache if cache else None)
     files = sum(1 for p in Path(out).rglob("*") if p.is_file() and p.name != "zarr.json" and ".manifest" not in p.parts)
     return {**result, "readers": readers, "writers": writers, "input_bytes": raw.dtype.itemsize * math.prod(plan.shape),
             "output_files": files,
@@ -133,140 +121,19 @@ def run_pipeline(store: str, out: str, cores: int, cache: bool, block: list, hal
             "tile": list(plan.model_tile), "block": list(plan.block)}
 
 
-def run_limit(store: str, cores: int, out: str | None = None, block: list | None = None,
-              shard_blocks: list | None = None) -> dict:
-    """Every chunk file of `raw` read and decoded in a tight loop on `cores` threads; a memory copy;
-    with `out` and `block`, the decode + encode + write limit (`io_limit`) too."""
-    from concurrent.futures import ThreadPoolExecutor
+def _decoded_and_delivered(plan, raw, todo, raw_cache) -> tuple[int, int]:
+    """(bytes decoded, bytes delivered to the blocks: their regions with context) of a pipeline run."""
+    from unet_dist.data.chunk_cache import ChunkCache
+    from unet_dist.predict.block_plan import block_core, input_region, mirror_box
 
-    import numcodecs.blosc
-    import numpy as np
-
-    from unet_dist.data.store import RAW, open_store
-    from unet_dist.runtime import keep_freed_memory
-
-    _pin(cores)
-    keep_freed_memory()  # the allocator as the pipeline measured beside it has it (predict() sets it)
-    numcodecs.blosc.use_threads = False  # one decode per thread, as zarr's worker threads do
-    raw = open_store(store)[RAW]
-    files = sorted(str(p) for p in (Path(store) / RAW / "c").rglob("*") if p.is_file())
-    nbytes = math.prod(raw.chunks) * raw.dtype.itemsize
-
-    def decode(part) -> int:
-        out = np.empty(nbytes, np.uint8)
-        for path in part:
-            with open(path, "rb") as f:
-                numcodecs.blosc.decompress(f.read(), out)
-        return len(part) * nbytes
-
-    from unet_dist.bench.common import cpu_seconds
-
-    parts = [files[i::cores] for i in range(cores)]
-    t0, c0 = time.perf_counter(), cpu_seconds()
-    with ThreadPoolExecutor(cores) as pool:
-        decoded = sum(pool.map(decode, parts))
-    decode_s, decode_cpu_s = time.perf_counter() - t0, cpu_seconds() - c0
-    src, dst = np.ones(nbytes, np.uint8), np.empty(nbytes, np.uint8)
-    t0 = time.perf_counter()
-    for _ in range(len(files)):
-        np.copyto(dst, src)
-    copy_s = time.perf_counter() - t0
-    result = {"decode_bytes": decoded, "decode_s": decode_s, "decode_cpu_s": decode_cpu_s,
-              "copy_bytes": nbytes * len(files), "copy_s": copy_s, "chunks": len(files)}
-    if out is not None:
-        result |= io_limit(raw, out, cores, block, shard_blocks or [1, 1, 1])
-    return result
-
-
-def io_limit(raw, out: str, cores: int, block: list, shard_blocks: list) -> dict:
-    """What the identity pipeline cannot avoid, in a tight loop on `cores` threads: each input chunk
-    decoded, and the output chunks inside it encoded with the outputs' codecs (probability = raw,
-    mask = raw > 127) and written as new files, a file per chunk (data/chunk_io.py) and, apart, a
-    file per shard of `shard_blocks` blocks (data/shard_io.py); no halo, cache, queue or batch.
-    Empty where an output chunk does not lie inside one input chunk (shards: where a shard is not
-    made of whole input chunks)."""
-    import itertools
-    from concurrent.futures import ThreadPoolExecutor
-
-    import numpy as np
-    import zarr
-
-    from unet_dist.data.chunk_io import ChunkFiles
-    from unet_dist.predict.prediction_store import MASK, PROBABILITY, create_prediction
-    from unet_dist.data.shard_io import ShardFiles
-    from unet_dist.bench.common import cpu_seconds
-
-    block = [min(b, n) for b, n in zip(block, raw.shape)]
-    shard = [min(b * k, -(-n // b) * b) for b, k, n in zip(block, shard_blocks, raw.shape)]
-    if any(c % b for c, b in zip(raw.chunks, block)):
-        return {}
-    source = ChunkFiles.of(raw)
-    outputs = {}
-    for name, layout in (("chunks", None), ("shards", shard)):
-        group = zarr.open_group(f"{out}-{name}", mode="w", zarr_format=3)
-        create_prediction(group, raw.shape, block, "uint8", None, 0, shard=layout)
-        outputs[name] = [(ShardFiles if layout else ChunkFiles).of(group[path]) for path in (PROBABILITY, MASK)]
-    if source is None or None in outputs["chunks"] + outputs["shards"]:
-        return {}
-    in_grid = [-(-n // c) for n, c in zip(raw.shape, raw.chunks)]
-
-    def encoded(coords, files) -> tuple[int, list]:
-        """Input chunk `coords` decoded; (its bytes, [(output chunk, [bytes per output])])."""
-        chunk, box = source.read(coords), source.box(coords)
-        coded = []
-        for corner in itertools.product(*(range(s.start, s.stop, b) for s, b in zip(box, block))):
-            local = tuple(slice(c - s.start, min(c + b, s.stop) - s.start) for c, s, b in zip(corner, box, block))
-            data = chunk[local]
-            at = tuple(c // b for c, b in zip(corner, block))
-            coded.append((at, [f.encode(at, v) for f, v in zip(files, (data, np.greater(data, 127).view(np.uint8)))]))
-        return chunk.nbytes, coded
-
-    def per_chunk(part, write: bool) -> int:
-        done = 0
-        for coords in part:
-            nbytes, coded = encoded(coords, outputs["chunks"])
-            for at, parts in coded:
-                for files, data in zip(outputs["chunks"], parts):
-                    if write:
-                        files.store(at, data)
-            done += nbytes
-        return done
-
-    per_shard_chunks = [s // c for s, c in zip(shard, raw.chunks)]
-
-    def per_shard(part, write: bool) -> int:
-        done = 0
-        for at_shard in part:
-            held = [{}, {}]
-            for inner in itertools.product(*(range(a * k, min((a + 1) * k, g))
-                                             for a, k, g in zip(at_shard, per_shard_chunks, in_grid))):
-                nbytes, coded = encoded(inner, outputs["shards"])
-                for at, parts in coded:
-                    for h, data in zip(held, parts):
-                        h[at] = data
-                done += nbytes
-            for files, h in zip(outputs["shards"], held):
-                files.write(at_shard, h)
-        return done
-
-    grids = {"chunks": list(np.ndindex(*in_grid))}
-    if not any(s % c for s, c in zip(shard, raw.chunks)):
-        grids["shards"] = list(np.ndindex(*(-(-n // s) for n, s in zip(raw.shape, shard))))
-    result = {}
-    # decode + encode alone first: the difference is what writing the files costs (the kernel's
-    # page cache), measured apart because on some machines it exceeds all the rest
-    runs = [("io_limit_no_write", per_chunk, "chunks", False), ("io_limit", per_chunk, "chunks", True),
-            ("io_limit_shards", per_shard, "shards", True)]
-    for name, work, grid_name, write in runs:
-        if grid_name not in grids:
-            continue
-        grid = grids[grid_name]
-        t0, c0 = time.perf_counter(), cpu_seconds()
-        with ThreadPoolExecutor(cores) as pool:
-            total = sum(pool.map(lambda part: work(part, write), [grid[i::cores] for i in range(cores)]))
-        result |= {f"{name}_bytes": total, f"{name}_s": time.perf_counter() - t0,
-                   f"{name}_cpu_s": cpu_seconds() - c0}
-    return result
+    boxes = [mirror_box(input_region(plan, block_core(plan, i)), raw.shape) for i in todo]
+    delivered = sum(math.prod(s.stop - s.start for s in b) for b in boxes) * raw.dtype.itemsize
+    if raw_cache is not None:
+        return raw_cache.decoded_bytes, delivered
+    counter = ChunkCache(raw)  # no cache: every chunk a block touches, decoded whole for that block
+    decoded = sum(math.prod(s.stop - s.start for s in counter.chunk_box(c))
+                  for b in boxes for c in counter.chunks_of(b)) * raw.dtype.itemsize
+    return decoded, delivered
 
 
 def _core_counts(text: str | None) -> list[int]:
@@ -298,15 +165,9 @@ def _raw_tif(args) -> str | None:
 
 
 def run(args) -> dict:
-    from unet_dist.errors import UserError
-    from unet_dist.bench import common, io_tables
+    from unet_dist.bench import common
 
-    if args.size <= 0 or args.width < 64:
-        raise UserError("--size must be positive and --width at least 64")
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    if skip - {"codecs", "backends"}:
-        raise UserError(f"--skip: unknown {', '.join(sorted(skip - {'codecs', 'backends'}))}; "
-                        "expected codecs and/or backends")
+    skip = _check_arguments(args)
     cores = _core_counts(args.cores)
     raw_tif = _raw_tif(args)
     if args.tiny:
@@ -314,7 +175,7 @@ def run(args) -> dict:
     else:
         shape = (max(1, math.ceil(args.size * (1 << 30) / args.width ** 2)), args.width, args.width)
         chunks, block, halo, depth = "2d", [1, 512, 512], [0, 32, 32], 2  # 576^2 regions, as bench load
-    rows, limits, io_limits = [], {}, {}
+    rows = []
     with common.workdir(args.workdir) as work:
         store = work / "volume.zarr"
         common.log(f"io: writing {shape} uint8 raw (+ labels), chunks {chunks}")
@@ -325,66 +186,115 @@ def run(args) -> dict:
                        "no cache")
             # Outputs are kept to the end: ext4 creates files slowly for minutes after many were deleted
             # (it skips recently freed inodes), which would charge one row for the last one's clean-up.
-            lim = common.run_child("unet_dist.bench.io:run_limit", {
+            lim = common.run_child("unet_dist.bench.io_limits:run_limit", {
                 "store": str(store), "cores": n, "out": str(work / f"limit-{n}"), "block": block,
                 "shard_blocks": VARIANTS["ours"][3]})
-            limits[n] = lim["decode_bytes"] / common.MB / lim["decode_s"]
-            rows.append({"what": "decode limit (chunk files, tight loop)", "role": "limit", "cores": n,
-                         "input_mb_per_s": limits[n], "seconds": lim["decode_s"], "cpu_s": lim["decode_cpu_s"],
-                         "read_amplification": 1.0})
-            limit_cpu_per_mb = lim["decode_cpu_s"] / (lim["decode_bytes"] / common.MB)
-            if "io_limit_no_write_s" in lim:
-                coded = lim["io_limit_no_write_bytes"] / common.MB / lim["io_limit_no_write_s"]
-                rows.append({"what": "decode + encode limit (no files written)", "role": "limit", "cores": n,
-                             "input_mb_per_s": coded, "seconds": lim["io_limit_no_write_s"],
-                             "cpu_s": lim["io_limit_no_write_cpu_s"], "read_amplification": 1.0,
-                             "fraction_of_decode_limit": coded / limits[n],
-                             "fraction_of_decode_limit_cpu": limit_cpu_per_mb / (
-                                 lim["io_limit_no_write_cpu_s"] / (lim["io_limit_no_write_bytes"] / common.MB))})
-            io_limits[n] = {}  # files -> (input MB/s, CPU s per MB) of decode + encode + write
-            for files, key, what in (("chunks", "io_limit", "decode + encode + write limit, a file per block"),
-                                     ("shards", "io_limit_shards", "decode + encode + write limit, shard files")):
-                if f"{key}_s" not in lim:
-                    continue
-                io_mb = lim[f"{key}_bytes"] / common.MB
-                io_limits[n][files] = (io_mb / lim[f"{key}_s"], lim[f"{key}_cpu_s"] / io_mb)
-                rows.append({"what": f"{what} (tight loop)", "role": "limit", "cores": n,
-                             "input_mb_per_s": io_limits[n][files][0], "output_mb_per_s": 2 * io_limits[n][files][0],
-                             "seconds": lim[f"{key}_s"], "cpu_s": lim[f"{key}_cpu_s"], "read_amplification": 1.0,
-                             "fraction_of_decode_limit": io_limits[n][files][0] / limits[n],
-                             "fraction_of_decode_limit_cpu": limit_cpu_per_mb / io_limits[n][files][1]})
-            rows.append({"what": "memory copy", "role": "limit", "cores": 1,
-                         "input_mb_per_s": lim["copy_bytes"] / common.MB / lim["copy_s"], "seconds": lim["copy_s"]})
-            for variant, (what, cache, files, shard_blocks) in VARIANTS.items():
-                bound = io_limits[n].get("shards" if shard_blocks != [1, 1, 1] else "chunks")
+            limit_rows, io_limits = _limit_rows(n, lim)
+            rows += limit_rows
+            for variant in VARIANTS:
                 got = common.run_child("unet_dist.bench.io:run_pipeline", {
-                    "store": str(store), "out": str(work / f"pred-{n}-{variant}.zarr"), "cores": n, "cache": cache,
-                    "block": block, "halo": halo, "depth": depth, "chunk_files": files,
-                    "shard_blocks": shard_blocks})
-                mb_in = got["input_bytes"] / common.MB / got["seconds"]
-                rows.append({"what": what, "variant": variant,
-                             "role": {"ours": "ours", "zarr": "peer"}.get(variant, "before") if n == cores[-1]
-                             else "scaling", "cores": n,
-                             "readers": got["readers"], "writers": got["writers"], "input_mb_per_s": mb_in,
-                             "output_mb_per_s": 2 * mb_in, "seconds": got["seconds"], "cpu_s": got["cpu_s"],
-                             "read_amplification": got["decoded_bytes"] / got["delivered_bytes"],
-                             "fraction_of_decode_limit": mb_in / limits[n],
-                             # the same in CPU time: robust to other people's load on the cores
-                             "fraction_of_decode_limit_cpu": limit_cpu_per_mb / (
-                                 got["cpu_s"] / (got["input_bytes"] / common.MB)),
-                             # against what decoding, encoding and writing the files cost alone
-                             "fraction_of_io_limit": mb_in / bound[0] if bound else None,
-                             "fraction_of_io_limit_cpu": bound[1] / (got["cpu_s"] / (got["input_bytes"] / common.MB))
-                             if bound else None,
-                             "peak_rss_mb": got["peak_rss_bytes"] / common.MB, "output_files": got["output_files"]})
-        tables = {}
-        if "codecs" not in skip:
-            common.log("io: codecs (" + ("the TIFF given" if raw_tif else "synthetic data") + ")")
-            tables["codecs"] = common.run_child("unet_dist.bench.io_tables:run_codecs", {"raw_tif": raw_tif, "tiny": args.tiny})
-        if "backends" not in skip:
-            common.log("io: zarr back ends on the same store and reads")
-            tables["backends"] = common.run_child("unet_dist.bench.io_tables:run_backends", {
-                "store": str(store), "block": block, "halo": halo, "depth": depth, "tiny": args.tiny})
+                    "store": str(store), "out": str(work / f"pred-{n}-{variant}.zarr"), "cores": n,
+                    "cache": VARIANTS[variant][1], "block": block, "halo": halo, "depth": depth,
+                    "chunk_files": VARIANTS[variant][2], "shard_blocks": VARIANTS[variant][3]})
+                rows.append(_pipeline_row(variant, got, n, n == cores[-1], lim, io_limits))
+        tables = _tables(skip, raw_tif, store, block, halo, depth, args.tiny)
+    config = {"volume": list(shape), "chunks": chunks, "block": block, "halo": halo, "model_depth": depth,
+              "cores": cores, "input_mb": math.prod(shape) / common.MB, "codec_source": raw_tif and Path(raw_tif).name}
+    return _report(args, rows, tables, cores, config)
+
+
+def _check_arguments(args) -> set[str]:
+    """The sections to skip, once --size, --width and --skip are checked."""
+    from unet_dist.errors import UserError
+
+    if args.size <= 0 or args.width < 64:
+        raise UserError("--size must be positive and --width at least 64")
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if skip - {"codecs", "backends"}:
+        raise UserError(f"--skip: unknown {', '.join(sorted(skip - {'codecs', 'backends'}))}; "
+                        "expected codecs and/or backends")
+    return skip
+
+
+def _limit_cpu_per_mb(lim: dict) -> float:
+    from unet_dist.bench.common import MB
+
+    return lim["decode_cpu_s"] / (lim["decode_bytes"] / MB)
+
+
+def _limit_rows(n: int, lim: dict) -> tuple[list[dict], dict]:
+    """The limits' rows at `n` cores, and {files: (input MB/s, CPU s per MB)} of decode + encode + write."""
+    from unet_dist.bench.common import MB
+
+    decode_limit = lim["decode_bytes"] / MB / lim["decode_s"]
+    rows = [{"what": "decode limit (chunk files, tight loop)", "role": "limit", "cores": n,
+             "input_mb_per_s": decode_limit, "seconds": lim["decode_s"], "cpu_s": lim["decode_cpu_s"],
+             "read_amplification": 1.0}]
+    limit_cpu_per_mb = _limit_cpu_per_mb(lim)
+    if "io_limit_no_write_s" in lim:
+        coded = lim["io_limit_no_write_bytes"] / MB / lim["io_limit_no_write_s"]
+        rows.append({"what": "decode + encode limit (no files written)", "role": "limit", "cores": n,
+                     "input_mb_per_s": coded, "seconds": lim["io_limit_no_write_s"],
+                     "cpu_s": lim["io_limit_no_write_cpu_s"], "read_amplification": 1.0,
+                     "fraction_of_decode_limit": coded / decode_limit,
+                     "fraction_of_decode_limit_cpu": limit_cpu_per_mb / (
+                         lim["io_limit_no_write_cpu_s"] / (lim["io_limit_no_write_bytes"] / MB))})
+    io_limits = {}
+    for files, key, what in (("chunks", "io_limit", "decode + encode + write limit, a file per block"),
+                             ("shards", "io_limit_shards", "decode + encode + write limit, shard files")):
+        if f"{key}_s" not in lim:
+            continue
+        io_mb = lim[f"{key}_bytes"] / MB
+        io_limits[files] = (io_mb / lim[f"{key}_s"], lim[f"{key}_cpu_s"] / io_mb)
+        rows.append({"what": f"{what} (tight loop)", "role": "limit", "cores": n,
+                     "input_mb_per_s": io_limits[files][0], "output_mb_per_s": 2 * io_limits[files][0],
+                     "seconds": lim[f"{key}_s"], "cpu_s": lim[f"{key}_cpu_s"], "read_amplification": 1.0,
+                     "fraction_of_decode_limit": io_limits[files][0] / decode_limit,
+                     "fraction_of_decode_limit_cpu": limit_cpu_per_mb / io_limits[files][1]})
+    rows.append({"what": "memory copy", "role": "limit", "cores": 1,
+                 "input_mb_per_s": lim["copy_bytes"] / MB / lim["copy_s"], "seconds": lim["copy_s"]})
+    return rows, io_limits
+
+
+def _pipeline_row(variant: str, got: dict, n: int, most_cores: bool, lim: dict, io_limits: dict) -> dict:
+    """One pipeline variant's row at `n` cores, against the limits measured beside it."""
+    from unet_dist.bench.common import MB
+
+    what, _, _, shard_blocks = VARIANTS[variant]
+    bound = io_limits.get("shards" if shard_blocks != [1, 1, 1] else "chunks")
+    mb_in = got["input_bytes"] / MB / got["seconds"]
+    cpu_per_mb = got["cpu_s"] / (got["input_bytes"] / MB)
+    return {"what": what, "variant": variant,
+            "role": {"ours": "ours", "zarr": "peer"}.get(variant, "before") if most_cores else "scaling", "cores": n,
+            "readers": got["readers"], "writers": got["writers"], "input_mb_per_s": mb_in,
+            "output_mb_per_s": 2 * mb_in, "seconds": got["seconds"], "cpu_s": got["cpu_s"],
+            "read_amplification": got["decoded_bytes"] / got["delivered_bytes"],
+            "fraction_of_decode_limit": mb_in / (lim["decode_bytes"] / MB / lim["decode_s"]),
+            # the same in CPU time: robust to other people's load on the cores
+            "fraction_of_decode_limit_cpu": _limit_cpu_per_mb(lim) / cpu_per_mb,
+            # against what decoding, encoding and writing the files cost alone
+            "fraction_of_io_limit": mb_in / bound[0] if bound else None,
+            "fraction_of_io_limit_cpu": bound[1] / cpu_per_mb if bound else None,
+            "peak_rss_mb": got["peak_rss_bytes"] / MB, "output_files": got["output_files"]}
+
+
+def _tables(skip: set[str], raw_tif, store: Path, block, halo, depth, tiny: bool) -> dict:
+    from unet_dist.bench import common
+
+    tables = {}
+    if "codecs" not in skip:
+        common.log("io: codecs (" + ("the TIFF given" if raw_tif else "synthetic data") + ")")
+        tables["codecs"] = common.run_child("unet_dist.bench.io_tables:run_codecs", {"raw_tif": raw_tif, "tiny": tiny})
+    if "backends" not in skip:
+        common.log("io: zarr back ends on the same store and reads")
+        tables["backends"] = common.run_child("unet_dist.bench.io_tables:run_backends", {
+            "store": str(store), "block": block, "halo": halo, "depth": depth, "tiny": tiny})
+    return tables
+
+
+def _report(args, rows: list[dict], tables: dict, cores: list[int], config: dict) -> dict:
+    from unet_dist.bench import common, io_tables
+
     ours = next(r for r in rows if r["role"] == "ours")
     peer = next(r for r in rows if r["role"] == "peer")
     for r in rows:
@@ -393,8 +303,6 @@ def run(args) -> dict:
                 p["input_mb_per_s"] for p in rows if p.get("variant") == "zarr" and p["cores"] == r["cores"])
     scaling = {n: next(r["input_mb_per_s"] for r in rows if r["cores"] == n and r.get("variant") == "ours")
                for n in cores}
-    config = {"volume": list(shape), "chunks": chunks, "block": block, "halo": halo, "model_depth": depth,
-              "cores": cores, "input_mb": math.prod(shape) / common.MB, "codec_source": raw_tif and Path(raw_tif).name}
     report = common.make_report(
         "io", args, "cpu", config, rows, ours["input_mb_per_s"] / peer["input_mb_per_s"],
         "input MB/s of the identity pipeline with our chunk files / with zarr-python's I/O (the predictor before)",
@@ -402,9 +310,8 @@ def run(args) -> dict:
         notes=["each measurement ran in a fresh child process pinned to `cores` cores",
                "input MB/s counts every input voxel once; read_amplification is bytes decoded / bytes delivered "
                "to the blocks (regions with their context)"])
-    report["read_amplification"] = ours["read_amplification"]
-    report["fraction_of_decode_limit"] = ours["fraction_of_decode_limit"]
-    report["fraction_of_decode_limit_cpu"] = ours["fraction_of_decode_limit_cpu"]
+    for key in ("read_amplification", "fraction_of_decode_limit", "fraction_of_decode_limit_cpu"):
+        report[key] = ours[key]
     # Not the target's measure: how close the pipeline comes to the work it cannot avoid, and where
     # that work alone would put fraction_of_decode_limit (its ceiling on this machine).
     bound = next((r for r in rows if r["what"].startswith("decode + encode + write limit, shard") and
@@ -425,7 +332,6 @@ def run(args) -> dict:
                             if report[k] is not None},
                          "scaling": ", ".join(f"{n} core(s) {v:.0f} MB/s" for n, v in scaling.items())}
     return report
-
 
 COLUMNS = [("what", "what"), ("cores", "cores"), ("readers", "readers"), ("writers", "writers"),
            ("input_mb_per_s", "input MB/s"), ("output_mb_per_s", "output MB/s"),

@@ -86,10 +86,8 @@ def run(args) -> dict:
     from unet_dist import runtime
     from unet_dist.config import to_dict
     from unet_dist.data.patches import PatchSpec, PatchStream
-    from unet_dist.data.store import RAW, TARGET_PATH, open_store
     from unet_dist.train.loop import check_inputs
     from unet_dist.bench import common
-    from unet_dist.bench.train import Batch, OurStep, Variant
 
     device = common.resolve_device(args.device)
     cuda = device.type == "cuda"
@@ -99,16 +97,7 @@ def run(args) -> dict:
     steps = args.steps or (2 if args.tiny else 5)
     min_batches = 2 if args.tiny else 5
     with common.workdir(args.workdir) as work:
-        if args.store:
-            store = args.store
-        else:
-            shape = _volume(args.volume, VOLUMES["tiny" if args.tiny else "cuda" if cuda else "cpu"])
-            common.log(f"loader: writing a synthetic volume {shape}")
-            store = str(common.make_volume_store(work / "volume.zarr", shape))
-        depth = open_store(store, arrays=(RAW, TARGET_PATH))[RAW].shape[0]
-        cfg.data.store = store
-        if not args.store or cfg.data.train_slices[1] > depth:
-            cfg.data.train_slices, cfg.data.val_slices = [0, depth], [depth - 1, depth]
+        _use_store(cfg, args, work, cuda)
         crop = check_inputs(cfg)
         spec = PatchSpec.from_config(cfg, 0, crop)
         rows = []
@@ -118,20 +107,7 @@ def run(args) -> dict:
             rows.append({"what": f"loader {w} worker(s)", "role": "ours", "workers": w, **m})
 
         precision = runtime.resolve_precision(cfg.train.precision, device)
-        # nosync=False: each step ends with a device synchronisation, so a step can be timed on its own
-        # (the trainer skips it; its throughput over many steps is the same).
-        variant = Variant("ours", precision=precision, channels_last=cfg.train.channels_last,
-                          compile=cfg.train.compile, nosync=False)
-        common.log(f"loader: training step consumption ({variant.precision})")
-        step = OurStep(cfg, device, variant, Batch(cfg))
-        for _ in range(1 + (2 if variant.compile else 0)):
-            step()
-        step_times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            step()  # ends with a device synchronisation (nosync=False)
-            step_times.append(time.perf_counter() - t0)
-        consume_s = common.median(step_times)  # the median step: robust to others' load spikes
+        step, consume_s = _consuming_step(cfg, device, precision, steps)
         consume = step.images / consume_s
         rows.append({"what": "training step (consumes)", "role": "peer", "workers": None,
                      "patches_per_s": consume, "batch_s": consume_s})
@@ -162,6 +138,45 @@ def run(args) -> dict:
                          "consumption_patches_per_s": round(consume, 2),
                          "fed_data_wait_frac": round(fed["data_wait_frac"], 3)}
     return report
+
+def _use_store(cfg, args, work, cuda: bool) -> None:
+    """cfg.data on --store, or on a synthetic volume written into `work`; training on every slice
+    (a synthetic volume, or a store shorter than the profile's slices)."""
+    from unet_dist.bench import common
+    from unet_dist.data.store import RAW, TARGET_PATH, open_store
+
+    if args.store:
+        store = args.store
+    else:
+        shape = _volume(args.volume, VOLUMES["tiny" if args.tiny else "cuda" if cuda else "cpu"])
+        common.log(f"loader: writing a synthetic volume {shape}")
+        store = str(common.make_volume_store(work / "volume.zarr", shape))
+    depth = open_store(store, arrays=(RAW, TARGET_PATH))[RAW].shape[0]
+    cfg.data.store = store
+    if not args.store or cfg.data.train_slices[1] > depth:
+        cfg.data.train_slices, cfg.data.val_slices = [0, depth], [depth - 1, depth]
+
+
+def _consuming_step(cfg, device, precision: str, steps: int):
+    """Our training step, warmed up, and its median seconds per step over `steps` steps."""
+    from unet_dist.bench import common
+    from unet_dist.bench.train import Variant
+    from unet_dist.bench.train_steps import Batch, OurStep
+
+    # nosync=False: each step ends with a device synchronisation, so a step can be timed on its own
+    # (the trainer skips it; its throughput over many steps is the same).
+    variant = Variant("ours", precision=precision, channels_last=cfg.train.channels_last,
+                      compile=cfg.train.compile, nosync=False)
+    common.log(f"loader: training step consumption ({variant.precision})")
+    step = OurStep(cfg, device, variant, Batch(cfg))
+    for _ in range(1 + (2 if variant.compile else 0)):
+        step()
+    step_times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()  # ends with a device synchronisation (nosync=False)
+        step_times.append(time.perf_counter() - t0)
+    return step, common.median(step_times)  # the median step: robust to others' load spikes
 
 
 def _fed(step, stream, workers: int, cfg, pin: bool, steps: int) -> dict:

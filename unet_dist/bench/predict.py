@@ -242,7 +242,6 @@ def run(args) -> dict:
     cfg, applied = common.suite_config(args, PROFILES, device)
     precision = runtime.resolve_precision(args.precision, device)
     profile = "tiny" if args.tiny else "cuda" if cuda else "cpu"
-    rows, diff = [], {}
     with common.workdir(args.workdir) as work:
         if args.store:
             store = args.store
@@ -259,33 +258,14 @@ def run(args) -> dict:
         common.log(f"predict: checkpoint (random weights, calibrated batch norm); tile {tile}, block {block}")
         ckpt = _checkpoint(work, cfg, store, device)
         outs = {"ours": str(work / "ours.zarr"), "monai": str(work / "monai.zarr")}
-        runs = {"ours": [], "monai": []}
         common_kw = dict(ckpt=ckpt, store=store, device=str(device), precision=precision, tile=tile,
                          batch=cfg.predict.batch_size)
-        for r in range(args.rounds):
-            for name in ("ours", "monai"):
-                common.log(f"predict: round {r + 1}/{args.rounds}: {name} (child process)")
-                if name == "ours":
-                    runs[name].append(common.run_child("unet_dist.bench.predict:run_ours",
-                                                       dict(common_kw, out=outs[name])))
-                else:
-                    runs[name].append(common.run_child("unet_dist.bench.predict:run_monai", dict(
-                        common_kw, out=outs[name], overlap=overlap, aggregate_on=args.monai_device)))
+        runs = _rounds(args, common_kw, outs, overlap)
         common.log("predict: comparing the outputs")
         border = (0, *halo(cfg.model)) if cfg.model.dims == 2 else tuple(halo(cfg.model))
         diff = compare(outs["ours"], outs["monai"], border)
         outs_bytes = level_bytes(outs["ours"])
-    voxels = math.prod(plan.shape)
-    for name, role in (("ours", "ours"), ("monai", "peer")):
-        last = runs[name][-1]
-        row = {"method": "unet_dist predict" if name == "ours" else "MONAI sliding_window_inference",
-               "role": role, **common.measured_row(runs[name]), "voxels": voxels,
-               "cuda_peak_mb": last["cuda_peak_bytes"] / common.MB if "cuda_peak_bytes" in last else None}
-        row["voxels_per_s"] = voxels / row["seconds"]
-        if name == "ours":
-            row["pipeline_voxels_per_s"] = last["result"].get("voxels_per_s")
-            row["pyramid_s"] = last["result"].get("pyramid_seconds")
-        rows.append(row)
+    rows = [_row(name, role, runs[name], math.prod(plan.shape)) for name, role in (("ours", "ours"), ("monai", "peer"))]
     for row in rows:
         row["x_peer"] = row["voxels_per_s"] / rows[1]["voxels_per_s"]
         row["x_peer_cpu_time"] = rows[1]["cpu_s"] / row["cpu_s"] if row["cpu_s"] else None
@@ -308,6 +288,37 @@ def run(args) -> dict:
         if rows[0].get("pyramid_s") is not None else None
     report["summary"]["pyramid_bytes_frac"] = round(pyramid_bytes_frac(outs_bytes), 4) if outs_bytes else None
     return report
+
+
+def _rounds(args, common_kw: dict, outs: dict, overlap: list[float]) -> dict:
+    """`--rounds` rounds of ours then MONAI's, each in a child process: their measurements by name."""
+    from unet_dist.bench import common
+
+    runs = {"ours": [], "monai": []}
+    for r in range(args.rounds):
+        for name in ("ours", "monai"):
+            common.log(f"predict: round {r + 1}/{args.rounds}: {name} (child process)")
+            if name == "ours":
+                runs[name].append(common.run_child("unet_dist.bench.predict:run_ours",
+                                                   dict(common_kw, out=outs[name])))
+            else:
+                runs[name].append(common.run_child("unet_dist.bench.predict:run_monai", dict(
+                    common_kw, out=outs[name], overlap=overlap, aggregate_on=args.monai_device)))
+    return runs
+
+
+def _row(name: str, role: str, runs: list[dict], voxels: int) -> dict:
+    from unet_dist.bench import common
+
+    last = runs[-1]
+    row = {"method": "unet_dist predict" if name == "ours" else "MONAI sliding_window_inference",
+           "role": role, **common.measured_row(runs), "voxels": voxels,
+           "cuda_peak_mb": last["cuda_peak_bytes"] / common.MB if "cuda_peak_bytes" in last else None}
+    row["voxels_per_s"] = voxels / row["seconds"]
+    if name == "ours":
+        row["pipeline_voxels_per_s"] = last["result"].get("voxels_per_s")
+        row["pyramid_s"] = last["result"].get("pyramid_seconds")
+    return row
 
 
 COLUMNS = [("method", "method"), ("voxels_per_s", "voxels/s"), ("seconds", "seconds"),

@@ -24,11 +24,11 @@ two steps, above its RSS before the model was built.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import math
 import time
 from dataclasses import dataclass
+
+from unet_dist.bench.train_steps import Batch, build_step, cudnn_benchmark, resident_bytes
 
 PROFILES = {
     # ~1 minute on 2 CPU cores: the classic U-Net (depth 4) at a quarter of its width, 256 x 256.
@@ -87,158 +87,6 @@ def parse_variants(text: str | None, device, precision: str, tiny: bool = False)
     return variants
 
 
-# ------------------------------------------------------------------------------ the two steps
-
-class Batch:
-    """One fixed batch in host memory (pinned on GPU machines for ours), as the loader hands it over."""
-
-    def __init__(self, cfg, seed: int = 0):
-        import torch
-
-        from unet_dist.model import output_shape
-
-        patch = tuple(cfg.data.patch_size)
-        out = output_shape(cfg.model, patch)
-        g = torch.Generator().manual_seed(seed)
-        n = cfg.data.batch_size
-        self.raw = torch.rand((n, cfg.model.in_channels, *patch), generator=g)
-        self.label = (torch.rand((n, 1, *out), generator=g) > 0.5).float()
-        self.weight = torch.ones((n, 1, *out)) if cfg.train.weight_map else None
-
-    def pinned(self) -> "Batch":
-        other = copy.copy(self)
-        other.raw, other.label = self.raw.pin_memory(), self.label.pin_memory()
-        other.weight = None if self.weight is None else self.weight.pin_memory()
-        return other
-
-
-class OurStep:
-    """The trainer's step (train._train's loop body, without DDP and without the data loader)."""
-
-    def __init__(self, cfg, device, variant: Variant, batch: Batch):
-        import torch
-
-        from unet_dist import runtime
-        from unet_dist.train.state import build_training
-
-        cfg = copy.deepcopy(cfg)
-        cfg.train.channels_last, cfg.train.compile = variant.channels_last, variant.compile
-        self.cfg, self.device, self.precision = cfg, device, variant.precision
-        torch.manual_seed(cfg.train.seed)
-        self.model, self.optimizer, self.scheduler = build_training(cfg, device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=variant.precision == "fp16")
-        self.net = torch.compile(self.model) if cfg.train.compile else self.model
-        self.autocast = runtime.autocast(device, variant.precision)
-        self.memory_format = (torch.channels_last if cfg.train.channels_last and cfg.model.dims == 2
-                              else torch.contiguous_format)
-        self.batch = batch.pinned() if device.type == "cuda" else batch
-        self.nosync, self.autotune, self.last_loss = variant.nosync, variant.autotune, None
-        self.net.train()
-
-    def __call__(self) -> float | None:
-        import torch
-
-        from unet_dist.train.step import loss_fn, step_if_finite
-
-        cfg, device, accumulate = self.cfg, self.device, self.cfg.train.accumulate
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(accumulate):
-            b = self.batch
-            raw = b.raw.to(device, non_blocking=True).contiguous(memory_format=self.memory_format)
-            label = b.label.to(device, non_blocking=True)
-            weight = b.weight.to(device, non_blocking=True) if b.weight is not None else None
-            with self.autocast:
-                logits = self.net(raw)
-            loss = loss_fn(logits, label, weight, cfg.train.loss) / accumulate
-            self.scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
-        finite = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)
-        if not self.nosync:  # what-if: the host waits for the flag, as the trainer once did
-            finite = torch.tensor(bool(finite), device=device)
-        if self.precision == "fp16":
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            step_if_finite(self.optimizer, finite)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        if self.nosync:
-            self.last_loss = loss_sum
-            return None
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return float(loss_sum)
-
-    @property
-    def images(self) -> int:
-        return self.cfg.data.batch_size * self.cfg.train.accumulate
-
-    def tensors(self):
-        return _state_tensors(self.model, self.optimizer)
-
-
-class PeerStep:
-    """The notebook's loop: model.train(), Adam, BCEWithLogitsLoss, fp32 eager, loss.item()."""
-
-    def __init__(self, cfg, device, batch: Batch):
-        import torch
-
-        from unet_dist.model import build_model
-
-        torch.manual_seed(cfg.train.seed)
-        self.device, self.batch = device, batch
-        self.model = build_model(cfg.model).to(device)
-        self.model.train()
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
-        self.criterion = torch.nn.BCEWithLogitsLoss()
-        self.images = cfg.data.batch_size
-
-    def __call__(self) -> float:
-        x, y = self.batch.raw.to(self.device), self.batch.label.to(self.device)
-        self.optimizer.zero_grad()
-        loss = self.criterion(self.model(x), y)
-        loss.backward()
-        self.optimizer.step()
-        return loss.item()
-
-    def tensors(self):
-        return _state_tensors(self.model, self.optimizer)
-
-
-def _state_tensors(model, optimizer):
-    import torch
-
-    found = list(model.parameters()) + [p.grad for p in model.parameters() if p.grad is not None]
-    found += list(model.buffers())
-    for state in optimizer.state.values():
-        found += [v for v in state.values() if isinstance(v, torch.Tensor)]
-    return found
-
-
-@contextlib.contextmanager
-def _cudnn_benchmark(on: bool):
-    """cuDNN's autotuner (torch.backends.cudnn.benchmark) for one variant's steps only."""
-    import torch
-
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = on
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = before
-
-
-def build_step(cfg, device, variant: Variant, batch: Batch):
-    return PeerStep(cfg, device, batch) if variant.peer else OurStep(cfg, device, variant, batch)
-
-
-def _resident_bytes(step) -> int:
-    return sum(t.numel() * t.element_size() for t in step.tensors() if t.device.type == "cuda")
-
-
 # --------------------------------------------------------------------------- memory on the CPU
 
 def memory_probe(config: dict, variant: dict, device: str, steps: int = 2) -> dict:
@@ -272,8 +120,8 @@ def run(args) -> dict:
     import torch
 
     from unet_dist import runtime
-    from unet_dist.config import to_dict
     from unet_dist.model import flops_per_forward
+    from unet_dist.bench.machine import peak_bf16_flops
     from unet_dist.bench import common
 
     device = common.resolve_device(args.device)
@@ -285,32 +133,51 @@ def run(args) -> dict:
     rounds = args.rounds or (1 if args.tiny else 3)
     warmup = 1 if args.warmup is None else args.warmup
     patch = tuple(cfg.data.patch_size)
-    voxels_per_image = math.prod(patch)
     flops_per_image = 3 * flops_per_forward(cfg.model, patch)  # forward + backward (~2x forward)
-    peak = common.peak_bf16_flops(torch.cuda.get_device_name(device) if cuda else None)
+    peak = peak_bf16_flops(torch.cuda.get_device_name(device) if cuda else None)
+    times, cpu, peaks, losses = _measure(cfg, device, variants, steps, rounds, warmup)
+    rows = [_row(cfg, v, steps, times[v.name], cpu[v.name], peaks[v.name], losses[v.name], flops_per_image, peak,
+                 cuda) for v in variants]
+    peer = rows[0]
+    for row in rows:
+        row["x_peer"] = row["images_per_s"] / peer["images_per_s"]
+        row["x_peer_cpu_time"] = peer["cpu_s_per_image"] / row["cpu_s_per_image"] if row["cpu_s_per_image"] else None
+    ours = [r for r in rows if r["role"] == "ours"] or rows[1:] or [peer]  # what-ifs only if nothing else
+    best = max(ours, key=lambda r: r["images_per_s"])
+    config = _report_config(cfg, device, precision, applied, steps, rounds, warmup, flops_per_image, peak)
+    return common.make_report(
+        "train", args, device, config, rows, best["images_per_s"] / peer["images_per_s"],
+        f"images/s of our best variant ({best['variant']}) / the peer's", best, peer, notes=_notes(cuda))
 
+
+def _measure(cfg, device, variants, steps: int, rounds: int, warmup: int) -> tuple[dict, dict, dict, dict]:
+    """Every variant built and warmed up, then timed in `rounds` interleaved rounds of `steps` steps:
+    (wall seconds per round, CPU seconds per round, peak memory bytes, final loss), by variant name."""
+    import torch
+
+    from unet_dist.bench import common
+
+    cuda = device.type == "cuda"
     batch = Batch(cfg)
     built = {}
     for v in variants:
         common.log(f"train: building {v.name}")
         step = build_step(cfg, device, v, batch)
-        with _cudnn_benchmark(v.autotune):
+        with cudnn_benchmark(v.autotune):
             for _ in range(warmup + (2 if v.compile else 0)):
                 step()
         built[v.name] = step
-    times = {v.name: [] for v in variants}
-    cpu = {v.name: [] for v in variants}
-    peaks = {v.name: 0 for v in variants}
-    losses = {}
+    times, cpu = {v.name: [] for v in variants}, {v.name: [] for v in variants}
+    peaks, losses = {v.name: 0 for v in variants}, {}
     for r in range(rounds):
         for v in variants:
             step = built[v.name]
             if cuda:
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
-                others = torch.cuda.memory_allocated(device) - _resident_bytes(step)
+                others = torch.cuda.memory_allocated(device) - resident_bytes(step)
             t0, c0 = time.perf_counter(), common.cpu_seconds()
-            with _cudnn_benchmark(v.autotune):
+            with cudnn_benchmark(v.autotune):
                 for _ in range(steps):
                     losses[v.name] = step()
                 common.sync(device)
@@ -325,38 +192,53 @@ def run(args) -> dict:
             losses[v.name] = float(built[v.name].last_loss)
     del built
     if not cuda:
-        for v in variants:
-            common.log(f"train: peak memory of {v.name} (child process)")
-            probe = common.run_child("unet_dist.bench.train:memory_probe", {
-                "config": to_dict(cfg), "variant": vars(v), "device": "cpu"})
-            peaks[v.name] = probe["peak_bytes"] - probe["rss_before_bytes"]
+        peaks |= _cpu_peaks(cfg, variants)
+    return times, cpu, peaks, losses
 
-    rows = []
+
+def _cpu_peaks(cfg, variants) -> dict:
+    """Peak RSS of each variant, each in a child process of its own (bytes above its RSS before the model)."""
+    from unet_dist.config import to_dict
+    from unet_dist.bench import common
+
+    peaks = {}
     for v in variants:
-        images = (cfg.data.batch_size * (1 if v.peer else cfg.train.accumulate)) * steps
-        step_s = common.median(times[v.name]) / steps
-        ips = images / steps / step_s
-        achieved = ips * flops_per_image
-        rows.append({
-            "variant": v.name, "role": "peer" if v.peer else "what-if" if not (v.autotune and v.nosync) else "ours",
-            "precision": v.precision, "channels_last": v.channels_last, "compile": v.compile,
-            "autotune": v.autotune, "nosync": v.nosync,
-            "images_per_s": ips, "voxels_per_s": ips * voxels_per_image, "step_s": step_s,
-            "step_s_rounds": [t / steps for t in times[v.name]],
-            "cpu_s_per_image": common.median(cpu[v.name]) / images,
-            "tflops": achieved / 1e12, "mfu": achieved / peak if peak else None,
-            "peak_mem_mb": peaks[v.name] / common.MB, "peak_mem_kind": "cuda_allocated" if cuda else "rss_child",
-            "final_loss": losses[v.name],
-        })
-    peer = rows[0]
-    for row in rows:
-        row["x_peer"] = row["images_per_s"] / peer["images_per_s"]
-        row["x_peer_cpu_time"] = peer["cpu_s_per_image"] / row["cpu_s_per_image"] if row["cpu_s_per_image"] else None
-    ours = [r for r in rows if r["role"] == "ours"] or rows[1:] or [peer]  # what-ifs only if nothing else
-    best = max(ours, key=lambda r: r["images_per_s"])
-    config = {
+        common.log(f"train: peak memory of {v.name} (child process)")
+        probe = common.run_child("unet_dist.bench.train:memory_probe", {
+            "config": to_dict(cfg), "variant": vars(v), "device": "cpu"})
+        peaks[v.name] = probe["peak_bytes"] - probe["rss_before_bytes"]
+    return peaks
+
+
+def _row(cfg, v, steps: int, times: list, cpu: list, peak_bytes: int, loss, flops_per_image, peak, cuda: bool) -> dict:
+    from unet_dist.bench import common
+
+    images = (cfg.data.batch_size * (1 if v.peer else cfg.train.accumulate)) * steps
+    step_s = common.median(times) / steps
+    ips = images / steps / step_s
+    achieved = ips * flops_per_image
+    return {
+        "variant": v.name, "role": "peer" if v.peer else "what-if" if not (v.autotune and v.nosync) else "ours",
+        "precision": v.precision, "channels_last": v.channels_last, "compile": v.compile,
+        "autotune": v.autotune, "nosync": v.nosync,
+        "images_per_s": ips, "voxels_per_s": ips * math.prod(cfg.data.patch_size), "step_s": step_s,
+        "step_s_rounds": [t / steps for t in times],
+        "cpu_s_per_image": common.median(cpu) / images,
+        "tflops": achieved / 1e12, "mfu": achieved / peak if peak else None,
+        "peak_mem_mb": peak_bytes / common.MB, "peak_mem_kind": "cuda_allocated" if cuda else "rss_child",
+        "final_loss": loss,
+    }
+
+
+def _report_config(cfg, device, precision, applied, steps, rounds, warmup, flops_per_image, peak) -> dict:
+    import torch
+
+    from unet_dist.config import to_dict
+
+    cuda = device.type == "cuda"
+    return {
         "device": str(device), "precision_auto": precision, "overrides": applied,
-        "model": to_dict(cfg.model), "patch_size": list(patch), "batch_size": cfg.data.batch_size,
+        "model": to_dict(cfg.model), "patch_size": list(cfg.data.patch_size), "batch_size": cfg.data.batch_size,
         "accumulate": cfg.train.accumulate, "loss": cfg.train.loss, "grad_clip": cfg.train.grad_clip,
         "optimizer": cfg.train.optimizer, "steps": steps, "rounds": rounds, "warmup": warmup,
         "flops_per_image": flops_per_image, "flops_counted": "3 x conv FLOPs of one forward (model.flops_per_forward)",
@@ -365,6 +247,11 @@ def run(args) -> dict:
         "tf32_convolutions": bool(torch.backends.cudnn.allow_tf32) if cuda else None,
         "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32) if cuda else None,
     }
+
+
+def _notes(cuda: bool) -> list[str]:
+    import torch
+
     notes = ["voxels/s = images/s x patch voxels; MFU = achieved FLOP/s / the device's bf16 dense peak (null on CPUs)",
              "peak memory: " + ("CUDA allocator peak during the variant's steps, less the other variants' resident "
                                 "tensors" if cuda else "peak RSS of a child process building the variant and running "
@@ -372,10 +259,7 @@ def run(args) -> dict:
     if cuda and torch.backends.cudnn.allow_tf32:
         notes.append("fp32 rows (the peer's included) ran their convolutions in TF32 (torch's default, "
                      "torch.backends.cudnn.allow_tf32=True): 10-bit mantissa products, not IEEE fp32")
-    return common.make_report(
-        "train", args, device, config, rows, best["images_per_s"] / peer["images_per_s"],
-        f"images/s of our best variant ({best['variant']}) / the peer's", best, peer, notes=notes)
-
+    return notes
 
 COLUMNS = [("variant", "variant"), ("images_per_s", "images/s"), ("voxels_per_s", "voxels/s"),
            ("step_s", "step s"), ("tflops", "TFLOP/s"), ("mfu", "MFU"), ("peak_mem_mb", "peak MB"),

@@ -16,90 +16,26 @@ import numpy as np
 import zarr
 
 from unet_dist.data import store as st
-
 from unet_dist.data.atomic_dir import atomic_store_dir, check_out
-
+from unet_dist.data.convert_labels import ConvertLabels, check_label_options
 from unet_dist.data.layout import Layout, resolve_layout
-
 from unet_dist.data.slab_writer import Progress
-from unet_dist.data.instances import IDS, Rule, check_ids_dtype, looks_like_ids, target_of_slab
+from unet_dist.data.instances import IDS, Rule
 from unet_dist.data.ome import image_levels, write_em_store
 from unet_dist.data.sources import Source, open_source
 from unet_dist.errors import UserError
 
 
-# ---------------------------------------------------------------- slab checks and label mapping
-
-
-# Checks and mapping go slice by slice: their boolean temporaries then cost O(slice), not O(slab).
+# ---------------------------------------------------------------- raw checks
 
 
 def _check_finite(source: Source, slab: np.ndarray, z0: int) -> None:
+    # Slice by slice: the boolean temporaries then cost O(slice), not O(slab).
     if slab.dtype.kind != "f":
         return
     for i, plane in enumerate(slab):
         if not np.isfinite(plane).all():
             raise UserError(f"{source.slice_name(z0 + i)}: NaN or infinite values")
-
-
-class LabelMapper:
-    """Source label values -> uint8 (1 interior, 0 membrane), checking binarity slice by slice."""
-
-    def __init__(self, source: Source, threshold: float | None, invert: bool, ignore_value: float | None = None):
-        self.source, self.threshold, self.invert, self.ignore_value = source, threshold, invert, ignore_value
-        dtype = source.dtype
-        if threshold is None and dtype.kind not in "biu":
-            raise UserError(
-                f"{source.path}: labels of type {dtype} are not integers; "
-                "pass --label-threshold T (label = value > T)"
-            )
-        self.top = 1 if dtype.kind == "b" else np.iinfo(dtype).max if dtype.kind in "iu" else None
-        if ignore_value is not None and threshold is None and ignore_value in (0, 1, self.top):
-            raise UserError(f"--ignore-value {ignore_value:g}: a label value of {source.path} ({{0, 1}} or "
-                            f"{{0, {self.top}}}); the unlabelled voxels need a value of their own")
-        self.seen: set[int] = set()
-
-    def __call__(self, slab: np.ndarray, z0: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """(target, ignored voxels or None): ignored voxels (value == ignore_value) are 0 in the target."""
-        out = np.empty(slab.shape, np.uint8)
-        ignored = None if self.ignore_value is None else np.empty(slab.shape, np.uint8)
-        for i, plane in enumerate(slab):
-            skip = None
-            if ignored is not None:
-                skip = plane == self.ignore_value
-                ignored[i] = skip
-                if skip.any():  # the rest is checked and mapped as usual
-                    plane = np.where(skip, 0, plane).astype(plane.dtype, copy=False)
-            if self.threshold is not None:
-                label = plane > self.threshold
-            else:
-                self._check_binary(plane, z0 + i)
-                label = plane != 0
-            if self.invert:
-                np.logical_not(label, out=label)
-            if skip is not None:
-                label &= ~skip
-            out[i] = label
-        return out, ignored
-
-    def _check_binary(self, plane: np.ndarray, z: int) -> None:
-        # {0, 1} or {0, max of the dtype} (e.g. 0/255); anything else needs a threshold.
-        odd = (plane != 0) & (plane != 1) & (plane != self.top)
-        for value in (1, self.top):
-            if value not in self.seen and (plane == value).any():
-                self.seen.add(value)
-        if odd.any() or len(self.seen) > 1:
-            bad = np.unique(plane[odd])[:5].tolist() if odd.any() else sorted(self.seen)
-            where = self.source.slice_name(z) if odd.any() else str(self.source.path)
-            hint = "pass --label-threshold T to binarise (label = value > T)"
-            if looks_like_ids(plane):
-                # A threshold would merge every neuron into one interior (no membranes at all).
-                hint = ("they look like instance labels (one ID per object): pass --instances to keep "
-                        "the IDs and derive the target from their boundaries")
-            raise UserError(
-                f"{where}: labels are not binary (values {', '.join(map(str, bad))} found; "
-                f"expected {{0, 1}} or {{0, {self.top}}}); {hint}"
-            )
 
 
 # ---------------------------------------------------------------- convert
@@ -135,141 +71,51 @@ def convert(
     out = check_out(out, overwrite)
     if resolution is not None:
         resolution = _check_resolution(resolution)
-    if instances is not None and (labels is None or label_threshold is not None or invert):
-        raise UserError("--instances needs --labels (object IDs) and excludes --label-threshold and --invert")
-    _check_ignore_options(labels, instances, ignore_id, ignore_value, ignore_mask)
+    check_label_options(labels, instances, label_threshold, invert, ignore_id, ignore_value, ignore_mask)
     raw_src = open_source(raw)
     sources = [raw_src]
     try:
-        label_src = mapper = mask_src = None
-        if ignore_mask is not None:
-            mask_src = open_source(ignore_mask)
-            sources.append(mask_src)
-            if mask_src.shape != raw_src.shape:
-                raise UserError(f"{mask_src.path}: the ignore mask has shape {mask_src.shape} but "
-                                f"{raw_src.path} has {raw_src.shape}")
-        if labels is not None:
-            label_src = open_source(labels)
-            sources.append(label_src)
-            if label_src.shape != raw_src.shape:
-                raise UserError(
-                    f"{label_src.path}: labels have shape {label_src.shape} but "
-                    f"{raw_src.path} has {raw_src.shape}"
-                )
-            if instances is None:
-                mapper = LabelMapper(label_src, label_threshold, invert, ignore_value)
-            else:
-                ids_dtype = check_ids_dtype(label_src.dtype, label_src.path)
-                if ignore_id is not None and not _representable(ignore_id, ids_dtype):
-                    raise UserError(f"--ignore-id {ignore_id}: not a value of {label_src.path}'s IDs ({ids_dtype})")
+        label_side = ConvertLabels(raw_src, sources, labels, instances, label_threshold, invert, ignore_id,
+                                   ignore_value, ignore_mask)
         resolution = decide_voxel_size(resolution, sources)
         layout = resolve_layout(raw_src.shape, chunks, shard)
         raw_dtype = np.uint8 if raw_src.dtype == bool else raw_src.dtype
-        dtypes = {"raw": raw_dtype} | ({"labels": np.uint8} if label_src is not None else {})
-        if instances is not None:
-            dtypes["ids"] = ids_dtype
-        with_ignore = ignore_id is not None or ignore_value is not None or ignore_mask is not None
-        if with_ignore:
-            dtypes["ignore"] = np.uint8
-        ones = ignored = 0
-
-        def unlabelled(ids, a, b):
-            """Instance labels' unlabelled voxels in slices a..b: the ignore ID's and the mask's."""
-            out = np.zeros(ids.shape, bool) if ignore_id is None else ids == ignore_id
-            if mask_src is not None:
-                out |= mask_src.read(a, b) != 0
-            return out
+        dtypes = {"raw": raw_dtype} | label_side.dtypes()
 
         def read_slab(z0, z1):
-            nonlocal ones, ignored
             slab = {"raw": raw_src.read(z0, z1).astype(raw_dtype, copy=False)}
             _check_finite(raw_src, slab["raw"], z0)
-            skip = None
-            if instances is not None:  # IDs of the slab plus the rule's halo, the target cropped to the slab
-                slab["ids"], slab["labels"] = target_of_slab(label_src.read, z0, z1, layout.shape[0], instances,
-                                                             label_src.path, unlabelled if with_ignore else None)
-                if with_ignore:
-                    skip = unlabelled(slab["ids"], z0, z1).view(np.uint8)
-            elif label_src is not None:
-                slab["labels"], skip = mapper(label_src.read(z0, z1), z0)
-            if with_ignore:
-                if skip is None:
-                    skip = np.zeros(slab["raw"].shape, np.uint8)
-                if mask_src is not None and instances is None:
-                    skip |= (mask_src.read(z0, z1) != 0).view(np.uint8)
-                slab["labels"] = np.where(skip != 0, np.uint8(0), slab["labels"])  # ignored voxels hold 0
-                slab["ignore"] = skip
-                ignored += int(np.count_nonzero(skip))
-            if label_src is not None:
-                ones += int(np.count_nonzero(slab["labels"]))
-            return slab
+            return slab | label_side.read(z0, z1, layout.shape[0], slab["raw"].shape)
 
         with atomic_store_dir(out, overwrite) as tmp:
-            provenance = {"raw": raw_src.record()}
-            if label_src is not None:
-                provenance["labels"] = label_src.record()
-            extra = {"instances": instances.record()} if instances is not None else {}
-            ignore = _ignore_record(ignore_id, ignore_value, mask_src) if with_ignore else None
-            if mask_src is not None:
-                provenance["ignore"] = mask_src.record()
-            attrs = st.provenance(provenance, label_threshold=label_threshold, invert=invert, **extra,
-                                  **({"ignore": ignore} if ignore else {}))
-            plan, pyramid_s = write_em_store(tmp, layout, resolution, raw_dtype, label_src is not None, read_slab,
-                                             attrs, progress, ids_dtype=dtypes.get("ids"),
-                                             target_attrs={"unet_dist": extra} if extra else None,
-                                             ignore=with_ignore)
-            if ignore:
-                zarr.open_group(str(tmp / "labels" / st.IGNORE), mode="r+").attrs["unet_dist"] = {"ignore": ignore}
+            plan, pyramid_s = _write_store(tmp, raw_src, label_side, layout, resolution, raw_dtype, read_slab,
+                                           progress)
     finally:
         for source in sources:
             source.close()
-    summary = _summary(out, layout, dtypes, resolution, ones if label_src is not None else None, started, plan,
+    with_labels = label_side.src is not None
+    summary = _summary(out, layout, dtypes, resolution, label_side.ones if with_labels else None, started, plan,
                        pyramid_s)
-    if with_ignore:
-        summary["ignored_fraction"] = ignored / max(1, int(np.prod(layout.shape)))
-        if ignored == 0:  # e.g. --ignore-value 2.5 on integer labels, or the wrong --ignore-id
-            print(f"warning: {' '.join(_ignore_flags(ignore_id, ignore_value, ignore_mask))} marked no voxel as "
-                  "unlabelled", file=sys.stderr, flush=True)
+    label_side.summarize(summary, int(np.prod(layout.shape)))
     return summary
 
 
-def _ignore_flags(ignore_id, ignore_value, ignore_mask) -> list[str]:
-    return [flag for flag, v in (("--ignore-id", ignore_id), ("--ignore-value", ignore_value),
-                                 ("--ignore-mask", ignore_mask)) if v is not None]
-
-
-def _check_ignore_options(labels, instances, ignore_id, ignore_value, ignore_mask) -> None:
-    """The --ignore-* combinations that make sense, before anything is read or written."""
-    given = _ignore_flags(ignore_id, ignore_value, ignore_mask)
-    if given and labels is None:
-        raise UserError(f"{given[0]} marks unlabelled voxels of --labels; pass --labels too")
-    if ignore_id is not None:
-        if instances is None:
-            raise UserError("--ignore-id needs --instances (an ID of the object IDs); for binary labels use "
-                            "--ignore-value V or --ignore-mask PATH")
-        if isinstance(ignore_id, bool) or not isinstance(ignore_id, (int, np.integer)) or ignore_id < 0:
-            raise UserError(f"--ignore-id: expected an ID >= 0, got {ignore_id!r}")
-    if ignore_value is not None:
-        if instances is not None:
-            raise UserError("--ignore-value is for binary labels; with --instances use --ignore-id N")
-        if not np.isfinite(ignore_value):
-            raise UserError(f"--ignore-value: expected a number, got {ignore_value}")
-
-
-def _representable(value: int, dtype) -> bool:
-    info = np.iinfo(dtype)
-    return info.min <= value <= info.max
-
-
-def _ignore_record(ignore_id, ignore_value, mask_src) -> dict:
-    record = {"meaning": "1 = unlabelled: never in a loss, a validation or an evaluation; the target holds 0 there"}
-    if ignore_id is not None:
-        record["ignore_id"] = int(ignore_id)
-    if ignore_value is not None:
-        record["ignore_value"] = float(ignore_value)
-    if mask_src is not None:
-        record["ignore_mask"] = str(mask_src.path)
-    return record
+def _write_store(tmp: Path, raw_src: Source, label_side: ConvertLabels, layout, resolution, raw_dtype, read_slab,
+                 progress):
+    """The store's arrays and attributes into `tmp`: (pyramid plan, seconds spent on the pyramid)."""
+    instances = label_side.instances
+    extra = {"instances": instances.record()} if instances is not None else {}
+    ignore = label_side.ignore_record()
+    attrs = st.provenance({"raw": raw_src.record(), **label_side.source_records()},
+                          label_threshold=label_side.threshold, invert=label_side.invert, **extra,
+                          **({"ignore": ignore} if ignore else {}))
+    plan, pyramid_s = write_em_store(tmp, layout, resolution, raw_dtype, label_side.src is not None, read_slab,
+                                     attrs, progress, ids_dtype=label_side.ids_dtype,
+                                     target_attrs={"unet_dist": extra} if extra else None,
+                                     ignore=label_side.with_ignore)
+    if ignore:
+        zarr.open_group(str(tmp / "labels" / st.IGNORE), mode="r+").attrs["unet_dist"] = {"ignore": ignore}
+    return plan, pyramid_s
 
 
 def _check_resolution(resolution) -> tuple[float, float, float]:

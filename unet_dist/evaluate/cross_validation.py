@@ -230,9 +230,6 @@ def _log(message: str) -> None:
 def run_fold(cfg: Config, n: int, fold: Fold, resume: str, tta: bool, checkpoint_kind: str, stop: StopFlag) -> str:
     """Train (unless finished), predict the held-out slices, evaluate; rank 0 writes the fold's result.
     Returns "done", or "stopped" when a stop signal interrupted it (run again with --resume auto)."""
-    from unet_dist.evaluate.scoring import evaluate
-    from unet_dist.predict.prediction_store import PROBABILITY, open_prediction, probability_float
-    from unet_dist.predict.pipeline import predict
     from unet_dist.train.loop import train
 
     fcfg = fold_config(cfg, n, fold)
@@ -271,32 +268,44 @@ def run_fold(cfg: Config, n: int, fold: Fold, resume: str, tta: bool, checkpoint
     for variant in variants:
         if stop.raised:
             return "stopped"
-        pred_path = run_dir / ("pred-tta.zarr" if variant == "tta" else "pred.zarr")
-        tta_on = variant == "tta"
-        _log(f"{fold.name}: predicting slices {a}:{b} with {ckpt.name}" + (" and 8-fold TTA" if tta_on else ""))
-        t0 = time.perf_counter()
-        predict(ckpt, store, pred_path, labels=store, slices=(a, b), overrides=[f"predict.tta={str(tta_on).lower()}"],
-                overwrite=True)
-        predict_s = round(time.perf_counter() - t0, 1)
-        metrics = evaluate(pred_path, store, slices=(a, b))
-        if metrics is None:  # ranks other than 0 have nothing to record
-            continue
-        group, z0 = open_prediction(pred_path, arrays=(PROBABILITY,))
-        made = group.attrs.get("unet_dist", {}).get("predict", {})
-        out["checkpoint_step"] = made.get("checkpoint_step")
-        labels = open_store(store, arrays=(TARGET_PATH,))[TARGET_PATH]
-        counts = sum(sweep_counts(probability_float(group[PROBABILITY][z - z0]), np.asarray(labels[z]))
-                     for z in range(a, b))
-        out["variants"][variant] = {
-            **{k: metrics[k] for k in ("dice_neuron", "dice_membrane", "pixel_error", "v_rand", "v_info",
-                                       "v_rand_threshold", "v_info_threshold")},
-            "dice_mean": 0.5 * (metrics["dice_neuron"] + metrics["dice_membrane"]),
-            "threshold": made.get("settings", {}).get("threshold"), "predict_s": predict_s, "pred": str(pred_path),
-            "sweep": {"thresholds": list(THRESHOLDS), "counts": counts.tolist()},
-        }
+        scored = _predict_and_score(fold, run_dir, ckpt, store, variant)
+        if scored is not None:  # ranks other than 0 have nothing to record
+            out["checkpoint_step"], out["variants"][variant] = scored
     if dist.detect_env().is_main:
         write_json_atomic(run_dir / FOLD_FILE, out)
     return "done"
+
+
+def _predict_and_score(fold: Fold, run_dir: Path, ckpt: Path, store, variant: str) -> tuple | None:
+    """Predict the fold's held-out slices with `ckpt` (8-fold TTA for the "tta" variant) and evaluate:
+    (the checkpoint's step, the variant's metrics and threshold sweep) on rank 0, None on the others."""
+    from unet_dist.evaluate.scoring import evaluate
+    from unet_dist.predict.prediction_store import PROBABILITY, open_prediction, probability_float
+    from unet_dist.predict.pipeline import predict
+
+    a, b = fold.slices
+    pred_path = run_dir / ("pred-tta.zarr" if variant == "tta" else "pred.zarr")
+    tta_on = variant == "tta"
+    _log(f"{fold.name}: predicting slices {a}:{b} with {ckpt.name}" + (" and 8-fold TTA" if tta_on else ""))
+    t0 = time.perf_counter()
+    predict(ckpt, store, pred_path, labels=store, slices=(a, b), overrides=[f"predict.tta={str(tta_on).lower()}"],
+            overwrite=True)
+    predict_s = round(time.perf_counter() - t0, 1)
+    metrics = evaluate(pred_path, store, slices=(a, b))
+    if metrics is None:
+        return None
+    group, z0 = open_prediction(pred_path, arrays=(PROBABILITY,))
+    made = group.attrs.get("unet_dist", {}).get("predict", {})
+    labels = open_store(store, arrays=(TARGET_PATH,))[TARGET_PATH]
+    counts = sum(sweep_counts(probability_float(group[PROBABILITY][z - z0]), np.asarray(labels[z]))
+                 for z in range(a, b))
+    return made.get("checkpoint_step"), {
+        **{k: metrics[k] for k in ("dice_neuron", "dice_membrane", "pixel_error", "v_rand", "v_info",
+                                   "v_rand_threshold", "v_info_threshold")},
+        "dice_mean": 0.5 * (metrics["dice_neuron"] + metrics["dice_membrane"]),
+        "threshold": made.get("settings", {}).get("threshold"), "predict_s": predict_s, "pred": str(pred_path),
+        "sweep": {"thresholds": list(THRESHOLDS), "counts": counts.tolist()},
+    }
 
 
 def collect(run_root: Path, names: Sequence[str]) -> list[dict]:

@@ -3,16 +3,14 @@
 The output (Z, Y, X) is cut into blocks, one Zarr chunk each. A block is predicted from its input
 region plus a halo of context, mirrored beyond the volume's borders (the U-Net paper's overlap-tile
 strategy). Tiles start on the model's pooling grid and the halo covers its receptive field, so the
-tiled result equals a whole-volume pass away from the borders. Blocks are spread round-robin over
-ranks; every rank writes whole chunks that only it owns. The plan itself is block_plan.py (pure).
+tiled result equals a whole-volume pass away from the borders. Each rank takes one contiguous run of
+whole shards (`block_plan.assign`), so every rank writes whole chunks that only it owns. The plan
+itself is block_plan.py (pure).
 
-Pipeline per rank: reader threads load the next blocks (Blosc releases the GIL) while the model
-runs batches of tiles (always `batch_size` tiles, so results do not depend on which blocks share a
-batch), writer threads store finished blocks and then record them in the manifest
+Each rank runs its blocks through block_pipeline.py: reader threads, the model on batches of tiles,
+writer threads that store finished blocks and then record them in the manifest
 (`PRED.zarr/.manifest/`, tagged with the run key: a hash of the weights and the prediction settings;
-predict_manifest.py). A re-run with `--resume` predicts only blocks without an entry. Whole chunks
-are read and written as files by data/chunk_io.py where it can show its bytes equal zarr's, so the
-host's work per block is the codec's rather than zarr-python's per-call overhead.
+manifest.py). A re-run with `--resume` predicts only blocks without an entry.
 
 2D models see each z-slice of a block as its own tile; 3D models see a block (plus halo) as one tile.
 """
@@ -25,10 +23,7 @@ import math
 import shutil
 import sys
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,25 +31,20 @@ import torch
 import zarr
 
 from unet_dist import runtime
-from unet_dist.runtime import usable_cores
 from unet_dist import __version__, checkpoint, dist
 from unet_dist.config import (Config, PredictConfig, from_dict, model_config_from_dict, parse_override, to_dict,
                               validate)
 from unet_dist.data import backends
-from unet_dist.data.chunk_cache import ChunkCache
-from unet_dist.data.chunk_io import ChunkFiles
-from unet_dist.predict.prediction_store import MASK, PROBABILITY, build_pyramids, create_prediction
+from unet_dist.predict.prediction_store import build_pyramids, create_prediction
 from unet_dist.data import volumes
 from unet_dist.data.atomic_dir import check_out
-from unet_dist.data.damaged_chunks import read_region, writing_every_chunk
 from unet_dist.data.store import RAW, provenance, slices_within
 from unet_dist.errors import UserError
-from unet_dist.metrics import confusion_counts, scores_from_confusion
+from unet_dist.metrics import scores_from_confusion
 from unet_dist.model import build_model
-from unet_dist.predict.block_plan import (Plan, as_slices, assign, block_core, block_order, input_region, make_plan, mirror_box,
-                         read_mirrored, shard_of, whole_shards)
+from unet_dist.predict.block_pipeline import BlockPipeline, block_crop, io_threads
+from unet_dist.predict.block_plan import Plan, assign, block_core, block_order, make_plan, shard_of, whole_shards
 from unet_dist.predict.manifest import Manifest, OutputLock
-from unet_dist.predict.output import OutputWriter
 from unet_dist.monitor.progress import Progress
 from unet_dist.predict.tilenet import TileNet
 
@@ -109,183 +99,6 @@ def run_settings(plan: Plan, cfg: Config, weights: str, precision: str, input_pa
 
 def run_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
-
-
-# ---------------------------------------------------------------------- read -> compute -> write
-
-def prefetch(fn: Callable, items: Iterable, pool: ThreadPoolExecutor, depth: int) -> Iterator:
-    """fn(item) for each item, in order, computed up to `depth` items ahead in `pool`."""
-    items, pending = iter(items), deque()
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= depth:
-            break
-    while pending:
-        result = pending.popleft().result()
-        nxt = next(items, None)
-        if nxt is not None:
-            pending.append(pool.submit(fn, nxt))
-        yield result
-
-
-@dataclass
-class _Block:
-    index: int
-    core: tuple
-    tiles: np.ndarray | None  # (n, *model tile), the raw dtype: 2D, one per slice; 3D, one
-    label: np.ndarray | None
-    valid: np.ndarray | None = None  # labelled voxels of the core (None: all), for the counts
-    prob: np.ndarray | None = None  # (n, *core of one tile), the stored dtype
-    mask: np.ndarray | None = None
-    remaining: int = 0
-    out_shape: tuple = ()  # the shape of prob and mask
-
-
-def io_threads(cfg: PredictConfig, cores: int | None = None) -> tuple[int, int]:
-    """(readers, writers): as configured, else one each per usable core, at least 2 (a thread
-    blocked on the file system costs nothing) and at most 16 (zarr decodes in its own pool too)."""
-    auto = max(2, min(16, cores or usable_cores()))
-    return cfg.readers or auto, cfg.writers or auto
-
-
-def block_crop(plan: Plan) -> tuple[slice, ...]:
-    """Where a whole block lies in the model's output tile (spatial axes of the model)."""
-    axes = (1, 2) if plan.dims == 2 else (0, 1, 2)
-    return tuple(slice(plan.offset[a], plan.offset[a] + plan.block[a]) for a in axes)
-
-
-class BlockPipeline:
-    """Read -> compute -> write for this rank's blocks: reader threads decode inputs, the TileNet runs
-    batches, writer threads store whole chunks and record each block in the manifest."""
-
-    def __init__(self, plan: Plan, net: TileNet, raw, labels, out_group, manifest: Manifest, cfg: PredictConfig,
-                 ignore=None):
-        self.plan, self.net, self.raw, self.labels, self.cfg = plan, net, raw, labels, cfg
-        self.ignore = ignore  # the labels' unlabelled voxels (1), counted nowhere
-        self.mask = writing_every_chunk(out_group[MASK])
-        self.manifest = manifest
-        self.raw_cache = self.label_cache = None
-        # Our own chunk files only with zarr's own pipeline: predict.codec_pipeline=zarrs asks for zarrs.
-        own_files = cfg.codec_pipeline == "zarr"
-        self.chunk_files = ChunkFiles.of if own_files else (lambda array: None)
-        self.output = OutputWriter(plan, [writing_every_chunk(out_group[PROBABILITY]), self.mask], own_files)
-        # the block that completes a shard writes it: so long a write must not stop the loop
-        self.shard_size = math.prod(plan.shard_blocks)
-
-    def plan_reads(self, todo: Sequence[int]) -> None:
-        """Let the blocks `todo` share decoded input chunks (predict.chunk_cache_mb > 0)."""
-        cap = self.cfg.chunk_cache_mb << 20
-        if not cap or not isinstance(self.raw, zarr.Array):
-            return
-        cores = [block_core(self.plan, i) for i in todo]
-        self.raw_cache = ChunkCache(self.raw, [mirror_box(input_region(self.plan, c), self.raw.shape)
-                                               for c in cores], cap, self.chunk_files(self.raw))
-        if isinstance(self.labels, zarr.Array):
-            self.label_cache = ChunkCache(self.labels, [as_slices(self._input_core(c)) for c in cores], cap,
-                                          self.chunk_files(self.labels))
-
-    def read(self, index: int) -> _Block:
-        core = block_core(self.plan, index)
-        tiles = read_mirrored(self.raw, input_region(self.plan, core), self.raw_cache and self.raw_cache.read)
-        tiles = tiles if self.plan.dims == 2 else tiles[None]
-        label = valid = None
-        if self.labels is not None:
-            box = as_slices(self._input_core(core))
-            label = self.label_cache.read(box) if self.label_cache else read_region(self.labels, box)
-            valid = self._valid(box)
-        return _Block(index, core, tiles, label, valid)
-
-    def _valid(self, box) -> np.ndarray | None:
-        return None if self.ignore is None else read_region(self.ignore, box) == 0
-
-    def _input_core(self, core):
-        return ((core[0][0] + self.plan.z0, core[0][1] + self.plan.z0), *core[1:])
-
-    def write(self, block: _Block) -> np.ndarray:
-        """Store a finished block, then record what is stored for good (with shards: whole shards);
-        returns its confusion counts (zeros without labels)."""
-        shape = tuple(hi - lo for lo, hi in block.core)
-        mask = block.mask.reshape(shape)
-        self.manifest.mark(*self.output.store(block.index, (block.prob.reshape(shape), mask)))
-        return np.zeros(4, np.int64) if block.label is None else confusion_counts(mask, block.label, valid=block.valid)
-
-    def recount(self, index: int) -> np.ndarray:
-        """Counts of a block finished earlier, from its stored mask."""
-        core = block_core(self.plan, index)
-        mask = np.asarray(self.mask[as_slices(core)])
-        box = as_slices(self._input_core(core))
-        return confusion_counts(mask, read_region(self.labels, box), valid=self._valid(box))
-
-    def run(self, todo: list[int], readers: int, writers: int, on_block: Callable[[], None]) -> np.ndarray:
-        """Predict and store the blocks `todo`; returns the summed confusion counts of their cores.
-
-        One batch waits on the device while the next is assembled and submitted, so on a GPU the
-        host never idles the device between batches."""
-        self.manifest.batch_for(len(todo))
-        try:
-            return self._run(todo, readers, writers, on_block)
-        finally:  # blocks stored before a failure or Ctrl-C are kept for the resume
-            self.manifest.flush()
-
-    def _run(self, todo: list[int], readers: int, writers: int, on_block: Callable[[], None]) -> np.ndarray:
-        counts = np.zeros(4, np.int64)
-        batch, refs, inflight = [], [], deque()
-        waiting = None  # (Pending, refs) of the batch submitted last
-        stored = np.uint8 if self.cfg.probability_dtype == "uint8" else np.float16
-
-        def drain(keep: int) -> None:
-            nonlocal counts
-            while len(inflight) > keep:
-                counts += inflight.popleft().result()
-                on_block()
-
-        def collect(pending, refs_of) -> None:
-            prob, mask = pending.result()
-            for (block, t), p, m in zip(refs_of, prob, mask):
-                crop = tuple(slice(0, n) for n in block.out_shape[1:])  # blocks at the far edges are smaller
-                if block.prob is None:
-                    # A block of one tile keeps the model's output (the batch's own arrays, which
-                    # TileNet never reuses): the writer thread's encoder copies it, not this loop.
-                    block.prob, block.mask = p[crop][None].astype(stored, copy=False), m[crop][None]
-                else:
-                    block.prob[t], block.mask[t] = p[crop], m[crop]
-                block.remaining -= 1
-                if block.remaining == 0:
-                    inflight.append(write_pool.submit(self.write, block))
-            drain(keep=2 * writers + self.shard_size)  # bounded: at most this many finished blocks wait
-
-        def flush() -> None:
-            nonlocal waiting
-            pending = self.net.submit(np.stack(batch))
-            for block, t in refs:
-                if t == len(block.tiles) - 1:
-                    block.tiles = None  # all its tiles are in submitted batches
-            if waiting is not None:
-                collect(*waiting)
-            waiting = (pending, list(refs))
-            batch.clear()
-            refs.clear()
-
-        with ThreadPoolExecutor(readers, "predict-read") as read_pool, \
-                ThreadPoolExecutor(writers, "predict-write") as write_pool:
-            for block in prefetch(self.read, todo, read_pool, depth=2 * readers + self.cfg.batch_size):
-                shape = tuple(hi - lo for lo, hi in block.core)
-                n = len(block.tiles)
-                block.out_shape = (n, *shape[1:]) if self.plan.dims == 2 else (1, *shape)
-                if n > 1:  # a 2D block of several slices gathers its tiles' outputs
-                    block.prob, block.mask = np.empty(block.out_shape, stored), np.empty(block.out_shape, np.uint8)
-                block.remaining = n
-                for t in range(n):
-                    batch.append(block.tiles[t])
-                    refs.append((block, t))
-                    if len(batch) == self.cfg.batch_size:
-                        flush()
-            if batch:
-                flush()
-            if waiting is not None:
-                collect(*waiting)
-            drain(keep=0)
-        return counts
 
 
 # ---------------------------------------------------------------------------------- the command
@@ -364,10 +177,7 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
     if raw_path != RAW:  # another array of the same store is another input
         settings["input_array"] = raw_path
     key = run_key(settings)
-    if env.world_size > plan.n_shards:  # a rank writes whole shards (a shard: one block when unsharded)
-        unit = "shard(s)" if plan.shard else "block(s)"
-        raise UserError(f"{env.world_size} ranks but only {plan.n_shards} {unit} to predict: use fewer ranks, "
-                        f"a smaller predict.block_size{' or predict.shard_blocks' if plan.shard else ''}")
+    _check_ranks(env.world_size, plan)
     lock = OutputLock(out)
     if held_by := lock.holder():  # every rank sees this before any collective
         raise UserError(f"{out}: another prediction ({held_by}) is writing it; wait for it, "
@@ -378,15 +188,7 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
               "differ slightly from a whole-volume pass", file=sys.stderr)
     with dist.process_group(env, torch_device, cfg.train.dist_timeout_s):
         try:
-            # Two predictions started at once: the lock file decides, and rank 0 tells its ranks.
-            refused = None
-            if dist.is_main():
-                try:
-                    lock.acquire()
-                except UserError as exc:
-                    refused = str(exc)
-            if refused := dist.broadcast_object(refused):
-                raise UserError(refused)
+            _acquire_on_main(lock)
             manifest = Manifest(out, key, dist.rank())
             if dist.is_main():
                 _create_output(out, plan, _attrs(plan, settings, key, cfg, input, ckpt, state["step"], raw_path),
@@ -397,6 +199,25 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
                             readers, writers, ignore_arr)
         finally:
             lock.release()
+
+
+def _check_ranks(world_size: int, plan: Plan) -> None:
+    if world_size > plan.n_shards:  # a rank writes whole shards (a shard: one block when unsharded)
+        unit = "shard(s)" if plan.shard else "block(s)"
+        raise UserError(f"{world_size} ranks but only {plan.n_shards} {unit} to predict: use fewer ranks, "
+                        f"a smaller predict.block_size{' or predict.shard_blocks' if plan.shard else ''}")
+
+
+def _acquire_on_main(lock: OutputLock) -> None:
+    """Two predictions started at once: the lock file decides, and rank 0 tells its ranks."""
+    refused = None
+    if dist.is_main():
+        try:
+            lock.acquire()
+        except UserError as exc:
+            refused = str(exc)
+    if refused := dist.broadcast_object(refused):
+        raise UserError(refused)
 
 
 def _predict(plan, cfg, model, device, precision, raw, labels, out, manifest, done, readers, writers,
@@ -411,8 +232,7 @@ def _predict(plan, cfg, model, device, precision, raw, labels, out, manifest, do
     todo = assign(block_order(plan, [i for i in range(plan.n_blocks) if i not in done], raw.chunks), rank, world,
                   unit=lambda index: shard_of(plan, index))
     finished = assign(sorted(done), rank, world)
-    main = dist.is_main()
-    if main:
+    if dist.is_main():
         print(f"predict: {plan.n_blocks} blocks of {list(plan.block)} (tiles {list(plan.model_tile)}, "
               f"context {list(plan.context)}), {len(done)} already done, on {world} rank(s), device {device.type}, "
               f"precision {precision}, tta {'on' if cfg.predict.tta else 'off'}, {readers} readers, "
@@ -424,10 +244,24 @@ def _predict(plan, cfg, model, device, precision, raw, labels, out, manifest, do
                   threshold=p.threshold, probability_dtype=p.probability_dtype)
     pipeline = BlockPipeline(plan, net, raw, labels, group, manifest, p, ignore)
     pipeline.plan_reads(todo)
-    started, count = time.perf_counter(), 0
-    # rank 0's share stands for all: blocks go round-robin, so every rank has about as many
-    progress = Progress("predict" if world == 1 else f"predict (rank 0 of {world})", len(todo), "blocks",
-                        mode=cfg.logging.progress)
+    started = time.perf_counter()
+    counts = pipeline.run(todo, readers, writers, _block_progress(len(todo), world, cfg.logging.progress))
+    times = np.zeros(world)
+    times[rank] = time.perf_counter() - started
+    if labels is not None:
+        for index in finished:
+            counts += pipeline.recount(index)
+    result = _gather_result(plan, out, todo, done, counts, times, scored=labels is not None)
+    _finish_output(group, result, rank, world)
+    return result
+
+
+def _block_progress(n_blocks: int, world: int, mode) -> Callable[[], None]:
+    """Called once per finished block; rank 0 draws the progress of its own share."""
+    count = 0
+    # rank 0's share stands for all: shares differ by less than one shard, so every rank has about as many
+    progress = Progress("predict" if world == 1 else f"predict (rank 0 of {world})", n_blocks, "blocks", mode=mode)
+    main = dist.is_main()
 
     def on_block():
         nonlocal count
@@ -435,12 +269,12 @@ def _predict(plan, cfg, model, device, precision, raw, labels, out, manifest, do
         if main:
             progress.update(count)
 
-    counts = pipeline.run(todo, readers, writers, on_block)
-    times = np.zeros(world)
-    times[rank] = time.perf_counter() - started
-    if labels is not None:
-        for index in finished:
-            counts += pipeline.recount(index)
+    return on_block
+
+
+def _gather_result(plan: Plan, out: Path, todo, done, counts: np.ndarray, times: np.ndarray, scored: bool) -> dict:
+    """Every rank's counts and voxels summed, the slowest rank's time: the run's result (`scored`: with
+    the scores of the summed confusion counts)."""
     predicted = np.array([sum(math.prod(hi - lo for lo, hi in block_core(plan, i)) for i in todo)], np.int64)
     # Ranks arrive here as far apart as their shares of the volume take (hours on a big one): this
     # meeting has no job timeout, or the fastest rank's would expire before the output is complete.
@@ -449,19 +283,20 @@ def _predict(plan, cfg, model, device, precision, raw, labels, out, manifest, do
     result = {"out": str(out), "blocks": plan.n_blocks, "blocks_predicted": plan.n_blocks - len(done),
               "blocks_skipped": len(done), "voxels_predicted": predicted, "seconds": round(seconds, 3),
               "voxels_per_s": round(predicted / seconds) if seconds > 0 else None}
-    if labels is not None:
-        result |= scores_from_confusion(counts)
+    return result | scores_from_confusion(counts) if scored else result
+
+
+def _finish_output(group, result: dict, rank: int, world: int) -> None:
+    """The coarser levels, then (rank 0) the output marked complete with its metrics."""
     # every block of level 0 is written before a coarser level reads it; ranks may arrive hours apart
     dist.barrier(patient=True)
     started = time.perf_counter()
     build_pyramids(group, rank, world, barrier=lambda: dist.barrier(patient=True))
     result["pyramid_seconds"] = round(time.perf_counter() - started, 3)
-    if main:
+    if dist.is_main():
         print(f"predict: coarser levels written in {result['pyramid_seconds']:.1f} s", file=sys.stderr, flush=True)
-    if main:
         attrs = dict(group.attrs["unet_dist"])
         attrs["predict"] = {**attrs["predict"], "complete": True,
                             "metrics": {k: result[k] for k in ("dice_neuron", "dice_membrane", "pixel_error")
                                         if k in result}}
         group.attrs["unet_dist"] = attrs
-    return result
