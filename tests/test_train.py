@@ -396,7 +396,7 @@ def test_deterministic_without_cuda_kernels_is_refused_on_cuda_only():
 def test_a_non_finite_step_is_skipped_without_reading_the_flag_on_the_host(fused):
     """Fused Adam (the GPU optimizer; also built on the CPU here) takes the decision on the device via
     found_inf, as GradScaler drives it; the plain one reads the flag."""
-    from unet_dist.train.step import step_if_finite
+    from unet_dist.compat.torch_amp import step_if_finite
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)

@@ -60,7 +60,8 @@ class OurStep:
     def __call__(self) -> float | None:
         import torch
 
-        from unet_dist.train.step import loss_fn, step_if_finite
+        from unet_dist.compat.torch_amp import step_if_finite
+        from unet_dist.train.step import loss_fn
 
         cfg, device, accumulate = self.cfg, self.device, self.cfg.train.accumulate
         loss_sum = torch.zeros((), device=device)
