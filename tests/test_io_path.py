@@ -23,7 +23,8 @@ from unet_dist.data.synth import synthesize
 from unet_dist.errors import UserError
 from unet_dist.predict.block_plan import (assign, block_core, block_order, input_region, make_plan, mirror_box,
                                   read_mirrored)
-from unet_dist.predict.pipeline import BlockPipeline, io_threads, load_model, predict
+from unet_dist.checkpoint import load_model
+from unet_dist.predict.pipeline import BlockPipeline, io_threads, predict
 from unet_dist.predict.prediction_store import MASK, PROBABILITY, create_prediction, quantize
 from unet_dist.predict.manifest import Manifest, entries
 from unet_dist.predict.tilenet import TileNet

@@ -20,12 +20,12 @@ from unet_dist.cli import main
 from unet_dist.config import Config, ModelConfig, PredictConfig, to_dict
 from unet_dist.data.synth import synthesize
 from unet_dist.errors import UserError
-from unet_dist.predict.infer import forward_whole
 from unet_dist.model import build_model, halo, pooling_factor
 from unet_dist.predict.prediction_store import MASK, PROBABILITY, probability_float
 from unet_dist.data.store import RAW
 from unet_dist.files import FAULT_ENV
-from unet_dist.predict.block_plan import assign, block_core, input_region, make_plan, mirror_indices, read_mirrored
+from unet_dist.predict.block_plan import (assign, block_core, input_region, make_plan, mirror_indices,
+                                          padded_input_shape, read_mirrored)
 from unet_dist.predict.pipeline import predict
 from unet_dist.predict.tilenet import tta_average
 
@@ -178,6 +178,24 @@ def test_seamless_3d_volume_larger_than_a_block_on_every_axis(tmp_path):
     m = halo(cfg)[0]
     inner = (slice(m, -m),) * 3
     assert np.abs(tiled[inner] - whole[inner]).max() < 5e-4
+
+
+@torch.inference_mode()
+def forward_whole(model: torch.nn.Module, model_cfg, images: np.ndarray, device: torch.device,
+                  autocast_ctx) -> np.ndarray:
+    """The seams' reference: a batch of whole images (N, *spatial) in one pass, each mirrored by the
+    network's context (np.pad "symmetric", as the block plan mirrors), cropped back to the image."""
+    spatial = images.shape[1:]
+    in_shape, context = padded_input_shape(model_cfg, spatial)
+    after = tuple(i - s - c for i, s, c in zip(in_shape, spatial, context))
+    padded = np.pad(images, [(0, 0), *zip(context, after)], mode="symmetric")
+    with autocast_ctx:
+        logits = model(torch.from_numpy(np.ascontiguousarray(padded[:, None])).to(device))
+    out = torch.sigmoid(logits.float())[:, 0]
+    # Same padding: the output is aligned with the padded input, so the image starts `context` in.
+    # Valid padding: the output already starts `context` into the input, where the image begins.
+    start = context if model_cfg.padding == "same" else (0,) * len(spatial)
+    return out[(slice(None), *(slice(c, c + s) for c, s in zip(start, spatial)))].cpu().numpy()
 
 
 def checkpoint_model(path: Path, model_cfg) -> torch.nn.Module:

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from PIL import Image
 
 from unet_dist.cli import main
-from unet_dist.config import Config, ModelConfig, dump_yaml
+from unet_dist.config import Config, ModelConfig, PredictConfig, dump_yaml
 from unet_dist.errors import UserError
 from unet_dist.visualize.report import (INVENTED, MISSED, error_panel, format_tick, line_chart, nice_ticks, read_metrics,
                               report)
@@ -93,6 +94,38 @@ def test_report_from_the_runs_checkpoint(tmp_path, synth_store):
     assert curves.size == (720, 3 * 360)
     # the curves are drawn in colour, not just axes
     assert len(colours(curves)) > 20
+
+
+@pytest.mark.parametrize("model_cfg, block, slices", [
+    (ModelConfig(depth=2, base_channels=8), [1, 48, 48], (2, 6)),
+    (ModelConfig(dims=3, depth=1, base_channels=4), [4, 32, 32], (2, 10)),
+], ids=["2d", "3d"])
+def test_report_predicts_what_predict_writes_block_by_block(tmp_path, synth_store, model_cfg, block, slices):
+    """The checkpoint's slices in the report are the predictor's output (to its uint8 rounding), and
+    the network never sees more than one block's tile: memory does not grow with the slice."""
+    from unet_dist.data.store import RAW
+    from unet_dist.predict.pipeline import predict
+    from unet_dist.predict.prediction_store import PROBABILITY, probability_float
+    from unet_dist.visualize.report import rows_from_checkpoint
+    from unet_dist.predict.block_plan import make_plan
+
+    ckpt = save_checkpoint(tmp_path / "ck", model_cfg, seed=3, predict_cfg=PredictConfig(block_size=block))
+    predict(ckpt, synth_store, tmp_path / "pred.zarr", slices=slices)
+    stored = probability_float(zarr.open_group(str(tmp_path / "pred.zarr"))[PROBABILITY][:])
+    seen = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: seen.append(args[0].shape[2:]) if args and args[0].shape[1] == 1 else None)
+    try:
+        raw = zarr.open_group(str(synth_store))[RAW]
+        zs = [slices[0], slices[0] + 1, slices[1] - 1]
+        rows = rows_from_checkpoint(ckpt, raw, *slices, zs, 0.5)
+    finally:
+        hook.remove()
+    assert [row["z"] for row in rows] == zs
+    for row in rows:
+        assert np.abs(row["prob"] - stored[row["z"] - slices[0]]).max() <= 0.5 / 255 + 1e-4
+    tile = make_plan(model_cfg, PredictConfig(block_size=block), raw.shape, slices).model_tile
+    assert seen and {tuple(shape) for shape in seen} == {tile}  # a block and its halo, never the whole slice
 
 
 def test_curves_of_several_volumes_add_a_chart_per_volume_dice(tmp_path):

@@ -231,6 +231,19 @@ def test_ome_zarr_label_image_and_channel_axis(vol, tmp_path):
     error(tmp_path / "c2.zarr", "c2.zarr:0", "(2, 7, 20, 24)", "3D")
 
 
+def test_store_and_source_read_a_global_scale_alike(vol, tmp_path):
+    """A multiscale-wide scale multiplies every level's: `store.voxel_size` (what info, view and
+    predict read) and the Zarr source reader (what convert reads) both apply it, in nm."""
+    group = write_ome_zarr(tmp_path / "g.zarr", vol, "0.5", [1, 1, 1], "micrometer", translation=[2, 0, 0])
+    attrs = group.attrs["ome"]
+    attrs["multiscales"][0]["coordinateTransformations"] = [{"type": "scale", "scale": [0.04, 0.004, 0.004]}]
+    group.attrs["ome"] = attrs
+    with open_source(tmp_path / "g.zarr") as source:
+        source_size, source_offset = source.voxel_size, source.offset
+    assert source_size == pytest.approx((40, 4, 4)) and source_offset == pytest.approx((80, 0, 0))
+    assert st.voxel_size(st.open_store(tmp_path / "g.zarr")) == pytest.approx(source_size)
+
+
 def test_ome_zarr_without_units_has_no_voxel_size(vol, tmp_path):
     group = write_ome_zarr(tmp_path / "u.zarr", vol, "0.5", [40, 4, 4])
     attrs = group.attrs["ome"]

@@ -1,4 +1,4 @@
-"""Checkpoints: the schema, atomic save, retention, and loading the newest valid one.
+"""Checkpoints: the schema, atomic save, retention, loading the newest valid one, and the model in one.
 
 A checkpoint is one dict of tensors and plain types, so `torch.load(weights_only=True)` reads it and
 an untrusted file cannot run code. A file is valid only once complete: it is written to a temporary
@@ -10,13 +10,16 @@ from __future__ import annotations
 import io
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from unet_dist.config import Config, from_dict, model_config_from_dict, parse_override, to_dict, validate
 from unet_dist.errors import UserError
 from unet_dist.files import fault_point
+from unet_dist.model import build_model
 from unet_dist.rundir import BEST, STEP_FILE, step_file
 
 FORMAT = 1
@@ -149,3 +152,30 @@ def load_latest(ckpt_dir: Path, map_location: str | torch.device = "cpu") -> tup
         except UserError as exc:
             print(f"warning: skipping {exc}", file=sys.stderr, flush=True)
     return None
+
+
+def load_model(ckpt_path, overrides: Sequence[str] = ()) -> tuple[torch.nn.Module, Config, dict]:
+    """The checkpoint's model (eval mode, on the CPU), its config with `predict.*` overrides applied, and the
+    checkpoint itself: the one way from a checkpoint to a model (predict, report, bench); mistakes are UserErrors."""
+    state = load(ckpt_path)
+    model_cfg = model_config_from_dict(state["model_config"], f"{ckpt_path}: model_config")
+    stored = state.get("config") or {}
+    if stored.get("model", state["model_config"]) != state["model_config"]:
+        raise UserError(f"{ckpt_path}: its model_config and config.model disagree; not a checkpoint of one model")
+    data = to_dict(from_dict(stored, str(ckpt_path)))
+    for text in overrides:
+        key, value = parse_override(text)
+        section, _, name = key.partition(".")
+        if section != "predict" or not name:
+            raise UserError(f"command line: '{key}': only predict.* settings can be overridden here")
+        data["predict"][name] = value
+    cfg = from_dict(data, "command line")
+    cfg.model = model_cfg
+    validate(Config(predict=cfg.predict), "command line")
+    model = build_model(model_cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise UserError(f"{ckpt_path}: weights do not fit its model_config ({reason[:160]})") from None
+    return model.eval(), cfg, state

@@ -122,7 +122,7 @@ def run_read(ckpt: str, store: str, readers: int = 2) -> dict:
 
     from unet_dist.data.store import RAW, open_store
     from unet_dist.predict.block_plan import block_core, input_region, make_plan, read_mirrored
-    from unet_dist.predict.pipeline import load_model
+    from unet_dist.checkpoint import load_model
     from unet_dist.bench.common import measure
 
     _, cfg, _ = load_model(ckpt)

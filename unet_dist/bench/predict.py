@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def tile_runner(ckpt: str, device, precision: str, batch: int):
     """The predictor's tile runner for a checkpoint, laid out for its model's dimensions (a 3D model's
     5D weights take channels_last_3d, not channels_last)."""
-    from unet_dist.predict.pipeline import load_model
+    from unet_dist.checkpoint import load_model
     from unet_dist.predict.tilenet import TileNet
 
     model, cfg, _ = load_model(ckpt)
@@ -96,7 +96,7 @@ def run_monai(ckpt: str, store: str, out: str, device: str, precision: str, tile
     from unet_dist.data.patches import to_unit_float
     from unet_dist.predict.prediction_store import MASK, PROBABILITY, build_pyramids, create_prediction, quantize
     from unet_dist.data.store import RAW, open_store, voxel_size
-    from unet_dist.predict.pipeline import load_model
+    from unet_dist.checkpoint import load_model
     from unet_dist.bench.common import measure
 
     dev = torch.device(device)

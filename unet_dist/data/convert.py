@@ -22,6 +22,7 @@ from unet_dist.data.layout import Layout, resolve_layout
 from unet_dist.data.slab_writer import Progress
 from unet_dist.data.instances import IDS, Rule
 from unet_dist.data.ome import image_levels, write_em_store
+from unet_dist.data.ome_metadata import read_multiscale
 from unet_dist.data.sources import Source, open_source
 from unet_dist.errors import UserError
 
@@ -185,7 +186,8 @@ def store_info(path) -> dict:
     Arrays are keyed by their path: the image's levels first, then each label image's levels.
     """
     group = st.open_store(path, arrays=())
-    image_name = group.attrs.get("ome", {}).get("multiscales", [{}])[0].get("name", "image")
+    multiscale = read_multiscale(group.attrs)
+    image_name = multiscale.name if multiscale is not None and multiscale.name else "image"
     roles = [(str(level), f"{image_name} level {level}", array)
              for level, array in enumerate(image_levels(group))]
     for name in st.label_names(group):

@@ -22,6 +22,7 @@ from unet_dist.data import pyramid
 from unet_dist.data.instances import IDS
 from unet_dist.data.damaged_chunks import writing_every_chunk
 from unet_dist.data.layout import Layout, create_volume_array, resolve_layout
+from unet_dist.data.ome_metadata import read_multiscale
 from unet_dist.data.slab_writer import Progress, write_volumes
 from unet_dist.data.store import AXES, IGNORE, RAW, TARGET, label_names, label_path, open_store
 from unet_dist.errors import UserError
@@ -186,8 +187,7 @@ def write_em_store(tmp: Path, layout: Layout, voxel_size, raw_dtype, labels: boo
 
 def image_levels(group: zarr.Group) -> list[zarr.Array]:
     """The levels of the image at `group`'s root (or of a label image group), in order."""
-    datasets = group.attrs["ome"]["multiscales"][0]["datasets"]
-    return [writing_every_chunk(group[d["path"]]) for d in datasets]
+    return [writing_every_chunk(group[path]) for path in read_multiscale(group.attrs).paths]
 
 
 # ------------------------------------------------------------------------------- the upgrade
@@ -211,12 +211,10 @@ def upgrade(path) -> dict:
                         "; nothing to upgrade")
     image_name, old_label, label_name = _FIRST_LAYOUT[kind]
     old = group.attrs.asdict()
-    first = old.get("ome", {}).get("multiscales", [{}])[0].get("datasets", [{}])[0]
-    transforms = {t["type"]: t[t["type"]] for t in first.get("coordinateTransformations", [])}
+    metadata = read_multiscale(old)
     source = group[kind]
     layout = Layout(tuple(source.shape), tuple(source.chunks), source.shards)
-    known = all(a.get("unit") for a in old.get("ome", {}).get("multiscales", [{}])[0].get("axes", [{}]))
-    plan = Pyramid.plan(layout, transforms.get("scale") if known else None)
+    plan = Pyramid.plan(layout, metadata.voxel_size(0) if metadata is not None else None)
     has_label = old_label in roots
     # Rename first: a crash after this point leaves a store that the next `upgrade` cannot read,
     # so the order is: move arrays into place (atomic renames), then write metadata last.
@@ -229,7 +227,7 @@ def upgrade(path) -> dict:
     attrs = {k: v for k, v in old.items() if k != "ome"}
     _write_group_json(path, attrs)
     group = zarr.open_group(str(path), mode="r+")
-    translation = transforms.get("translation")
+    translation = metadata.offset(0) if metadata is not None else None
     levels = create_image(group, image_name, plan, source.dtype, "raw", translation)
     pyramid.build(levels, plan.steps, "mean")
     if has_label:

@@ -24,6 +24,7 @@ import zarr
 from unet_dist.data import pyramid
 from unet_dist.data.instances import IDS, Rule, target_of_slab
 from unet_dist.data.ome import VERSION, image_levels, label_image_attrs
+from unet_dist.data.ome_metadata import read_multiscale
 from unet_dist.predict.prediction_store import steps_of
 from unet_dist.data.damaged_chunks import read_region
 from unet_dist.data.layout import Layout, create_volume_array
@@ -71,13 +72,9 @@ def relabel(path, rule: Rule) -> dict:
 
 def _attrs(ids_image: zarr.Group, rule: Rule) -> dict:
     """The IDs' multiscale (same levels, scales, translation) under the target's name and classes."""
-    multiscale = ids_image.attrs["ome"]["multiscales"][0]
-    scales = [next(t["scale"] for t in d["coordinateTransformations"] if t["type"] == "scale")
-              for d in multiscale["datasets"]]
-    first = {t["type"]: t for t in multiscale["datasets"][0]["coordinateTransformations"]}
-    translation = first.get("translation", {}).get("translation")
-    known = all(axis.get("unit") for axis in multiscale["axes"])
-    attrs = label_image_attrs(TARGET, scales, known, translation)
+    multiscale = read_multiscale(ids_image.attrs)
+    scales = [level.scale for level in multiscale.levels]
+    attrs = label_image_attrs(TARGET, scales, multiscale.units_known, multiscale.levels[0].translation)
     record = {**rule.record(), "relabelled": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     return {**attrs, "unet_dist": {"instances": record}}
 

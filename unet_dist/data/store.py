@@ -31,6 +31,7 @@ import numpy as np
 import zarr
 
 from unet_dist import __version__
+from unet_dist.data.ome_metadata import read_multiscale
 from unet_dist.errors import UserError
 
 AXES = ("z", "y", "x")
@@ -109,16 +110,8 @@ def label_names(group: zarr.Group) -> list[str]:
 
 def voxel_size(group: zarr.Group) -> tuple[float, ...] | None:
     """The voxel size in nm of level 0 from the OME metadata, or None when the store gives none."""
-    try:
-        multiscale = group.attrs["ome"]["multiscales"][0]
-        transforms = multiscale["datasets"][0]["coordinateTransformations"]
-        scale = next(t["scale"] for t in transforms if t["type"] == "scale")
-    except (KeyError, IndexError, TypeError, StopIteration):
-        return None
-    # Axes without a unit are how we record "voxel size unknown" (scale 1 is then a placeholder).
-    if not all(axis.get("unit") for axis in multiscale["axes"]):
-        return None
-    return tuple(float(s) for s in scale)
+    multiscale = read_multiscale(group.attrs)
+    return multiscale.voxel_size(0) if multiscale is not None else None
 
 
 def provenance(sources: dict, **extra) -> dict:

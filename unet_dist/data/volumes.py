@@ -26,6 +26,7 @@ import zarr
 from unet_dist.errors import UserError
 from unet_dist.data.instances import looks_like_ids
 from unet_dist.data.damaged_chunks import read_region
+from unet_dist.data.ome_metadata import read_multiscale
 from unet_dist.data.store import IGNORE, RAW, TARGET, _missing, label_path, open_store, voxel_size
 LABEL_SAMPLE_CHUNKS = 3  # first, middle and last chunk: enough to tell a mask from IDs or 0/255
 
@@ -69,9 +70,9 @@ def open_array(store, inner: str, what: str = "array") -> tuple[zarr.Array, str]
     except KeyError:
         node = None
     if isinstance(node, zarr.Group):
-        multiscales = node.attrs.get("ome", {}).get("multiscales") or node.attrs.get("multiscales")
-        if multiscales:
-            inner = f"{inner}/{multiscales[0]['datasets'][0]['path']}"
+        multiscale = read_multiscale(node.attrs)
+        if multiscale is not None:
+            inner = f"{inner}/{multiscale.levels[0].path}"
             node = group[inner] if _has(group, inner) else None
     if not isinstance(node, zarr.Array):
         parts = inner.split("/")

@@ -21,7 +21,7 @@ import numpy as np
 from unet_dist.config import Config, to_dict
 from unet_dist.data.training_set import volumes_of
 from unet_dist.visualize.overlay import CLASS_LABELS, CLASS_LABELS_WITH_UNLABELLED, error_panel, truth_classes
-from unet_dist.monitor.progress import format_eta
+from unet_dist.monitor.progress import Progress
 from unet_dist.rundir import METRICS, wandb_sync_command
 
 PUBLIC_WANDB = "https://api.wandb.ai"
@@ -57,10 +57,11 @@ class Monitor:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / METRICS
         self.logging = cfg.logging
-        self.total_steps = cfg.train.steps
-        self.start_step = start_step
-        self.started = time.monotonic()
-        self.bar = sys.stderr.isatty() if cfg.logging.progress == "auto" else cfg.logging.progress == "bar"
+        bar = sys.stderr.isatty() if cfg.logging.progress == "auto" else cfg.logging.progress == "bar"
+        # The bar is redrawn on stderr; plain lines are the run's record, on stdout with the rest of it.
+        # Every logged step gets its line (train.log_every already spaces them), hence every_s=0.
+        self.progress = Progress("step", cfg.train.steps, "steps", mode="bar" if bar else "plain", every_s=0,
+                                 stream=sys.stderr if bar else sys.stdout, start=start_step)
         self.wandb_mode = resolve_wandb_mode(cfg.logging.wandb)
         self.wandb_run = None
         self.run_id = run_id
@@ -102,25 +103,13 @@ class Monitor:
             self._print(step, values)
 
     def _print(self, step: int, values: dict[str, float]) -> None:
-        done = step - self.start_step
-        elapsed = time.monotonic() - self.started
-        eta = elapsed / done * (self.total_steps - step) if done > 0 else 0.0
         shown = "  ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in values.items()
                           if isinstance(v, (int, float)) and k in _CONSOLE_KEYS)
         by_volume = [f"{name} {values[key]:.4g}" for name in self.volume_names
                      if (key := f"val/{name}/dice_membrane") in values]
         if by_volume:
             shown += f"  (membrane Dice by volume: {', '.join(by_volume)})"
-        line = f"step {step}/{self.total_steps}  {shown}  eta {format_eta(eta)}"
-        if self.bar and not any(k.startswith("val/") for k in values):
-            width = 24
-            filled = int(width * step / max(1, self.total_steps))
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {line}\x1b[K")
-            sys.stderr.flush()
-        else:
-            if self.bar:
-                sys.stderr.write("\n")
-            print(line, flush=True)
+        self.progress.update(step, shown, keep=any(k.startswith("val/") for k in values))
 
     def log_images(self, step: int, raw: np.ndarray, label: np.ndarray, prob: np.ndarray,
                    threshold: float, valid: np.ndarray | None = None) -> None:
@@ -186,13 +175,11 @@ class Monitor:
             self.wandb_run = None
 
     def message(self, text: str) -> None:
-        if self.bar:
-            sys.stderr.write("\n")
+        self.progress.end_bar()
         print(text, flush=True)
 
     def close(self) -> None:
-        if self.bar:
-            sys.stderr.write("\n")
+        self.progress.end_bar()
         if self.wandb_run is None:
             return
         run_dir = getattr(self.wandb_run, "dir", None)

@@ -1,8 +1,9 @@
 """The block plan of tiled prediction, pure: which blocks cut the output (one Zarr chunk each, grouped
 into shards of a few blocks per axis), the input region of each with its halo of context, mirrored
 beyond the volume's borders (the U-Net paper's overlap-tile strategy), the order that keeps input
-chunks few at a time, and which rank takes which blocks (whole shards each). The predictor (predict.py) and validation during training (validation.py) both
-tile by it, so they cut a volume the same way.
+chunks few at a time, and which rank takes which blocks (whole shards each). The predictor
+(pipeline.py), validation during training (train/validation.py) and `report` (visualize/report.py)
+all tile by it, so they cut a volume the same way.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ import numpy as np
 from unet_dist.config import PredictConfig
 from unet_dist.data.damaged_chunks import read_region
 from unet_dist.errors import UserError
-from unet_dist.predict.infer import padded_input_shape
-from unet_dist.model import halo, pooling_factor
+from unet_dist.model import halo, pooling_factor, valid_input_shape
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,23 @@ class Plan:
     @property
     def model_tile(self) -> tuple[int, ...]:
         return self.tile[1:] if self.dims == 2 else self.tile
+
+
+def padded_input_shape(model_cfg, out_shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The input shape that gives `out_shape` with full context, and the context before each axis.
+
+    Same padding: the network's halo (rounded up to its pooling grid) on each side, then rounded
+    up to what the poolings divide; the output is as large as the input. Valid padding: the halo the
+    network consumes, grown to a size it accepts; the output is smaller than the input.
+    """
+    reach = tuple(halo(model_cfg))
+    if model_cfg.padding == "same":
+        pool = pooling_factor(model_cfg)
+        context = tuple(-(-r // p) * p for r, p in zip(reach, pool))
+        grown = tuple(o + 2 * c for o, c in zip(out_shape, context))
+        return valid_input_shape(model_cfg, grown), context
+    grown = tuple(o + 2 * c for o, c in zip(out_shape, reach))  # valid: output = input - 2 * halo
+    return valid_input_shape(model_cfg, grown), reach
 
 
 def make_plan(model_cfg, pcfg: PredictConfig, in_shape, z_range: tuple[int, int]) -> Plan:

@@ -1,7 +1,9 @@
-"""Running a U-Net on whole images: mirror padding to a shape the network accepts, then crop.
+"""Running the U-Net on the block plan's tiles in plain PyTorch: one block's probability.
 
-Shared by the trainer's validation (whole slices) and the predictor (blocks plus halo), so both
-see exactly the same arithmetic at the borders (the U-Net paper's mirrored overlap-tile).
+Used by validation during training (train/validation.py) and by `report` (visualize/report.py), so
+both see exactly the predictor's tiling (block_plan.py) and its arithmetic at the borders (the U-Net
+paper's mirrored overlap-tile). The predictor itself runs the same tiles through `tilenet.TileNet`
+(CUDA graphs, pinned buffers, test-time augmentation).
 """
 
 from __future__ import annotations
@@ -9,52 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from unet_dist.model import halo, pooling_factor, valid_input_shape
-
-
-def padded_input_shape(model_cfg, out_shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The input shape that gives `out_shape` with full context, and the context before each axis.
-
-    Same padding: the network's halo (rounded up to its pooling grid) on each side, then rounded
-    up to what the poolings divide; the output is as large as the input. Valid padding: the halo the
-    network consumes, grown to a size it accepts; the output is smaller than the input.
-    """
-    reach = tuple(halo(model_cfg))
-    if model_cfg.padding == "same":
-        pool = pooling_factor(model_cfg)
-        context = tuple(-(-r // p) * p for r, p in zip(reach, pool))
-        grown = tuple(o + 2 * c for o, c in zip(out_shape, context))
-        return valid_input_shape(model_cfg, grown), context
-    grown = tuple(o + 2 * c for o, c in zip(out_shape, reach))  # valid: output = input - 2 * halo
-    return valid_input_shape(model_cfg, grown), reach
-
-
-def mirror_pad(image: np.ndarray, before: tuple[int, ...], after: tuple[int, ...]) -> np.ndarray:
-    return np.pad(image, list(zip(before, after)), mode="symmetric")
-
-
-@torch.inference_mode()
-def forward_whole(model: torch.nn.Module, model_cfg, images: np.ndarray, device: torch.device,
-                  autocast_ctx) -> np.ndarray:
-    """Interior probabilities for a batch of whole images (N, *spatial), float32, same shape.
-
-    Images are float32 in [0, 1]; each is mirrored by the network's halo (the U-Net paper's
-    overlap-tile border), as the predictor does, and the output is cropped back to the image.
-    """
-    spatial = images.shape[1:]
-    in_shape, context = padded_input_shape(model_cfg, spatial)
-    before = (0,) + context
-    after = (0,) + tuple(i - s - c for i, s, c in zip(in_shape, spatial, context))
-    padded = mirror_pad(images, before, after)
-    x = torch.from_numpy(np.ascontiguousarray(padded[:, None])).to(device)
-    with autocast_ctx:
-        logits = model(x)
-    out = torch.sigmoid(logits.float())[:, 0]
-    # Same padding: the output is aligned with the padded input, so the image starts `context` in.
-    # Valid padding: the output already starts `context` into the input, where the image begins.
-    start = context if model_cfg.padding == "same" else (0,) * len(spatial)
-    crop = (slice(None),) + tuple(slice(c, c + s) for c, s in zip(start, spatial))
-    return out[crop].cpu().numpy()
+from unet_dist.data.patches import to_unit_float
+from unet_dist.predict.block_plan import Plan, block_core, input_region, read_mirrored
 
 
 @torch.inference_mode()
@@ -65,3 +23,18 @@ def forward_tiles(model: torch.nn.Module, tiles: np.ndarray, device: torch.devic
     with autocast_ctx:
         logits = model(x.contiguous(memory_format=memory_format))
     return torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+
+
+def block_probability(model: torch.nn.Module, raw, plan: Plan, index: int, batch: int, device: torch.device,
+                      autocast_ctx, memory_format=torch.contiguous_format):
+    """The interior probability (float32, the block's output shape) of block `index` of `plan` over
+    the raw array, `batch` tiles per forward pass, and the block's output voxels ([lo, hi) per axis)."""
+    offset = plan.offset[1:] if plan.dims == 2 else plan.offset
+    core = block_core(plan, index)
+    shape = tuple(b - a for a, b in core)
+    tiles = to_unit_float(read_mirrored(raw, input_region(plan, core)))
+    tiles = tiles if plan.dims == 2 else tiles[None]
+    out = np.concatenate([forward_tiles(model, tiles[i:i + batch], device, autocast_ctx, memory_format)
+                          for i in range(0, len(tiles), batch)])
+    crop = (slice(None),) + tuple(slice(o, o + n) for o, n in zip(offset, shape[3 - len(offset):]))
+    return out[crop].reshape(shape), core

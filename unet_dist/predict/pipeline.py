@@ -32,8 +32,7 @@ import zarr
 
 from unet_dist import runtime
 from unet_dist import __version__, checkpoint, dist
-from unet_dist.config import (Config, PredictConfig, from_dict, model_config_from_dict, parse_override, to_dict,
-                              validate)
+from unet_dist.config import Config, PredictConfig, to_dict
 from unet_dist.data import backends
 from unet_dist.predict.prediction_store import build_pyramids, create_prediction
 from unet_dist.data import volumes
@@ -41,7 +40,6 @@ from unet_dist.data.atomic_dir import check_out
 from unet_dist.data.store import RAW, provenance, slices_within
 from unet_dist.errors import UserError
 from unet_dist.metrics import scores_from_confusion
-from unet_dist.model import build_model
 from unet_dist.predict.block_pipeline import BlockPipeline, block_crop, io_threads
 from unet_dist.predict.block_plan import Plan, assign, block_core, block_order, make_plan, shard_of, whole_shards
 from unet_dist.predict.manifest import Manifest, OutputLock
@@ -49,32 +47,6 @@ from unet_dist.monitor.progress import Progress
 from unet_dist.predict.tilenet import TileNet
 
 # ------------------------------------------------------------------------- settings and run key
-
-def load_model(ckpt_path, overrides: Sequence[str] = ()) -> tuple[torch.nn.Module, Config, dict]:
-    """The checkpoint's model and config, `predict.*` overrides applied; mistakes are UserErrors."""
-    state = checkpoint.load(ckpt_path)
-    model_cfg = model_config_from_dict(state["model_config"], f"{ckpt_path}: model_config")
-    stored = state.get("config") or {}
-    if stored.get("model", state["model_config"]) != state["model_config"]:
-        raise UserError(f"{ckpt_path}: its model_config and config.model disagree; not a checkpoint of one model")
-    data = to_dict(from_dict(stored, str(ckpt_path)))
-    for text in overrides:
-        key, value = parse_override(text)
-        section, _, name = key.partition(".")
-        if section != "predict" or not name:
-            raise UserError(f"command line: '{key}': only predict.* settings can be overridden here")
-        data["predict"][name] = value
-    cfg = from_dict(data, "command line")
-    cfg.model = model_cfg
-    validate(Config(predict=cfg.predict), "command line")
-    model = build_model(model_cfg)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[0]
-        raise UserError(f"{ckpt_path}: weights do not fit its model_config ({reason[:160]})") from None
-    return model.eval(), cfg, state
-
 
 def weights_digest(state_dict) -> str:
     h = hashlib.sha256()
@@ -157,7 +129,7 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
         raise UserError("--resume and --overwrite exclude each other")
     env = dist.detect_env()
     out = Path(out)
-    model, cfg, state = load_model(ckpt, overrides)
+    model, cfg, state = checkpoint.load_model(ckpt, overrides)
     # STORE[:ARRAY] and STORE[:LABEL]: a store made by another tool is read as it is (data/volumes.py)
     input, raw_path = volumes.split_store_spec(input, RAW)
     raw, raw_path = volumes.open_array(input, raw_path)

@@ -22,6 +22,7 @@ import zarr
 from unet_dist.data import pyramid
 from unet_dist.data.ome import Pyramid, create_image, create_label_image, image_levels
 from unet_dist.data.layout import Layout
+from unet_dist.data.ome_metadata import read_multiscale
 from unet_dist.data.store import RAW, label_path, open_store
 PROBABILITY = RAW
 MASK_NAME = "mask"
@@ -64,8 +65,7 @@ def build_pyramids(group: zarr.Group, rank: int = 0, world: int = 1,
 
 def steps_of(image: zarr.Group) -> list[tuple[int, ...]]:
     """The factors between consecutive levels, from the OME scales."""
-    datasets = image.attrs["ome"]["multiscales"][0]["datasets"]
-    scales = [next(t["scale"] for t in d["coordinateTransformations"] if t["type"] == "scale") for d in datasets]
+    scales = [level.scale for level in read_multiscale(image.attrs).levels]
     return [tuple(int(round(b / a)) for a, b in zip(lo, hi)) for lo, hi in zip(scales, scales[1:])]
 
 

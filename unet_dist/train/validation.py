@@ -12,9 +12,9 @@ from unet_dist.data.patches import to_unit_float
 from unet_dist.data.damaged_chunks import read_region
 from unet_dist.data.training_set import Volume, volumes_of
 from unet_dist.data.volumes import open_ignore, open_training
-from unet_dist.predict.infer import forward_tiles
+from unet_dist.predict.infer import block_probability
 from unet_dist.metrics import confusion_counts, scores_from_confusion
-from unet_dist.predict.block_plan import as_slices, assign, block_core, input_region, make_plan, read_mirrored
+from unet_dist.predict.block_plan import as_slices, assign, make_plan
 from unet_dist.train.state import TrainState
 from unet_dist.train.step import Health
 
@@ -62,16 +62,7 @@ class _ValidationVolume:
 
     def block(self, model, index: int, batch: int, device, autocast_ctx, memory_format):
         """The probability of block `index`, its labels and labelled voxels, and where it lies."""
-        plan = self.plan
-        offset = plan.offset[1:] if plan.dims == 2 else plan.offset
-        core = block_core(plan, index)
-        shape = tuple(b - a for a, b in core)
-        tiles = to_unit_float(read_mirrored(self.raw, input_region(plan, core)))
-        tiles = tiles if plan.dims == 2 else tiles[None]
-        out = np.concatenate([forward_tiles(model, tiles[i:i + batch], device, autocast_ctx, memory_format)
-                              for i in range(0, len(tiles), batch)])
-        crop = (slice(None),) + tuple(slice(o, o + n) for o, n in zip(offset, shape[3 - len(offset):]))
-        prob = out[crop].reshape(shape)
+        prob, core = block_probability(model, self.raw, self.plan, index, batch, device, autocast_ctx, memory_format)
         stored = ((core[0][0] + self.lo, core[0][1] + self.lo), *core[1:])  # output slice z is input slice lo + z
         label = read_region(self.labels, as_slices(stored))
         valid = None if self.ignore is None else read_region(self.ignore, as_slices(stored)) == 0

@@ -4,7 +4,7 @@
   over the dimmed raw image: red where membrane was missed (predicted interior on a membrane: these
   merge neurons), blue where membrane was invented (predicted membrane inside a neuron: splits).
   The prediction comes from a prediction store (`--pred`) or, by default, from the run's best (else
-  newest) checkpoint, run on whole slices.
+  newest) checkpoint, run block by block as `unet-dist predict` runs it.
 * `curves.png`: training loss, learning rate and validation Dice against the step, from
   `metrics.jsonl` (a resumed run logs some steps twice: the later line wins).
 """
@@ -242,27 +242,28 @@ def _rows_from_pred(pred, zs) -> list[dict]:
              "mask": np.asarray(group[MASK][z - z0])} for z in zs]
 
 
-def _rows_from_checkpoint(ckpt: Path, raw, lo: int, hi: int, zs, threshold: float) -> list[dict]:
+def rows_from_checkpoint(ckpt: Path, raw, lo: int, hi: int, zs, threshold: float) -> list[dict]:
+    """The checkpoint's prediction of slices `zs`, cut by the predictor's block plan over lo:hi and
+    run as validation runs it (blocks that hold none of `zs` are skipped): the same numbers as
+    `unet-dist predict`, and memory bounded by a block, not by the slice or the 3D range."""
     import torch
 
-    from unet_dist import checkpoint
-    from unet_dist.config import model_config_from_dict
-    from unet_dist.data.patches import to_unit_float
-    from unet_dist.predict.infer import forward_whole
-    from unet_dist.model import build_model
+    from unet_dist.checkpoint import load_model
+    from unet_dist.predict.block_plan import block_core, make_plan
+    from unet_dist.predict.infer import block_probability
 
-    state = checkpoint.load(ckpt)
-    model_cfg = model_config_from_dict(state["model_config"], f"{ckpt}: model_config")
-    model = build_model(model_cfg)
-    model.load_state_dict(state["model"])
-    model.eval()
-    off = torch.autocast("cpu", enabled=False)
-    cpu = torch.device("cpu")
-    if model_cfg.dims == 2:
-        probs = {z: forward_whole(model, model_cfg, to_unit_float(np.asarray(raw[z]))[None], cpu, off)[0] for z in zs}
-    else:  # 3D: the whole slice range as one volume, so every slice has its z context
-        volume = forward_whole(model, model_cfg, to_unit_float(np.asarray(raw[lo:hi]))[None], cpu, off)[0]
-        probs = {z: volume[z - lo] for z in zs}
+    model, cfg, _ = load_model(ckpt)
+    plan = make_plan(cfg.model, cfg.predict, raw.shape, (lo, hi))
+    probs = {z: np.zeros(raw.shape[1:], np.float32) for z in zs}
+    for index in range(plan.n_blocks):
+        (z0, z1), ys, xs = block_core(plan, index)
+        inside = [z for z in zs if z0 <= z - lo < z1]
+        if not inside:
+            continue
+        prob, _ = block_probability(model, raw, plan, index, cfg.predict.batch_size, torch.device("cpu"),
+                                    torch.autocast("cpu", enabled=False))
+        for z in inside:
+            probs[z][slice(*ys), slice(*xs)] = prob[z - lo - z0]
     return [{"z": z, "prob": p, "mask": (p > threshold).astype(np.uint8)} for z, p in probs.items()]
 
 
@@ -316,7 +317,7 @@ def report(run_dir, pred=None, store=None, slices=None, max_rows: int = 6, panel
         if pred:
             rows, source = _rows_from_pred(pred, zs), f"prediction {Path(pred).name}"
         else:
-            rows = _rows_from_checkpoint(ckpt, raw, lo, hi, zs, cfg.predict.threshold if cfg else 0.5)
+            rows = rows_from_checkpoint(ckpt, raw, lo, hi, zs, cfg.predict.threshold if cfg else 0.5)
             source = f"checkpoint {ckpt.name}"
         for row in rows:
             row["raw"] = to_unit_float(np.asarray(raw[row["z"]]))

@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from unet_dist.compat import neuroglancer_server
-from unet_dist.data.store import label_names, open_store, voxel_size
+from unet_dist.data.ome_metadata import read_multiscale
+from unet_dist.data.store import label_names, open_store
 from unet_dist.errors import UserError
 
 BROWSER_ENV = "UNET_DIST_CHROMIUM"  # path of a Chromium binary for --screenshot
@@ -84,23 +85,20 @@ def inspect(path) -> Store:
     """A unet-dist / OME-Zarr store's image and label images; UserError for anything else."""
     path = Path(path)
     group = open_store(path)
-    try:
-        multiscale = group.attrs["ome"]["multiscales"][0]
-        transforms = multiscale["datasets"][0]["coordinateTransformations"]
-        paths = [d["path"] for d in multiscale["datasets"]]
-    except (KeyError, IndexError, TypeError):
-        raise UserError(f"{path}: no OME-Zarr multiscales metadata; not a unet-dist store") from None
+    multiscale = read_multiscale(group.attrs)
+    if multiscale is None:
+        raise UserError(f"{path}: no OME-Zarr multiscales metadata; not a unet-dist store")
     if len(group["0"].shape) != 3:
         raise UserError(f"{path}: image has {len(group['0'].shape)} axes; expected z, y, x")
-    vs = voxel_size(group)
-    translation = next((t["translation"] for t in transforms if t["type"] == "translation"), [0.0, 0.0, 0.0])
+    vs = multiscale.voxel_size(0)
+    translation = multiscale.levels[0].translation
     z0 = int(round(translation[0] / vs[0])) if vs else int(round(translation[0]))
     labels = {}
     for name in label_names(group):
         attrs = group["labels"][name].attrs.get("ome", {})
         labels[name] = attrs.get("image-label", {}).get("colors", [])
-    coarsest = group[paths[-1]]
-    return Store(path, str(multiscale.get("name") or path.stem), np.dtype(group["0"].dtype),
+    coarsest = group[multiscale.paths[-1]]
+    return Store(path, multiscale.name or path.stem, np.dtype(group["0"].dtype),
                  tuple(group["0"].shape), vs, z0, labels, _contrast(coarsest))
 
 

@@ -15,21 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from unet_dist.data.ome_metadata import nm_per
 from unet_dist.errors import UserError
 
 # A source chunked deeper than one slice is read a chunk-row at a time and the row is kept for the
 # next slabs (below), unless that row would be larger than this.
 BLOCK_CACHE_BYTES = 256 << 20
-
-# Length units as OME-Zarr (UDUNITS names), OME-TIFF, ImageJ and N5 write them, in nanometres.
-NM_PER_UNIT = {
-    "angstrom": 0.1, "å": 0.1, "picometer": 1e-3, "pm": 1e-3,
-    "nanometer": 1.0, "nanometre": 1.0, "nm": 1.0,
-    "micrometer": 1e3, "micrometre": 1e3, "micron": 1e3, "microns": 1e3, "um": 1e3,
-    "µm": 1e3, "μm": 1e3, "\\u00b5m": 1e3,  # ImageJ writes the micro sign escaped
-    "millimeter": 1e6, "millimetre": 1e6, "mm": 1e6, "centimeter": 1e7, "cm": 1e7,
-    "meter": 1e9, "metre": 1e9, "m": 1e9,
-}
 
 
 class Source:
@@ -136,11 +127,6 @@ class ArraySource(Source):
 
     def _fetch(self, index) -> np.ndarray:
         return np.asarray(self._array[index])
-
-
-def nm_per(unit) -> float | None:
-    """Nanometres per `unit`; None for no unit, "pixel" or an unknown one."""
-    return NM_PER_UNIT.get(str(unit).strip().lower()) if unit is not None else None
 
 
 def to_nm(values, unit) -> tuple[float, ...] | None:

@@ -17,9 +17,8 @@ from zarr.storage import LocalStore
 
 from unet_dist.errors import UserError
 
-from unet_dist.data.sources.base import ArraySource, finite_floats, find_arrays, listing, nm_per, positive_floats, read_json
-
-SPACE = ("z", "y", "x")
+from unet_dist.data.ome_metadata import Multiscale, multiscales
+from unet_dist.data.sources.base import ArraySource, finite_floats, find_arrays, listing, positive_floats, read_json
 
 
 def _is_array(folder: Path) -> bool:
@@ -31,10 +30,8 @@ def _attrs(folder: Path) -> dict:
     return v3.get("attributes", {}) if v3 else read_json(folder / ".zattrs")
 
 
-def _multiscales(folder: Path) -> list:
-    attrs = _attrs(folder)
-    found = attrs.get("ome", {}).get("multiscales") or attrs.get("multiscales")  # 0.5, else 0.4
-    return found if isinstance(found, list) else []
+def _multiscales(folder: Path) -> list[Multiscale]:
+    return multiscales(_attrs(folder))
 
 
 class ZarrSource(ArraySource):
@@ -63,10 +60,9 @@ class ZarrSource(ArraySource):
 
     def _pick_array(self, group: Path, arrays) -> Path:
         """A group means its OME level 0, or the only array in the store."""
-        multiscales = _multiscales(group)
-        if multiscales:
-            level = str(multiscales[0]["datasets"][0]["path"])
-            rel = (group / level).relative_to(self.root).as_posix()
+        listed = _multiscales(group)
+        if listed:
+            rel = (group / listed[0].levels[0].path).relative_to(self.root).as_posix()
         else:
             inside = [a for a in arrays() if not self.inner or a.startswith(self.inner.rstrip("/") + "/")]
             if len(inside) != 1:
@@ -84,32 +80,10 @@ class ZarrSource(ArraySource):
         for ancestor in (folder, *folder.parents):
             rel = PurePosixPath(folder.relative_to(ancestor).as_posix())
             for multiscale in _multiscales(ancestor):
-                for dataset in multiscale.get("datasets", []):
-                    if PurePosixPath(str(dataset.get("path"))) == rel:
-                        self._set_transform(multiscale, dataset)
+                for index, level in enumerate(multiscale.levels):
+                    if PurePosixPath(level.path) == rel:
+                        self.voxel_size = multiscale.voxel_size(index)
+                        self.offset = multiscale.offset(index)
                         return
             if ancestor == self.root:
                 return
-
-    def _set_transform(self, multiscale: dict, dataset: dict) -> None:
-        axes = [a if isinstance(a, dict) else {"name": a} for a in multiscale.get("axes", [])]
-        ndim = len(axes)
-        scale, shift = [1.0] * ndim, [0.0] * ndim
-        # The dataset's transformations apply first, then the multiscale's (OME-Zarr 0.4/0.5).
-        for t in (*dataset.get("coordinateTransformations", []),
-                  *multiscale.get("coordinateTransformations", [])):
-            values = t.get(t.get("type"))
-            if not isinstance(values, list) or len(values) != ndim:
-                continue  # "identity", or a transform stored in a file: no voxel size from it
-            if t["type"] == "scale":
-                scale = [s * float(v) for s, v in zip(scale, values)]
-                shift = [o * float(v) for o, v in zip(shift, values)]
-            elif t["type"] == "translation":
-                shift = [o + float(v) for o, v in zip(shift, values)]
-        space = [i for i, a in enumerate(axes) if a.get("type") == "space" or
-                 ("type" not in a and a.get("name") in SPACE)]
-        factors = [nm_per(axes[i].get("unit")) for i in space]
-        if len(space) != 3 or None in factors:
-            return  # a 2D image, or axes without units: the size is not known
-        self.voxel_size = positive_floats(scale[i] * f for i, f in zip(space, factors))
-        self.offset = tuple(shift[i] * f for i, f in zip(space, factors))
