@@ -64,7 +64,9 @@ def open_store(path, arrays: Sequence[str] = (RAW,), mode: str = "r") -> zarr.Gr
     if group.metadata.zarr_format != 3:
         raise UserError(f"{path}: a Zarr v{group.metadata.zarr_format} store; Zarr v3 is needed")
     roots = {name for name, _ in group.arrays()}
-    if RAW not in roots and roots & set(OLD_LAYOUT):
+    # Only our own first layout carries our provenance: another tool's store with an array named
+    # `raw` at its root is read as it is (data.raw_array=raw).
+    if RAW not in roots and roots & set(OLD_LAYOUT) and "unet_dist" in group.attrs:
         raise UserError(f"{path}: a store in the first unet-dist layout (arrays {', '.join(sorted(roots))} at "
                         f"the root, not OME-Zarr); run `unet-dist upgrade {path}` (moves them, copies no chunk "
                         "data) or convert it again")

@@ -1,0 +1,27 @@
+"""What a new user meets first: stores from other tools train as they are, the config's own W&B
+setting is honoured, and an override's mistake names the command line."""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+
+from unet_dist.data import store as st
+
+from conftest import CONFIGS, run_cli
+
+
+def test_another_tools_v3_store_with_a_root_array_named_raw_trains_as_it_is(tiny_synth_store, tmp_path):
+    source = zarr.open_group(str(tiny_synth_store), mode="r")
+    foreign = tmp_path / "foreign.zarr"
+    group = zarr.open_group(str(foreign), mode="w", zarr_format=3)  # no OME, no unet_dist provenance
+    group.create_array("raw", data=np.asarray(source[st.RAW][:]), chunks=(1, 96, 128))
+    group.create_group("masks").create_array("membranes", data=np.asarray(source[st.TARGET_PATH][:]),
+                                             chunks=(1, 96, 128))
+    done = run_cli("train", "--config", CONFIGS / "smoke.yaml", f"data.store={foreign}", "data.raw_array=raw",
+                   "data.labels=masks/membranes", "data.train_slices=[0,6]", "data.val_slices=[6,8]",
+                   f"run.dir={tmp_path / 'run'}", "train.steps=2", "train.val_every=2", "train.ckpt_every=2",
+                   "data.num_workers=0")
+    assert done.code == 0, done.err[-2000:]
+    assert "first unet-dist layout" not in done.err
+    assert (tmp_path / "run" / "checkpoints" / "step-000000002.pt").is_file()
