@@ -3,7 +3,7 @@ import pytest
 from unet_dist.config import Config, from_dict, load_config, parse_override, to_dict
 from unet_dist.errors import UserError
 
-from conftest import CONFIGS
+from helpers import CONFIGS
 
 
 def test_shipped_configs_load():
