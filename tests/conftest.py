@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from helpers import ISBI_ENV, REQUIRE_ENV, ROOT, SMALL, pick_free_port, require, run_cli, save_checkpoint
+from helpers import (ISBI_ENV, REQUIRE_ENV, ROOT, SMALL, convert_stack, pick_free_port, read_stack, require, run_cli,
+                     save_checkpoint)
 
 
 @pytest.fixture
@@ -61,36 +62,25 @@ def em_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def em_arrays(em_dir) -> dict:
-    return {"raw": tifffile.imread(em_dir / "train-volume.tif"), "labels": tifffile.imread(em_dir / "train-labels.tif")}
+    return read_stack(em_dir)
 
 
 @pytest.fixture(scope="session")
 def em_store(em_dir, tmp_path_factory) -> Path:
     """`em_dir` converted to a store (2d chunks, 50 x 4 x 4 nm)."""
-    from unet_dist.data.convert import convert
-
-    out = tmp_path_factory.mktemp("em") / "em.zarr"
-    convert(em_dir / "train-volume.tif", out, labels=em_dir / "train-labels.tif", resolution=(50, 4, 4))
-    return out
+    return convert_stack(em_dir, tmp_path_factory.mktemp("em") / "em.zarr")
 
 
 @pytest.fixture(scope="session")
 def isbi_arrays(isbi_dir) -> dict:
     """The ISBI training stack as tifffile reads it: raw uint8, labels 0/255."""
-    return {
-        "raw": tifffile.imread(isbi_dir / "train-volume.tif"),
-        "labels": tifffile.imread(isbi_dir / "train-labels.tif"),
-    }
+    return read_stack(isbi_dir)
 
 
 @pytest.fixture(scope="session")
 def isbi_store(isbi_dir, tmp_path_factory) -> Path:
     """The ISBI training stack converted to a store (2d chunks, 50 x 4 x 4 nm)."""
-    from unet_dist.data.convert import convert
-
-    out = tmp_path_factory.mktemp("isbi") / "isbi.zarr"
-    convert(isbi_dir / "train-volume.tif", out, labels=isbi_dir / "train-labels.tif", resolution=(50, 4, 4))
-    return out
+    return convert_stack(isbi_dir, tmp_path_factory.mktemp("isbi") / "isbi.zarr")
 
 
 @pytest.fixture(scope="session")

@@ -111,6 +111,21 @@ def evaluate_volume(prob3d, label3d, threshold: float = 0.5) -> dict:
     return {**scores, **isbi_scores_from_sums(isbi["sums"], isbi["n_slices"], ISBI_THRESHOLDS)}
 
 
+def read_stack(folder: Path) -> dict:
+    """An EM stack as ISBI ships it (train-volume.tif, train-labels.tif) as tifffile reads it."""
+    import tifffile
+
+    return {"raw": tifffile.imread(folder / "train-volume.tif"), "labels": tifffile.imread(folder / "train-labels.tif")}
+
+
+def convert_stack(folder: Path, out: Path) -> Path:
+    """That stack converted to a store (2d chunks, 50 x 4 x 4 nm)."""
+    from unet_dist.data.convert import convert
+
+    convert(folder / "train-volume.tif", out, labels=folder / "train-labels.tif", resolution=(50, 4, 4))
+    return out
+
+
 # ------------------------------------------------------------------------- checkpoints and predictions
 
 SMALL = ModelConfig(dims=2, depth=2, base_channels=8)  # the smoke model: halo 23, pooling 4

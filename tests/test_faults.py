@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from unet_dist import checkpoint
+from unet_dist.config import ModelConfig
 from unet_dist.files import FAULT_ENV
 
-from helpers import ENV, ROOT, SMOKE, run_cli, torchrun_cmd
+from helpers import ENV, ROOT, SMOKE, run_cli, save_checkpoint, torchrun_cmd
 
 SYNTH = ["data.train_slices=[0,8]", "data.val_slices=[8,12]"]
 
@@ -230,24 +231,13 @@ def test_cuda_on_a_cpu_only_machine_is_one_line(synth_store, tmp_path):
 
 # ------------------------------------------------------------------ concurrent predictions
 
-def _random_checkpoint(tmp_path: Path, base: int = 4) -> Path:
-    from unet_dist.config import Config, to_dict
-    from unet_dist.model import build_model
-
-    cfg = Config()
-    cfg.model.depth, cfg.model.base_channels = 2, base
-    return checkpoint.save(tmp_path / f"ck{base}", {"model": build_model(cfg.model).state_dict(),
-                                                    "model_config": to_dict(cfg.model), "config": to_dict(cfg),
-                                                    "step": 0}, keep_last=1)
-
-
 @pytest.mark.slow
 def test_second_prediction_on_the_same_output_refuses(tmp_path):
     from unet_dist.data.synth import synthesize
 
     store = tmp_path / "big.zarr"
     synthesize(store, shape=(48, 256, 256), seed=3)
-    ckpt = _random_checkpoint(tmp_path, base=16)
+    ckpt = save_checkpoint(tmp_path / "ck16", ModelConfig(depth=2, base_channels=16))
     out = tmp_path / "pred.zarr"
     args = ["-m", "unet_dist", "predict", "--checkpoint", str(ckpt), "--input", str(store), "--out", str(out),
             "predict.block_size=[1,128,128]", "predict.batch_size=1"]
@@ -271,7 +261,7 @@ def test_second_prediction_on_the_same_output_refuses(tmp_path):
 
 
 def test_more_ranks_than_blocks_is_refused(synth_store, tmp_path, free_port):
-    ckpt = _random_checkpoint(tmp_path)
+    ckpt = save_checkpoint(tmp_path / "ck4", ModelConfig(depth=2, base_channels=4))
     proc = subprocess.run(torchrun_cmd(2, free_port, "predict", "--checkpoint", ckpt, "--input", synth_store,
                                        "--slices", "0:1", "--out", tmp_path / "pred.zarr"),
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)

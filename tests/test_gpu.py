@@ -26,7 +26,6 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on a GPU machine)")]
 
 
-
 def _train_args(store: Path, run: Path, *extra: str) -> list[str]:
     return ["train", "--config", str(SMOKE), f"data.store={store}", "data.train_slices=[0,8]",
             "data.val_slices=[8,12]", f"run.dir={run}", "train.device=cuda", *extra]

@@ -23,7 +23,6 @@ from unet_dist.errors import UserError
 from helpers import ROOT, SMOKE, run_cli, save_checkpoint
 
 
-
 def smoke(store: Path, run: Path, *extra: str) -> list[str]:
     return [f"data.store={store}", f"run.dir={run}", "data.train_slices=[0,8]", "data.val_slices=[8,12]", *extra]
 

@@ -32,7 +32,6 @@ from unet_dist.predict.tilenet import tta_average
 from helpers import ENV, ROOT, SMALL, prediction_arrays, run_cli, save_checkpoint, torchrun_cmd
 
 
-
 def last_json(text: str) -> dict:
     return json.loads(text.strip().splitlines()[-1])
 

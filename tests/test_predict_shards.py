@@ -19,7 +19,6 @@ from unet_dist.data.damaged_chunks import writing_every_chunk
 from unet_dist.predict.pipeline import predict
 from unet_dist.predict.manifest import Manifest
 
-
 from helpers import check_ome, prediction_arrays, require_module, run_cli
 
 BLOCKS = ["predict.block_size=[1,32,32]", "predict.pyramid_max_side=32"]  # 6 x 100 x 120: 6 x 4 x 4 blocks
@@ -144,7 +143,6 @@ def test_more_ranks_than_shards_is_refused_in_one_line(ckpt, volume, tmp_path):
 def test_resuming_with_other_shards_is_refused_naming_the_setting_to_pass(ckpt, volume, tmp_path):
     """An output written a file per block (as every output was before shards) resumes only unsharded:
     the refusal says which setting continues it, and an unsharded run keeps the key it always had."""
-
     out = tmp_path / "flat.zarr"
     predict(ckpt, volume, out, overrides=[*BLOCKS, "predict.shard_blocks=[1,1,1]"])
     settings = zarr.open_group(str(out), mode="r").attrs["unet_dist"]["predict"]["settings"]

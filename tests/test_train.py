@@ -18,7 +18,6 @@ from unet_dist import checkpoint
 from helpers import CONFIGS, ENV, ROOT, SMOKE, run_cli, torchrun_cmd
 
 
-
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -2,7 +2,7 @@
 the bound address reach the viewer; napari's reader (ome-zarr-py) sees the same layers.
 
 Browser tests skip when Chromium is missing, unless $UNET_DIST_REQUIRE_ALL is set (.ci/run sets it):
-then they fail (conftest.require).
+then they fail (helpers.require).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from unet_dist.data.synth import synthesize
 from unet_dist.errors import UserError
 
 from helpers import ENV, ROOT, require, require_module, run_cli
-
 
 
 def need(module: str):
