@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import Completed, run_cli
+from helpers import Completed, require_module, run_cli
 
 SUITES = ("train", "loader", "predict", "convert", "load", "view", "io")
 
@@ -27,7 +27,7 @@ def positive(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
-# the raw numbers each suite's rows must carry, finite and > 0 (memory: finite and >= 0)
+# the raw numbers every row of a suite carries, finite and > 0
 NUMBERS = {
     "train": ("images_per_s", "voxels_per_s", "step_s", "tflops", "cpu_s_per_image"),
     "loader": ("patches_per_s", "batch_s"),
@@ -39,11 +39,16 @@ NUMBERS = {
     "view": ("xy_files", "xz_files", "yz_files", "view_files", "view_ms", "xy_read_amplification"),
     "io": ("input_mb_per_s", "seconds"),
 }
+# the memory figures every row of a suite carries, finite and >= 0 (a child can peak at its baseline)
+MEMORY = {
+    "train": ("peak_mem_mb",),
+    "predict": ("peak_rss_above_baseline_mb",),
+    "convert": ("peak_rss_above_baseline_mb",),
+}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("suite", SUITES)
-def test_suite_runs_tiny_and_writes_a_report(suite, tmp_path):
+def run_tiny(suite: str, tmp_path) -> dict:
+    """Run one suite in --tiny mode and check what every report holds; return the report."""
     out = tmp_path / "report" / f"{suite}.json"
     work = tmp_path / "work"
     work.mkdir()
@@ -64,70 +69,97 @@ def test_suite_runs_tiny_and_writes_a_report(suite, tmp_path):
     assert report["ours"] in report["results"] and report["peer"] in report["results"]
     for row in report["results"]:
         for key in NUMBERS[suite]:
-            if key in row or row["role"] in ("ours", "peer"):
-                assert positive(row.get(key)), (key, row)
-        for key in ("peak_mem_mb", "peak_rss_above_baseline_mb"):
-            if key in row:
-                assert math.isfinite(row[key]) and row[key] >= 0, (key, row)
+            assert positive(row.get(key)), (key, row)
+        for key in MEMORY.get(suite, ()):
+            assert math.isfinite(row[key]) and row[key] >= 0, (key, row)
     assert list(work.iterdir()) == [], "temporary files were left behind"
+    return report
 
-    if suite == "train":
-        assert roles[0] == "peer" and report["results"][0]["variant"] == "peer fp32 eager"
-        assert report["config"]["tf32_convolutions"] is None  # said on GPUs, where fp32 convs run in TF32
-        assert report["config"]["flops_per_image"] > 0
-        assert all(row["mfu"] is None for row in report["results"])  # no bf16 peak on a CPU
-    if suite == "loader":
-        workers = [row["workers"] for row in report["results"] if row["role"] == "ours"]
-        assert workers == [0, 1]
-        fed = next(row for row in report["results"] if row["role"] == "fed")
-        assert 0 <= fed["data_wait_frac"] <= 1
-    if suite == "predict":
-        diff = report["comparison"]
-        assert 0 <= diff["max_abs_diff_interior"] <= diff["max_abs_diff"] <= 1
-        assert 0 <= diff["mask_differs_frac"] <= 1
-        assert report["config"]["monai_mode"] == "gaussian"
-    if suite == "convert":
-        assert positive(report["ours"]["compression_ratio"])
-        assert report["config"]["shape"][0] * report["config"]["shape"][1] ** 2 >= 8 << 20
-    if suite == "view":  # 16 x 512 x 512: an xz panel spans all 16 slices, xy one slice
-        rows = {row["layout"]: row for row in report["results"]}
-        assert (rows["2d"]["xy_files"], rows["2d"]["xz_files"], rows["2d"]["yz_files"]) == (1, 16, 16)
-        assert (rows["3d"]["xy_files"], rows["3d"]["xz_files"], rows["3d"]["yz_files"]) == (4, 2, 2)
-        assert rows["2d"]["xz_read_amplification"] == 512  # each 512 x 512 chunk for one row of it
-    if suite == "io":
-        # byte counts, not timings: the cache decodes each chunk once, halos make that less than delivered
-        assert 0 < report["read_amplification"] <= 1.2
-        no_cache = next(row for row in report["results"] if row.get("variant") == "no_cache")
-        assert no_cache["read_amplification"] > 2 * report["read_amplification"]
-        # our chunk files and zarr-python's I/O read the same chunks through the cache
-        assert report["peer"]["read_amplification"] == report["read_amplification"]
-        assert positive(report["fraction_of_decode_limit"])
-        # the limits beyond decoding were measured (tiny: blocks of 64 inside chunks of 128)
-        assert positive(report["fraction_of_io_limit"]) and positive(report["io_limit_of_decode_limit"])
-        limits = {row["what"] for row in report["results"] if row["role"] == "limit"}
-        assert {"decode + encode limit (no files written)", "decode + encode + write limit, a file per block (tight loop)",
-                "decode + encode + write limit, shard files (tight loop)"} <= limits
-        # ours writes shards (the default predict.shard_blocks), the row before it a file per block
-        by_variant = {row["variant"]: row for row in report["results"] if row.get("variant")}
-        assert set(by_variant) == {"ours", "chunk_files", "zarr", "no_cache"}
-        # level 0 of 4 x 384 x 384 in blocks of 64: 4 x 6 x 6 blocks, in shards of 4 x 4 (edge shards 2)
-        assert by_variant["chunk_files"]["output_files"] == 2 * 4 * 36
-        assert by_variant["ours"]["output_files"] == 2 * 4 * 4
-        assert {row["codec"] for row in report["codecs"]["rows"]} >= {"blosc-zstd-1", "blosc-zstd-3", "blosc-zstd-5",
-                                                                      "blosc-lz4", "none"}
-        assert {row["data"] for row in report["codecs"]["rows"]} == {"raw", "probability", "mask"}
-        assert all(positive(row["ratio"]) and positive(row["decode_mb_per_s"]) for row in report["codecs"]["rows"])
-        zarr_row = next(row for row in report["backends"]["rows"] if row["backend"] == "zarr")
-        assert positive(zarr_row["patches_per_s"]) and positive(zarr_row["chunks_mb_per_s"])
-    if suite == "load":
-        rows = {row["layout"]: row for row in report["results"]}
-        assert list(rows) == ["small-chunks", "sharded", "default"]
-        assert rows["small-chunks"]["files"] > rows["default"]["files"] > rows["sharded"]["files"]
-        volume = math.prod(report["config"]["volume"])
-        for row in rows.values():
-            assert row["predict_voxels"] == volume  # every slice predicted
-            assert row["train_steps"] == report["config"]["train_steps"]
-            assert row["train_tree_peak_rss_mb"] >= row["train_peak_rss_mb"] * 0.9  # a sum with the workers
+
+@pytest.mark.slow
+def test_train_suite(tmp_path):
+    report = run_tiny("train", tmp_path)
+    assert report["results"][0]["role"] == "peer" and report["results"][0]["variant"] == "peer fp32 eager"
+    assert report["config"]["tf32_convolutions"] is None  # said on GPUs, where fp32 convs run in TF32
+    assert report["config"]["flops_per_image"] > 0
+    assert all(row["mfu"] is None for row in report["results"])  # no bf16 peak on a CPU
+
+
+@pytest.mark.slow
+def test_loader_suite(tmp_path):
+    report = run_tiny("loader", tmp_path)
+    workers = [row["workers"] for row in report["results"] if row["role"] == "ours"]
+    assert workers == [0, 1]
+    fed = next(row for row in report["results"] if row["role"] == "fed")
+    assert 0 <= fed["data_wait_frac"] <= 1
+
+
+@pytest.mark.slow
+def test_predict_suite(tmp_path):
+    report = run_tiny("predict", tmp_path)
+    diff = report["comparison"]
+    assert 0 <= diff["max_abs_diff_interior"] <= diff["max_abs_diff"] <= 1
+    assert 0 <= diff["mask_differs_frac"] <= 1
+    assert report["config"]["monai_mode"] == "gaussian"
+
+
+@pytest.mark.slow
+def test_convert_suite(tmp_path):
+    report = run_tiny("convert", tmp_path)
+    assert positive(report["ours"]["compression_ratio"])
+    assert report["config"]["shape"][0] * report["config"]["shape"][1] ** 2 >= 8 << 20
+
+
+@pytest.mark.slow
+def test_view_suite(tmp_path):
+    report = run_tiny("view", tmp_path)
+    # 16 x 512 x 512: an xz panel spans all 16 slices, xy one slice
+    rows = {row["layout"]: row for row in report["results"]}
+    assert (rows["2d"]["xy_files"], rows["2d"]["xz_files"], rows["2d"]["yz_files"]) == (1, 16, 16)
+    assert (rows["3d"]["xy_files"], rows["3d"]["xz_files"], rows["3d"]["yz_files"]) == (4, 2, 2)
+    assert rows["2d"]["xz_read_amplification"] == 512  # each 512 x 512 chunk for one row of it
+
+
+@pytest.mark.slow
+def test_io_suite(tmp_path):
+    report = run_tiny("io", tmp_path)
+    # byte counts, not timings: the cache decodes each chunk once, halos make that less than delivered
+    assert 0 < report["read_amplification"] <= 1.2
+    no_cache = next(row for row in report["results"] if row.get("variant") == "no_cache")
+    assert no_cache["read_amplification"] > 2 * report["read_amplification"]
+    # our chunk files and zarr-python's I/O read the same chunks through the cache
+    assert report["peer"]["read_amplification"] == report["read_amplification"]
+    assert positive(report["fraction_of_decode_limit"])
+    # the limits beyond decoding were measured (tiny: blocks of 64 inside chunks of 128)
+    assert positive(report["fraction_of_io_limit"]) and positive(report["io_limit_of_decode_limit"])
+    limits = {row["what"] for row in report["results"] if row["role"] == "limit"}
+    assert {"decode + encode limit (no files written)", "decode + encode + write limit, a file per block (tight loop)",
+            "decode + encode + write limit, shard files (tight loop)"} <= limits
+    # ours writes shards (the default predict.shard_blocks), the row before it a file per block
+    by_variant = {row["variant"]: row for row in report["results"] if row.get("variant")}
+    assert set(by_variant) == {"ours", "chunk_files", "zarr", "no_cache"}
+    # level 0 of 4 x 384 x 384 in blocks of 64: 4 x 6 x 6 blocks, in shards of 4 x 4 (edge shards 2)
+    assert by_variant["chunk_files"]["output_files"] == 2 * 4 * 36
+    assert by_variant["ours"]["output_files"] == 2 * 4 * 4
+    codecs = report["codecs"]["rows"]
+    assert {row["codec"] for row in codecs} >= {"blosc-zstd-1", "blosc-zstd-3", "blosc-zstd-5", "blosc-lz4", "none"}
+    assert {row["data"] for row in codecs} == {"raw", "probability", "mask"}
+    assert all(positive(row["ratio"]) and positive(row["decode_mb_per_s"]) for row in codecs)
+    zarr_row = next(row for row in report["backends"]["rows"] if row["backend"] == "zarr")
+    assert positive(zarr_row["patches_per_s"]) and positive(zarr_row["chunks_mb_per_s"])
+
+
+@pytest.mark.slow
+def test_load_suite(tmp_path):
+    report = run_tiny("load", tmp_path)
+    rows = {row["layout"]: row for row in report["results"]}
+    assert list(rows) == ["small-chunks", "sharded", "default"]
+    assert rows["small-chunks"]["files"] > rows["default"]["files"] > rows["sharded"]["files"]
+    volume = math.prod(report["config"]["volume"])
+    for row in rows.values():
+        assert row["predict_voxels"] == volume  # every slice predicted
+        assert row["train_steps"] == report["config"]["train_steps"]
+        assert row["train_tree_peak_rss_mb"] >= row["train_peak_rss_mb"] * 0.9  # a sum with the workers
 
 
 def test_a_bad_override_is_one_line_and_exit_2(tmp_path):
@@ -185,7 +217,7 @@ def test_peak_table_matches_device_names():
 
 
 def test_monai_overlap_gives_our_block_as_its_scan_interval():
-    pytest.importorskip("monai")
+    require_module("monai", "pip install -e '.[bench]'")
     from monai.inferers.utils import _get_scan_interval
 
     from unet_dist.bench.predict import _overlap
@@ -246,7 +278,8 @@ def test_variants_parse_and_reject_nonsense():
 @pytest.mark.slow
 @pytest.mark.parametrize("suite", ("train", "predict"))
 def test_gpu_suites_run_tiny(suite, tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
+
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     out = tmp_path / f"{suite}.json"

@@ -21,7 +21,7 @@ from unet_dist import compat
 from unet_dist.compat import dataloader, neuroglancer_server, torch_amp, zarr_internals
 from unet_dist.errors import UserError
 
-from conftest import ROOT, require
+from helpers import ROOT, require
 
 SHIMS = {"torch": [torch_amp, dataloader], "zarr": [zarr_internals], "neuroglancer": [neuroglancer_server]}
 CHECKS = [torch_amp._problem, dataloader._problem, zarr_internals._problem]  # cached at first use

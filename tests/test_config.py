@@ -5,7 +5,7 @@ from unet_dist.config import (AugmentConfig, Config, ModelConfig, from_dict, loa
                               parse_override, to_dict)
 from unet_dist.errors import UserError
 
-from conftest import CONFIGS
+from helpers import CONFIGS
 
 
 def test_shipped_configs_load():

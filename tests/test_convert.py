@@ -394,9 +394,17 @@ def test_sigterm_removes_the_temporary_store(tmp_path):
         "from unet_dist.data.synth import synthesize; "
         f"synthesize({str(out)!r}, shape=(2000, 256, 256))"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code])
-    deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".big.zarr.tmp-*/0/c")) and time.monotonic() < deadline:
+    log = tmp_path / "stderr.txt"  # a file, not a pipe: nothing reads it while the child runs
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", code], stderr=stderr)
+    deadline = time.monotonic() + 60  # a guard against a hang, not a timing
+    while not list(tmp_path.glob(".big.zarr.tmp-*/0/c")):
+        if proc.poll() is not None:
+            pytest.fail(f"the writer exited ({proc.returncode}) before writing a chunk: {log.read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"no chunk written after 60 s: {log.read_text()[-2000:]}")
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM

@@ -17,10 +17,8 @@ from unet_dist.evaluate.cross_validation import (THRESHOLDS, Fold, best_threshol
                           mean_std, scores, summarize)
 from unet_dist.errors import UserError
 
-from conftest import CONFIGS, ROOT, run_cli, torchrun_cmd
+from helpers import ENV, ROOT, SMOKE, run_cli, torchrun_cmd
 
-SMOKE = CONFIGS / "smoke.yaml"
-ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 # A few steps of the smoke model: the test checks the plumbing, not the scores.
 TINY = ["data.patch_size=[32,32]", "train.steps=4", "train.val_every=2", "train.ckpt_every=2", "train.log_every=2",
         "train.warmup_steps=1", "logging.wandb=disabled"]

@@ -12,7 +12,7 @@ from unet_dist import runtime
 from unet_dist import dist
 from unet_dist.errors import UserError
 
-from conftest import CONFIGS, ROOT
+from helpers import CONFIGS, ROOT
 
 
 def test_single_process_by_default():

@@ -16,26 +16,12 @@ import torch
 
 from unet_dist import checkpoint
 
-from conftest import CONFIGS, ROOT
-
-ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-
-
-def rank_pids(agent_pid: int) -> dict[int, int]:
-    """rank -> pid of the workers a torchrun agent runs now."""
-    ranks = {}
-    for pid in map(int, Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split()):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ranks.update({int(item[5:]): pid for item in environ if item.startswith(b"RANK=")})
-    return ranks
+from helpers import ENV, ROOT, SMOKE, torchrun_worker_pids
 
 
 def torchrun(run: Path, *extra: str, restarts: int = 0) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           f"--max-restarts={restarts}", "-m", "unet_dist", "train", "--config", str(CONFIGS / "smoke.yaml"),
+           f"--max-restarts={restarts}", "-m", "unet_dist", "train", "--config", str(SMOKE),
            f"run.dir={run}", "train.deterministic=true", "data.num_workers=0", *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
@@ -62,7 +48,7 @@ def test_torchrun_restart_after_sigkill_resumes_and_ends_bit_identical(em_store,
             assert proc.poll() is None, proc.stderr.read()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint at step n"
             time.sleep(0.05)
-        os.kill(rank_pids(proc.pid)[1], signal.SIGKILL)
+        os.kill(torchrun_worker_pids(proc.pid)[1], signal.SIGKILL)
         out, err = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
@@ -79,7 +65,7 @@ def test_torchrun_restart_after_sigkill_resumes_and_ends_bit_identical(em_store,
 def train_on(ranks: int, run: Path, em_store, *extra: str) -> subprocess.CompletedProcess:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
                 if ranks > 1 else [sys.executable])
-    cmd = [*launcher, "-m", "unet_dist", "train", "--config", str(CONFIGS / "smoke.yaml"), f"data.store={em_store}",
+    cmd = [*launcher, "-m", "unet_dist", "train", "--config", str(SMOKE), f"data.store={em_store}",
            f"run.dir={run}", "data.num_workers=0", "train.val_every=1000", "train.ckpt_every=2", *extra]
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
 

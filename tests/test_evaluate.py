@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,28 +11,11 @@ import zarr
 
 from unet_dist.cli import main
 from unet_dist.evaluate.scoring import evaluate
-from unet_dist.predict.prediction_store import MASK, PROBABILITY, create_prediction, probability_float
+from unet_dist.predict.prediction_store import probability_float
 
-from conftest import ROOT, evaluate_volume, torchrun_cmd
+from helpers import ENV, ROOT, evaluate_volume, fake_prediction, torchrun_cmd
 
-ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 KEYS = ("dice_neuron", "dice_membrane", "pixel_error", "v_rand", "v_info")
-
-
-def fake_prediction(out: Path, labels: np.ndarray, first: int = 0, seed: int = 0) -> np.ndarray:
-    """A prediction store as `predict` writes it, holding a noisy, blurred copy of the labels."""
-    from scipy import ndimage
-
-    rng = np.random.default_rng(seed)
-    prob = ndimage.uniform_filter(labels.astype(np.float32), size=(1, 5, 5)) * 0.8 + 0.1
-    prob = np.clip(prob + rng.normal(0, 0.15, labels.shape), 0, 1)
-    u8 = np.rint(prob * 255).astype(np.uint8)
-    group = zarr.open_group(str(out), mode="w", zarr_format=3,
-                            attributes={"unet_dist": {"predict": {"settings": {"slices": [first, first + len(u8)]}}}})
-    create_prediction(group, u8.shape, (1, *u8.shape[1:]), "uint8", (50.0, 4.0, 4.0), first)
-    group[PROBABILITY][:] = u8
-    group[MASK][:] = (probability_float(u8) > 0.5).astype(np.uint8)
-    return u8
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import zarr
 
 from unet_dist.data import store as st
 
-from conftest import CONFIGS, run_cli
+from helpers import SMOKE, run_cli
 
 
 def test_another_tools_v3_store_with_a_root_array_named_raw_trains_as_it_is(tiny_synth_store, tmp_path):
@@ -18,7 +18,7 @@ def test_another_tools_v3_store_with_a_root_array_named_raw_trains_as_it_is(tiny
     group.create_array("raw", data=np.asarray(source[st.RAW][:]), chunks=(1, 96, 128))
     group.create_group("masks").create_array("membranes", data=np.asarray(source[st.TARGET_PATH][:]),
                                              chunks=(1, 96, 128))
-    done = run_cli("train", "--config", CONFIGS / "smoke.yaml", f"data.store={foreign}", "data.raw_array=raw",
+    done = run_cli("train", "--config", SMOKE, f"data.store={foreign}", "data.raw_array=raw",
                    "data.labels=masks/membranes", "data.train_slices=[0,6]", "data.val_slices=[6,8]",
                    f"run.dir={tmp_path / 'run'}", "train.steps=2", "train.val_every=2", "train.ckpt_every=2",
                    "data.num_workers=0")

@@ -5,15 +5,16 @@ unsuitable arrays are one line each, before anything starts."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 import zarr
 
-from conftest import CONFIGS, run_cli
+from helpers import SMOKE, run_cli
+from unet_dist import checkpoint
 from unet_dist.data import store as st
 
-SMOKE = CONFIGS / "smoke.yaml"
 TRAIN = ("train.steps=4", "train.val_every=2", "train.ckpt_every=4", "train.log_every=1", "train.warmup_steps=1",
          "train.deterministic=true", "data.train_slices=[0,8]", "data.val_slices=[8,12]", "data.num_workers=0")
 
@@ -107,6 +108,13 @@ def test_more_files_per_patch_can_be_allowed(v2_store, tmp_path):
                    "train.steps=1", "data.raw_array=volumes/tiny_chunks", "data.labels=volumes/labels/membrane",
                    "data.max_files_per_patch=400")
     assert done.code == 0, done.err
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "completed" and status["step"] == 1
+    # the step it trained read the tiny-chunk array, under the raised limit
+    data = checkpoint.load(status["checkpoint"])["config"]["data"]
+    assert data["raw_array"] == "volumes/tiny_chunks" and data["max_files_per_patch"] == 400
+    train_losses = [loss for _, loss, _ in losses(run) if loss is not None]
+    assert train_losses and all(math.isfinite(loss) for loss in train_losses)
 
 
 def test_predict_labels_that_are_ids_are_refused(synth_store, v2_store, tmp_path):

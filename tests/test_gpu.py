@@ -20,13 +20,10 @@ import zarr
 
 from unet_dist import checkpoint
 
-from conftest import CONFIGS, ROOT, run_cli, torchrun_cmd
+from helpers import ENV, ROOT, SMOKE, run_cli, save_checkpoint, torchrun_cmd
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on a GPU machine)")]
-
-SMOKE = CONFIGS / "smoke.yaml"
-ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
 
 def _train_args(store: Path, run: Path, *extra: str) -> list[str]:
@@ -81,8 +78,6 @@ def test_predictor_on_gpu_matches_the_cpu(tmp_path, record_property):
     from unet_dist.data.synth import synthesize
     from unet_dist.predict.prediction_store import probability_float
     from unet_dist.predict.pipeline import predict
-
-    from test_predict import save_checkpoint
 
     store = tmp_path / "vol.zarr"
     synthesize(store, shape=(4, 256, 320), seed=3)
@@ -145,4 +140,12 @@ def test_bench_predict_warms_up_a_3d_model_on_gpu(tmp_path):
     cfg.model.dims, cfg.model.depth, cfg.model.base_channels = 3, 2, 8
     ckpt = checkpoint.save(tmp_path, {"model": build_model(cfg.model).state_dict(), "model_config": to_dict(cfg.model),
                                       "config": to_dict(cfg), "step": 0}, keep_last=1)
-    _warmup(str(ckpt), torch.device("cuda"), "bf16", list(valid_input_shape(cfg.model, (16, 64, 64))), 2)
+    tile, batch = list(valid_input_shape(cfg.model, (16, 64, 64))), 2
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    _warmup(str(ckpt), torch.device("cpu"), "bf16", tile, batch)
+    assert torch.cuda.max_memory_allocated() == before  # a CPU run has nothing to warm up
+    _warmup(str(ckpt), torch.device("cuda"), "bf16", tile, batch)
+    # a forward of the planned batch ran on the GPU: at least its input, in bf16, was there
+    assert torch.cuda.max_memory_allocated() - before >= batch * int(np.prod(tile)) * 2

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 STEPS = ["machine", "tests", "bench_train", "bench_predict", "isbi"]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
@@ -35,7 +35,9 @@ def test_dry_run_writes_every_step_as_json(tmp_path):
     records = {name: json.loads((out / f"{name}.json").read_text()) for name in STEPS}
     for name, record in records.items():
         assert record["step"] == name and record["status"] == "ok" and record["dry_run"], record
-        assert record["seconds"] <= record["budget_s"] + 15 and record["summary"]
+        # status "ok" says the step ended before its deadline (the script times steps out itself);
+        # how many seconds it took is the machine's load, not the script's behaviour
+        assert record["summary"]
         assert (out / record["log"]).is_file()
         assert all(c["exit_code"] == 0 and not c["timed_out"] for c in record["commands"]), record["commands"]
 

@@ -14,9 +14,7 @@ import pytest
 import torch
 import zarr
 
-from conftest import CONFIGS, patch_spec, run_cli
-from test_instances import blobs, write_cremi
-from test_ome import check_ome
+from helpers import SMOKE, blobs, check_ome, patch_spec, run_cli, write_cremi
 from unet_dist import checkpoint
 from unet_dist.config import AugmentConfig
 from unet_dist.data import pyramid
@@ -28,7 +26,6 @@ from unet_dist.data.synth import SynthVolume
 from unet_dist.errors import UserError
 from unet_dist.metrics import confusion_counts, scores_from_confusion
 
-SMOKE = CONFIGS / "smoke.yaml"
 IGNORE_PATH = st.label_path(st.IGNORE)
 SHAPE = (10, 128, 128)
 

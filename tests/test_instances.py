@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import run_cli
-from test_ome import check_ome
+from helpers import blobs, check_ome, run_cli, write_cremi
 from unet_dist.data import pyramid
 from unet_dist.data import store as st
 from unet_dist.data.instances import IDS, Rule, membrane_target
@@ -40,33 +39,11 @@ def reference_target(ids: np.ndarray, rule: Rule) -> np.ndarray:
     return out
 
 
-def blobs(shape, n, seed, dtype=np.uint64) -> np.ndarray:
-    """Touching neurons: each voxel takes the ID of its nearest seed (big IDs, some 0 = background)."""
-    rng = np.random.default_rng(seed)
-    points = rng.uniform(0, 1, (n, 3)) * shape
-    ids = np.array([0] + list(rng.choice(2**40, n - 1, replace=False) + 1), dtype=dtype) if dtype == np.uint64 \
-        else np.arange(n, dtype=dtype) * 3
-    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
-    nearest = np.argmin(((grid[..., None, :] - points) ** 2 * (4, 1, 1)).sum(-1), axis=-1)
-    return ids[nearest]
-
-
 @pytest.mark.parametrize("rule", [Rule(0), Rule(1), Rule(2), Rule(1, background_interior=True),
                                   Rule(1, three_d=True), Rule(2, three_d=True, background_interior=True)])
 def test_rule_equals_plain_loops(rule):
     ids = blobs((4, 13, 11), 7, seed=rule.width)
     np.testing.assert_array_equal(membrane_target(ids, rule), reference_target(ids, rule))
-
-
-def write_cremi(path: Path, ids: np.ndarray, seed: int = 0) -> np.ndarray:
-    """A CREMI-like HDF5 file: volumes/raw (uint8) and volumes/labels/neuron_ids, resolution in nm."""
-    raw = np.random.default_rng(seed).integers(0, 256, ids.shape, dtype=np.uint8)
-    with h5py.File(path, "w") as f:
-        f.create_dataset("volumes/raw", data=raw, chunks=(1, *ids.shape[1:]))
-        f["volumes/raw"].attrs["resolution"] = [40.0, 4.0, 4.0]
-        f.create_dataset("volumes/labels/neuron_ids", data=ids, chunks=(2, *ids.shape[1:]))
-        f["volumes/labels/neuron_ids"].attrs["resolution"] = [40.0, 4.0, 4.0]
-    return raw
 
 
 def convert_cli(src: Path, out: Path, *extra: str):

@@ -29,18 +29,14 @@ from unet_dist.predict.prediction_store import MASK, PROBABILITY, create_predict
 from unet_dist.predict.manifest import Manifest, entries
 from unet_dist.predict.tilenet import TileNet
 
-from test_predict import SMALL, save_checkpoint
+from helpers import SMALL, require_module
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt"), SMALL)
-
-
-@pytest.fixture(scope="module")
-def volume(tmp_path_factory):
+def straddling_volume(tmp_path_factory):
+    """Chunks of 40 that blocks of 32 straddle."""
     out = tmp_path_factory.mktemp("vol") / "vol.zarr"
-    synthesize(out, shape=(4, 100, 120), seed=3, chunks=(1, 40, 40))  # blocks of 32 straddle chunks
+    synthesize(out, shape=(4, 100, 120), seed=3, chunks=(1, 40, 40))
     return out
 
 
@@ -59,8 +55,8 @@ def block_boxes(plan, shape):
     return [mirror_box(input_region(plan, block_core(plan, i)), shape) for i in range(plan.n_blocks)]
 
 
-def test_cache_returns_what_zarr_returns_and_decodes_every_chunk_once(volume):
-    raw = raw_array(volume)
+def test_cache_returns_what_zarr_returns_and_decodes_every_chunk_once(straddling_volume):
+    raw = raw_array(straddling_volume)
     plan = make_plan(SMALL, PredictConfig(block_size=[1, 32, 32], halo=[0, 8, 8]), raw.shape, (0, raw.shape[0]))
     boxes = block_boxes(plan, raw.shape)
     cache = ChunkCache(raw, boxes)
@@ -74,8 +70,8 @@ def test_cache_returns_what_zarr_returns_and_decodes_every_chunk_once(volume):
     assert cache._live == {} and cache._live_bytes == 0  # every chunk dropped after its last block
 
 
-def test_cache_under_concurrent_readers_and_a_tiny_cap(volume):
-    raw = raw_array(volume)
+def test_cache_under_concurrent_readers_and_a_tiny_cap(straddling_volume):
+    raw = raw_array(straddling_volume)
     rng = np.random.default_rng(0)
     boxes = []
     for _ in range(60):
@@ -191,34 +187,35 @@ def previous_pipeline(ckpt, store, block, batch_size, dtype="uint8"):
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "float16"])
-def test_outputs_equal_the_previous_pipeline_bit_for_bit(ckpt, volume, tmp_path, dtype):
-    ref = previous_pipeline(ckpt, volume, "[1,32,32]", 2, dtype)
+def test_outputs_equal_the_previous_pipeline_bit_for_bit(ckpt, straddling_volume, tmp_path, dtype):
+    ref = previous_pipeline(ckpt, straddling_volume, "[1,32,32]", 2, dtype)
     runs = {"cache, 3 readers": ["predict.readers=3", "predict.writers=1"],
             "no cache, 1 reader": ["predict.chunk_cache_mb=0", "predict.readers=1", "predict.writers=2"]}
     for name, extra in runs.items():
         out = tmp_path / f"{name.replace(' ', '').replace(',', '-')}.zarr"
-        predict(ckpt, volume, out, overrides=["predict.block_size=[1,32,32]", "predict.batch_size=2",
+        predict(ckpt, straddling_volume, out, overrides=["predict.block_size=[1,32,32]", "predict.batch_size=2",
                                               f"predict.probability_dtype={dtype}", *extra])
         got = outputs(out)
         for key in ref:
             assert got[key].dtype == ref[key].dtype and np.array_equal(got[key], ref[key]), (name, key)
 
 
-def test_the_zarrs_codec_pipeline_reads_and_writes_the_same_bytes(ckpt, volume, tmp_path):
-    pytest.importorskip("zarrs")
+def test_the_zarrs_codec_pipeline_reads_and_writes_the_same_bytes(ckpt, straddling_volume, tmp_path):
+    require_module("zarrs", "pip install -e '.[bench]'")
     args = ["predict.block_size=[1,32,32]"]
-    a = predict(ckpt, volume, tmp_path / "a.zarr", labels=volume, overrides=args)
-    b = predict(ckpt, volume, tmp_path / "b.zarr", labels=volume, overrides=[*args, "predict.codec_pipeline=zarrs"])
+    a = predict(ckpt, straddling_volume, tmp_path / "a.zarr", labels=straddling_volume, overrides=args)
+    b = predict(ckpt, straddling_volume, tmp_path / "b.zarr", labels=straddling_volume,
+                overrides=[*args, "predict.codec_pipeline=zarrs"])
     assert a["dice_neuron"] == b["dice_neuron"]
     x, y = outputs(tmp_path / "a.zarr"), outputs(tmp_path / "b.zarr")
     assert all(np.array_equal(x[k], y[k]) for k in x)
 
 
-def test_the_predictors_chunk_files_are_the_bytes_zarr_writes(ckpt, volume, tmp_path):
+def test_the_predictors_chunk_files_are_the_bytes_zarr_writes(ckpt, straddling_volume, tmp_path):
     """The predictor writes its chunks itself (data/chunk_io.py): the same files as zarr-python
     writing the same arrays into the same layout, edge blocks included (100 x 120 in blocks of 32)."""
     out = tmp_path / "ours.zarr"
-    predict(ckpt, volume, out, overrides=["predict.block_size=[1,32,32]", "predict.shard_blocks=[1,1,1]"])
+    predict(ckpt, straddling_volume, out, overrides=["predict.block_size=[1,32,32]", "predict.shard_blocks=[1,1,1]"])
     got = outputs(out)
     ref = tmp_path / "zarr.zarr"
     group = zarr.open_group(str(ref), mode="w", zarr_format=3)
@@ -229,7 +226,7 @@ def test_the_predictors_chunk_files_are_the_bytes_zarr_writes(ckpt, volume, tmp_
         assert len(ours) == 64 and sorted(ours) == sorted(theirs)
         assert all(ours[k] == theirs[k] for k in ours), path
     # the fast path is what ran: the pipeline takes our chunk files for zarr's pipeline only
-    raw = raw_array(volume)
+    raw = raw_array(straddling_volume)
     plan = make_plan(SMALL, PredictConfig(block_size=[1, 32, 32], shard_blocks=[1, 1, 1]), raw.shape, (0, raw.shape[0]))
     pred = zarr.open_group(str(out), mode="r+")
     for name, used in (("zarr", True), ("zarrs", False)):
@@ -264,7 +261,7 @@ def test_the_manifest_records_batches_and_reads_every_version(tmp_path):
         assert manifest.every == every
 
 
-def test_blocks_of_zeros_are_stored_like_any_other(ckpt, volume, tmp_path):
+def test_blocks_of_zeros_are_stored_like_any_other(ckpt, straddling_volume, tmp_path):
     """A block the model calls membrane throughout is a chunk of zeros: stored all the same (the
     arrays promise every chunk), so the pyramid and every reader find it, on either I/O path."""
     state = checkpoint.load(ckpt)
@@ -274,7 +271,8 @@ def test_blocks_of_zeros_are_stored_like_any_other(ckpt, volume, tmp_path):
     pipelines = ["zarr"] + (["zarrs"] if importlib.util.find_spec("zarrs") else [])
     for name in pipelines:
         out = tmp_path / f"{name}.zarr"
-        result = predict(zeros, volume, out, overrides=["predict.block_size=[1,32,32]", "predict.shard_blocks=[1,1,1]",
+        result = predict(zeros, straddling_volume, out,
+                         overrides=["predict.block_size=[1,32,32]", "predict.shard_blocks=[1,1,1]",
                                                         f"predict.codec_pipeline={name}"])
         got = outputs(out)
         assert result["blocks_predicted"] == 64 and not any(v.any() for v in got.values())
@@ -287,7 +285,7 @@ def test_blocks_of_zeros_are_stored_like_any_other(ckpt, volume, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_path_overlaps_batches_and_matches_the_cpu(ckpt, volume, tmp_path):
+def test_cuda_path_overlaps_batches_and_matches_the_cpu(ckpt, straddling_volume, tmp_path):
     """uint8 tiles through pinned buffers and the copy stream, several batches in flight, each result
     collected late: equal to the CPU's numbers within float rounding of the convolutions."""
     model, cfg, _ = load_model(ckpt)
@@ -304,8 +302,8 @@ def test_cuda_path_overlaps_batches_and_matches_the_cpu(ckpt, volume, tmp_path):
         assert np.abs(prob.astype(int) - ref_prob).max() <= 1  # 1/255: rounding of a float difference
         assert (mask != ref_mask).mean() < 1e-3
     # the whole predictor on the GPU against the CPU
-    a = predict(ckpt, volume, tmp_path / "cpu.zarr", device="cpu", overrides=["predict.block_size=[1,32,32]"])
-    b = predict(ckpt, volume, tmp_path / "gpu.zarr", device="cuda", precision="fp32",
+    a = predict(ckpt, straddling_volume, tmp_path / "cpu.zarr", device="cpu", overrides=["predict.block_size=[1,32,32]"])
+    b = predict(ckpt, straddling_volume, tmp_path / "gpu.zarr", device="cuda", precision="fp32",
                 overrides=["predict.block_size=[1,32,32]"])
     assert a["voxels_predicted"] == b["voxels_predicted"]
     x, y = outputs(tmp_path / "cpu.zarr"), outputs(tmp_path / "gpu.zarr")

@@ -21,8 +21,7 @@ import tifffile
 import zarr
 from scipy import ndimage
 
-from conftest import CONFIGS, run_cli
-from test_sources import ome_multiscale, write_hdf5, write_n5_tensorstore, write_precomputed
+from helpers import CONFIGS, ome_multiscale, run_cli, write_hdf5, write_n5_tensorstore, write_precomputed
 from unet_dist.data import store as st
 from unet_dist.data.instances import IDS, Rule, membrane_target
 

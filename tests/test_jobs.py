@@ -20,9 +20,7 @@ import zarr
 from jobs import common
 from unet_dist.errors import UserError
 
-from conftest import CONFIGS, ROOT, run_cli
-
-SMOKE = CONFIGS / "smoke.yaml"
+from helpers import ROOT, SMOKE, run_cli, save_checkpoint
 
 
 def smoke(store: Path, run: Path, *extra: str) -> list[str]:
@@ -228,13 +226,11 @@ def test_local_job_stops_when_its_requeues_are_used_up(synth_store, tmp_path, mo
 
 @pytest.mark.slow
 def test_local_prediction_job_requeues_and_matches_a_single_process(synth_store, tmp_path, monkeypatch):
-    from test_slurm import _checkpoint
-
     from jobs.predict import submit
     from unet_dist.predict.manifest import finished_blocks
 
     local_env(monkeypatch)
-    ckpt = _checkpoint(tmp_path / "ckpt")
+    ckpt = save_checkpoint(tmp_path / "ckpt")
     blocks = ["predict.block_size=[1,32,32]", "predict.pyramid_max_side=64"]  # levels 0 and 1
     single = run_cli("predict", "--checkpoint", ckpt, "--input", synth_store, "--out", tmp_path / "one.zarr", *blocks,
                      env={"OMP_NUM_THREADS": "1"})

@@ -17,7 +17,7 @@ import pytest
 from unet_dist.metrics import (ISBI_THRESHOLDS, confusion_counts, isbi_scores_from_sums, isbi_slice_scores,
                                isbi_sums, java_thresholds, scores_from_confusion, thin_by_watershed)
 
-from conftest import evaluate_volume
+from helpers import evaluate_volume
 
 # ---------------------------------------------------------------------------------------------
 # Literal transcriptions of the Java (reference only)

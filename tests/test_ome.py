@@ -16,37 +16,7 @@ from unet_dist.data.convert import convert
 from unet_dist.data.ome import image_levels
 from unet_dist.data.synth import synthesize
 
-from conftest import run_cli
-
-
-def check_ome(path: Path, image: str, labels: list[str], levels: int) -> None:
-    """ome-zarr-models validates image, labels group and every label image; ome-zarr-py's Reader
-    (what napari's OME-Zarr plugin uses) finds the image and every label image with all levels."""
-    from ome_zarr.io import parse_url
-    from ome_zarr.reader import Label, Multiscales, Reader
-    from ome_zarr_models.v05.image import Image
-    from ome_zarr_models.v05.image_label import ImageLabel
-
-    group = zarr.open_group(str(path), mode="r")
-    model = Image.from_zarr(group)
-    assert [m.name for m in model.ome_attributes.multiscales] == [image]
-    assert len(model.datasets[0]) == levels
-    if labels:
-        assert list(model.labels.attributes.ome.labels) == labels
-        for name in labels:
-            label = ImageLabel.from_zarr(group["labels"][name])
-            assert label.attributes.ome.image_label.source.image == "../../"
-            assert len(label.attributes.ome.multiscales[0].datasets) == levels
-    else:
-        assert model.labels is None
-
-    nodes = list(Reader(parse_url(str(path)))())
-    found = {}
-    for node in nodes:
-        kinds = {type(spec) for spec in node.specs}
-        if Multiscales in kinds:
-            found[node.metadata["name"]] = (Label in kinds, len(node.data))
-    assert found == {image: (False, levels), **{name: (True, levels) for name in labels}}
+from helpers import SMALL, check_ome, run_cli, save_checkpoint
 
 
 def test_convert_and_synth_stores_are_valid_ome_zarr(isbi_dir, tmp_path):
@@ -76,7 +46,6 @@ def test_convert_and_synth_stores_are_valid_ome_zarr(isbi_dir, tmp_path):
 
 
 def test_prediction_store_is_valid_ome_zarr(tmp_path, tiny_synth_store):
-    from test_predict import SMALL, save_checkpoint
 
     from unet_dist.predict.pipeline import predict
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import patch_spec
+from helpers import patch_spec
 from unet_dist.config import AugmentConfig
 from unet_dist.data.patches import OpenVolume, PatchSpec, PatchStream, make_loader
 from unet_dist.data.augment import Augmenter

@@ -17,7 +17,7 @@ import zarr
 
 from unet_dist import checkpoint
 from unet_dist.cli import main
-from unet_dist.config import Config, ModelConfig, PredictConfig, to_dict
+from unet_dist.config import ModelConfig, PredictConfig, to_dict
 from unet_dist.data.synth import synthesize
 from unet_dist.errors import UserError
 from unet_dist.model import build_model, halo, pooling_factor
@@ -29,42 +29,7 @@ from unet_dist.predict.block_plan import (assign, block_core, input_region, make
 from unet_dist.predict.pipeline import predict
 from unet_dist.predict.tilenet import tta_average
 
-from conftest import ROOT, run_cli, torchrun_cmd
-
-ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-SMALL = ModelConfig(dims=2, depth=2, base_channels=8)  # the smoke model: halo 23, pooling 4
-
-
-def save_checkpoint(folder: Path, model_cfg: ModelConfig, seed: int = 0, predict_cfg=None) -> Path:
-    """Random weights (and batch-norm statistics, so eval mode is not an identity) in a checkpoint."""
-    torch.manual_seed(seed)
-    model = build_model(model_cfg)
-    for m in model.modules():
-        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-    cfg = Config(model=model_cfg, predict=predict_cfg or PredictConfig())
-    state = {"model": model.state_dict(), "model_config": to_dict(model_cfg), "step": 7, "config": to_dict(cfg)}
-    return checkpoint.save(folder, state, keep_last=1)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt"), SMALL)
-
-
-@pytest.fixture(scope="module")
-def volume(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("vol") / "vol.zarr"
-    synthesize(out, shape=(6, 100, 120), seed=3)
-    return out
-
-
-def arrays(pred: Path) -> dict[str, np.ndarray]:
-    """Every level of probability and mask, keyed by path ("0", "1", ..., "labels/mask/0", ...)."""
-    group = zarr.open_group(str(pred), mode="r")
-    return {path: array[:] for path, array in group.arrays()} | {
-        f"labels/mask/{path}": array[:] for path, array in group["labels/mask"].arrays()}
+from helpers import ENV, ROOT, SMALL, prediction_arrays, run_cli, save_checkpoint, torchrun_cmd
 
 
 def last_json(text: str) -> dict:
@@ -211,7 +176,7 @@ def test_outputs_metadata_slices_and_export(ckpt, volume, tmp_path):
     args = ["predict.block_size=[1,48,48]"]
     whole = predict(ckpt, volume, full, labels=volume, overrides=args)
     predict(ckpt, volume, part, slices=(2, 5), overrides=args)
-    a, b = arrays(full), arrays(part)
+    a, b = prediction_arrays(full), prediction_arrays(part)
     assert b["0"].shape == (3, 100, 120) and b["0"].dtype == np.uint8
     assert np.array_equal(a["0"][2:5], b["0"])  # 2D: slices are independent
     u8, mask = a["0"], a["labels/mask/0"].astype(bool)
@@ -267,7 +232,7 @@ def test_tta_is_the_mean_of_the_eight_transformed_predictions(ckpt, volume, tmp_
             total += back[:, :, ::-1] if flip else back
     expected = total / 8
     got = probability_float(zarr.open_group(str(tmp_path / "tta.zarr"))[PROBABILITY][:])
-    plain = probability_float(arrays(predict_plain(ckpt, volume, tmp_path, args))["0"])
+    plain = probability_float(prediction_arrays(predict_plain(ckpt, volume, tmp_path, args))["0"])
     assert np.abs(got - expected).max() < 2e-3  # float16 storage of 8 terms
     assert np.abs(got - plain).max() > 10 * np.abs(got - expected).max()  # and it is not the plain pass
 
@@ -306,7 +271,7 @@ def test_bad_input_gives_one_line_and_loses_nothing(ckpt, volume, tmp_path, caps
     assert not out.exists()
 
     assert main([*base, "--slices", "0:2", "predict.block_size=[1,48,48]"]) == 0
-    before = arrays(out)
+    before = prediction_arrays(out)
     fails("--slices", "0:2", "predict.block_size=[1,48,48]", match="pass --resume to continue it or --overwrite")
     fails("--slices", "0:2", "predict.block_size=[1,64,64]", "--resume", match="another block_size")
     second = save_checkpoint(tmp_path / "second", SMALL, seed=9)
@@ -314,7 +279,7 @@ def test_bad_input_gives_one_line_and_loses_nothing(ckpt, volume, tmp_path, caps
     assert main(["predict", "--checkpoint", str(second), "--input", str(volume), "--out", str(out),
                  "--slices", "0:2", "predict.block_size=[1,48,48]", "--resume"]) == 2
     assert "another weights_sha256" in capsys.readouterr().err
-    after = arrays(out)
+    after = prediction_arrays(out)
     assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing lost
     not_a_store = tmp_path / "folder"
     not_a_store.mkdir()
@@ -358,7 +323,7 @@ def test_two_ranks_equal_one_rank(ckpt, volume, reference, tmp_path, free_port):
     assert proc.stdout.count('"blocks"') == 1  # rank 0 reports
     for key in ("dice_neuron", "dice_membrane", "pixel_error", "blocks", "voxels_predicted"):
         assert two[key] == ref[key]
-    a, b = arrays(ref_out), arrays(out)
+    a, b = prediction_arrays(ref_out), prediction_arrays(out)
     assert sorted(a) == sorted(b) == ["0", "1", "2", "labels/mask/0", "labels/mask/1", "labels/mask/2"]
     assert all(np.array_equal(a[k], b[k]) for k in a)
     owners = {i: e["rank"] for e in manifest_entries(out) for i in e["blocks"]}
@@ -396,7 +361,7 @@ def test_killed_then_resumed_equals_uninterrupted(ckpt, volume, reference, tmp_p
     assert result["blocks_skipped"] >= done and result["blocks_predicted"] == ref["blocks"] - result["blocks_skipped"]
     for key in ("dice_neuron", "dice_membrane", "pixel_error"):
         assert result[key] == ref[key]
-    a, b = arrays(ref_out), arrays(out)
+    a, b = prediction_arrays(ref_out), prediction_arrays(out)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     again = run_cli(*args, env={"OMP_NUM_THREADS": "1"})  # finished: nothing left to do
     assert again.code == 0 and last_json(again.out)["blocks_predicted"] == 0

@@ -19,23 +19,9 @@ from unet_dist.data.damaged_chunks import writing_every_chunk
 from unet_dist.predict.pipeline import predict
 from unet_dist.predict.manifest import Manifest
 
-from unet_dist.data.synth import synthesize
-
-from test_predict import SMALL, arrays, save_checkpoint
+from helpers import check_ome, prediction_arrays, require_module, run_cli
 
 BLOCKS = ["predict.block_size=[1,32,32]", "predict.pyramid_max_side=32"]  # 6 x 100 x 120: 6 x 4 x 4 blocks
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt"), SMALL)
-
-
-@pytest.fixture(scope="module")
-def volume(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("vol") / "vol.zarr"
-    synthesize(out, shape=(6, 100, 120), seed=3)
-    return out
 
 
 def test_ranks_own_whole_shards_and_every_block_once():
@@ -75,7 +61,7 @@ def test_sharded_outputs_equal_unsharded_in_zarrs_bytes_and_tensorstore_reads_th
     a = predict(ckpt, volume, sharded, labels=volume, overrides=BLOCKS)
     b = predict(ckpt, volume, flat, labels=volume, overrides=[*BLOCKS, "predict.shard_blocks=[1,1,1]"])
     assert a["dice_neuron"] == b["dice_neuron"] and a["blocks"] == b["blocks"] == 96
-    x, y = arrays(sharded), arrays(flat)
+    x, y = prediction_arrays(sharded), prediction_arrays(flat)
     assert sorted(x) == sorted(y) and all(np.array_equal(x[k], y[k]) for k in x)
     group = zarr.open_group(str(sharded), mode="r")
     assert group[PROBABILITY].shards == (1, 128, 128) and group[PROBABILITY].chunks == (1, 32, 32)
@@ -89,15 +75,13 @@ def test_sharded_outputs_equal_unsharded_in_zarrs_bytes_and_tensorstore_reads_th
     for path, key in ((PROBABILITY, "0"), (MASK, "labels/mask/0")):
         writing_every_chunk(zarr.open_group(str(ref), mode="r+")[path])[:] = x[key]
         assert files_of(sharded / path) == files_of(ref / path), path
-    ts = pytest.importorskip("tensorstore")
+    ts = require_module("tensorstore")
     for path, key in ((PROBABILITY, "0"), (MASK, "labels/mask/0")):
         store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(sharded / path)}}).result()
         assert np.array_equal(store.read().result(), x[key]), path
 
 
 def test_a_sharded_prediction_is_valid_ome_zarr_with_sharded_levels(ckpt, volume, tmp_path):
-    from test_ome import check_ome
-
     out = tmp_path / "pred.zarr"
     predict(ckpt, volume, out, overrides=BLOCKS)
     group = zarr.open_group(str(out), mode="r")
@@ -108,8 +92,6 @@ def test_a_sharded_prediction_is_valid_ome_zarr_with_sharded_levels(ckpt, volume
 
 @pytest.mark.parametrize("value", ["[1,4]", "[0,4,4]", "[1,-2,4]"])
 def test_bad_shard_blocks_are_one_line_before_anything_is_written(ckpt, volume, tmp_path, value):
-    from conftest import run_cli
-
     out = tmp_path / "p.zarr"
     done = run_cli("predict", "--checkpoint", ckpt, "--input", volume, "--out", out, *BLOCKS,
                    f"predict.shard_blocks={value}")
@@ -118,11 +100,11 @@ def test_bad_shard_blocks_are_one_line_before_anything_is_written(ckpt, volume, 
 
 
 def test_the_zarrs_pipeline_writes_whole_shards_through_zarr(ckpt, volume, tmp_path):
-    pytest.importorskip("zarrs")
+    require_module("zarrs", "pip install -e '.[bench]'")
     ours, theirs = tmp_path / "ours.zarr", tmp_path / "zarrs.zarr"
     predict(ckpt, volume, ours, overrides=BLOCKS)
     predict(ckpt, volume, theirs, overrides=[*BLOCKS, "predict.codec_pipeline=zarrs"])
-    x, y = arrays(ours), arrays(theirs)
+    x, y = prediction_arrays(ours), prediction_arrays(theirs)
     assert all(np.array_equal(x[k], y[k]) for k in x)
     assert files_of(ours / PROBABILITY) == files_of(theirs / PROBABILITY)
 
@@ -132,7 +114,7 @@ def test_a_shard_with_unrecorded_blocks_is_redone_on_resume(ckpt, volume, tmp_pa
     in batches): the resumed run must redo that whole shard, since a shard is written only whole."""
     out = tmp_path / "pred.zarr"
     ref = predict(ckpt, volume, out, labels=volume, overrides=BLOCKS)
-    before = arrays(out)
+    before = prediction_arrays(out)
     key = zarr.open_group(str(out), mode="r").attrs["unet_dist"]["predict"]["run_key"]
     shutil.rmtree(out / ".manifest")
     manifest = Manifest(out, key)
@@ -146,13 +128,11 @@ def test_a_shard_with_unrecorded_blocks_is_redone_on_resume(ckpt, volume, tmp_pa
     again = predict(ckpt, volume, out, labels=volume, overrides=BLOCKS, resume=True)
     assert again["blocks_predicted"] == 16 and again["blocks_skipped"] == 80
     assert again["dice_neuron"] == ref["dice_neuron"]
-    after = arrays(out)
+    after = prediction_arrays(out)
     assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
 def test_more_ranks_than_shards_is_refused_in_one_line(ckpt, volume, tmp_path):
-    from conftest import run_cli
-
     done = run_cli("predict", "--checkpoint", ckpt, "--input", volume, "--out", tmp_path / "p.zarr",
                    "--slices", "0:1", *BLOCKS, env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
                                                     "LOCAL_WORLD_SIZE": "2"})
@@ -163,8 +143,6 @@ def test_more_ranks_than_shards_is_refused_in_one_line(ckpt, volume, tmp_path):
 def test_resuming_with_other_shards_is_refused_naming_the_setting_to_pass(ckpt, volume, tmp_path):
     """An output written a file per block (as every output was before shards) resumes only unsharded:
     the refusal says which setting continues it, and an unsharded run keeps the key it always had."""
-    from conftest import run_cli
-
     out = tmp_path / "flat.zarr"
     predict(ckpt, volume, out, overrides=[*BLOCKS, "predict.shard_blocks=[1,1,1]"])
     settings = zarr.open_group(str(out), mode="r").attrs["unet_dist"]["predict"]["settings"]

@@ -6,7 +6,7 @@ import io
 
 from unet_dist.monitor.progress import Progress
 
-from conftest import run_cli
+from helpers import run_cli
 
 
 def test_plain_lines_carry_rate_and_eta_and_stay_sparse():

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, ROOT
+from helpers import CONFIGS, ENV, ROOT
 
-ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
 PROBE = textwrap.dedent("""
     import json, os, sys

@@ -18,8 +18,7 @@ from unet_dist.errors import UserError
 from unet_dist.visualize.report import (INVENTED, MISSED, error_panel, format_tick, line_chart, nice_ticks, read_metrics,
                               report)
 
-from test_evaluate import fake_prediction
-from test_predict import save_checkpoint
+from helpers import fake_prediction, save_checkpoint
 
 
 def colours(img: Image.Image) -> set[tuple[int, int, int]]:

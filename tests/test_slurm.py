@@ -20,11 +20,10 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import CONFIGS, ROOT, require, run_cli
+from helpers import ROOT, SMOKE, require, run_cli, save_checkpoint
 
 TRAIN_SBATCH = ROOT / "slurm" / "train.sbatch"
 PREDICT_SBATCH = ROOT / "slurm" / "predict.sbatch"
-SMOKE = CONFIGS / "smoke.yaml"
 VENV_BIN = str(Path(sys.executable).parent)
 
 
@@ -270,29 +269,9 @@ def test_sbatch_torchrun_launcher_checkpoints_on_usr1_and_bound_stops_it(cluster
     assert status["status"] == "interrupted" and status["step"] >= 10
 
 
-def _checkpoint(folder: Path) -> Path:
-    """A smoke-model checkpoint with random weights (and batch-norm statistics)."""
-    import torch
-
-    from unet_dist import checkpoint
-    from unet_dist.config import Config, ModelConfig, to_dict
-    from unet_dist.model import build_model
-
-    model_cfg = ModelConfig(dims=2, depth=2, base_channels=8)
-    torch.manual_seed(0)
-    model = build_model(model_cfg)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-    state = {"model": model.state_dict(), "model_config": to_dict(model_cfg), "step": 1,
-             "config": to_dict(Config(model=model_cfg))}
-    return checkpoint.save(folder, state, keep_last=1)
-
-
 @pytest.mark.slurm
 def test_sbatch_distributed_prediction_equals_a_local_run(cluster, two_tasks, synth_store, tmp_path):
-    ckpt = _checkpoint(tmp_path / "ckpt")
+    ckpt = save_checkpoint(tmp_path / "ckpt")
     args = ["--checkpoint", str(ckpt), "--input", str(synth_store), "predict.block_size=[1,64,64]"]
     local = run_cli("predict", *args, "--out", str(tmp_path / "local.zarr"), env={"OMP_NUM_THREADS": "1"})
     assert local.code == 0, local.err

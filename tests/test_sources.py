@@ -7,15 +7,13 @@ from __future__ import annotations
 import json
 import struct
 
-import h5py
 import numpy as np
 import pytest
-import tensorstore as ts
 import tifffile
 import zarr
 from PIL import Image
 
-from conftest import run_cli
+from helpers import ome_multiscale, run_cli, write_hdf5, write_n5_tensorstore, write_precomputed
 from unet_dist.data import store as st
 from unet_dist.data.convert import convert
 from unet_dist.data.sources import Source, open_source
@@ -54,29 +52,6 @@ def error(spec, *fragments) -> str:
 # ---------------------------------------------------------------- writers
 
 
-def write_hdf5(path, arrays: dict, chunks=None, **attrs):
-    with h5py.File(path, "w") as f:
-        for name, data in arrays.items():
-            ds = f.create_dataset(name, data=data, chunks=chunks, compression="gzip" if chunks else None)
-            ds.attrs.update(attrs)
-    return path
-
-
-def ome_multiscale(levels: int, scale0, unit, version, translation=None, axes="zyx"):
-    axis = lambda n: {"name": n, "type": "space", "unit": unit} if n in "zyx" else {"name": n, "type": "channel"}  # noqa: E731
-    datasets = []
-    for i in range(levels):
-        factor = [1.0] * (len(axes) - 3) + [1.0, 2.0 ** i, 2.0 ** i]
-        transforms = [{"type": "scale", "scale": [s * f for s, f in zip(scale0, factor)]}]
-        if translation:
-            transforms.append({"type": "translation", "translation": translation})
-        datasets.append({"path": str(i), "coordinateTransformations": transforms})
-    multiscale = {"axes": [axis(n) for n in axes], "datasets": datasets}
-    if version == "0.4":
-        multiscale["version"] = "0.4"
-    return multiscale
-
-
 def write_ome_zarr(path, data, version, scale0, unit="micrometer", translation=None, axes="zyx"):
     """An OME-Zarr image of two levels (0.4: zarr v2 .zattrs; 0.5: zarr v3 attributes.ome)."""
     fmt = 2 if version == "0.4" else 3
@@ -106,30 +81,6 @@ def write_n5_by_hand(path, data, block=(3, 8, 8), **attrs):
                 name = path / str(x // bx) / str(y // by) / str(z // bz)
                 name.parent.mkdir(parents=True, exist_ok=True)
                 name.write_bytes(header + part.astype(">u2").tobytes())
-
-
-def write_n5_tensorstore(path, data, block=(3, 8, 8), **attrs):
-    store = ts.open({"driver": "n5", "kvstore": {"driver": "file", "path": str(path)},
-                     "metadata": {"dimensions": list(data.shape[::-1]), "blockSize": list(block[::-1]),
-                                  "dataType": str(data.dtype), "compression": {"type": "gzip"}}},
-                    create=True).result()
-    store[...] = data.T  # N5 axes are x, y, z
-    if attrs:
-        meta = json.loads((path / "attributes.json").read_text())
-        (path / "attributes.json").write_text(json.dumps({**meta, **attrs}))
-
-
-def write_precomputed(path, data, resolution_xyz, offset_xyz, scales=1):
-    for s in range(scales):
-        f = 2 ** s
-        level = np.ascontiguousarray(data[:, ::f, ::f])
-        store = ts.open({
-            "driver": "neuroglancer_precomputed", "kvstore": {"driver": "file", "path": str(path)},
-            "multiscale_metadata": {"type": "image", "data_type": str(data.dtype), "num_channels": 1},
-            "scale_metadata": {"size": list(level.shape[::-1]), "voxel_offset": list(offset_xyz),
-                               "resolution": [resolution_xyz[0] * f, resolution_xyz[1] * f, resolution_xyz[2]],
-                               "encoding": "raw", "chunk_size": [8, 8, 3]}}, create=True).result()
-        store[...] = level.T[..., None]  # x, y, z, channel
 
 
 # ---------------------------------------------------------------- HDF5

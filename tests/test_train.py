@@ -15,10 +15,7 @@ import torch
 
 from unet_dist import checkpoint
 
-from conftest import CONFIGS, ROOT, run_cli, torchrun_cmd
-
-SMOKE = CONFIGS / "smoke.yaml"
-ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+from helpers import CONFIGS, ENV, ROOT, SMOKE, run_cli, torchrun_cmd
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -111,7 +108,7 @@ def test_exact_resume_after_kill_9(em_store, tmp_path):
         return subprocess.Popen(cmd, cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True, **popen)
 
-    from conftest import pick_free_port as free_port
+    from helpers import pick_free_port as free_port
 
     straight = tmp_path / "straight"
     proc = torchrun(straight, free_port())

@@ -14,7 +14,7 @@ import torch
 import zarr
 import yaml
 
-from conftest import CONFIGS, ROOT, run_cli, torchrun_cmd
+from helpers import ROOT, SMOKE, run_cli, torchrun_cmd
 from unet_dist import checkpoint
 from unet_dist.config import AugmentConfig, from_dict, load_config
 from unet_dist.data.augment import Augmenter
@@ -25,7 +25,6 @@ from unet_dist.errors import UserError
 from unet_dist.model import build_model
 from unet_dist.train.validation import validate
 
-SMOKE = CONFIGS / "smoke.yaml"
 QUIET = AugmentConfig(intensity=False, noise_std=0.0, elastic=False)  # a constant patch stays constant
 CPU = torch.device("cpu")
 

@@ -2,14 +2,13 @@
 the bound address reach the viewer; napari's reader (ome-zarr-py) sees the same layers.
 
 Browser tests skip when Chromium is missing, unless $UNET_DIST_REQUIRE_ALL is set (.ci/run sets it):
-then they fail (conftest.require).
+then they fail (helpers.require).
 """
 
 from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import secrets
 import socket
@@ -26,16 +25,11 @@ from unet_dist.data import store as st
 from unet_dist.data.synth import synthesize
 from unet_dist.errors import UserError
 
-from conftest import ROOT, require, run_cli
-
-ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+from helpers import ENV, ROOT, require, require_module, run_cli
 
 
 def need(module: str):
-    try:
-        return __import__(module)
-    except ImportError:
-        require(f"{module} is not installed (pip install -e '.[view]')")
+    return require_module(module, "pip install -e '.[view]'")
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +45,6 @@ def browser():
 
 
 # ---------------------------------------------------------------------------------- stores
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    from test_predict import SMALL, save_checkpoint
-
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt"), SMALL)
 
 
 def predict_as_labels(ckpt: Path, store: Path, out: Path, slices: tuple[int, int]) -> Path:

@@ -16,8 +16,7 @@ import yaml
 import zarr
 from PIL import Image
 
-from conftest import CONFIGS, ROOT, require
-from test_instances import blobs
+from helpers import CONFIGS, ROOT, blobs, require
 from unet_dist.data import store as st
 
 NO_LABEL = 2**64 - 3  # the README's --ignore-id

@@ -8,7 +8,7 @@ import pytest
 from unet_dist import checkpoint
 from unet_dist.monitor.training import resolve_wandb_mode
 
-from conftest import CONFIGS, run_cli
+from helpers import CONFIGS, run_cli
 
 SMOKE = CONFIGS / "smoke.yaml"
 KEY = "k" * 40
