@@ -4,6 +4,7 @@ setting is honoured, and an override's mistake names the command line."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import zarr
 
 from unet_dist.data import store as st
@@ -25,3 +26,22 @@ def test_another_tools_v3_store_with_a_root_array_named_raw_trains_as_it_is(tiny
     assert done.code == 0, done.err[-2000:]
     assert "first unet-dist layout" not in done.err
     assert (tmp_path / "run" / "checkpoints" / "step-000000002.pt").is_file()
+
+
+@pytest.mark.parametrize("args", [
+    ["convert", "--raw", "x.tif", "--out", "o.zarr", "--resolution", "50,4,4", "--boundary-width", "wide"],
+    ["convert", "--raw", "x.tif", "--out", "o.zarr", "--label-threshold", "half"],
+    ["convert", "--raw", "x.tif", "--out", "o.zarr", "--ignore-id", "none"],
+    ["synth", "--out", "o.zarr", "--seed", "s"],
+    ["report", "run", "--max-rows", "many"],
+    ["view", "s.zarr", "--port", "abc"],
+    ["view", "s.zarr", "--timeout", "soon"],
+    ["cv", "--config", "c.yaml", "--folds", "five"],
+    ["predict", "--checkpoint", "c.pt"],  # required options missing
+])
+def test_a_bad_option_value_is_one_line_and_exit_2(args, tmp_path):
+    done = run_cli(*args, cwd=tmp_path)
+    assert done.code == 2
+    assert done.err.count("\n") == 1 and done.err.startswith(f"error: unet-dist {args[0]}: "), done.err
+    assert f"(see unet-dist {args[0]} --help)" in done.err and "usage:" not in done.err
+    assert not list(tmp_path.iterdir())  # nothing written

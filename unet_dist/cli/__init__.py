@@ -17,8 +17,17 @@ from unet_dist.cli import data, predict, results, train
 from unet_dist.errors import run_command
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad option value (`--port abc`, `--boundary-width -1`) is the project's one line and exit 2,
+    like any other mistake, instead of argparse's usage block; `--help` still shows the usage.
+    Subcommands' parsers are of this class too (argparse makes them with the parent's class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="unet-dist", description="Distributed U-Net training and tiled prediction for EM volumes in Zarr.")
     parser.add_argument("--version", action="version", version=f"unet-dist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
