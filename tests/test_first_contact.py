@@ -45,3 +45,16 @@ def test_a_bad_option_value_is_one_line_and_exit_2(args, tmp_path):
     assert done.err.count("\n") == 1 and done.err.startswith(f"error: unet-dist {args[0]}: "), done.err
     assert f"(see unet-dist {args[0]} --help)" in done.err and "usage:" not in done.err
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_disabled_in_the_config_wins_over_wandb_mode_in_the_environment(tiny_synth_store, tmp_path):
+    from unet_dist.monitor.training import resolve_wandb_mode
+
+    assert resolve_wandb_mode("disabled", {"WANDB_MODE": "online"}) == "disabled"
+    assert resolve_wandb_mode("auto", {"WANDB_MODE": "offline"}) == "offline"
+    run = tmp_path / "run"
+    done = run_cli("train", "--config", SMOKE, f"data.store={tiny_synth_store}", "data.train_slices=[0,6]",
+                   "data.val_slices=[6,8]", f"run.dir={run}", "train.steps=1", "data.num_workers=0",
+                   "logging.wandb=disabled", env={"WANDB_MODE": "offline"})
+    assert done.code == 0, done.err[-2000:]
+    assert not (run / "wandb").exists() and "wandb" not in done.out.lower()

@@ -32,7 +32,10 @@ def resolve_wandb_mode(mode: str, environ=os.environ) -> str:
     """`auto`: online with an API key for the W&B server, offline without one (the usual case on
     compute nodes). The server is $WANDB_BASE_URL (a self-hosted one) or the public one; its key is
     $WANDB_API_KEY or, as wandb itself looks it up, the password of that host's `machine` entry in
-    $NETRC or ~/.netrc."""
+    $NETRC or ~/.netrc. `disabled` in the config wins over $WANDB_MODE (a run the user turned W&B off
+    for stays off); otherwise $WANDB_MODE wins, as wandb's own settings give way to it."""
+    if mode == "disabled":
+        return mode
     if environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
         return environ["WANDB_MODE"]
     if mode != "auto":
