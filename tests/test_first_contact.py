@@ -58,3 +58,14 @@ def test_disabled_in_the_config_wins_over_wandb_mode_in_the_environment(tiny_syn
                    "logging.wandb=disabled", env={"WANDB_MODE": "offline"})
     assert done.code == 0, done.err[-2000:]
     assert not (run / "wandb").exists() and "wandb" not in done.out.lower()
+
+
+def test_a_bad_override_names_the_command_line_and_a_bad_file_value_the_file(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  val_slices: [5, 2]\n")
+    from_file = run_cli("config", "show", config)
+    assert from_file.code == 2 and from_file.err.startswith(f"error: {config}: data.val_slices:"), from_file.err
+    config.write_text("data:\n  val_slices: [25, 30]\n")
+    from_override = run_cli("config", "show", config, "data.train_slices=[9,3]")
+    assert from_override.code == 2, from_override.err
+    assert from_override.err.startswith("error: command line: data.train_slices:"), from_override.err

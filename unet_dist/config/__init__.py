@@ -42,10 +42,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not isinstance(data, dict):
             raise UserError(f"{path}: expected a mapping of sections at the top level")
         merge(cfg, data, "", str(path))
+    overridden = []
     for text in overrides:
         key, value = parse_override(text)
         merge(cfg, nest(key, value), "", "command line")
-    validate(cfg, str(path) if path else "command line")
+        overridden.append(key)
+
+    def source_of(key: str) -> str:
+        on_command_line = any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in overridden)
+        return "command line" if on_command_line or path is None else str(path)
+
+    validate(cfg, source_of)
     return cfg
 
 

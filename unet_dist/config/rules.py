@@ -17,10 +17,12 @@ from unet_dist.errors import UserError
 Check = Callable[[bool, str, str], None]
 
 
-def _checker(source: str) -> Check:
+def _checker(source) -> Check:
+    """`source` names where the settings came from: a string, or a function of the key (a config
+    file's key that an override replaced is the command line's)."""
     def check(ok: bool, key: str, problem: str) -> None:
         if not ok:
-            raise UserError(f"{source}: {key}: {problem}")
+            raise UserError(f"{source(key) if callable(source) else source}: {key}: {problem}")
     return check
 
 
