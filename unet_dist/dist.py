@@ -289,6 +289,15 @@ def any_rank(flag: bool) -> bool:
     return bool(all_reduce_sum(np.array([int(flag)], dtype=np.int64))[0] > 0)
 
 
+def all_gather_object(obj, patient: bool = False) -> list:
+    """Every rank's `obj` (small, picklable), in rank order, on every rank; `patient` as in all_reduce_sum."""
+    if not tdist.is_initialized():
+        return [obj]
+    gathered = [None] * tdist.get_world_size()
+    tdist.all_gather_object(gathered, obj, group=_groups.get("patient" if patient else "host"))
+    return gathered
+
+
 def broadcast_object(obj):
     if not tdist.is_initialized():
         return obj

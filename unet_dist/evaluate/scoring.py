@@ -13,6 +13,8 @@ what one process gives. Memory: one slice at a time.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from unet_dist import dist
 from unet_dist.data.instances import IDS
 from unet_dist.data import volumes
 from unet_dist.data.store import IGNORE, label_names, label_path, slices_within
-from unet_dist.errors import UserError
+from unet_dist.errors import UserError, writing
 from unet_dist.metrics import ISBI_THRESHOLDS, confusion_counts, isbi_scores_from_sums, isbi_sums, scores_from_confusion
 from unet_dist.predict.prediction_store import MASK, PROBABILITY, open_prediction, probability_float
 from unet_dist.files import write_json_atomic
@@ -102,13 +104,25 @@ def export_tiff(pred, out, array: str = "probability", slices=None, overwrite: b
     dtype = np.float32 if array == "probability" else np.uint8
     big = (hi - lo) * arr.shape[1] * arr.shape[2] * np.dtype(dtype).itemsize > 2**31
     try:
-        with tifffile.TiffWriter(tmp, bigtiff=big) as tif:
+        # a full disk: one line, no partial file
+        with writing(out), io.BufferedWriter(_FileWithoutFd(tmp, "wb")) as file, \
+                tifffile.TiffWriter(file, bigtiff=big) as tif:
             for z in range(lo, hi):
                 page = np.asarray(arr[z])
                 page = probability_float(page) if array == "probability" else (page > 0).astype(np.uint8) * 255
                 tif.write(page, contiguous=True, photometric="minisblack")
-        os.replace(tmp, out)
+        with writing(out):
+            os.replace(tmp, out)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder refuses even this
+            tmp.unlink(missing_ok=True)
         raise
     return {"out": str(out), "array": array, "slices": [z0 + lo, z0 + hi], "dtype": np.dtype(dtype).name}
+
+
+class _FileWithoutFd(io.FileIO):
+    """A file tifffile writes through Python's `write`: on a real file it uses numpy's `tofile`, whose
+    full disk is an OSError without errno (`12000 requested and 4028 written`), not ENOSPC."""
+
+    def fileno(self):
+        raise io.UnsupportedOperation("fileno")

@@ -23,6 +23,7 @@ from unet_dist.data.chunk_io import ChunkFiles
 from unet_dist.data.damaged_chunks import read_region, writing_every_chunk
 from unet_dist.metrics import confusion_counts
 from unet_dist.predict.block_plan import Plan, as_slices, block_core, input_region, mirror_box, read_mirrored
+from unet_dist.predict.failures import in_block
 from unet_dist.predict.manifest import Manifest
 from unet_dist.predict.output import OutputWriter
 from unet_dist.predict.prediction_store import MASK, PROBABILITY
@@ -101,6 +102,10 @@ class BlockPipeline:
                                           self.chunk_files(self.labels))
 
     def read(self, index: int) -> _Block:
+        with in_block(self.plan, index):  # a damaged input chunk is named with the block that needs it
+            return self._read(index)
+
+    def _read(self, index: int) -> _Block:
         core = block_core(self.plan, index)
         tiles = read_mirrored(self.raw, input_region(self.plan, core), self.raw_cache and self.raw_cache.read)
         tiles = tiles if self.plan.dims == 2 else tiles[None]
@@ -122,7 +127,9 @@ class BlockPipeline:
         returns its confusion counts (zeros without labels)."""
         shape = tuple(hi - lo for lo, hi in block.core)
         mask = block.mask.reshape(shape)
-        self.manifest.mark(*self.output.store(block.index, (block.prob.reshape(shape), mask)))
+        # a full disk or a read-only output: one line naming the output and the block
+        with in_block(self.plan, block.index, self.manifest.dir.parent):
+            self.manifest.mark(*self.output.store(block.index, (block.prob.reshape(shape), mask)))
         return np.zeros(4, np.int64) if block.label is None else confusion_counts(mask, block.label, valid=block.valid)
 
     def recount(self, index: int) -> np.ndarray:

@@ -7,6 +7,7 @@ No torch here: the job launchers read the manifest on machines that only submit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -15,7 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from unet_dist.errors import UserError
+from unet_dist.errors import UserError, writing
 from unet_dist.files import fault_point, write_json_atomic
 
 MANIFEST = ".manifest"
@@ -39,6 +40,7 @@ class Manifest:
         self._lock = threading.Lock()
         self._pending: list[int] = []
         self._since = 0.0
+        self.recorded = 0  # blocks this object wrote to the manifest: what a failed run leaves finished
 
     def create(self) -> None:
         self.dir.mkdir(exist_ok=True)
@@ -77,6 +79,8 @@ class Manifest:
         path = self.dir / f"blocks-{min(batch)}.json"
         fault_point("block-mark", path)
         write_json_atomic(path, {"key": self.key, "rank": self.rank, "blocks": sorted(batch)}, indent=None)
+        with self._lock:
+            self.recorded += len(batch)
 
 
 def entries(out: Path) -> Iterator[tuple[str | None, list[int]]]:
@@ -99,7 +103,7 @@ class OutputLock:
     """
 
     def __init__(self, out: Path):
-        self.path = out.parent / f".{out.name}.lock"
+        self.out, self.path = out, out.parent / f".{out.name}.lock"
         self.mine = False
 
     def holder(self) -> str | None:
@@ -119,15 +123,16 @@ class OutputLock:
     def acquire(self) -> None:
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with writing(self.out):  # the output's folder is full, read-only or not ours
+                    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 held_by = self.holder()
                 if held_by:
-                    raise UserError(f"{self.path.parent / self.path.name[1:-5]}: another prediction ({held_by}) "
+                    raise UserError(f"{self.out}: another prediction ({held_by}) "
                                     f"is writing it; wait for it, or delete {self.path} if it is gone") from None
                 self.path.unlink(missing_ok=True)
                 continue
-            with os.fdopen(fd, "w") as f:
+            with writing(self.out), os.fdopen(fd, "w") as f:
                 json.dump({"host": socket.gethostname(), "pid": os.getpid(),
                            "since": time.strftime("%Y-%m-%dT%H:%M:%S")}, f)
             self.mine = True
@@ -135,7 +140,9 @@ class OutputLock:
 
     def release(self) -> None:
         if self.mine:
-            self.path.unlink(missing_ok=True)
+            # on a file system gone read-only the lock stays: a dead process's lock is taken over
+            with contextlib.suppress(OSError):
+                self.path.unlink(missing_ok=True)
             self.mine = False
 
 

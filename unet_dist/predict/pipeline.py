@@ -38,9 +38,10 @@ from unet_dist.predict.prediction_store import build_pyramids, create_prediction
 from unet_dist.data import volumes
 from unet_dist.data.atomic_dir import check_out
 from unet_dist.data.store import RAW, provenance, slices_within
-from unet_dist.errors import UserError
+from unet_dist.errors import UserError, write_fault
 from unet_dist.metrics import scores_from_confusion
 from unet_dist.predict.block_pipeline import BlockPipeline, block_crop, io_threads
+from unet_dist.predict.failures import settle
 from unet_dist.predict.block_plan import Plan, assign, block_core, block_order, make_plan, shard_of, whole_shards
 from unet_dist.predict.manifest import Manifest, OutputLock
 from unet_dist.monitor.progress import Progress
@@ -154,6 +155,7 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
     if held_by := lock.holder():  # every rank sees this before any collective
         raise UserError(f"{out}: another prediction ({held_by}) is writing it; wait for it, "
                         f"or delete {lock.path} if it is gone")
+    created = not (out.exists() or out.is_symlink())  # only an output this run made is removed on failure
     continuing = _check_output(out, key, settings, resume, overwrite)
     if cfg.model.norm in ("group", "instance"):
         print(f"warning: model.norm {cfg.model.norm}: tiles normalise by their own statistics, so blocks "
@@ -162,13 +164,17 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
         try:
             _acquire_on_main(lock)
             manifest = Manifest(out, key, dist.rank())
+            error = None
             if dist.is_main():
-                _create_output(out, plan, _attrs(plan, settings, key, cfg, input, ckpt, state["step"], raw_path),
-                               cfg.predict, not continuing, manifest, volumes.voxel_size_of(input, raw_path))
-            dist.barrier()
+                try:
+                    _create_output(out, plan, _attrs(plan, settings, key, cfg, input, ckpt, state["step"], raw_path),
+                                   cfg.predict, not continuing, manifest, volumes.voxel_size_of(input, raw_path))
+                except Exception as exc:  # a full or read-only disk: every rank says so, and stops
+                    error = exc
+            settle(error, out, plan.n_blocks, len(manifest.done()) if error and continuing else 0, created)
             done = dist.broadcast_object(manifest.done() if dist.is_main() else None)
             return _predict(plan, cfg, model, torch_device, precision, raw, label_arr, out, manifest, done,
-                            readers, writers, ignore_arr)
+                            readers, writers, ignore_arr, created)
         finally:
             lock.release()
 
@@ -193,7 +199,7 @@ def _acquire_on_main(lock: OutputLock) -> None:
 
 
 def _predict(plan, cfg, model, device, precision, raw, labels, out, manifest, done, readers, writers,
-             ignore=None) -> dict:
+             ignore=None, created=False) -> dict:
     rank, world = dist.rank(), dist.world_size()
     auto_readers, auto_writers = io_threads(cfg.predict)
     readers, writers = readers or auto_readers, writers or auto_writers
@@ -217,14 +223,26 @@ def _predict(plan, cfg, model, device, precision, raw, labels, out, manifest, do
     pipeline = BlockPipeline(plan, net, raw, labels, group, manifest, p, ignore)
     pipeline.plan_reads(todo)
     started = time.perf_counter()
-    counts = pipeline.run(todo, readers, writers, _block_progress(len(todo), world, cfg.logging.progress))
+    error, counts = None, np.zeros(4, np.int64)
+    try:
+        counts = pipeline.run(todo, readers, writers, _block_progress(len(todo), world, cfg.logging.progress))
+    except Exception as exc:  # a damaged input, a full disk: every rank stops, then says what is left
+        error = exc
+    # blocks finished for good: those of earlier runs (counted once, on rank 0) and this run's recorded ones
+    settle(error, out, plan.n_blocks, (len(done) if rank == 0 else 0) + manifest.recorded, created, patient=True)
     times = np.zeros(world)
     times[rank] = time.perf_counter() - started
     if labels is not None:
         for index in finished:
             counts += pipeline.recount(index)
     result = _gather_result(plan, out, todo, done, counts, times, scored=labels is not None)
-    _finish_output(group, result, rank, world)
+    try:
+        _finish_output(group, result, rank, world)
+    except OSError as exc:
+        if (fault := write_fault(exc, exc.filename or out)) is None:
+            raise
+        raise UserError(f"{fault}; all {plan.n_blocks} blocks are done: run again with --resume to write "
+                        "the coarser levels") from None
     return result
 
 

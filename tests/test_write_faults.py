@@ -1,0 +1,244 @@
+"""Writing commands on a full disk, a read-only output, a forbidden folder, and a damaged input:
+real processes, real mounts (a small tmpfs, a read-only bind mount), real permissions.
+
+Each fault is one line `error: PATH: ...`, exit 2, and leaves either nothing or an output that
+`--resume` completes, identical to an uninterrupted one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from unet_dist import checkpoint
+from unet_dist.config import Config, ModelConfig, to_dict
+from unet_dist.data.synth import synthesize
+from unet_dist.files import FAULT_ENV
+from unet_dist.model import build_model
+
+from conftest import ROOT
+
+ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+# 96 blocks of one chunk file each: a small tmpfs holds a few of them
+BLOCKS = ["predict.block_size=[1,32,32]", "predict.shard_blocks=[1,1,1]"]
+N_BLOCKS = 96
+
+
+def run(*args, env=None, preexec=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*preexec_cmd(preexec), sys.executable, "-m", "unet_dist", *map(str, args)], cwd=ROOT,
+                          env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=600)
+
+
+def preexec_cmd(what):
+    # root without the capabilities that override file permissions: a 0555 folder refuses it (EACCES)
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search",
+            "--inh-caps", "-dac_override,-dac_read_search"] if what == "no-override" else []
+
+
+def predict_args(ckpt, volume, out, *extra):
+    return ["predict", "--checkpoint", ckpt, "--input", volume, "--out", out, "--device", "cpu", *BLOCKS, *extra]
+
+
+def mount(*args) -> None:
+    done = subprocess.run(["mount", *map(str, args)], capture_output=True, text=True)
+    if done.returncode != 0:
+        if "permission denied" in done.stderr.lower() or "not permitted" in done.stderr.lower() \
+                or "must be superuser" in done.stderr.lower():
+            pytest.skip(f"cannot mount here: {done.stderr.strip()}")
+        raise AssertionError(f"mount {args}: {done.stderr}")
+
+
+def unmount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str):
+    path.mkdir(parents=True, exist_ok=True)
+    mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", path)
+    try:
+        yield path
+    finally:
+        unmount(path)
+
+
+@contextlib.contextmanager
+def read_only_view(real: Path, view: Path):
+    """`view` shows `real` read-only (a bind mount remounted ro), while `real` stays writable."""
+    real.mkdir(parents=True, exist_ok=True)
+    view.mkdir(parents=True, exist_ok=True)
+    mount("--bind", real, view)
+    try:
+        mount("-o", "remount,ro,bind", view)
+        yield view
+    finally:
+        unmount(view)
+
+
+def arrays(pred: Path) -> dict[str, np.ndarray]:
+    group = zarr.open_group(str(pred), mode="r")
+    return {path: array[:] for path, array in group.arrays()} | {
+        f"labels/mask/{path}": array[:] for path, array in group["labels/mask"].arrays()}
+
+
+def assert_one_line(done: subprocess.CompletedProcess, *pieces: str) -> str:
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    for piece in pieces:
+        assert piece in line, line
+    return line
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(dims=2, depth=2, base_channels=8)
+    state = {"model": build_model(model_cfg).state_dict(), "model_config": to_dict(model_cfg), "step": 7,
+             "config": to_dict(Config(model=model_cfg))}
+    return checkpoint.save(tmp_path_factory.mktemp("ckpt"), state, keep_last=1)
+
+
+@pytest.fixture(scope="module")
+def volume(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("vol") / "vol.zarr"
+    synthesize(out, shape=(6, 100, 120), seed=3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt, volume, tmp_path_factory) -> Path:
+    """One uninterrupted prediction."""
+    out = tmp_path_factory.mktemp("ref") / "pred.zarr"
+    done = run(*predict_args(ckpt, volume, out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+# ------------------------------------------------------------------------------------- predict
+
+def test_predict_on_a_full_disk_is_resumable_and_resume_after_freeing_space_matches(ckpt, volume, reference,
+                                                                                      tmp_path):
+    with tmpfs(tmp_path / "small", "128k") as disk:
+        out = disk / "pred.zarr"
+        line = assert_one_line(run(*predict_args(ckpt, volume, out)), str(out), "(No space left on device)",
+                               f"of {N_BLOCKS} blocks are done: run again with --resume to finish")
+        assert re.search(r"; in block \d+ \(z \d+:\d+, y \d+:\d+, x \d+:\d+\)", line), line
+        assert 0 < int(re.search(rf"(\d+) of {N_BLOCKS} blocks are done", line)[1]) < N_BLOCKS
+        mount("-o", "remount,size=16m", disk)  # space freed
+        done = run(*predict_args(ckpt, volume, out, "--resume"))
+        assert done.returncode == 0, done.stderr[-3000:]
+        got, want = arrays(out), arrays(reference)
+        assert got.keys() == want.keys()
+        for path in want:
+            np.testing.assert_array_equal(got[path], want[path], err_msg=path)
+
+
+def test_predict_on_an_output_gone_read_only_after_two_blocks_is_resumable(ckpt, volume, reference, tmp_path):
+    real, view = tmp_path / "real", tmp_path / "view"
+    real.mkdir()
+    view.mkdir()
+    mount("--bind", real, view)
+    try:
+        out = view / "pred.zarr"
+        # one writer: the third manifest batch (one block each) pauses, two blocks are recorded
+        proc = subprocess.Popen([sys.executable, "-m", "unet_dist", *map(str, predict_args(
+            ckpt, volume, out, "predict.writers=1", "predict.readers=1"))], cwd=ROOT,
+            env={**ENV, FAULT_ENV: "block-mark@3"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not (markers := list((real / "pred.zarr" / ".manifest").glob("*.paused"))):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr and proc.stderr.read()[-3000:]
+            time.sleep(0.05)
+        mount("-o", "remount,ro,bind", view)
+        markers[0].unlink()  # through the writable path: the writer goes on, into a read-only output
+        _, err = proc.communicate(timeout=120)
+        assert_one_line(subprocess.CompletedProcess(proc.args, proc.returncode, "", err), str(out),
+                        "(Read-only file system)",
+                        f"2 of {N_BLOCKS} blocks are done: run again with --resume to finish")
+        mount("-o", "remount,rw,bind", view)
+        done = run(*predict_args(ckpt, volume, out, "--resume"))  # the dead run's lock is taken over
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"{N_BLOCKS} blocks of [1, 32, 32]" in done.stderr and "2 already done" in done.stderr
+        got, want = arrays(out), arrays(reference)
+        for path in want:
+            np.testing.assert_array_equal(got[path], want[path], err_msg=path)
+    finally:
+        unmount(view)
+
+
+def test_predict_into_a_read_only_or_forbidden_folder_writes_nothing(ckpt, volume, tmp_path):
+    with read_only_view(tmp_path / "real", tmp_path / "ro") as ro:
+        assert_one_line(run(*predict_args(ckpt, volume, ro / "pred.zarr")), f"{ro / 'pred.zarr'}: cannot write "
+                        "(Read-only file system)")
+        assert list(ro.iterdir()) == []
+    if shutil.which("setpriv") is None or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv to drop root's permission override")
+    forbidden = tmp_path / "forbidden"
+    forbidden.mkdir(mode=0o555)
+    assert_one_line(run(*predict_args(ckpt, volume, forbidden / "pred.zarr"), preexec="no-override"),
+                    f"{forbidden / 'pred.zarr'}: cannot write (Permission denied)")
+    assert list(forbidden.iterdir()) == []
+
+
+def test_a_damaged_input_chunk_leaves_no_output_and_names_the_block(ckpt, volume, tmp_path):
+    damaged = tmp_path / "vol.zarr"
+    shutil.copytree(volume, damaged)
+    chunk = damaged / "0" / "c" / "0" / "0" / "0"
+    good = chunk.read_bytes()
+    chunk.write_bytes(b"\x00garbage" * 8)
+    out = tmp_path / "pred.zarr"
+    args = predict_args(ckpt, damaged, out)
+    line = assert_one_line(run(*args), str(chunk), "in block 0 (z 0:1, y 0:32, x 0:32)",
+                           f"no block was finished, so {out} was removed")
+    assert "cannot be decoded" in line or "damaged" in line, line
+    assert not out.exists() and list(tmp_path.glob(".pred.zarr*")) == []  # no store, no lock
+    chunk.write_bytes(good)
+    done = run(*args)  # the same command, no --resume or --overwrite needed
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------- export and evaluate
+
+def test_export_on_a_full_disk_or_read_only_folder_is_one_line_and_leaves_nothing(reference, tmp_path):
+    with tmpfs(tmp_path / "small", "16k") as disk:
+        tiff = disk / "pred.tif"
+        assert_one_line(run("export", reference, "--out", tiff), f"{tiff}: cannot write (No space left on device)")
+        assert list(disk.iterdir()) == []  # not even the temporary file
+    with read_only_view(tmp_path / "real", tmp_path / "ro") as ro:
+        assert_one_line(run("export", reference, "--out", ro / "pred.tif"),
+                        f"{ro / 'pred.tif'}: cannot write (Read-only file system)")
+
+
+def test_evaluate_json_on_a_full_disk_or_read_only_folder_is_one_line(reference, volume, tmp_path):
+    with read_only_view(tmp_path / "real", tmp_path / "ro") as ro:
+        target = ro / "metrics.json"
+        assert_one_line(run("evaluate", "--pred", reference, "--labels", volume, "--json", target),
+                        f"{target}: cannot write (Read-only file system)")
+    with tmpfs(tmp_path / "full", "4k") as disk:
+        (disk / "filler").write_bytes(b"x" * 4096)  # the tmpfs is now full
+        target = disk / "metrics.json"
+        assert_one_line(run("evaluate", "--pred", reference, "--labels", volume, "--json", target),
+                        f"{target}: cannot write (No space left on device)")
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None or os.geteuid() != 0,
+                    reason="needs root and setpriv to drop root's permission override")
+def test_export_and_evaluate_json_into_a_forbidden_folder(reference, volume, tmp_path):
+    forbidden = tmp_path / "forbidden"
+    forbidden.mkdir(mode=0o555)
+    assert_one_line(run("export", reference, "--out", forbidden / "pred.tif", preexec="no-override"),
+                    f"{forbidden / 'pred.tif'}: cannot write (Permission denied)")
+    assert_one_line(run("evaluate", "--pred", reference, "--labels", volume, "--json", forbidden / "m.json",
+                        preexec="no-override"), f"{forbidden / 'm.json'}: cannot write (Permission denied)")
+    assert list(forbidden.iterdir()) == []
