@@ -26,7 +26,7 @@ from unet_dist.data.synth import synthesize
 from unet_dist.files import FAULT_ENV
 from unet_dist.model import build_model
 
-from conftest import ROOT
+from helpers import ROOT
 
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 # 96 blocks of one chunk file each: a small tmpfs holds a few of them
