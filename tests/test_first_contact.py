@@ -3,6 +3,8 @@ setting is honoured, and an override's mistake names the command line."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import zarr
@@ -69,3 +71,31 @@ def test_a_bad_override_names_the_command_line_and_a_bad_file_value_the_file(tmp
     from_override = run_cli("config", "show", config, "data.train_slices=[9,3]")
     assert from_override.code == 2, from_override.err
     assert from_override.err.startswith("error: command line: data.train_slices:"), from_override.err
+
+
+def test_resuming_another_models_checkpoint_names_the_file_and_the_keys_and_writes_nothing(tiny_synth_store,
+                                                                                            tmp_path):
+    common = ["train", "--config", SMOKE, f"data.store={tiny_synth_store}", "data.train_slices=[0,6]",
+              "data.val_slices=[6,8]", "train.steps=1", "data.num_workers=0"]
+    first = run_cli(*common, f"run.dir={tmp_path / 'first'}")
+    assert first.code == 0, first.err[-2000:]
+    ckpt = tmp_path / "first" / "checkpoints" / "step-000000001.pt"
+    other = tmp_path / "other"
+    done = run_cli(*common, f"run.dir={other}", "model.base_channels=3", "--resume", ckpt)
+    assert done.code == 2 and done.err.count("\n") == 1, done.err
+    assert done.err.startswith(f"error: {ckpt}: trained with another model config (model.base_channels: ")
+    assert "3 now" in done.err
+    assert not other.exists()  # no empty run directory or checkpoints/ left behind
+
+    not_a_checkpoint = tmp_path / "notes.pt"
+    not_a_checkpoint.write_text("hello")
+    import torch
+
+    pickled = tmp_path / "objects.pt"
+    torch.save({"a": SimpleNamespace()}, pickled)
+    for path, why in ((not_a_checkpoint, "not a PyTorch file"), (pickled, "only an unsafe load would run")):
+        done = run_cli(*common, f"run.dir={other}", "--resume", path)
+        assert done.code == 2 and done.err.count("\n") == 1, done.err
+        assert done.err.startswith(f"error: {path}: not a valid unet_dist checkpoint (") and why in done.err
+        assert "weights_only" not in done.err and "Re-running" not in done.err
+        assert not other.exists()

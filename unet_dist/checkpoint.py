@@ -135,13 +135,27 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for torn or foreign files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: not a valid unet_dist checkpoint ({reason[:200]})") from None
+        raise UserError(f"{path}: not a valid unet_dist checkpoint ({_load_failure(exc)})") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise UserError(f"{path}: not a unet_dist checkpoint (missing keys)")
     if state["format"] != FORMAT:
         raise UserError(f"{path}: checkpoint format {state['format']} is not supported (expected {FORMAT})")
     return state
+
+
+def _load_failure(exc: Exception) -> str:
+    """Why torch could not load a file, in our words. Torch's own text for a file of Python objects
+    advises loading it unsafely (weights_only=False), which runs whatever code the file holds: we
+    never do that, and the message must not read as advice to."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        return "it holds Python objects that only an unsafe load would run; unet_dist loads checkpoints safely"
+    if "zip archive" in text or "central directory" in text:
+        return "a truncated or damaged file: not a complete PyTorch file"
+    if isinstance(exc, (KeyError, EOFError)) or "invalid load key" in text:
+        return "not a PyTorch file"
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first[:200]
 
 
 def load_latest(ckpt_dir: Path, map_location: str | torch.device = "cpu") -> tuple[dict, Path] | None:

@@ -22,7 +22,7 @@ from unet_dist import checkpoint, dist, rundir
 from unet_dist.compat.dataloader import stop_workers
 from unet_dist.train.checkpointing import Checkpointer
 from unet_dist.train.global_batch import fit_accumulate, world_change
-from unet_dist.config import Config, dump_yaml, model_config_from_dict
+from unet_dist.config import Config, dump_yaml, model_config_from_dict, to_dict
 from unet_dist.data.patches import PatchSpec, PatchStream, make_loader, patch_z_starts
 from unet_dist.data.training_set import Volume, volumes_of
 from unet_dist.data.volumes import open_ignore, open_training
@@ -46,14 +46,14 @@ class TrainResult:
 
 
 def check_inputs(cfg: Config) -> tuple[int, ...]:
-    """Every user-fixable problem, before any process group; returns the label crop."""
+    """Every user-fixable problem of the config and its stores, before any process group; returns the
+    label crop. (The run directory is checked after the checkpoint to resume, so a mistake creates nothing.)"""
     patch = tuple(cfg.data.patch_size)
     check_patch_shape(cfg.model, patch)
     for volume in volumes_of(cfg.data):
         _check_volume(volume, patch, cfg.data.max_files_per_patch, several=bool(cfg.data.volumes))
     out = output_shape(cfg.model, patch)
     crop = tuple((p - o) // 2 for p, o in zip(patch, out))
-    checkpoint.check_writable(rundir.checkpoint_dir(cfg.run.dir))  # last: nothing is created for a mistake
     return crop
 
 
@@ -99,8 +99,22 @@ def _resume_state(cfg: Config, resume: str) -> dict | None:
         return None
     if resume == "auto":
         found = checkpoint.load_latest(rundir.checkpoint_dir(cfg.run.dir))
-        return found[0] if found else None
-    return checkpoint.load(Path(resume))
+        state, path = found if found else (None, None)
+    else:
+        state, path = checkpoint.load(Path(resume)), Path(resume)
+    if state is not None:
+        _refuse_another_model(state, path, cfg)
+    return state
+
+
+def _refuse_another_model(state: dict, path: Path, cfg: Config) -> None:
+    """A checkpoint continues only the model it holds: the line names the file and each key that differs."""
+    saved = model_config_from_dict(state["model_config"], f"{path}: model_config")
+    differ = [f"model.{k}: {v!r} in the checkpoint, {getattr(cfg.model, k)!r} now"
+              for k, v in to_dict(saved).items() if getattr(cfg.model, k) != v]
+    if differ:
+        raise UserError(f"{path}: trained with another model config ({'; '.join(differ)}); use the same "
+                        "model.* settings, or another run.dir to start afresh")
 
 
 def train(cfg: Config, resume: str = "never") -> TrainResult:
@@ -123,9 +137,7 @@ def train(cfg: Config, resume: str = "never") -> TrainResult:
         resume = "auto"
         notes.append(f"torchrun restart {env.restart_count}: resuming {cfg.run.dir} from its latest checkpoint")
     state = _resume_state(cfg, resume)
-    if state is not None and model_config_from_dict(state["model_config"], f"{cfg.run.dir}: checkpoint") != cfg.model:
-        raise UserError(f"{cfg.run.dir}: checkpoint was trained with another model config; "
-                        "use the same model.* settings or another run.dir")
+    checkpoint.check_writable(rundir.checkpoint_dir(cfg.run.dir))  # last: nothing is created for a mistake
     if state is not None:
         note, warning = world_change(state, cfg, env.world_size)
         notes += [note] if note else []
