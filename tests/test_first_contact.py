@@ -99,3 +99,27 @@ def test_resuming_another_models_checkpoint_names_the_file_and_the_keys_and_writ
         assert done.err.startswith(f"error: {path}: not a valid unet_dist checkpoint (") and why in done.err
         assert "weights_only" not in done.err and "Re-running" not in done.err
         assert not other.exists()
+
+
+def every_option(parser, name="unet-dist"):
+    """(command, option or argument, help text) for every argument of every subcommand."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from every_option(sub, f"{name} {sub_name}")
+        elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            yield name, "/".join(action.option_strings) or action.dest, action.help or ""
+
+
+def test_every_option_has_help_without_the_first_layouts_words():
+    from unet_dist.cli import build_parser
+
+    options = list(every_option(build_parser()))
+    assert len(options) > 60
+    missing = [f"{command} {option}" for command, option, text in options if not text.strip()]
+    assert not missing, f"options without help: {missing}"
+    stale = [f"{command} {option}: {text}" for command, option, text in options
+             if "'raw'" in text or "'labels'" in text or "raw array" in text]
+    assert not stale, stale

@@ -45,7 +45,8 @@ def _common_arguments(p: argparse.ArgumentParser, overrides: bool) -> None:
     p.add_argument("--tiny", action="store_true",
                    help="seconds, not a minute: a smoke run for CI (its numbers mean little)")
     if overrides:  # convert runs on the CPU only
-        p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+        p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                       help="auto: the GPU when there is one, else the CPU")
     p.add_argument("--workdir", help="folder for temporary files (default: the system's temp folder); "
                                      "they are deleted afterwards")
     if overrides:

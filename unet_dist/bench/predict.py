@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="a store whose raw to predict (default: a synthetic volume in a temp folder)")
     p.add_argument("--volume", help="Z,Y,X of the synthetic volume (default 4,1024,1024 CPU; 64,4096,4096 GPU)")
     p.add_argument("--rounds", type=int, default=1, help="alternating runs of each; the median is reported")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="auto: bf16 on GPUs that compute it natively, fp32 elsewhere")
     p.add_argument("--monai-device", choices=("compute", "cpu"), default="compute",
                    help="where MONAI aggregates the output (default: the compute device)")
 

@@ -122,25 +122,25 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("relabel", help="derive the training target again from the store's labels/neuron_ids "
                                        "with another boundary rule (replaces labels/neuron_interior)")
-    p.add_argument("store")
+    p.add_argument("store", help="a store written by convert --instances (STORE.zarr)")
     _add_rule_options(p, "the rule")
     p.set_defaults(func=cmd_relabel)
 
     p = sub.add_parser("synth", help="an EM-like synthetic volume with exact labels")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the Zarr store to write (STORE.zarr)")
     p.add_argument("--shape", default="32,512,512", help="Z,Y,X")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same volume (default 0)")
     p.add_argument("--chunks", default="2d", help="2d, 3d, or Z,Y,X")
     p.add_argument("--shard", help="Zarr v3 shard shape Z,Y,X")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("info", help="shapes, chunks, codecs, compression and voxel size of a store")
-    p.add_argument("store")
+    p.add_argument("store", help="a store (STORE.zarr or PRED.zarr)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("upgrade", help="move a store of the first layout (arrays raw/labels or probability/mask "
                                        "at the root) into the OME-Zarr layout, without copying chunk data")
-    p.add_argument("store")
+    p.add_argument("store", help="a store of the first layout, upgraded in place")
     p.set_defaults(func=cmd_upgrade)

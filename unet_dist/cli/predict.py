@@ -27,15 +27,18 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("predict", help="tiled prediction of a whole volume (one process, or N ranks under "
                                        "torchrun / srun)")
     p.add_argument("--checkpoint", required=True, help="a checkpoint (e.g. RUN_DIR/checkpoints/best.pt)")
-    p.add_argument("--input", required=True, help="the store whose 'raw' array to predict (STORE.zarr)")
+    p.add_argument("--input", required=True, help="STORE[:ARRAY]: the volume to predict (default: the store's image, level 0; or an array path "
+                        "inside any Zarr store, e.g. volumes/raw)")
     p.add_argument("--out", required=True, help="the prediction store to write (PRED.zarr)")
-    p.add_argument("--labels", help="a store with 'labels': report Dice and pixel error")
+    p.add_argument("--labels", help="STORE[:LABEL]: binary labels of the same volume (default label image neuron_interior): "
+                        "report Dice and pixel error")
     p.add_argument("--slices", help="START:STOP, predict only these slices (e.g. 25:30)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue an interrupted prediction (same model and settings), or start one")
     again.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: this rank's GPU when there is one, else the CPU")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="auto: bf16 on GPUs that have it, fp32 on the CPU")
     p.add_argument("--json", help="also write the result (and metrics) to this JSON file")

@@ -63,7 +63,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--array", default="probability", choices=("probability", "mask"),
                    help="probability: float32 in [0, 1]; mask: uint8 0/255")
     p.add_argument("--slices", help="START:STOP in input slice numbers (default: all)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing TIFF")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="PNGs of a run: raw | label | prediction | errors, and training curves")

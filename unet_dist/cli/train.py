@@ -56,13 +56,13 @@ def add_parsers(sub) -> None:
     """Register the configuration and training commands on the CLI's subparsers."""
     _add_config(sub)
     p = sub.add_parser("model", help="parameter count, receptive field and shapes of a config's U-Net")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("config", help="a config file (YAML), e.g. configs/isbi2012.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.depth=5")
     p.add_argument("--patch", help="input patch size (default: data.patch_size)")
     p.set_defaults(func=cmd_model)
 
     p = sub.add_parser("train", help="train a U-Net (one process, or N ranks under torchrun / srun)")
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, help="a config file (YAML), e.g. configs/isbi2012_cpu.yaml")
     p.add_argument("--resume", default="never",
                    help="never (default; refuses a run.dir with checkpoints), auto (newest valid), or a path")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 data.store=X.zarr")
@@ -74,7 +74,7 @@ def _add_config(sub) -> None:
     p = sub.add_parser("config", help="configuration tools")
     config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = config_sub.add_parser("show", help="print the resolved config")
-    show.add_argument("config")
+    show.add_argument("config", help="a config file (YAML)")
     show.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
     show.set_defaults(func=cmd_config_show)
 
@@ -82,7 +82,7 @@ def _add_config(sub) -> None:
 def _add_cv(sub) -> None:
     p = sub.add_parser("cv", help="k-fold cross-validation over the labelled slices: train, predict and evaluate "
                                   "each fold (one process, or N ranks under torchrun / srun)")
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, help="a config file (YAML) of one volume, e.g. configs/isbi2012_cpu.yaml")
     p.add_argument("--folds", type=int, default=5, help="folds of consecutive slices (default 5)")
     p.add_argument("--only", type=int, help="run only fold K (0-based); cv.json sums up every fold on disk")
     p.add_argument("--holdout", help="START:STOP: one run holding out these slices instead of the folds "
