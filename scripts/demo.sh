@@ -9,6 +9,10 @@ isbi=${UNET_DIST_ISBI_DIR:-data/isbi2012}
 config=${DEMO_CONFIG:-configs/isbi2012_cpu.yaml}
 mkdir -p "$out"
 
+if ! { [ -f "$isbi/train-volume.tif" ] && [ -f "$isbi/train-labels.tif" ]; }; then
+  echo "== ISBI data not in '$isbi': fetching it (unet-dist fetch isbi2012, SHA-256 checked)"
+  unet-dist fetch isbi2012 --dir "$isbi" || echo "== could not fetch the ISBI data (see the line above)"
+fi
 if [ -f "$isbi/train-volume.tif" ] && [ -f "$isbi/train-labels.tif" ]; then
   store="$out/isbi2012.zarr"
   echo "== convert: ISBI 2012 from $isbi"
@@ -16,7 +20,7 @@ if [ -f "$isbi/train-volume.tif" ] && [ -f "$isbi/train-labels.tif" ]; then
     --resolution 50,4,4 --out "$store" --overwrite
 else
   store="$out/synth.zarr"
-  echo "== ISBI data not found in '$isbi' (set UNET_DIST_ISBI_DIR); using a synthetic EM-like volume"
+  echo "== NOT the real data: no ISBI files in '$isbi' (set UNET_DIST_ISBI_DIR, or fetch them when the network answers); using a synthetic EM-like volume, whose scores mean little"
   unet-dist synth --out "$store" --shape 30,512,512 --seed 0 --overwrite
 fi
 

@@ -1,8 +1,9 @@
-"""`convert`, `relabel`, `synth`, `info`, `upgrade`: making and inspecting stores."""
+"""`fetch`, `convert`, `relabel`, `synth`, `info`, `upgrade`: getting data, making and inspecting stores."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from unet_dist.cli.arguments import chunk_shape, positive_ints, voxel_size
@@ -34,6 +35,30 @@ def _print_store(path) -> None:
     from unet_dist.data.convert import format_info, store_info
 
     print(format_info(store_info(path)))
+
+
+def cmd_fetch(args) -> int:
+    from unet_dist.data.fetch import fetch_isbi2012, read_checksums
+
+    sums = read_checksums(args.checksums) if args.checksums else None
+    fetch_isbi2012(args.dir, url=args.url, checksums=sums)
+    return 0
+
+
+def _add_fetch(sub) -> None:
+    from unet_dist.data.fetch import ISBI_URL
+
+    p = sub.add_parser("fetch", help="download a public data set, SHA-256 checked and resumable (isbi2012)")
+    p.add_argument("dataset", choices=("isbi2012",), help="isbi2012: train-volume.tif, train-labels.tif, "
+                   "test-volume.tif of the ISBI 2012 challenge")
+    p.add_argument("--dir", default=os.environ.get("UNET_DIST_ISBI_DIR") or "data/isbi2012",
+                   help="the folder to put them in (default: $UNET_DIST_ISBI_DIR, else data/isbi2012)")
+    p.add_argument("--url", default=os.environ.get("UNET_DIST_ISBI_URL") or ISBI_URL,
+                   help=f"the challenge's zip (default: $UNET_DIST_ISBI_URL, else {ISBI_URL})")
+    p.add_argument("--checksums", default=os.environ.get("UNET_DIST_ISBI_CHECKSUMS"),
+                   help="a sha256sum file to check against instead of the recorded checksums (another copy "
+                        "of the data; default: $UNET_DIST_ISBI_CHECKSUMS)")
+    p.set_defaults(func=cmd_fetch)
 
 
 def cmd_convert(args) -> int:
@@ -118,6 +143,7 @@ def _add_convert(sub) -> None:
 
 def add_parsers(sub) -> None:
     """Register the data commands on the CLI's subparsers."""
+    _add_fetch(sub)
     _add_convert(sub)
 
     p = sub.add_parser("relabel", help="derive the training target again from the store's labels/neuron_ids "
