@@ -11,7 +11,7 @@ import zarr
 
 from unet_dist.data import store as st
 
-from helpers import SMOKE, run_cli
+from helpers import SMOKE, fake_prediction, run_cli
 
 
 def test_another_tools_v3_store_with_a_root_array_named_raw_trains_as_it_is(tiny_synth_store, tmp_path):
@@ -123,3 +123,15 @@ def test_every_option_has_help_without_the_first_layouts_words():
     stale = [f"{command} {option}: {text}" for command, option, text in options
              if "'raw'" in text or "'labels'" in text or "raw array" in text]
     assert not stale, stale
+
+
+def test_evaluate_and_export_show_progress_with_rate_and_eta(tiny_synth_store, tmp_path):
+    labels = np.asarray(zarr.open_group(str(tiny_synth_store), mode="r")[st.TARGET_PATH][:])
+    fake_prediction(tmp_path / "pred.zarr", labels)
+    scored = run_cli("evaluate", "--pred", tmp_path / "pred.zarr", "--labels", tiny_synth_store)
+    exported = run_cli("export", tmp_path / "pred.zarr", "--out", tmp_path / "p.tif")
+    for done, label in ((scored, "evaluate"), (exported, "export")):
+        assert done.code == 0, done.err
+        lines = [line for line in done.err.splitlines() if line.startswith(f"{label}: ")]
+        assert "slices/s" in lines[0] and "eta" in lines[0], done.err  # the first line: rate and ETA
+        assert lines[-1].startswith(f"{label}: {len(labels)}/{len(labels)} slices") and "elapsed" in lines[-1]

@@ -24,6 +24,7 @@ from unet_dist import dist
 from unet_dist.data.instances import IDS
 from unet_dist.data import volumes
 from unet_dist.data.store import IGNORE, label_names, label_path, slices_within
+from unet_dist.monitor.progress import Progress
 from unet_dist.errors import UserError, writing
 from unet_dist.metrics import ISBI_THRESHOLDS, confusion_counts, isbi_scores_from_sums, isbi_sums, scores_from_confusion
 from unet_dist.predict.prediction_store import MASK, PROBABILITY, open_prediction, probability_float
@@ -68,11 +69,15 @@ def evaluate(pred, labels, slices=None, json_out=None) -> dict | None:
     with dist.process_group(env, dist.choose_device("cpu", env.local_rank)):
         counts = np.zeros(4, np.int64)
         table = np.zeros((hi - lo, len(ISBI_THRESHOLDS), 2), np.float64)
-        for z in range(lo + dist.rank(), hi, dist.world_size()):
+        mine = range(lo + dist.rank(), hi, dist.world_size())
+        progress = Progress("evaluate", len(mine), "slices") if dist.is_main() else None
+        for done, z in enumerate(mine, 1):
             c, table[z - lo] = slice_scores(probability_float(prob[z - z0]), np.asarray(mask[z - z0]),
                                             np.asarray(label_arr[z]), None if ids is None else np.asarray(ids[z]),
                                             None if ignore is None else np.asarray(ignore[z]) == 0)
             counts += c
+            if progress is not None:
+                progress.update(done)
         counts, table = dist.all_reduce_sum(counts), dist.all_reduce_sum(table)
         if not dist.is_main():
             return None
@@ -107,10 +112,13 @@ def export_tiff(pred, out, array: str = "probability", slices=None, overwrite: b
         # a full disk: one line, no partial file
         with writing(out), io.BufferedWriter(_FileWithoutFd(tmp, "wb")) as file, \
                 tifffile.TiffWriter(file, bigtiff=big) as tif:
+            progress = Progress("export", hi - lo, "slices")
             for z in range(lo, hi):
+                progress.update(z - lo)
                 page = np.asarray(arr[z])
                 page = probability_float(page) if array == "probability" else (page > 0).astype(np.uint8) * 255
                 tif.write(page, contiguous=True, photometric="minisblack")
+            progress.update(hi - lo)
         with writing(out):
             os.replace(tmp, out)
     except BaseException:
