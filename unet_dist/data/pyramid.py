@@ -27,6 +27,8 @@ from typing import Literal
 
 import numpy as np
 
+from unet_dist.data.ome_metadata import read_multiscale
+
 MAX_SIDE = 256
 Rule = Literal["mean", "mode"]
 
@@ -165,3 +167,9 @@ def build(levels: Sequence, steps: Sequence[Sequence[int]], rule: Rule, rank: in
 
 def bytes_of(shapes: Sequence[Sequence[int]], itemsize: int) -> int:
     return sum(math.prod(s) for s in shapes) * itemsize
+
+
+def steps_of(image) -> list[tuple[int, ...]]:
+    """The factors between consecutive levels, from the OME scales."""
+    scales = [level.scale for level in read_multiscale(image.attrs).levels]
+    return [tuple(int(round(b / a)) for a, b in zip(lo, hi)) for lo, hi in zip(scales, scales[1:])]

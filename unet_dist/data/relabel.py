@@ -25,10 +25,10 @@ from unet_dist.data import pyramid
 from unet_dist.data.instances import IDS, Rule, target_of_slab
 from unet_dist.data.ome import VERSION, image_levels, label_image_attrs
 from unet_dist.data.ome_metadata import read_multiscale
-from unet_dist.predict.prediction_store import steps_of
 from unet_dist.data.damaged_chunks import read_region
 from unet_dist.data.layout import Layout, create_volume_array
 from unet_dist.data.store import IGNORE, TARGET, label_names, label_path, open_store
+from unet_dist.monitor.progress import Progress
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 
@@ -53,12 +53,14 @@ def relabel(path, rule: Rule) -> dict:
         # (no neighbours of anyone; membrane_target)
         ignore = group[label_path(IGNORE)] if IGNORE in label_names(group) else None
         ignored_of = None if ignore is None else (lambda ids, a, b: read_region(ignore, (slice(a, b),)) != 0)
+        progress = Progress("relabel", depth, "slices")
         for z0, z1 in Layout.of(levels[0]).slabs():  # whole shards per write
             _, slab = target_of_slab(lambda a, b: read_region(ids0, (slice(a, b),)), z0, z1, depth, rule, where,
                                      ignored_of)
             levels[0][z0:z1] = slab
             ones += int(np.count_nonzero(slab))
-        pyramid.build(levels, steps_of(ids_image), "mode")
+            progress.update(z1)
+        pyramid.build(levels, pyramid.steps_of(ids_image), "mode")
         _swap_in(tmp, labels_dir / TARGET)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

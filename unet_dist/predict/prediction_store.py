@@ -22,7 +22,6 @@ import zarr
 from unet_dist.data import pyramid
 from unet_dist.data.ome import Pyramid, create_image, create_label_image, image_levels
 from unet_dist.data.layout import Layout
-from unet_dist.data.ome_metadata import read_multiscale
 from unet_dist.data.store import RAW, label_path, open_store
 PROBABILITY = RAW
 MASK_NAME = "mask"
@@ -59,14 +58,8 @@ def build_pyramids(group: zarr.Group, rank: int = 0, world: int = 1,
     written = 0
     for image, rule in ((group, "mean"), (group["labels"][MASK_NAME], "mode")):
         levels = image_levels(image)
-        written += pyramid.build(levels, steps_of(image), rule, rank, world, barrier)
+        written += pyramid.build(levels, pyramid.steps_of(image), rule, rank, world, barrier)
     return written
-
-
-def steps_of(image: zarr.Group) -> list[tuple[int, ...]]:
-    """The factors between consecutive levels, from the OME scales."""
-    scales = [level.scale for level in read_multiscale(image.attrs).levels]
-    return [tuple(int(round(b / a)) for a, b in zip(lo, hi)) for lo, hi in zip(scales, scales[1:])]
 
 
 def open_prediction(path, arrays: Sequence[str] = ARRAYS):
