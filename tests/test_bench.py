@@ -104,6 +104,9 @@ def test_suite_runs_tiny_and_writes_a_report(suite, tmp_path):
         assert positive(report["fraction_of_decode_limit"])
         # the limits beyond decoding were measured (tiny: blocks of 64 inside chunks of 128)
         assert positive(report["fraction_of_io_limit"]) and positive(report["io_limit_of_decode_limit"])
+        # the crc32c checksum's cost: the same volume and outputs without it, beside the rows with it
+        assert set(report["checksum_cost"]) == {"decode_limit", "decode_limit_cpu", "pipeline", "pipeline_cpu"}
+        assert all(math.isfinite(v) and v > -1 for v in report["checksum_cost"].values())
         limits = {row["what"] for row in report["results"] if row["role"] == "limit"}
         assert {"decode + encode limit (no files written)", "decode + encode + write limit, a file per block (tight loop)",
                 "decode + encode + write limit, shard files (tight loop)"} <= limits
