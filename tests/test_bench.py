@@ -130,6 +130,9 @@ def test_io_suite(tmp_path):
     # our chunk files and zarr-python's I/O read the same chunks through the cache
     assert report["peer"]["read_amplification"] == report["read_amplification"]
     assert positive(report["fraction_of_decode_limit"])
+    # the crc32c checksum's cost: the same volume and outputs without it, beside the rows with it
+    assert set(report["checksum_cost"]) == {"decode_limit", "decode_limit_cpu", "pipeline", "pipeline_cpu"}
+    assert all(math.isfinite(v) and v > -1 for v in report["checksum_cost"].values())
     # the limits beyond decoding were measured (tiny: blocks of 64 inside chunks of 128)
     assert positive(report["fraction_of_io_limit"]) and positive(report["io_limit_of_decode_limit"])
     limits = {row["what"] for row in report["results"] if row["role"] == "limit"}

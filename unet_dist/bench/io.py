@@ -33,6 +33,11 @@ shard-file I/O limit over the decode limit: the most `fraction_of_decode_limit` 
 these outputs could reach here. Every output stays on disk until the end: ext4 creates files slowly
 for minutes after many were deleted, which would charge each row for the previous one's clean-up.
 
+What the crc32c checksum after every chunk (issue 22) costs: at the most cores, the same volume
+written again without it (as stores were before) and the decode limit and OURS measured on it and
+beside the rows above; `checksum_cost` is the relative slowdown of each with the checksum (`_cpu`:
+in CPU seconds per byte). `--skip checksum` leaves it out.
+
 The limits' tight loops: bench/io_limits.py; the codec and back-end tables that set that limit:
 bench/io_tables.py.
 """
@@ -60,17 +65,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cores", help="comma-separated core counts to pin to (default 1 and all usable cores)")
     p.add_argument("--raw-tif", help="a multi-page uint8 TIFF for the codec table's raw row (default: "
                                      "$UNET_DIST_ISBI_DIR/train-volume.tif if present, else synthetic)")
-    p.add_argument("--skip", default="", help="comma-separated sections to leave out: codecs, backends")
+    p.add_argument("--skip", default="", help="comma-separated sections to leave out: codecs, backends, checksum")
 
 
 # ----------------------------------------------------------------------------- in child processes
 
 def run_pipeline(store: str, out: str, cores: int, cache: bool, block: list, halo: list, depth: int,
-                 chunk_files: bool = True, shard_blocks: list | None = None) -> dict:
+                 chunk_files: bool = True, shard_blocks: list | None = None, checksum: bool = True) -> dict:
     """The predictor's read -> identity -> write pipeline over every block; see the module doc."""
     import numpy as np
 
     from unet_dist.config import ModelConfig, PredictConfig
+    from unet_dist.data.layout import checksums
     from unet_dist.data.store import RAW, open_store
     from unet_dist.runtime import keep_freed_memory
     from unet_dist.predict.block_plan import block_order, make_plan
@@ -97,7 +103,8 @@ def run_pipeline(store: str, out: str, cores: int, cache: bool, block: list, hal
             return Pending(lambda: (kept, np.greater(kept, 127).view(np.uint8)))
 
     manifest = Manifest(Path(out), "bench")
-    _create_output(Path(out), plan, {}, pcfg, True, manifest, None)
+    with checksums(checksum):  # the outputs as the input: both with the crc32c codec or neither
+        _create_output(Path(out), plan, {}, pcfg, True, manifest, None)
     import zarr
 
     pipeline = BlockPipeline(plan, Identity(), raw, None, zarr.open_group(out, mode="r+"), manifest, pcfg)
@@ -119,6 +126,15 @@ def run_pipeline(store: str, out: str, cores: int, cache: bool, block: list, hal
             "output_files": files,
             "decoded_bytes": decoded, "delivered_bytes": delivered,
             "tile": list(plan.model_tile), "block": list(plan.block)}
+
+
+def run_write_without_checksum(**kw) -> dict:
+    """big_volume's store, every array without the crc32c codec (as stores were before issue 22)."""
+    from unet_dist.bench.big_volume import run_write
+    from unet_dist.data.layout import checksums
+
+    with checksums(False):
+        return run_write(**kw)
 
 
 def _decoded_and_delivered(plan, raw, todo, raw_cache) -> tuple[int, int]:
@@ -197,10 +213,47 @@ def run(args) -> dict:
                     "cache": VARIANTS[variant][1], "block": block, "halo": halo, "depth": depth,
                     "chunk_files": VARIANTS[variant][2], "shard_blocks": VARIANTS[variant][3]})
                 rows.append(_pipeline_row(variant, got, n, n == cores[-1], lim, io_limits))
+        if "checksum" not in skip:
+            rows += _without_checksum(work, cores[-1], block, halo, depth, shape, chunks)
         tables = _tables(skip, raw_tif, store, block, halo, depth, args.tiny)
     config = {"volume": list(shape), "chunks": chunks, "block": block, "halo": halo, "model_depth": depth,
               "cores": cores, "input_mb": math.prod(shape) / common.MB, "codec_source": raw_tif and Path(raw_tif).name}
     return _report(args, rows, tables, cores, config)
+
+
+def _without_checksum(work: Path, n: int, block, halo, depth, shape, chunks) -> list[dict]:
+    """The decode limit and OURS at `n` cores on the volume written again without crc32c (the
+    outputs without it too): the rows that `checksum_cost` compares with."""
+    from unet_dist.bench import common
+
+    store = work / "volume-no-crc32c.zarr"
+    common.log(f"io: {n} core(s): the same without the crc32c checksum (stores before issue 22)")
+    common.run_child("unet_dist.bench.io:run_write_without_checksum", {"out": str(store), "shape": list(shape),
+                                                                  "chunks": chunks, "shard": None})
+    lim = common.run_child("unet_dist.bench.io_limits:run_limit", {"store": str(store), "cores": n})
+    decode = _limit_rows(n, lim)[0][0]
+    got = common.run_child("unet_dist.bench.io:run_pipeline", {
+        "store": str(store), "out": str(work / f"pred-{n}-no-crc32c.zarr"), "cores": n, "cache": True,
+        "block": block, "halo": halo, "depth": depth, "shard_blocks": VARIANTS["ours"][3], "checksum": False})
+    row = _pipeline_row("ours", got, n, False, lim, {})
+    row.pop("variant")
+    return [{**decode, "what": "decode limit, no crc32c (stores before)", "role": "no checksum"},
+            {**row, "what": VARIANTS["ours"][0] + ", no crc32c (stores before)", "role": "no checksum"}]
+
+
+def _checksum_cost(rows: list[dict], ours: dict) -> dict | None:
+    """How much slower the decode limit and OURS are with the crc32c checksum than without (0.02: 2%)."""
+    plain = [r for r in rows if r["role"] == "no checksum"]
+    if not plain:
+        return None
+    decode = next(r for r in rows if r["role"] == "limit" and r["cores"] == ours["cores"]
+                  and r["what"].startswith("decode limit"))
+    cost = {}
+    for name, with_crc, without in (("decode_limit", decode, plain[0]), ("pipeline", ours, plain[1])):
+        cost[name] = without["input_mb_per_s"] / with_crc["input_mb_per_s"] - 1
+        cost[f"{name}_cpu"] = with_crc["cpu_s"] / with_crc["seconds"] / with_crc["input_mb_per_s"] / (
+            without["cpu_s"] / without["seconds"] / without["input_mb_per_s"]) - 1
+    return cost
 
 
 def _check_arguments(args) -> set[str]:
@@ -210,9 +263,10 @@ def _check_arguments(args) -> set[str]:
     if args.size <= 0 or args.width < 64:
         raise UserError("--size must be positive and --width at least 64")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    if skip - {"codecs", "backends"}:
-        raise UserError(f"--skip: unknown {', '.join(sorted(skip - {'codecs', 'backends'}))}; "
-                        "expected codecs and/or backends")
+    sections = {"codecs", "backends", "checksum"}
+    if skip - sections:
+        raise UserError(f"--skip: unknown {', '.join(sorted(skip - sections))}; "
+                        "expected some of codecs, backends, checksum")
     return skip
 
 
@@ -320,6 +374,7 @@ def _report(args, rows: list[dict], tables: dict, cores: list[int], config: dict
     report["fraction_of_io_limit_cpu"] = ours.get("fraction_of_io_limit_cpu")
     report["io_limit_of_decode_limit"] = bound and bound["fraction_of_decode_limit"]
     report["io_limit_of_decode_limit_cpu"] = bound and bound["fraction_of_decode_limit_cpu"]
+    report["checksum_cost"] = _checksum_cost(rows, ours)
     report["scaling"] = {"input_mb_per_s_by_cores": scaling,
                          "x_first": {n: v / scaling[cores[0]] for n, v in scaling.items()}}
     for name, table in tables.items():
@@ -330,6 +385,8 @@ def _report(args, rows: list[dict], tables: dict, cores: list[int], config: dict
                          "fraction_of_decode_limit_cpu": round(ours["fraction_of_decode_limit_cpu"], 3),
                          **{k: round(report[k], 3) for k in ("fraction_of_io_limit", "io_limit_of_decode_limit")
                             if report[k] is not None},
+                         **({f"crc32c_cost_{k}": round(v, 3) for k, v in report["checksum_cost"].items()}
+                            if report["checksum_cost"] else {}),
                          "scaling": ", ".join(f"{n} core(s) {v:.0f} MB/s" for n, v in scaling.items())}
     return report
 

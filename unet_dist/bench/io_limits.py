@@ -20,7 +20,8 @@ def pin_cores(cores: int) -> None:
 
 def run_limit(store: str, cores: int, out: str | None = None, block: list | None = None,
               shard_blocks: list | None = None) -> dict:
-    """Every chunk file of `raw` read and decoded in a tight loop on `cores` threads; a memory copy;
+    """Every chunk file of `raw` read and decoded (its crc32c checked, where it has one) in a tight
+    loop on `cores` threads; a memory copy;
     with `out` and `block`, the decode + encode + write limit (`io_limit`) too."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -28,6 +29,7 @@ def run_limit(store: str, cores: int, out: str | None = None, block: list | None
     import numpy as np
 
     from unet_dist.bench.common import cpu_seconds
+    from unet_dist.data.chunk_io import ChunkFiles, checked
     from unet_dist.data.store import RAW, open_store
     from unet_dist.runtime import keep_freed_memory
 
@@ -38,11 +40,15 @@ def run_limit(store: str, cores: int, out: str | None = None, block: list | None
     files = sorted(str(p) for p in (Path(store) / RAW / "c").rglob("*") if p.is_file())
     nbytes = math.prod(raw.chunks) * raw.dtype.itemsize
 
+    source = ChunkFiles.of(raw)
+    checksum = source is not None and source.checksum  # checked as the pipeline checks it
+
     def decode(part) -> int:
         out = np.empty(nbytes, np.uint8)
         for path in part:
             with open(path, "rb") as f:
-                numcodecs.blosc.decompress(f.read(), out)
+                frame = f.read()
+            numcodecs.blosc.decompress(checked(frame, path) if checksum else frame, out)
         return len(part) * nbytes
 
     parts = [files[i::cores] for i in range(cores)]

@@ -6,8 +6,11 @@ block costs (BENCHMARKS.md, io). The predictor reads and writes whole chunks onl
 module can show that its bytes are zarr's bytes it does the work itself: the chunk's file read and
 Blosc-decoded by numcodecs, configured from the array's own metadata; a whole chunk encoded the
 same way and written as zarr's LocalStore writes it (a temporary sibling, then a rename, so a
-reader never sees half a chunk). `ChunkFiles.of` says None for anything else (sharded arrays: shard_io.py,
-other codecs or stores, another byte order), and the caller goes through zarr.
+reader never sees half a chunk). Where the array's codecs end with zarr's `crc32c` (the project's
+arrays since issue 22), each chunk's bytes are followed by the crc32c of the Blosc frame, uint32
+little endian, as zarr appends it; it is checked on every read, so a flipped bit is one line naming
+the chunk's file instead of wrong voxels. `ChunkFiles.of` says None for anything else (sharded
+arrays: shard_io.py, other codecs or stores, another byte order), and the caller goes through zarr.
 
 Writes keep every chunk, an all-fill one too (zarr's `write_empty_chunks=True`): the project's
 arrays are created that way and say so (`EVERY_CHUNK_STORED`), so a missing file means damage.
@@ -22,17 +25,19 @@ import sys
 import uuid
 from pathlib import Path
 
+import google_crc32c
 import numcodecs.blosc
 import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from unet_dist.compat.zarr_internals import files_match_zarr
+from unet_dist.compat.zarr_internals import CHECKSUM_CODEC, codec_pairs, files_match_zarr
 from unet_dist.errors import UserError
 from unet_dist.data.damaged_chunks import EVERY_CHUNK_STORED, damaged_chunk, missing_chunk
 SHUFFLES = {"noshuffle": numcodecs.blosc.NOSHUFFLE, "shuffle": numcodecs.blosc.SHUFFLE,
             "bitshuffle": numcodecs.blosc.BITSHUFFLE}
 BLOSC_HEADER = 16  # version, versionlz, flags, typesize, then nbytes, blocksize, cbytes (uint32 LE)
+CRC32C = 4  # bytes of zarr's crc32c checksum after a chunk's (or a shard index's) bytes
 
 
 def blosc_of(codecs: list, dtype: np.dtype) -> numcodecs.blosc.Blosc | None | bool:
@@ -51,6 +56,29 @@ def blosc_of(codecs: list, dtype: np.dtype) -> numcodecs.blosc.Blosc | None | bo
     return numcodecs.blosc.Blosc(cname=config["cname"], clevel=int(config["clevel"]),
                                  shuffle=SHUFFLES[config["shuffle"]], blocksize=int(config.get("blocksize", 0)),
                                  typesize=int(config["typesize"]))
+
+
+def chunk_codecs(codecs: list, dtype: np.dtype) -> tuple[numcodecs.blosc.Blosc | None, bool] | None:
+    """(`blosc_of` the codecs, whether zarr's crc32c checksum follows the frame) that `codecs`
+    (metadata JSON) amount to; None when we cannot tell that our bytes would equal zarr's."""
+    checksum = bool(codecs) and codec_pairs(codecs[-1:]) == [CHECKSUM_CODEC]
+    blosc = blosc_of(codecs[:-1] if checksum else codecs, dtype)
+    return None if blosc is False else (blosc, checksum)
+
+
+def with_checksum(encoded) -> bytes:
+    """`encoded` (a byte-like) followed by its crc32c, as zarr's `crc32c` codec writes it."""
+    body = np.frombuffer(encoded, np.uint8)
+    return b"".join((body, google_crc32c.value(body).to_bytes(CRC32C, "little")))
+
+
+def checked(frame: bytes, where):
+    """`frame` without its trailing crc32c (a view, not a copy); a UserError naming `where` when the
+    checksum does not match: a bit flipped on disk or in transit, or a torn write."""
+    body = np.frombuffer(frame, np.uint8)[:-CRC32C]
+    if len(frame) < CRC32C or google_crc32c.value(body).to_bytes(CRC32C, "little") != frame[-CRC32C:]:
+        raise damaged_chunk(where, ValueError("its bytes do not match their crc32c checksum"))
+    return body
 
 
 def local_array(array, sharded: bool) -> tuple[Path, dict, np.dtype] | None:
@@ -74,8 +102,8 @@ def local_array(array, sharded: bool) -> tuple[Path, dict, np.dtype] | None:
 class ChunkFiles:
     """The chunks of one zarr array as files; see the module doc."""
 
-    def __init__(self, array: zarr.Array, folder: Path, blosc: numcodecs.blosc.Blosc | None):
-        self.array, self.folder, self.blosc = array, folder, blosc
+    def __init__(self, array: zarr.Array, folder: Path, blosc: numcodecs.blosc.Blosc | None, checksum: bool = False):
+        self.array, self.folder, self.blosc, self.checksum = array, folder, blosc, checksum
         self.shape = tuple(int(n) for n in array.shape)
         self.chunks = tuple(int(c) for c in array.chunks)
         self.dtype = np.dtype(array.dtype)
@@ -92,10 +120,8 @@ class ChunkFiles:
         if found is None:
             return None
         folder, meta, dtype = found
-        blosc = blosc_of(list(meta.get("codecs", ())), dtype)
-        if blosc is False:
-            return None
-        return cls(array, folder, blosc)
+        codecs = chunk_codecs(list(meta.get("codecs", ())), dtype)
+        return None if codecs is None else cls(array, folder, *codecs)
 
     def path(self, coords) -> Path:
         return self.folder / self.array.metadata.encode_chunk_key(tuple(int(c) for c in coords))
@@ -131,6 +157,8 @@ class ChunkFiles:
         UserError naming `where` if they do not decode to a whole chunk."""
         box = self.box(coords)
         chunk = np.empty(self.chunks, self.dtype)
+        if self.checksum:
+            frame = checked(frame, where)
         try:
             if self.blosc is None:
                 if len(frame) != self.chunk_nbytes:
@@ -168,7 +196,8 @@ class ChunkFiles:
         else:  # an edge chunk is stored whole, the part beyond the array holding the fill value
             chunk = np.full(self.chunks, self.fill, self.dtype)
             chunk[tuple(slice(0, n) for n in inside)] = data
-        return chunk.reshape(-1).view(np.uint8) if self.blosc is None else self.blosc.encode(chunk)
+        encoded = chunk.reshape(-1).view(np.uint8) if self.blosc is None else self.blosc.encode(chunk)
+        return with_checksum(encoded) if self.checksum else encoded
 
     def store(self, coords, encoded) -> None:
         """Write a chunk's encoded bytes to its file, as zarr's LocalStore does."""

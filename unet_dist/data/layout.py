@@ -1,14 +1,15 @@
 """How a volume array is cut and coded: chunks, optional shards, the slabs one write covers, and our
-Blosc codecs per kind of array (raw, labels, probability, mask)."""
+Blosc codecs per kind of array (raw, labels, probability, mask), each chunk checksummed (crc32c)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from unet_dist.data.damaged_chunks import EVERY_CHUNK_STORED
 from unet_dist.data.store import AXES
@@ -25,6 +26,20 @@ COMPRESSORS = {
     "probability": dict(cname="lz4", clevel=5, shuffle="shuffle"),
     "mask": dict(cname="lz4", clevel=5, shuffle="bitshuffle"),
 }
+# Every chunk ends with the crc32c of its compressed bytes (zarr's `crc32c` codec, read by
+# zarr-python, tensorstore and zarrs): a flipped bit in a store is one line naming the chunk, not
+# a few wrong voxels spread by the network over a prediction. `bench io` turns it off to measure it.
+_checksums = [True]
+
+
+@contextlib.contextmanager
+def checksums(on: bool):
+    """Arrays created inside this context with (`on`) or without the crc32c codec; `bench io` only."""
+    before, _checksums[0] = _checksums[0], on
+    try:
+        yield
+    finally:
+        _checksums[0] = before
 
 
 @dataclass(frozen=True)
@@ -111,7 +126,7 @@ def create_volume_array(group: zarr.Group, name: str, layout: Layout, dtype, kin
         dtype=np.dtype(dtype),
         chunks=layout.chunks,
         shards=layout.shards,
-        compressors=BloscCodec(**COMPRESSORS[kind]),
+        compressors=[BloscCodec(**COMPRESSORS[kind])] + ([Crc32cCodec()] if _checksums[0] else []),
         fill_value=0,
         dimension_names=AXES,
         # Every chunk is stored, even an all-zero one, so a missing chunk file means damage.

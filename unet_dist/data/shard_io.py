@@ -9,7 +9,8 @@ that its bytes are zarr's: the inner chunks coded as `chunk_io.ChunkFiles` codes
 in zarr's (Morton) order, followed (or preceded) by the index of (offset, nbytes) pairs, uint64
 little endian plus its crc32c, as zarr's default `index_codecs` have it (order and defaults checked
 on the installed zarr by compat/zarr_internals.py). `ShardFiles.of` says None for anything else and
-the caller goes through zarr.
+the caller goes through zarr. Inner chunks end with their crc32c where the inner codecs end with
+`crc32c` (the project's arrays), checked on every read as chunk_io.py checks a chunk.
 
 Every inner chunk inside the array is stored, an all-fill one too (the project's arrays promise
 that: `EVERY_CHUNK_STORED`, `write_empty_chunks=True`); an edge shard's inner chunks wholly beyond
@@ -29,10 +30,9 @@ import zarr
 
 from unet_dist.compat.zarr_internals import INDEX_CODECS, codec_pairs, morton_order
 from unet_dist.errors import UserError
-from unet_dist.data.chunk_io import ChunkFiles, blosc_of, local_array, replace_file
+from unet_dist.data.chunk_io import CRC32C, ChunkFiles, chunk_codecs, local_array, replace_file
 from unet_dist.data.damaged_chunks import damaged_chunk, missing_chunk
 MISSING = 2**64 - 1  # an index entry's (offset, nbytes) for a chunk the shard does not hold
-CRC32C = 4
 
 
 class ShardFiles:
@@ -63,10 +63,10 @@ class ShardFiles:
                 or config.get("index_location", "end") not in ("start", "end")
                 or tuple(config.get("chunk_shape", ())) != tuple(array.chunks)):
             return None
-        blosc = blosc_of(list(config.get("codecs", ())), dtype)
-        if blosc is False:
+        inner = chunk_codecs(list(config.get("codecs", ())), dtype)
+        if inner is None:
             return None
-        return cls(array, folder, ChunkFiles(array, folder, blosc), config.get("index_location") == "start")
+        return cls(array, folder, ChunkFiles(array, folder, *inner), config.get("index_location") == "start")
 
     def path(self, shard_coords) -> Path:
         return self.folder / self.array.metadata.encode_chunk_key(tuple(int(c) for c in shard_coords))

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from unet_dist import dist
+from unet_dist.data.damaged_chunks import read_region
 from unet_dist.data.instances import IDS
 from unet_dist.data import volumes
 from unet_dist.data.store import IGNORE, label_names, label_path, slices_within
@@ -62,6 +63,11 @@ def slice_scores(prob2d: np.ndarray, mask2d: np.ndarray, label2d: np.ndarray,
             isbi_sums(prob2d, label2d, segments3d=ids2d)["sums"])
 
 
+def _slice(array, z: int) -> np.ndarray:
+    """Slice `z` of `array`; a damaged chunk (a flipped bit: its checksum) is one line naming its file."""
+    return read_region(array, (slice(z, z + 1),))[0]
+
+
 def evaluate(pred, labels, slices=None, json_out=None) -> dict | None:
     """Metrics of `pred` over the slices (labels' numbering); rank 0 returns them, others None."""
     prob, mask, label_arr, ids, ignore, z0, (lo, hi) = _open(pred, labels, slices)
@@ -72,9 +78,9 @@ def evaluate(pred, labels, slices=None, json_out=None) -> dict | None:
         mine = range(lo + dist.rank(), hi, dist.world_size())
         progress = Progress("evaluate", len(mine), "slices") if dist.is_main() else None
         for done, z in enumerate(mine, 1):
-            c, table[z - lo] = slice_scores(probability_float(prob[z - z0]), np.asarray(mask[z - z0]),
-                                            np.asarray(label_arr[z]), None if ids is None else np.asarray(ids[z]),
-                                            None if ignore is None else np.asarray(ignore[z]) == 0)
+            c, table[z - lo] = slice_scores(probability_float(_slice(prob, z - z0)), _slice(mask, z - z0),
+                                            _slice(label_arr, z), None if ids is None else _slice(ids, z),
+                                            None if ignore is None else _slice(ignore, z) == 0)
             counts += c
             if progress is not None:
                 progress.update(done)
