@@ -46,6 +46,7 @@ def validate(cfg: Config, source: str) -> None:
     _validate_volumes(cfg, check)
     check(cfg.data.max_files_per_patch >= 1, "data.max_files_per_patch", "must be >= 1")
     check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    check(cfg.data.loader_timeout_s >= 0, "data.loader_timeout_s", "must be >= 0 (0: wait forever)")
     validate_model(cfg.model, source)
     validate_augment(cfg.data.augment, source)
     check(cfg.train.steps >= 1, "train.steps", "must be >= 1")

@@ -70,6 +70,9 @@ class DataConfig:
     num_workers: int = 2
     start_method: Literal["fork", "forkserver", "spawn"] = "fork"
     prefetch_factor: int = 4
+    # Seconds the trainer waits for one batch before it ends the run naming the stalled loader worker
+    # (a hung file system, a stopped process); far above what a healthy loader takes. 0: wait forever.
+    loader_timeout_s: float = 300.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Several volumes in one run (data/training_set.py); when set, data.store, data.train_slices and
     # data.val_slices are not used. Validation reports each volume (val/<name>/...) and all pooled (val/...).

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from unet_dist import runtime
 from unet_dist import checkpoint, dist, rundir
-from unet_dist.compat.dataloader import stop_workers
+from unet_dist.train.batch_wait import BatchWaiter, LoaderStalled, StopWhileWaiting
 from unet_dist.train.checkpointing import Checkpointer
 from unet_dist.train.global_batch import fit_accumulate, world_change
 from unet_dist.config import Config, dump_yaml, model_config_from_dict, to_dict
@@ -157,36 +157,34 @@ def _train(cfg: Config, env, device, precision, label_crop, saved, notes: list[s
     monitor = _open_monitor(cfg, state, device, precision, notes) if main else NullMonitor()
     state.run_id = monitor.run_id
 
-    batches = iter(_loader(cfg, env, device, label_crop, state.step))
     memory_format = ((torch.channels_last if cfg.model.dims == 2 else torch.channels_last_3d)
                      if cfg.train.channels_last else torch.contiguous_format)
     autocast_ctx = runtime.autocast(device, precision)
     stop = StopFlag()
+    start_batch = state.step * cfg.train.accumulate
+    batches = BatchWaiter(_loader(cfg, env, device, label_crop, start_batch), stop, cfg.data.loader_timeout_s,
+                          start_batch, env.rank)
     health = Health(device, cfg.train.max_nonfinite_steps, precision)
     train_step = TrainStep(state, net, ddp, device, precision, autocast_ctx, memory_format)
     throughput = ThroughputLog(cfg, device, monitor, health)
     validator = Validator(cfg, device, autocast_ctx, memory_format, monitor, health, main)
     checkpointer = Checkpointer(cfg, monitor, health, main)
-    status = "completed"
 
     net.train()
     try:
-        while state.step < cfg.train.steps:
-            if dist.any_rank(stop.raised):  # host values only: no wait for the GPU
-                monitor.message(f"stop signal received: checkpointing at step {state.step} and exiting; "
-                                "run again with --resume auto to continue")
-                checkpointer.save(state)
-                dist.barrier()
-                status = "interrupted"
-                break
-            finite, loss, grad_norm = train_step(throughput.timed(batches))
-            health.update(finite)
-            throughput.add(loss, finite)
-            throughput.maybe_log(state.step, state.scheduler, grad_norm)
-            validated = validator.maybe_run(state, throughput)
-            checkpointer.maybe_save(state, validated, throughput)
+        status = _steps(state, stop, batches, train_step, health, throughput, validator, checkpointer, monitor)
+    except StopWhileWaiting:
+        # The other ranks may wait in a collective this rank never reaches: rank 0 saves alone
+        # (every rank holds the last finished step's model) and no rank waits for another.
+        _stopping(monitor, state.step)
+        checkpointer.save(state)
+        status = "interrupted"
+    except LoaderStalled as stalled:
+        saved = checkpointer.save(state)
+        raise LoaderStalled(f"{stalled}; " + (f"checkpoint of step {state.step} written ({saved}): run again "
+                                              "with --resume auto" if saved else "no checkpoint from this rank"))
     finally:
-        stop_workers(batches)  # they ignore the stop signals: see compat/dataloader.py
+        batches.close()  # they ignore the stop signals, a stalled one never ends: see compat/dataloader.py
 
     if main:
         # Launchers (sbatch scripts, submitit) read this to decide between requeue and done; it is
@@ -194,6 +192,28 @@ def _train(cfg: Config, env, device, precision, label_crop, saved, notes: list[s
         rundir.write_status(cfg.run.dir, status, state.step, cfg.train.steps, checkpointer.last, validator.metrics)
     monitor.close()
     return TrainResult(state.step, status, validator.metrics, checkpointer.last, reports=main)
+
+
+def _steps(state, stop, batches, train_step, health, throughput, validator, checkpointer, monitor) -> str:
+    """The loop until the last step ("completed") or a stop signal ("interrupted")."""
+    while state.step < state.cfg.train.steps:
+        if dist.any_rank(stop.raised):  # host values only: no wait for the GPU
+            _stopping(monitor, state.step)
+            checkpointer.save(state)
+            dist.barrier()
+            return "interrupted"
+        finite, loss, grad_norm = train_step(throughput.timed(batches))
+        health.update(finite)
+        throughput.add(loss, finite)
+        throughput.maybe_log(state.step, state.scheduler, grad_norm)
+        validated = validator.maybe_run(state, throughput)
+        checkpointer.maybe_save(state, validated, throughput)
+    return "completed"
+
+
+def _stopping(monitor, step: int) -> None:
+    monitor.message(f"stop signal received: checkpointing at step {step} and exiting; "
+                    "run again with --resume auto to continue")
 
 
 def _open_monitor(cfg: Config, state: TrainState, device, precision: str, notes: list[str]) -> Monitor:
@@ -216,10 +236,10 @@ def _slices(lo_hi, otherwise: str) -> str:
     return f"{lo_hi[0]}:{lo_hi[1]}" if lo_hi else otherwise
 
 
-def _loader(cfg: Config, env, device, label_crop, step: int):
-    """This rank's patches from batch `step * accumulate` on (the stream depends on the step alone)."""
+def _loader(cfg: Config, env, device, label_crop, start_batch: int):
+    """This rank's patches from batch `start_batch` on (the stream depends on the batch index alone)."""
     spec = PatchSpec.from_config(cfg, env.rank, label_crop)
-    stream = PatchStream(spec, cfg.data.augment, start_batch=step * cfg.train.accumulate)
+    stream = PatchStream(spec, cfg.data.augment, start_batch=start_batch)
     return make_loader(stream, dist.loader_workers(cfg.data.num_workers, env), cfg.data.start_method,
                        pin_memory=device.type == "cuda", prefetch_factor=cfg.data.prefetch_factor,
                        worker_init_fn=ignore_stop_signals)

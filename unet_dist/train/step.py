@@ -90,10 +90,14 @@ class TrainStep:
         state, cfg = self.state, self.state.cfg.train
         accumulate = cfg.accumulate
         loss_sum = torch.zeros((), device=self.device)
-        for micro in range(accumulate):
-            batch = next_batch()
-            if "error" in batch:  # a damaged or invalid store, found by a loader worker
-                raise UserError(batch["error"])
+        # Every micro-batch is in hand before the first forward, so a batch wait that ends the run
+        # (train/batch_wait.py) leaves the model, BatchNorm statistics included, as the last step did.
+        batches = []
+        for _ in range(accumulate):
+            batches.append(next_batch())
+            if "error" in batches[-1]:  # a damaged or invalid store, found by a loader worker
+                raise UserError(batches[-1]["error"])
+        for micro, batch in enumerate(batches):
             raw = batch["raw"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             label = batch["label"].to(self.device, non_blocking=True)
             weight = batch["weight"].to(self.device, non_blocking=True) if "weight" in batch else None
