@@ -22,7 +22,7 @@ from unet_dist.compat import dataloader as compat
 from unet_dist.train.batch_wait import BatchWaiter, LoaderStalled, StopWhileWaiting
 from unet_dist.train.signals import ignore_stop_signals
 
-from conftest import CONFIGS, ROOT, run_cli
+from helpers import CONFIGS, ROOT, run_cli
 
 SMOKE = CONFIGS / "smoke.yaml"
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
