@@ -133,6 +133,26 @@ def _minutes(limit: str) -> int | None:
     return (int(days) if days else 0) * 1440 + hours * 60 + minutes + (1 if seconds else 0)
 
 
+AUTO_CPUS_MAX = 8  # launch.cpus_per_task=0 asks for what a node offers a task, up to this many
+
+
+def auto_cpus_per_task(cluster: str, partition: str, tasks_per_node: int) -> int:
+    """What a task can have on the cluster's smallest node of `partition` (sinfo's CPUs per node; the
+    local executor: this machine's usable cores), shared by the node's tasks, 1..AUTO_CPUS_MAX."""
+    if cluster == "local":
+        from unet_dist.runtime import usable_cores
+
+        cpus = usable_cores()
+    else:
+        listing = _run(["sinfo", "-h", "-o", "%c", *([f"--partition={partition}"] if partition else [])])
+        counts = [int(c.rstrip("+")) for c in listing.stdout.split() if c.rstrip("+").isdigit()]
+        if listing.returncode != 0 or not counts:
+            raise UserError("launch.cpus_per_task=0 (auto): sinfo gave no CPU counts "
+                            f"({(listing.stderr or listing.stdout).strip() or 'no nodes'}); pass --cpus-per-task")
+        cpus = min(counts)
+    return max(1, min(AUTO_CPUS_MAX, cpus // max(1, tasks_per_node)))
+
+
 def check_slurm_request(partition: str, nodes: int, tasks_per_node: int, gpus_per_node: int,
                         cpus_per_task: int, time_min: int, mem_gb: float) -> None:
     """What the cluster can tell before a submission: the partition exists, the time fits its limit,

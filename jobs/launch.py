@@ -81,6 +81,10 @@ def resources(cfg, cluster: str, nodes=None, gpus_per_node=None, tasks_per_node=
                time_min=launch.time_min if time_min is None else time_min,
                mem_gb=launch.mem_gb if mem_gb is None else mem_gb)
     req["tasks_per_node"] = tasks_per_node if tasks_per_node is not None else max(1, req["gpus_per_node"])
+    if req["cpus_per_task"] == 0:
+        req["cpus_per_task"] = common.auto_cpus_per_task(cluster, req["partition"], req["tasks_per_node"])
+        print(f"cpus per task: {req['cpus_per_task']} (what the cluster's nodes offer a task; --cpus-per-task "
+              "or launch.cpus_per_task to choose)", file=sys.stderr, flush=True)
     flags = {"nodes": "--nodes", "tasks_per_node": "--tasks-per-node", "cpus_per_task": "--cpus-per-task",
              "time_min": "--time"}
     for key, flag in flags.items():
@@ -105,7 +109,8 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-node", type=int, help="GPUs per node; one task per GPU")
     parser.add_argument("--tasks-per-node", type=int, help="default: --gpus-per-node (at least 1); "
                                                            "e.g. 2 CPU ranks with --gpus-per-node 0")
-    parser.add_argument("--cpus-per-task", type=int)
+    parser.add_argument("--cpus-per-task", type=int,
+                        help="CPUs per task (default: launch.cpus_per_task; 0: what the nodes offer a task, at most 8)")
     parser.add_argument("--partition")
     parser.add_argument("--time", type=int, dest="time_min", help="time limit in minutes")
     parser.add_argument("--mem-gb", type=float, help="memory per node in GB (0: the partition's default)")

@@ -135,3 +135,13 @@ def test_evaluate_and_export_show_progress_with_rate_and_eta(tiny_synth_store, t
         lines = [line for line in done.err.splitlines() if line.startswith(f"{label}: ")]
         assert "slices/s" in lines[0] and "eta" in lines[0], done.err  # the first line: rate and ETA
         assert lines[-1].startswith(f"{label}: {len(labels)}/{len(labels)} slices") and "elapsed" in lines[-1]
+
+
+def test_submitit_default_cpus_fit_what_the_local_executor_offers():
+    from jobs.launch import resources
+    from unet_dist.config import load_config
+    from unet_dist.runtime import usable_cores
+
+    req = resources(load_config(SMOKE), "local", gpus_per_node=0, tasks_per_node=2)
+    assert req["cpus_per_task"] == max(1, min(8, usable_cores() // 2))
+

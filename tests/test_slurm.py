@@ -366,3 +366,18 @@ def test_clear_errors_before_anything_is_submitted(cluster, synth_store, tmp_pat
     assert refused.returncode != 0 and "partition" in refused.stderr.lower()
     after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
     assert set(after) <= set(before) and not (tmp_path / "run").exists()  # nothing was queued
+
+
+@pytest.mark.slurm
+def test_submitit_default_cpus_fit_what_the_cluster_announces(cluster, monkeypatch):
+    """README's `python -m jobs.train --config configs/smoke.yaml --gpus-per-node 0 --tasks-per-node 2`:
+    the default asks what the nodes offer, so the request passes `sbatch --test-only` on the local cluster."""
+    from jobs.launch import resources
+    from unet_dist.config import load_config
+
+    for key in ("SLURM_CONF", "PATH"):
+        monkeypatch.setenv(key, cluster[key])
+    node_cpus = min(int(c.rstrip("+")) for c in subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True,
+                                                              text=True, env=cluster).stdout.split())
+    req = resources(load_config(SMOKE), "slurm", gpus_per_node=0, tasks_per_node=2)  # raises if it cannot run
+    assert req["cpus_per_task"] == max(1, min(8, node_cpus // 2))

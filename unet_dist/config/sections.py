@@ -169,7 +169,9 @@ class LoggingConfig:
 class LaunchConfig:
     nodes: int = 1
     gpus_per_node: int = 1
-    cpus_per_task: int = 8
+    # 0: what the cluster's nodes announce per task (sinfo; the local executor: this machine's cores),
+    # at most 8; a recipe with many loader workers sets its own (configs/isbi2012.yaml: 9)
+    cpus_per_task: int = 0
     partition: str = ""
     time_min: int = 240
     mem_gb: int = 0  # 0: the partition's default
