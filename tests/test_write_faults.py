@@ -17,14 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import zarr
 
-from unet_dist import checkpoint
-from unet_dist.config import Config, ModelConfig, to_dict
-from unet_dist.data.synth import synthesize
 from unet_dist.files import FAULT_ENV
-from unet_dist.model import build_model
 
 from helpers import ROOT
 
@@ -98,22 +93,6 @@ def assert_one_line(done: subprocess.CompletedProcess, *pieces: str) -> str:
     for piece in pieces:
         assert piece in line, line
     return line
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model_cfg = ModelConfig(dims=2, depth=2, base_channels=8)
-    state = {"model": build_model(model_cfg).state_dict(), "model_config": to_dict(model_cfg), "step": 7,
-             "config": to_dict(Config(model=model_cfg))}
-    return checkpoint.save(tmp_path_factory.mktemp("ckpt"), state, keep_last=1)
-
-
-@pytest.fixture(scope="module")
-def volume(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("vol") / "vol.zarr"
-    synthesize(out, shape=(6, 100, 120), seed=3)
-    return out
 
 
 @pytest.fixture(scope="module")

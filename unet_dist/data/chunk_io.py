@@ -81,8 +81,8 @@ def checked(frame: bytes, where):
     return body
 
 
-def local_array(array, sharded: bool) -> tuple[Path, dict, np.dtype] | None:
-    """(folder, metadata, dtype) of a Zarr v3 array in a local store, sharded or not as asked, of a
+def local_array(array, sharded: bool) -> tuple[Path, list[dict], np.dtype] | None:
+    """(folder, codecs as the metadata lists them, dtype) of a Zarr v3 array in a local store, sharded or not as asked, of a
     native-order number type and without storage transformers, on a zarr whose bytes we know; None
     for anything else."""
     if not files_match_zarr():
@@ -96,7 +96,7 @@ def local_array(array, sharded: bool) -> tuple[Path, dict, np.dtype] | None:
     dtype = np.dtype(array.dtype)
     if meta.get("storage_transformers") or dtype.kind not in "biuf" or not dtype.isnative:
         return None
-    return Path(store.root) / array.store_path.path, meta, dtype
+    return Path(store.root) / array.store_path.path, list(meta.get("codecs", ())), dtype
 
 
 class ChunkFiles:
@@ -117,11 +117,8 @@ class ChunkFiles:
     def of(cls, array) -> ChunkFiles | None:
         """Files of `array`'s chunks, or None where only zarr knows how to read and write them."""
         found = local_array(array, sharded=False)
-        if found is None:
-            return None
-        folder, meta, dtype = found
-        codecs = chunk_codecs(list(meta.get("codecs", ())), dtype)
-        return None if codecs is None else cls(array, folder, *codecs)
+        codecs = found and chunk_codecs(found[1], found[2])
+        return cls(array, found[0], *codecs) if codecs else None
 
     def path(self, coords) -> Path:
         return self.folder / self.array.metadata.encode_chunk_key(tuple(int(c) for c in coords))

@@ -52,12 +52,9 @@ class ShardFiles:
     def of(cls, array) -> ShardFiles | None:
         """Files of `array`'s shards, or None where only zarr knows how to read and write them."""
         found = local_array(array, sharded=True)
-        if found is None:
+        if found is None or [c.get("name") for c in found[1]] != ["sharding_indexed"]:
             return None
-        folder, meta, dtype = found
-        codecs = list(meta.get("codecs", ()))
-        if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
-            return None
+        folder, codecs, dtype = found
         config = codec_pairs(codecs)[0][1]
         if (codec_pairs(config.get("index_codecs", ())) != INDEX_CODECS
                 or config.get("index_location", "end") not in ("start", "end")
