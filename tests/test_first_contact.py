@@ -145,3 +145,15 @@ def test_submitit_default_cpus_fit_what_the_local_executor_offers():
     req = resources(load_config(SMOKE), "local", gpus_per_node=0, tasks_per_node=2)
     assert req["cpus_per_task"] == max(1, min(8, usable_cores() // 2))
 
+
+
+def test_report_from_a_checkpoint_shows_its_prediction_progress(tiny_synth_store, tmp_path):
+    run = tmp_path / "run"
+    trained = run_cli("train", "--config", SMOKE, f"data.store={tiny_synth_store}", "data.train_slices=[0,6]",
+                      "data.val_slices=[6,8]", f"run.dir={run}", "train.steps=1", "data.num_workers=0")
+    assert trained.code == 0, trained.err[-2000:]
+    done = run_cli("report", run, "--store", tiny_synth_store)
+    assert done.code == 0, done.err
+    lines = [line for line in done.err.splitlines() if line.startswith("report: predict: ")]
+    assert lines and "blocks/s" in lines[0] and "elapsed" in lines[-1], done.err
+    assert (run / "report" / "slices.png").is_file()

@@ -249,21 +249,23 @@ def rows_from_checkpoint(ckpt: Path, raw, lo: int, hi: int, zs, threshold: float
     import torch
 
     from unet_dist.checkpoint import load_model
+    from unet_dist.monitor.progress import Progress
     from unet_dist.predict.block_plan import block_core, make_plan
     from unet_dist.predict.infer import block_probability
 
     model, cfg, _ = load_model(ckpt)
     plan = make_plan(cfg.model, cfg.predict, raw.shape, (lo, hi))
     probs = {z: np.zeros(raw.shape[1:], np.float32) for z in zs}
-    for index in range(plan.n_blocks):
-        (z0, z1), ys, xs = block_core(plan, index)
-        inside = [z for z in zs if z0 <= z - lo < z1]
-        if not inside:
-            continue
+    cores = {i: block_core(plan, i) for i in range(plan.n_blocks)}
+    needed = [i for i, ((z0, z1), _, _) in cores.items() if any(z0 <= z - lo < z1 for z in zs)]
+    progress = Progress("report: predict", len(needed), "blocks")
+    for done, index in enumerate(needed, 1):
+        (z0, z1), ys, xs = cores[index]
         prob, _ = block_probability(model, raw, plan, index, cfg.predict.batch_size, torch.device("cpu"),
                                     torch.autocast("cpu", enabled=False))
-        for z in inside:
+        for z in (z for z in zs if z0 <= z - lo < z1):
             probs[z][slice(*ys), slice(*xs)] = prob[z - lo - z0]
+        progress.update(done)
     return [{"z": z, "prob": p, "mask": (p > threshold).astype(np.uint8)} for z, p in probs.items()]
 
 
