@@ -63,6 +63,7 @@ def _add_fetch(sub) -> None:
 
 def cmd_convert(args) -> int:
     from unet_dist.data.convert import convert
+    from unet_dist.data.intensity import parse_range
 
     convert(
         raw=args.raw, out=args.out, labels=args.labels,
@@ -71,6 +72,7 @@ def cmd_convert(args) -> int:
         label_threshold=args.label_threshold, invert=args.invert, overwrite=args.overwrite,
         progress=_progress("convert"), instances=_rule(args) if args.instances else None,
         ignore_id=args.ignore_id, ignore_value=args.ignore_value, ignore_mask=args.ignore_mask,
+        intensity_range=parse_range(args.intensity_range),
     )
     _print_store(args.out)
     return 0
@@ -126,6 +128,9 @@ def _add_convert(sub) -> None:
     p.add_argument("--shard", help="Zarr v3 shard shape Z,Y,X (a multiple of the chunks)")
     p.add_argument("--label-threshold", type=float, help="label = value > T (for non-binary labels)")
     p.add_argument("--invert", action="store_true", help="flip labels (for white-membrane conventions)")
+    p.add_argument("--intensity-range", metavar="LO,HI",
+                   help="a float raw volume's values LO..HI become 0..1 (default: its measured range, with a "
+                        "warning); integer types are scaled by their type's range")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--instances", action="store_true",
                    help="--labels are object IDs (one per neuron, 0 = background): keep them as labels/neuron_ids "

@@ -24,6 +24,7 @@ from unet_dist.data.instances import IDS, Rule
 from unet_dist.data.ome import image_levels, write_em_store
 from unet_dist.data.ome_metadata import read_multiscale
 from unet_dist.data.sources import Source, open_source
+from unet_dist.data.intensity import intensity_of
 from unet_dist.errors import UserError
 
 
@@ -57,6 +58,7 @@ def convert(
     ignore_id: int | None = None,
     ignore_value: float | None = None,
     ignore_mask=None,
+    intensity_range: tuple[float, float] | None = None,
 ) -> dict:
     """Write `raw` (and `labels`) into a new Zarr v3 store at `out`; returns a summary dict.
 
@@ -66,12 +68,12 @@ def convert(
 
     Unlabelled voxels (the label image `ignore`, 1 = unlabelled; their target is stored as 0): IDs equal
     to `ignore_id` (with `instances`), label values equal to `ignore_value` (binary labels), and/or the
-    non-zero voxels of `ignore_mask` (PATH[:INNER], any source).
+    non-zero voxels of `ignore_mask` (PATH[:INNER], any source). A float `raw` is scaled to [0, 1] by
+    `intensity_range` (LO, HI), else by its measured range with a warning (data/intensity.py).
     """
     started = time.perf_counter()
     out = check_out(out, overwrite)
-    if resolution is not None:
-        resolution = _check_resolution(resolution)
+    resolution = None if resolution is None else _check_resolution(resolution)
     check_label_options(labels, instances, label_threshold, invert, ignore_id, ignore_value, ignore_mask)
     raw_src = open_source(raw)
     sources = [raw_src]
@@ -80,17 +82,19 @@ def convert(
                                    ignore_value, ignore_mask)
         resolution = decide_voxel_size(resolution, sources)
         layout = resolve_layout(raw_src.shape, chunks, shard)
-        raw_dtype = np.uint8 if raw_src.dtype == bool else raw_src.dtype
+        intensity = intensity_of(raw_src, intensity_range)
+        raw_dtype = np.float32 if intensity.scales else np.uint8 if raw_src.dtype == bool else raw_src.dtype
         dtypes = {"raw": raw_dtype} | label_side.dtypes()
 
         def read_slab(z0, z1):
-            slab = {"raw": raw_src.read(z0, z1).astype(raw_dtype, copy=False)}
-            _check_finite(raw_src, slab["raw"], z0)
+            slab = raw_src.read(z0, z1)
+            _check_finite(raw_src, slab, z0)
+            slab = {"raw": intensity.apply(slab).astype(raw_dtype, copy=False)}
             return slab | label_side.read(z0, z1, layout.shape[0], slab["raw"].shape)
 
         with atomic_store_dir(out, overwrite) as tmp:
             plan, pyramid_s = _write_store(tmp, raw_src, label_side, layout, resolution, raw_dtype, read_slab,
-                                           progress)
+                                           progress, intensity)
     finally:
         for source in sources:
             source.close()
@@ -102,13 +106,14 @@ def convert(
 
 
 def _write_store(tmp: Path, raw_src: Source, label_side: ConvertLabels, layout, resolution, raw_dtype, read_slab,
-                 progress):
+                 progress, intensity):
     """The store's arrays and attributes into `tmp`: (pyramid plan, seconds spent on the pyramid)."""
     instances = label_side.instances
     extra = {"instances": instances.record()} if instances is not None else {}
     ignore = label_side.ignore_record()
     attrs = st.provenance({"raw": raw_src.record(), **label_side.source_records()},
-                          label_threshold=label_side.threshold, invert=label_side.invert, **extra,
+                          label_threshold=label_side.threshold, invert=label_side.invert,
+                          intensity=intensity.record(), **extra,
                           **({"ignore": ignore} if ignore else {}))
     plan, pyramid_s = write_em_store(tmp, layout, resolution, raw_dtype, label_side.src is not None, read_slab,
                                      attrs, progress, ids_dtype=label_side.ids_dtype,

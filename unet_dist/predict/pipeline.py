@@ -36,6 +36,7 @@ from unet_dist.config import Config, PredictConfig, to_dict
 from unet_dist.data import backends
 from unet_dist.predict.prediction_store import build_pyramids, create_prediction
 from unet_dist.data import volumes
+from unet_dist.data.intensity import check_model_input
 from unet_dist.data.atomic_dir import check_out
 from unet_dist.data.store import RAW, provenance, slices_within
 from unet_dist.errors import UserError, write_fault
@@ -135,6 +136,7 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
     input, raw_path = volumes.split_store_spec(input, RAW)
     raw, raw_path = volumes.open_array(input, raw_path)
     volumes.check_volume(raw, f"{input}:{raw_path}")
+    check_model_input(raw, f"{input}:{raw_path}", state.get("normalisation"))
     z_range = slices_within(slices, raw.shape[0], str(input))
     label_arr = ignore_arr = None
     if labels is not None:

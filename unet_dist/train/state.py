@@ -10,6 +10,7 @@ import torch
 
 from unet_dist import dist
 from unet_dist.config import Config, to_dict
+from unet_dist.data.intensity import NORMALISATION
 from unet_dist.model import build_model
 
 
@@ -79,6 +80,7 @@ class TrainState:
             "config": to_dict(self.cfg),
             "wandb_run_id": self.run_id or "",
             "best": self.best,
+            "normalisation": NORMALISATION,  # what the inputs were scaled to (data/intensity.py)
         }
 
     def load_state_dict(self, saved: dict) -> list[str]:
