@@ -4,6 +4,8 @@ file missing from an array that stores every chunk, into one line naming the fil
 from __future__ import annotations
 
 import itertools
+import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +78,14 @@ def read_region(array, region: tuple[slice, ...]) -> np.ndarray:
             if path is not None and not path.exists():
                 raise missing_chunk(path)
     return data
+
+
+def sampled_chunks(array) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
+    """(region, values) of the first, middle and last chunk: a cheap look at what a volume holds
+    (a mask or IDs, 0..1 or 0..255) without reading all of it."""
+    grid = [-(-n // c) for n, c in zip(array.shape, array.chunks)]
+    total = math.prod(grid)
+    for flat in sorted({0, total // 2, total - 1}):
+        coords = np.unravel_index(flat, grid)
+        box = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(coords, array.chunks, array.shape))
+        yield box, read_region(array, box)

@@ -19,7 +19,6 @@ from unet_dist.errors import UserError, warn_once
 
 UNIT = (0.0, 1.0)
 TOLERANCE = 0.01  # float inputs within [0, 1] up to rounding
-SAMPLE_CHUNKS = 3
 NORMALISATION = {"input_range": list(UNIT),
                  "rule": "integers / their type's maximum; floats scaled to [0, 1] by convert (--intensity-range)"}
 
@@ -102,14 +101,9 @@ def check_model_input(array, where: str, normalisation: dict | None = None) -> N
     if np.dtype(array.dtype).kind != "f":
         return
     low, high = (normalisation or NORMALISATION)["input_range"]
-    from unet_dist.data.damaged_chunks import read_region
+    from unet_dist.data.damaged_chunks import sampled_chunks
 
-    grid = [-(-n // c) for n, c in zip(array.shape, array.chunks)]
-    total = math.prod(grid)
-    for flat in sorted({0, total // 2, total - 1})[:SAMPLE_CHUNKS]:
-        coords = np.unravel_index(flat, grid)
-        box = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(coords, array.chunks, array.shape))
-        values = read_region(array, box)
+    for _, values in sampled_chunks(array):
         lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
         if lo < low - TOLERANCE or hi > high + TOLERANCE:
             raise UserError(f"{where}: float intensities reach [{lo:g}, {hi:g}], but the model takes "

@@ -25,10 +25,9 @@ import zarr
 
 from unet_dist.errors import UserError
 from unet_dist.data.instances import looks_like_ids
-from unet_dist.data.damaged_chunks import read_region
+from unet_dist.data.damaged_chunks import sampled_chunks
 from unet_dist.data.ome_metadata import read_multiscale
 from unet_dist.data.store import IGNORE, RAW, TARGET, _missing, label_path, open_store, voxel_size
-LABEL_SAMPLE_CHUNKS = 3  # first, middle and last chunk: enough to tell a mask from IDs or 0/255
 
 
 def label_array_path(name: str) -> str:
@@ -126,12 +125,7 @@ def check_binary(array: zarr.Array, where: str) -> None:
     if dtype.kind not in "biu":
         raise UserError(f"{where}: labels of type {dtype}; training needs a binary 0/1 array "
                         "(unet-dist convert --label-threshold T makes one)")
-    grid = [-(-n // c) for n, c in zip(array.shape, array.chunks)]
-    total = math.prod(grid)
-    for flat in sorted({0, total // 2, total - 1})[:LABEL_SAMPLE_CHUNKS]:
-        coords = np.unravel_index(flat, grid)
-        box = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(coords, array.chunks, array.shape))
-        values = read_region(array, box)
+    for box, values in sampled_chunks(array):
         if values.max(initial=0) > 1 or values.min(initial=0) < 0:
             hint = ("they look like instance labels (one ID per object): unet-dist convert --instances derives "
                     "a binary target from them" if looks_like_ids(values)
