@@ -55,7 +55,7 @@ def _arch(cfg: ModelConfig) -> _Arch:
     flat = (1, 3, 3)
     kernels = tuple(flat if level < aniso else (3,) * dims for level in range(cfg.depth + 1))
     pools = tuple((1, 2, 2) if level < aniso else (2,) * dims for level in range(cfg.depth))
-    return _Arch(dims, cfg.in_channels, cfg.out_channels, cfg.depth, cfg.base_channels, cfg.norm,
+    return _Arch(dims, cfg.in_channels, cfg.output_channels(), cfg.depth, cfg.base_channels, cfg.norm,
                  cfg.upsample, cfg.padding, kernels, pools)
 
 

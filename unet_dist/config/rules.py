@@ -92,6 +92,15 @@ def validate_model(model: ModelConfig, source: str) -> None:
     check_types(model, "model.", source)
     for key in ("depth", "base_channels", "in_channels", "out_channels"):
         check(getattr(model, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(model, key)}")
+    offsets = model.affinity_offsets()
+    for i, offset in enumerate(offsets):
+        check(len(offset) == 3 and any(offset), f"model.offsets[{i}]",
+              f"must be a nonzero (z, y, x) voxel offset, got {list(offset)}")
+        check(model.dims == 3 or len(offset) != 3 or offset[0] == 0, f"model.offsets[{i}]",
+              f"{list(offset)} has a z step; a 2D model's offsets are (0, y, x)")
+    check(len(set(offsets)) == len(offsets), "model.offsets", "lists an offset twice")
+    check(model.target != "affinities" or model.out_channels in (1, len(offsets)), "model.out_channels",
+          f"{model.out_channels} differs from the {len(offsets)} affinity offsets (leave it at 1: one channel per offset)")
     aniso = model.anisotropic_levels
     check(aniso >= 0, "model.anisotropic_levels", f"must be >= 0, got {aniso}")
     check(not aniso or model.dims == 3, "model.anisotropic_levels", f"{aniso} needs model.dims 3 (got {model.dims})")

@@ -54,6 +54,9 @@ class DataConfig:
     # The defaults are the layout `convert` writes; `labels` without a "/" names a label image.
     raw_array: str = "0"
     labels: str = "neuron_interior"
+    # The instance IDs (one per neuron, 0 = boundary/background) affinity targets are computed from
+    # (model.target: affinities), after augmentation: `convert --instances` writes this label image.
+    ids: str = "neuron_ids"
     # Unlabelled voxels (1 = never in the loss or a count): the label image `convert --ignore-*` writes,
     # used when the store has it; a label image name or a path; "" ignores nothing.
     ignore: str = "ignore"
@@ -90,6 +93,24 @@ class ModelConfig:
     upsample: Literal["transpose", "interp"] = "transpose"
     padding: Literal["same", "valid"] = "same"
     anisotropic_levels: int = 0  # 3D: the first levels pool only in y, x (thick sections)
+    # What the network predicts: "membrane" (the probability of neuron interior, from data.labels) or
+    # "affinities" (one channel per offset: 1 where a voxel and its neighbour at that offset carry the
+    # same nonzero ID of data.ids, as in Lee et al. 2017 and PyTorch Connectomics' seg_to_aff).
+    target: Literal["membrane", "affinities"] = "membrane"
+    # (z, y, x) voxel offsets of the affinity channels; []: the nearest neighbours (3D: z, y, x; 2D: y, x).
+    # Long-range offsets (e.g. [0, -9, 0]) are allowed; a 2D model's offsets have z = 0.
+    offsets: list[list[int]] = field(default_factory=list)
+
+    def affinity_offsets(self) -> tuple[tuple[int, int, int], ...]:
+        """The affinity channels' (z, y, x) offsets, in channel order."""
+        if self.offsets:
+            return tuple(tuple(int(v) for v in offset) for offset in self.offsets)
+        nearest = ((-1, 0, 0), (0, -1, 0), (0, 0, -1))
+        return nearest if self.dims == 3 else nearest[1:]
+
+    def output_channels(self) -> int:
+        """Channels of the network's last 1x1 conv: one per offset for affinities, else out_channels."""
+        return len(self.affinity_offsets()) if self.target == "affinities" else self.out_channels
 
 
 @dataclass
