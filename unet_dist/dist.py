@@ -298,6 +298,25 @@ def all_gather_object(obj, patient: bool = False) -> list:
     return gathered
 
 
+def all_gather_arrays(values: np.ndarray, patient: bool = False) -> list[np.ndarray]:
+    """Every rank's 1D array (any dtype, lengths may differ; each rank the same dtype), in rank
+    order, on every rank, bit for bit: sent as raw bytes on the gloo side group, without pickling
+    (tables of millions of pairs). `patient` as in all_reduce_sum."""
+    values = np.ascontiguousarray(values).reshape(-1)
+    if not tdist.is_initialized():
+        return [values.copy()]
+    group = _groups.get("patient" if patient else "host")
+    raw = values.view(np.uint8)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(tdist.get_world_size())]
+    tdist.all_gather(sizes, torch.tensor([raw.size], dtype=torch.int64), group=group)
+    longest = max(int(s) for s in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[:raw.size] = torch.from_numpy(raw.copy())
+    parts = [torch.empty(longest, dtype=torch.uint8) for _ in sizes]
+    tdist.all_gather(parts, padded, group=group)
+    return [p.numpy()[:int(s)].view(values.dtype).copy() for p, s in zip(parts, sizes)]
+
+
 def broadcast_object(obj):
     if not tdist.is_initialized():
         return obj

@@ -8,9 +8,15 @@ from unet_dist.cli.arguments import positive_ints, slice_range
 
 
 def cmd_evaluate(args) -> int:
-    from unet_dist.evaluate.scoring import evaluate
+    if args.seg:
+        from unet_dist.evaluate.segmentation import evaluate_segmentation
 
-    result = evaluate(args.pred, args.labels, slices=slice_range(args.slices), json_out=args.json)
+        result = evaluate_segmentation(args.seg, args.labels, slices=slice_range(args.slices),
+                                       json_out=args.json, fraction=args.overlap_fraction)
+    else:
+        from unet_dist.evaluate.scoring import evaluate
+
+        result = evaluate(args.pred, args.labels, slices=slice_range(args.slices), json_out=args.json)
     if result is not None:
         print(json.dumps(result), flush=True)
     return 0
@@ -47,12 +53,21 @@ def cmd_view(args) -> int:
 
 def add_parsers(sub) -> None:
     """Register the commands that score, export and show predictions on the CLI's subparsers."""
-    p = sub.add_parser("evaluate", help="Dice, pixel error and the ISBI V_rand / V_info of a prediction")
-    p.add_argument("--pred", required=True, help="the prediction store (PRED.zarr)")
+    p = sub.add_parser("evaluate", help="Dice, pixel error and the ISBI V_rand / V_info of a prediction; with "
+                                        "--seg, VOI, adapted Rand error and split / merged neurons of a segmentation")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--pred", help="the prediction store (PRED.zarr)")
+    what.add_argument("--seg", metavar="PRED.zarr[:ARRAY]",
+                      help="a segmentation: the label image neurons of PRED.zarr (unet-dist segment), or "
+                           "another label image name or array path")
     p.add_argument("--labels", required=True,
                    help="STORE[:LABEL]: the binary labels (default: the store's label image neuron_interior; "
-                        "another label image name or an array path, e.g. volumes/labels/membrane)")
+                        "another label image name or an array path, e.g. volumes/labels/membrane); "
+                        "with --seg the true neuron IDs (default: the label image neuron_ids)")
     p.add_argument("--slices", help="START:STOP in the labels' slice numbers (default: all predicted slices)")
+    p.add_argument("--overlap-fraction", type=float, default=0.05,
+                   help="with --seg: the share of a neuron's voxels a segment must hold to count in the split / "
+                        "merged neuron counts (default 0.05)")
     p.add_argument("--json", help="write the metrics to this JSON file")
     p.set_defaults(func=cmd_evaluate)
 
