@@ -14,6 +14,7 @@ from skimage.metrics import adapted_rand_error, variation_of_information
 from unet_dist.data.layout import Layout
 from unet_dist.data.ome import Pyramid, create_label_image, write_em_store
 from unet_dist.evaluate.instance_metrics import contingency, merge_tables, scores, segmentation_scores
+from unet_dist.evaluate import segmentation
 from unet_dist.evaluate.segmentation import evaluate_segmentation
 
 from helpers import ENV, ROOT, fake_prediction, run_cli, torchrun_cmd
@@ -105,8 +106,9 @@ def store_pair(tmp_path):
     return (*write_store_pair(tmp_path, true, ignore, pred[2:], first=2), true, pred, ignore)
 
 
-def test_evaluate_seg_reads_the_stores_slab_by_slab(store_pair, tmp_path):
+def test_evaluate_seg_reads_the_stores_slab_by_slab(store_pair, tmp_path, monkeypatch):
     labels, pred, true, seg, ignore = store_pair
+    monkeypatch.setattr(segmentation, "SORT_VOXELS", 700)  # slabs of 2 slices sorted one slice at a time
     out = tmp_path / "m.json"
     got = evaluate_segmentation(pred, labels, slices=(3, 8), json_out=out)
     assert json.loads(out.read_text()) == got
