@@ -21,7 +21,7 @@ import zarr
 
 from unet_dist.files import FAULT_ENV
 
-from helpers import ROOT
+from helpers import ROOT, blobs, first_layout_store, write_cremi
 
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 # 96 blocks of one chunk file each: a small tmpfs holds a few of them
@@ -221,3 +221,68 @@ def test_export_and_evaluate_json_into_a_forbidden_folder(reference, volume, tmp
     assert_one_line(run("evaluate", "--pred", reference, "--labels", volume, "--json", forbidden / "m.json",
                         preexec="no-override"), f"{forbidden / 'm.json'}: cannot write (Permission denied)")
     assert list(forbidden.iterdir()) == []
+
+
+# ----------------------------------------------- synth, convert, relabel, upgrade, train, report
+
+def fill(disk: Path) -> None:
+    """The tmpfs at `disk` made full."""
+    with contextlib.suppress(OSError), open(disk / "filler", "wb") as f:
+        while True:
+            f.write(b"x" * 4096)
+            f.flush()
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "filler"}
+
+
+def stores_to_change(folder: Path, tmp_path: Path) -> None:
+    """`inst.zarr` for relabel (instance IDs) and `old.zarr` for upgrade (the first layout) in `folder`."""
+    ids = blobs((3, 48, 40), 9, seed=0)
+    write_cremi(tmp_path / "cremi.h5", ids)
+    done = run("convert", "--raw", f"{tmp_path / 'cremi.h5'}:volumes/raw", "--labels",
+               f"{tmp_path / 'cremi.h5'}:volumes/labels/neuron_ids", "--out", folder / "inst.zarr", "--instances")
+    assert done.returncode == 0, done.stderr[-3000:]
+    first_layout_store(folder / "old.zarr", ids.astype(np.uint8), (ids % 2).astype(np.uint8))
+
+
+def each_store_command_fails_in_one_line(folder: Path, source: Path, why: str, upgrade: bool = True) -> None:
+    for args in (["synth", "--out", folder / "s.zarr", "--shape", "4,64,64"],
+                 ["convert", "--raw", source, "--out", folder / "c.zarr"],
+                 ["relabel", folder / "inst.zarr", "--boundary-width", "2"],
+                 *([["upgrade", folder / "old.zarr"]] if upgrade else [])):
+        line = assert_one_line(run(*args), f"({why})")
+        assert line.startswith(f"error: {folder}"), (args[0], line)
+
+
+def test_store_commands_on_a_full_disk_write_nothing_and_lose_nothing(tiny_synth_store, tmp_path):
+    with tmpfs(tmp_path / "disk", "8m") as disk:
+        stores_to_change(disk, tmp_path)
+        before = snapshot(disk)
+        fill(disk)
+        each_store_command_fails_in_one_line(disk, tiny_synth_store, "No space left on device", upgrade=False)
+        assert snapshot(disk) == before and sorted(p.name for p in disk.iterdir()) == ["filler", "inst.zarr",
+                                                                                        "old.zarr"]
+
+
+@pytest.mark.xfail(strict=True, reason="upgrade moves the arrays before it writes the metadata (data/ome.py): "
+                   "a full disk then leaves a store that neither upgrade nor info reads")
+def test_upgrade_on_a_full_disk_leaves_a_store_that_upgrade_finishes(tmp_path):
+    with tmpfs(tmp_path / "disk", "8m") as disk:
+        stores_to_change(disk, tmp_path)
+        fill(disk)
+        assert_one_line(run("upgrade", disk / "old.zarr"), f"{disk / 'old.zarr'}: cannot write (No space left")
+        (disk / "filler").unlink()
+        done = run("upgrade", disk / "old.zarr")
+        assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_store_commands_on_a_read_only_folder_write_nothing(tiny_synth_store, tmp_path):
+    real = tmp_path / "real"
+    stores_to_change(real, tmp_path)
+    before = snapshot(real)
+    with read_only_view(real, tmp_path / "ro") as ro:
+        each_store_command_fails_in_one_line(ro, tiny_synth_store, "Read-only file system")
+    assert snapshot(real) == before
