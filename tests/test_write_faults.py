@@ -257,6 +257,7 @@ def each_store_command_fails_in_one_line(folder: Path, source: Path, why: str, u
         assert line.startswith(f"error: {folder}"), (args[0], line)
 
 
+@pytest.mark.slow
 def test_store_commands_on_a_full_disk_write_nothing_and_lose_nothing(tiny_synth_store, tmp_path):
     with tmpfs(tmp_path / "disk", "8m") as disk:
         stores_to_change(disk, tmp_path)
@@ -279,6 +280,7 @@ def test_upgrade_on_a_full_disk_leaves_a_store_that_upgrade_finishes(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_store_commands_on_a_read_only_folder_write_nothing(tiny_synth_store, tmp_path):
     real = tmp_path / "real"
     stores_to_change(real, tmp_path)
@@ -293,6 +295,7 @@ def train_args(store, run_dir, *extra):
             "data.val_slices=[8,12]", "train.val_every=2", "train.ckpt_every=2", *extra]
 
 
+@pytest.mark.slow
 def test_train_and_report_on_a_full_disk_or_read_only_run_lose_nothing(synth_store, tmp_path):
     with tmpfs(tmp_path / "disk", "16m") as disk:
         run_dir = disk / "run"
