@@ -242,6 +242,18 @@ def ome_multiscale(levels: int, scale0, unit, version, translation=None, axes="z
 
 # ------------------------------------------------------------------------- foreign files
 
+def first_layout_store(path: Path, raw: np.ndarray, labels: np.ndarray) -> None:
+    """A store as unet-dist wrote it before the OME-Zarr layout: raw and labels at the root."""
+    scale = {"type": "scale", "scale": [50.0, 4.0, 4.0]}
+    axes = [{"name": n, "type": "space", "unit": "nanometer"} for n in "zyx"]
+    attrs = {"ome": {"version": "0.5", "multiscales": [
+        {"name": n, "axes": axes, "datasets": [{"path": n, "coordinateTransformations": [scale]}]}
+        for n in ("raw", "labels")]}, "unet_dist": {"version": "0.1.0", "sources": {}}}
+    group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attrs)
+    for name, data in (("raw", raw), ("labels", labels)):
+        group.create_array(name, data=data, chunks=(1, *data.shape[1:]), dimension_names=("z", "y", "x"))
+
+
 def blobs(shape, n, seed, dtype=np.uint64) -> np.ndarray:
     """Touching neurons: each voxel takes the ID of its nearest seed (big IDs, some 0 = background)."""
     rng = np.random.default_rng(seed)

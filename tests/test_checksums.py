@@ -46,8 +46,8 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 def arrays_of(group: zarr.Group) -> dict[str, zarr.Array]:
-    with warnings.catch_warnings():  # zarr's note on the prediction's .manifest files
-        warnings.simplefilter("ignore", ZarrUserWarning)
+    with warnings.catch_warnings():  # a stray file in a store of ours (once the manifest's) is a fault
+        warnings.simplefilter("error", ZarrUserWarning)
         return {path: a for path, a in group.members(max_depth=None) if isinstance(a, zarr.Array)}
 
 

@@ -5,7 +5,6 @@ tiles in, float32 probabilities out, quantized on the host). Real stores on disk
 from __future__ import annotations
 
 import importlib.util
-import json
 import threading
 
 import numpy as np
@@ -26,7 +25,7 @@ from unet_dist.predict.block_plan import (assign, block_core, block_order, input
 from unet_dist.checkpoint import load_model
 from unet_dist.predict.pipeline import BlockPipeline, io_threads, predict
 from unet_dist.predict.prediction_store import MASK, PROBABILITY, create_prediction, quantize
-from unet_dist.predict.manifest import Manifest, entries
+from unet_dist.predict.manifest import Manifest, entries, records
 from unet_dist.predict.tilenet import TileNet
 
 from helpers import SMALL, require_module
@@ -248,14 +247,15 @@ def test_the_manifest_records_batches_and_reads_every_version(tmp_path):
         manifest.mark(i)
     assert Manifest(out, "key").done() == {1, 5, 9}  # 4 waits for its batch
     manifest.flush()
-    assert sorted(p.name for p in manifest.dir.glob("blocks-*.json")) == ["blocks-1.json", "blocks-4.json"]
-    # an earlier version's file per block still counts; another run key's entries do not
+    assert sorted(p.name for p in manifest.dir.iterdir()) == ["blocks-1", "blocks-4", "zarr.json"]
+    # earlier versions' files (a batch, a block) still count; another run key's entries do not
+    (manifest.dir / "blocks-6.json").write_text('{"blocks": [6], "key": "key", "rank": 0}')
     (manifest.dir / "block-7.json").write_text('{"block": 7, "key": "key", "core": [], "rank": 0}')
     (manifest.dir / "block-8.json").write_text('{"block": 8, "key": "other", "core": [], "rank": 0}')
     Manifest(out, "other", rank=1).mark(2)
-    assert Manifest(out, "key").done() == {1, 4, 5, 7, 9}
-    assert sorted(i for _, blocks in entries(out) for i in blocks) == [1, 2, 4, 5, 7, 8, 9]  # any key: jobs count
-    assert json.loads((manifest.dir / "blocks-2.json").read_text())["rank"] == 1
+    assert Manifest(out, "key").done() == {1, 4, 5, 6, 7, 9}
+    assert sorted(i for _, blocks in entries(out) for i in blocks) == [1, 2, 4, 5, 6, 7, 8, 9]  # any key: jobs count
+    assert [r["rank"] for r in records(out) if r["blocks"] == [2]] == [1]
     for n, every in ((10, 1), (64 * 5, 5), (10 ** 6, 64)):
         manifest.batch_for(n)
         assert manifest.every == every

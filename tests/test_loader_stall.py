@@ -22,7 +22,7 @@ from unet_dist.compat import dataloader as compat
 from unet_dist.train.batch_wait import BatchWaiter, LoaderStalled, StopWhileWaiting
 from unet_dist.train.signals import ignore_stop_signals
 
-from helpers import CONFIGS, ROOT, run_cli
+from helpers import CONFIGS, ROOT, run_cli, torchrun_cmd, torchrun_worker_pids
 
 SMOKE = CONFIGS / "smoke.yaml"
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
@@ -72,23 +72,29 @@ def test_loader_timeout_is_checked():
     assert done.code == 2 and "data.loader_timeout_s" in done.err and "Traceback" not in done.err
 
 
-def _start(store: Path, run: Path, *overrides: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "unet_dist", "train", "--config", str(SMOKE), f"data.store={store}",
-           "data.train_slices=[0,8]", "data.val_slices=[8,12]", f"run.dir={run}", "train.steps=100000",
-           "train.ckpt_every=5", "train.val_every=100000", "train.log_every=1", "data.num_workers=2", *overrides]
+def _start(store: Path, run: Path, *overrides: str, port: int | None = None) -> subprocess.Popen:
+    """The trainer; with `port`, two ranks under torchrun (the agent is the process started)."""
+    args = ["train", "--config", str(SMOKE), f"data.store={store}", "data.train_slices=[0,8]",
+            "data.val_slices=[8,12]", f"run.dir={run}", "train.steps=100000", "train.ckpt_every=5",
+            "train.val_every=100000", "train.log_every=1", "data.num_workers=2", *overrides]
+    cmd = torchrun_cmd(2, port, *args) if port else [sys.executable, "-m", "unet_dist", *args]
     # output to files: a full pipe would stall the trainer itself
     return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=open(run.parent / "out.txt", "w"),
                             stderr=open(run.parent / "err.txt", "w"), start_new_session=True)
 
 
-def _workers(proc: subprocess.Popen, deadline: float) -> list[int]:
+def _workers(proc: subprocess.Popen, deadline: float, rank: int | None = None) -> list[int]:
     """The trainer's loader workers once it has logged step 5: its forked children (their
-    command line is the trainer's own)."""
+    command line is the trainer's own); with `rank`, those of that rank under the torchrun agent."""
     while True:
         assert proc.poll() is None, f"trainer ended ({proc.returncode})"
-        cmdline = _cmdline(proc.pid)  # read each time: just after Popen it may not have exec'd yet
         assert time.monotonic() < deadline, "the trainer never got going"
-        children = [int(pid) for task in Path(f"/proc/{proc.pid}/task").iterdir()
+        trainer = proc.pid if rank is None else torchrun_worker_pids(proc.pid).get(rank)
+        if trainer is None:
+            time.sleep(0.05)
+            continue
+        cmdline = _cmdline(trainer)  # read each time: just after Popen it may not have exec'd yet
+        children = [int(pid) for task in Path(f"/proc/{trainer}/task").iterdir()
                     for pid in (task / "children").read_text().split()]
         workers = sorted(pid for pid in children if _cmdline(pid) == cmdline)
         if len(workers) == 2 and _steps_logged(proc) >= 5:
@@ -199,3 +205,27 @@ def test_a_stop_signal_is_honoured_while_a_worker_is_stalled(synth_store, tmp_pa
     assert Path(status["checkpoint"]).exists()
     out = (tmp_path / "b" / "out.txt").read_text()
     assert f"stop signal received: checkpointing at step {status['step']}" in out
+
+
+@pytest.mark.slow
+def test_a_stalled_worker_of_another_rank_ends_every_rank_with_its_line(synth_store, tmp_path, free_port):
+    (tmp_path / "c").mkdir()
+    proc = _start(synth_store, tmp_path / "c" / "run", "data.loader_timeout_s=3", port=free_port)
+    workers, trainers = [], []
+    try:
+        trainers = list(torchrun_worker_pids(proc.pid).values())
+        workers = _workers(proc, time.monotonic() + 300, rank=1)
+        trainers = list(torchrun_worker_pids(proc.pid).values())
+        os.kill(workers[0], signal.SIGSTOP)
+        code, err = _finish(proc, timeout=120)
+        left = [pid for pid in trainers + workers if _state(pid) not in ("", "Z")]
+    finally:
+        _release(workers)
+    assert code != 0 and not left, (left, err[-3000:])
+    # one line from the rank whose worker stalled (torchrun's agent adds its own report after it);
+    # stopped while putting a batch, worker 0 holds the result queue's lock and blocks worker 1
+    # too, which may then be the one owing the batch awaited
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(rf"\(pid ({'|'.join(map(str, workers))})\) has not delivered",
+                                           errors[0]), (workers, err[-3000:])
+    assert "of rank 1" in errors[0] and "data.loader_timeout_s=3" in errors[0], err[-3000:]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from unet_dist.data.convert import convert
 from unet_dist.data.ome import image_levels
 from unet_dist.data.synth import synthesize
 
-from helpers import SMALL, check_ome, run_cli, save_checkpoint
+from helpers import SMALL, check_ome, first_layout_store, run_cli, save_checkpoint
 
 
 def test_convert_and_synth_stores_are_valid_ome_zarr(isbi_dir, tmp_path):
@@ -113,18 +112,6 @@ def test_level_plan_follows_the_voxel_size():
 
 
 # ---------------------------------------------------------------------------- the first layout
-
-def first_layout_store(path: Path, raw: np.ndarray, labels: np.ndarray) -> None:
-    """A store as unet-dist wrote it before the OME-Zarr layout: raw and labels at the root."""
-    scale = {"type": "scale", "scale": [50.0, 4.0, 4.0]}
-    axes = [{"name": n, "type": "space", "unit": "nanometer"} for n in "zyx"]
-    attrs = {"ome": {"version": "0.5", "multiscales": [
-        {"name": n, "axes": axes, "datasets": [{"path": n, "coordinateTransformations": [scale]}]}
-        for n in ("raw", "labels")]}, "unet_dist": {"version": "0.1.0", "sources": {}}}
-    group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attrs)
-    for name, data in (("raw", raw), ("labels", labels)):
-        group.create_array(name, data=data, chunks=(1, *data.shape[1:]), dimension_names=("z", "y", "x"))
-
 
 def test_first_layout_is_refused_in_one_line_then_upgraded_without_copying(tmp_path):
     rng = np.random.default_rng(0)

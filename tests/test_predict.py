@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from unet_dist.config import ModelConfig, PredictConfig, to_dict
 from unet_dist.data.synth import synthesize
 from unet_dist.errors import UserError
 from unet_dist.model import build_model, halo, pooling_factor
+from unet_dist.predict.manifest import records
 from unet_dist.predict.prediction_store import MASK, PROBABILITY, probability_float
 from unet_dist.data.store import RAW
 from unet_dist.files import FAULT_ENV
@@ -308,7 +311,7 @@ def reference(ckpt, volume, tmp_path_factory):
 
 
 def manifest_entries(out: Path) -> list[dict]:
-    return [json.loads(f.read_text()) for f in (out / ".manifest").glob("blocks-*.json")]
+    return list(records(out))
 
 
 @pytest.mark.slow
@@ -365,6 +368,28 @@ def test_killed_then_resumed_equals_uninterrupted(ckpt, volume, reference, tmp_p
     assert all(np.array_equal(a[k], b[k]) for k in a)
     again = run_cli(*args, env={"OMP_NUM_THREADS": "1"})  # finished: nothing left to do
     assert again.code == 0 and last_json(again.out)["blocks_predicted"] == 0
+
+
+def test_the_store_lists_without_warnings_and_a_lost_batch_is_predicted_again(ckpt, volume, reference, tmp_path):
+    """zarr warns once for every entry of a group that is not a node: the manifest's batches are groups."""
+    ref_out, ref = reference
+    out = tmp_path / "pred.zarr"
+    shutil.copytree(ref_out, out)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        group = zarr.open_group(str(out), mode="r")
+        members = dict(group.members(max_depth=None))
+        group.tree()
+    assert [str(w.message) for w in caught] == [] and "labels/mask/0" in members
+    lost = min((out / ".manifest").glob("blocks-*"))
+    n_lost = len(json.loads((lost / "zarr.json").read_text())["attributes"]["blocks"])
+    shutil.rmtree(lost)
+    again = run_cli("predict", "--checkpoint", ckpt, "--input", volume, "--out", out, "--labels", volume,
+                    "--resume", *PRED_ARGS, env={"OMP_NUM_THREADS": "1"})
+    assert again.code == 0, again.err
+    assert last_json(again.out)["blocks_predicted"] == n_lost and n_lost < ref["blocks"]
+    a, b = prediction_arrays(ref_out), prediction_arrays(out)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow

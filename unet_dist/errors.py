@@ -7,13 +7,15 @@ file or key and the problem.
 A fault of the place being written (disk full, quota, read-only file system, no permission) is the
 user's to fix too: `writing(path)` turns it into a UserError naming the path, where a command writes
 (some writes, like a file descriptor's, do not know their path); `run_command` turns any such error
-left into the same line with the path the error carries.
+left into the same line with the path the error carries. A permission error may come from reading
+as well (an input file chmod 000): the line then says "cannot read" and names that file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import sys
 from collections.abc import Callable, Iterator
 
@@ -43,11 +45,29 @@ def run_command(command: Callable[[], int]) -> int:
 
 def write_fault(exc: BaseException, path=None) -> UserError | None:
     """`exc` as a UserError naming `path` (else the file the error names) when it is a fault of the
-    place being written (full disk, quota, read-only, no permission); None for anything else."""
+    place being written (full disk, quota, read-only, no permission) or a file that refuses reading;
+    None for anything else."""
     if not isinstance(exc, OSError) or exc.errno not in WRITE_FAULTS:
         return None
+    # A permission error on a file that refuses reading is the read it most likely was (an input
+    # chmod 000, read while writing `path`): writes here go through new temporary files.
+    if exc.errno == errno.EACCES and exc.filename and not _readable(exc.filename):
+        return UserError(f"{exc.filename}: cannot read ({exc.strerror or exc})")
     where = path if path is not None else exc.filename
     return UserError(f"{f'{where}: ' if where else ''}cannot write ({exc.strerror or exc})")
+
+
+def _readable(path) -> bool:
+    """False only for a path that is there (a file or a folder) and refuses reading; a path not there,
+    or in a folder we cannot look into, says nothing about reading."""
+    try:
+        os.lstat(path)
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))  # non-blocking: a FIFO must not hang us
+    except PermissionError:
+        return not os.path.lexists(path)
+    except OSError:
+        return True
+    return True
 
 
 @contextlib.contextmanager

@@ -33,6 +33,21 @@ def write_json_atomic(path, obj, indent: int = 2) -> None:
             raise
 
 
+def save_atomic(path, save) -> None:
+    """`save(tmp)` writes the file, into a temporary sibling (same suffix, for writers that choose the
+    format by it) renamed onto `path`: a full disk leaves the old file or none, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    with writing(path):
+        try:
+            save(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
+
+
 def fault_point(name: str, near: Path) -> None:
     """Fault injection for the tests (`UNET_DIST_FAULT_PAUSE=<name>`, or `<name>@<n>`: the n-th
     arrival): the first thread to get here pauses until the marker `<near>.paused` is removed (at most

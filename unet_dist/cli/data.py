@@ -7,6 +7,7 @@ import os
 import sys
 
 from unet_dist.cli.arguments import chunk_shape, positive_ints, voxel_size
+from unet_dist.errors import writing
 
 
 def _progress(label: str):
@@ -81,7 +82,8 @@ def cmd_convert(args) -> int:
 def cmd_relabel(args) -> int:
     from unet_dist.data.relabel import relabel
 
-    done = relabel(args.store, _rule(args))
+    with writing(args.store):  # changed in place: a full disk names the store
+        done = relabel(args.store, _rule(args))
     print(f"relabelled {done['store']}: boundary width {args.boundary_width}, label fraction "
           f"{done['label_fraction']:.4f}", file=sys.stderr)
     _print_store(args.store)
@@ -109,7 +111,8 @@ def cmd_info(args) -> int:
 def cmd_upgrade(args) -> int:
     from unet_dist.data.ome import upgrade
 
-    done = upgrade(args.store)
+    with writing(args.store):
+        done = upgrade(args.store)
     print(f"upgraded {done['path']}: image '{done['image']}', label images {done['labels'] or 'none'}, "
           f"{done['levels']} level(s)", file=sys.stderr)
     _print_store(args.store)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from unet_dist.cli.arguments import positive_ints, slice_range
+from unet_dist.errors import writing
 
 
 def cmd_evaluate(args) -> int:
@@ -33,8 +34,10 @@ def cmd_export(args) -> int:
 def cmd_report(args) -> int:
     from unet_dist.visualize.report import report
 
-    for path in report(args.run_dir, pred=args.pred, store=args.store, slices=slice_range(args.slices),
-                       max_rows=args.max_rows, panel=args.panel):
+    with writing(args.run_dir):  # the report is written into the run directory
+        paths = report(args.run_dir, pred=args.pred, store=args.store, slices=slice_range(args.slices),
+                       max_rows=args.max_rows, panel=args.panel)
+    for path in paths:
         print(path)
     return 0
 

@@ -6,6 +6,7 @@ import json
 import sys
 
 from unet_dist.cli.arguments import positive_ints, slice_range
+from unet_dist.errors import writing
 
 EXIT_DIVERGED = 3
 
@@ -34,7 +35,8 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     try:
-        result = train(cfg, resume=args.resume)
+        with writing(cfg.run.dir):  # a full disk met by a write that knows no path names the run
+            result = train(cfg, resume=args.resume)
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from unet_dist.errors import UserError
+from unet_dist.errors import UserError, writing
 
 
 def check_out(out, overwrite: bool) -> Path:
@@ -47,7 +47,8 @@ def atomic_store_dir(out, overwrite: bool) -> Iterator[Path]:
     except OSError as exc:
         raise UserError(f"{out}: cannot write there ({exc.strerror})") from None
     try:
-        with _sigterm_raises():
+        # a full disk met by a write that knows no path (zarr's, a file descriptor's) names the store
+        with _sigterm_raises(), writing(out):
             yield tmp
             _replace(tmp, out, overwrite)
     except BaseException:

@@ -2,6 +2,9 @@
 
 The manifest (`PRED.zarr/.manifest/`) is what `predict --resume` trusts: a block listed there under
 the current run key (a hash of the weights and the prediction settings) is not predicted again.
+Each batch of finished blocks is a Zarr group of its own whose attributes list them, so a reader that
+walks the store (zarr's `members(max_depth=None)`, `tree()`) finds only nodes: zarr warns once for
+every file or folder in a group that is not a node.
 No torch here: the job launchers read the manifest on machines that only submit.
 """
 
@@ -27,12 +30,12 @@ BATCH_SECONDS = 2.0  # a pending block waits at most about this long for its bat
 class Manifest:
     """Finished blocks, recorded in batches; an entry counts only with the current run key.
 
-    A block is added once its chunks are stored, and a batch is written (`blocks-<first>.json`, its
-    smallest index: unique, since a recorded block is never predicted again under its key) when it
+    A block is added once its chunks are stored, and a batch is written (the group `blocks-<first>/`,
+    its smallest index: unique, since a recorded block is never predicted again under its key) when it
     holds `every` blocks, when its oldest has waited BATCH_SECONDS, and at `flush`. A file per block
     cost 0.13 ms of a writer's time per block, as much as encoding the block (BENCHMARKS.md, io);
-    a kill now loses the pending batch, which a resume predicts again. `block-<i>.json` files of
-    earlier versions still count.
+    a kill now loses the pending batch, which a resume predicts again. The `blocks-<first>.json` and
+    `block-<i>.json` files of earlier versions still count.
     """
 
     def __init__(self, out: Path, key: str, rank: int = 0, every: int = 1):
@@ -44,9 +47,7 @@ class Manifest:
 
     def create(self) -> None:
         self.dir.mkdir(exist_ok=True)
-        # A group marker, so zarr sees a node here rather than warning about a stray folder.
-        (self.dir / "zarr.json").write_text(json.dumps(
-            {"zarr_format": 3, "node_type": "group", "attributes": {"unet_dist": "finished prediction blocks"}}))
+        (self.dir / "zarr.json").write_text(json.dumps(_group({"unet_dist": "finished prediction blocks"})))
 
     def batch_for(self, n_blocks: int) -> None:
         """Batches for a run of `n_blocks`: a kill loses at most 1/64 of it (or MAX_BATCH blocks)."""
@@ -76,23 +77,36 @@ class Manifest:
             self._write(batch)
 
     def _write(self, batch: list[int]) -> None:
-        path = self.dir / f"blocks-{min(batch)}.json"
-        fault_point("block-mark", path)
-        write_json_atomic(path, {"key": self.key, "rank": self.rank, "blocks": sorted(batch)}, indent=None)
+        node = self.dir / f"blocks-{min(batch)}"
+        fault_point("block-mark", node)
+        write_json_atomic(node / "zarr.json", _group({"key": self.key, "rank": self.rank, "blocks": sorted(batch)}),
+                          indent=None)
         with self._lock:
             self.recorded += len(batch)
 
 
-def entries(out: Path) -> Iterator[tuple[str | None, list[int]]]:
-    """(run key, blocks) of every readable manifest file of the prediction `out`, any version."""
-    for pattern in ("blocks-*.json", "block-*.json"):
+def _group(attributes: dict) -> dict:
+    return {"zarr_format": 3, "node_type": "group", "attributes": attributes}
+
+
+def records(out: Path) -> Iterator[dict]:
+    """`{"key", "rank", "blocks"}` of every readable batch in the manifest of the prediction `out`, any
+    version: groups `blocks-<first>/` now, `blocks-<first>.json` and `block-<i>.json` files before."""
+    for pattern in ("blocks-*/zarr.json", "blocks-*.json", "block-*.json"):
         for path in (Path(out) / MANIFEST).glob(pattern):
             try:
                 entry = json.loads(path.read_text())
+                entry = entry["attributes"] if entry.get("node_type") == "group" else entry
                 blocks = [int(i) for i in entry["blocks"]] if "blocks" in entry else [int(entry["block"])]
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue  # a file another writer is replacing, or not ours
-            yield entry.get("key"), blocks
+            yield {"key": entry.get("key"), "rank": entry.get("rank"), "blocks": blocks}
+
+
+def entries(out: Path) -> Iterator[tuple[str | None, list[int]]]:
+    """(run key, blocks) of every readable manifest batch of the prediction `out`, any version."""
+    for record in records(out):
+        yield record["key"], record["blocks"]
 
 
 class OutputLock:
@@ -152,7 +166,7 @@ def finished_blocks(out) -> int:
     return sum(len(blocks) for _, blocks in entries(Path(out)))
 
 
-if __name__ == "__main__":  # slurm/predict.sbatch: python -m unet_dist.predict_manifest PRED.zarr
+if __name__ == "__main__":  # slurm/predict.sbatch: python -m unet_dist.predict.manifest PRED.zarr
     import sys
 
     print(finished_blocks(sys.argv[1]))

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from unet_dist import rundir
 from unet_dist.errors import UserError
+from unet_dist.files import save_atomic
 from unet_dist.visualize.overlay import INVENTED, MISSED, UNLABELLED_TINT, error_panel
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
@@ -329,10 +330,11 @@ def report(run_dir, pred=None, store=None, slices=None, max_rows: int = 6, panel
             if row["prob"].shape != row["raw"].shape:
                 raise UserError(f"{pred}: slices of {row['prob'].shape} do not match {store}'s {row['raw'].shape}")
         path = out_dir / "slices.png"
-        slice_grid(rows, f"{run_dir.name}: {source} on {Path(store).name}, slices {lo}:{hi}", panel).save(path)
+        grid = slice_grid(rows, f"{run_dir.name}: {source} on {Path(store).name}, slices {lo}:{hi}", panel)
+        save_atomic(path, grid.save)
         written.append(path)
     if metrics.is_file():
         path = out_dir / "curves.png"
-        curves(read_metrics(metrics)).save(path)
+        save_atomic(path, curves(read_metrics(metrics)).save)
         written.append(path)
     return written
