@@ -198,3 +198,39 @@ def test_killed_then_resumed_equals_uninterrupted(ckpt3, store3, reference3, tmp
     assert result["blocks_skipped"] >= done and result["blocks_predicted"] == ref["blocks"] - result["blocks_skipped"]
     a, b = level_arrays(ref_out), level_arrays(out)
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_view_shows_affinities_as_rgb_where_they_are(ckpt3, store3, reference3, tmp_path):
+    """Channel 0 set to the store's neuron interior and the others to 0: the layer is red exactly there."""
+    pytest.importorskip("neuroglancer")
+    pytest.importorskip("playwright")
+    from unet_dist.visualize.view import find_chromium
+
+    find_chromium()
+    pred = tmp_path / "pred.zarr"
+    predict(ckpt3, store3, pred, overrides=ARGS3)
+    group = zarr.open_group(str(pred), mode="r+")
+    target = zarr.open_group(str(store3), mode="r")["labels/neuron_interior/0"][:]
+    group["0"][:] = np.stack([target * np.uint8(255), 0 * target, 0 * target])
+    png = tmp_path / "v.png"
+    done = run_cli("view", pred, "--slices", "6:7", "--screenshot", png, env={"OMP_NUM_THREADS": "1"}, timeout=400)
+    assert done.code == 0, done.err
+    result = last_json(done.out)
+    assert result["layers"] == {"affinities": "ok"} and result["page_errors"] == []
+    from PIL import Image
+
+    image = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    x, y, w, h = result["panels"][0]["rect"]
+    # the panel without its edges (the layer's axis legend, the scale bar): the volume, grey around it
+    panel = image[int(y + 0.05 * h):int(y + 0.9 * h), int(x + 0.05 * w):int(x + 0.95 * w)]
+    drawn = np.argwhere(np.abs(panel - 128).max(axis=-1) > 40)
+    (top, left), (bottom, right) = drawn.min(axis=0), drawn.max(axis=0) + 1
+    inside = panel[top:bottom, left:right]
+    red = (inside[..., 0] > 128) & (inside[..., 1] < 64) & (inside[..., 2] < 64)
+    black = inside.max(axis=-1) < 64
+    assert (red | black).mean() > 0.99  # no green or blue: channels 1 and 2 are 0
+    # slice 6 of the target, sampled at the drawn pixels: red exactly where the neuron interior is
+    rows = np.arange(bottom - top) * target.shape[1] // (bottom - top)
+    cols = np.arange(right - left) * target.shape[2] // (right - left)
+    assert (red == (target[6][np.ix_(rows, cols)] == 1)).mean() > 0.97

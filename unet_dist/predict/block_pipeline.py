@@ -80,7 +80,8 @@ class BlockPipeline:
                  ignore=None):
         self.plan, self.net, self.raw, self.labels, self.cfg = plan, net, raw, labels, cfg
         self.ignore = ignore  # the labels' unlabelled voxels (1), counted nowhere
-        self.channels = net.channels  # an affinity model's channels; None: probability and mask
+        image = out_group[PROBABILITY]
+        self.channels = image.shape[0] if image.ndim == 4 else None  # affinities (C, Z, Y, X); None: membrane
         self.mask = None if self.channels else writing_every_chunk(out_group[MASK])
         self.manifest = manifest
         self.raw_cache = self.label_cache = None
