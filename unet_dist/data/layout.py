@@ -118,17 +118,20 @@ def check_zyx(values, what) -> tuple[int, int, int]:
     return values  # type: ignore[return-value]
 
 
-def create_volume_array(group: zarr.Group, name: str, layout: Layout, dtype, kind: str = "raw"):
-    """An empty (Z, Y, X) array with our codecs and OME dimension names."""
+def create_volume_array(group: zarr.Group, name: str, layout: Layout, dtype, kind: str = "raw",
+                        channels: int | None = None):
+    """An empty (Z, Y, X) array with our codecs and OME dimension names; with `channels`, (C, Z, Y, X)
+    whose every chunk and shard holds all channels (a block is written whole, all its channels)."""
+    lead = (int(channels),) if channels else ()
     return group.create_array(
         name,
-        shape=layout.shape,
+        shape=lead + tuple(layout.shape),
         dtype=np.dtype(dtype),
-        chunks=layout.chunks,
-        shards=layout.shards,
+        chunks=lead + tuple(layout.chunks),
+        shards=layout.shards and lead + tuple(layout.shards),
         compressors=[BloscCodec(**COMPRESSORS[kind])] + ([Crc32cCodec()] if _checksums[0] else []),
         fill_value=0,
-        dimension_names=AXES,
+        dimension_names=("c",) * len(lead) + AXES,
         # Every chunk is stored, even an all-zero one, so a missing chunk file means damage.
         config={"write_empty_chunks": True},
         attributes={EVERY_CHUNK_STORED: True},

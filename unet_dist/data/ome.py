@@ -36,29 +36,32 @@ LABEL_VALUES = {
 }
 
 
-def _axes(known: bool) -> list[dict]:
+def _axes(known: bool, channels: bool = False) -> list[dict]:
     # Axes without a unit record "voxel size unknown"; the scale is then a placeholder of 1.
-    return [{"name": n, "type": "space", **({"unit": "nanometer"} if known else {})} for n in AXES]
+    space = [{"name": n, "type": "space", **({"unit": "nanometer"} if known else {})} for n in AXES]
+    return [{"name": "c", "type": "channel"}] * channels + space
 
 
 def multiscale(name: str, scales: Sequence[Sequence[float]], known: bool,
-               translation: Sequence[float] | None = None) -> dict:
+               translation: Sequence[float] | None = None, channels: bool = False) -> dict:
     """One OME multiscale: level k maps index i to i * scale_k + translation_k. Coordinates are voxel
     centres (as neuroglancer and the OME-NGFF discussion read them), so a coarse voxel, the mean of
-    f fine ones, sits (f - 1) / 2 fine voxels further on: translation_k = t_0 + (scale_k - scale_0) / 2."""
+    f fine ones, sits (f - 1) / 2 fine voxels further on: translation_k = t_0 + (scale_k - scale_0) / 2.
+    `channels`: a leading channel axis c, never downsampled (scale 1, translation 0 at every level)."""
     base = [float(v) for v in translation] if translation is not None else [0.0] * len(scales[0])
+    lead = [] if not channels else [1.0]
     datasets = []
     for level, scale in enumerate(scales):
-        transforms = [{"type": "scale", "scale": [float(v) for v in scale]}]
+        transforms = [{"type": "scale", "scale": lead + [float(v) for v in scale]}]
         shift = [t + (s - s0) / 2 for t, s, s0 in zip(base, scale, scales[0])]
         if any(shift):
-            transforms.append({"type": "translation", "translation": shift})
+            transforms.append({"type": "translation", "translation": [0.0] * len(lead) + shift})
         datasets.append({"path": str(level), "coordinateTransformations": transforms})
-    return {"name": name, "axes": _axes(known), "datasets": datasets}
+    return {"name": name, "axes": _axes(known, channels), "datasets": datasets}
 
 
-def image_attrs(name: str, scales, known: bool, translation=None) -> dict:
-    return {"ome": {"version": VERSION, "multiscales": [multiscale(name, scales, known, translation)]}}
+def image_attrs(name: str, scales, known: bool, translation=None, channels: bool = False) -> dict:
+    return {"ome": {"version": VERSION, "multiscales": [multiscale(name, scales, known, translation, channels)]}}
 
 
 def label_image_attrs(name: str, scales, known: bool, translation=None) -> dict:
@@ -102,10 +105,11 @@ class Pyramid:
 
 
 def create_image(group: zarr.Group, name: str, plan: Pyramid, dtype, kind: str,
-                 translation=None) -> list[zarr.Array]:
-    """The image at `group`'s root: metadata and empty levels."""
-    group.attrs.update(image_attrs(name, plan.scales, plan.voxel_size is not None, translation))
-    return _levels(group, plan, dtype, kind)
+                 translation=None, channels: int | None = None) -> list[zarr.Array]:
+    """The image at `group`'s root: metadata and empty levels; with `channels`, levels of
+    (C, Z, Y, X) under axes c, z, y, x (coarser levels are coarser in space only)."""
+    group.attrs.update(image_attrs(name, plan.scales, plan.voxel_size is not None, translation, bool(channels)))
+    return _levels(group, plan, dtype, kind, channels)
 
 
 def create_label_image(group: zarr.Group, name: str, plan: Pyramid, dtype, translation=None,
@@ -120,14 +124,14 @@ def create_label_image(group: zarr.Group, name: str, plan: Pyramid, dtype, trans
     return _levels(image, plan, dtype, kind)
 
 
-def _levels(group: zarr.Group, plan: Pyramid, dtype, kind: str) -> list[zarr.Array]:
+def _levels(group: zarr.Group, plan: Pyramid, dtype, kind: str, channels: int | None = None) -> list[zarr.Array]:
     present = {n for n, _ in group.arrays()}
     levels = []
     for level in range(len(plan.steps) + 1):
         if str(level) in present:  # a resumed prediction whose creator died early
             levels.append(group[str(level)])
         else:
-            levels.append(create_volume_array(group, str(level), plan.level_layout(level), dtype, kind))
+            levels.append(create_volume_array(group, str(level), plan.level_layout(level), dtype, kind, channels))
     return levels
 
 

@@ -3,7 +3,8 @@
 Reader threads load the next blocks (Blosc releases the GIL) while the model runs batches of tiles
 (always `batch_size` tiles, so results do not depend on which blocks share a batch); writer threads
 store finished blocks and then record them in the manifest. Whole chunks are read and written as
-files by data/chunk_io.py where it can show its bytes equal zarr's.
+files by data/chunk_io.py where it can show its bytes equal zarr's. An affinity model's blocks are
+(C, *block), all channels in one chunk, and have no mask.
 """
 
 from __future__ import annotations
@@ -52,10 +53,10 @@ class _Block:
     tiles: np.ndarray | None  # (n, *model tile), the raw dtype: 2D, one per slice; 3D, one
     label: np.ndarray | None
     valid: np.ndarray | None = None  # labelled voxels of the core (None: all), for the counts
-    prob: np.ndarray | None = None  # (n, *core of one tile), the stored dtype
-    mask: np.ndarray | None = None
+    prob: np.ndarray | None = None  # (n, *core of one tile) (affinities: (n, C, ...)), the stored dtype
+    mask: np.ndarray | None = None  # (n, *core of one tile); None for affinities
     remaining: int = 0
-    out_shape: tuple = ()  # the shape of prob and mask
+    out_shape: tuple = ()  # the shape of prob
 
 
 def io_threads(cfg: PredictConfig, cores: int | None = None) -> tuple[int, int]:
@@ -79,13 +80,16 @@ class BlockPipeline:
                  ignore=None):
         self.plan, self.net, self.raw, self.labels, self.cfg = plan, net, raw, labels, cfg
         self.ignore = ignore  # the labels' unlabelled voxels (1), counted nowhere
-        self.mask = writing_every_chunk(out_group[MASK])
+        image = out_group[PROBABILITY]
+        self.channels = image.shape[0] if image.ndim == 4 else None  # affinities (C, Z, Y, X); None: membrane
+        self.mask = None if self.channels else writing_every_chunk(out_group[MASK])
         self.manifest = manifest
         self.raw_cache = self.label_cache = None
         # Our own chunk files only with zarr's own pipeline: predict.codec_pipeline=zarrs asks for zarrs.
         own_files = cfg.codec_pipeline == "zarr"
         self.chunk_files = ChunkFiles.of if own_files else (lambda array: None)
-        self.output = OutputWriter(plan, [writing_every_chunk(out_group[PROBABILITY]), self.mask], own_files)
+        outputs = [writing_every_chunk(out_group[PROBABILITY])] + ([self.mask] if self.mask is not None else [])
+        self.output = OutputWriter(plan, outputs, own_files)
         # the block that completes a shard writes it: so long a write must not stop the loop
         self.shard_size = math.prod(plan.shard_blocks)
 
@@ -126,10 +130,14 @@ class BlockPipeline:
         """Store a finished block, then record what is stored for good (with shards: whole shards);
         returns its confusion counts (zeros without labels)."""
         shape = tuple(hi - lo for lo, hi in block.core)
-        mask = block.mask.reshape(shape)
+        if self.channels:  # (n, C, ...) -> (C, *block): 2D tiles are slices, a 3D block one tile
+            outputs, mask = (np.moveaxis(block.prob, 1, 0).reshape((self.channels, *shape)),), None
+        else:
+            mask = block.mask.reshape(shape)
+            outputs = (block.prob.reshape(shape), mask)
         # a full disk or a read-only output: one line naming the output and the block
         with in_block(self.plan, block.index, self.manifest.dir.parent):
-            self.manifest.mark(*self.output.store(block.index, (block.prob.reshape(shape), mask)))
+            self.manifest.mark(*self.output.store(block.index, outputs))
         return np.zeros(4, np.int64) if block.label is None else confusion_counts(mask, block.label, valid=block.valid)
 
     def recount(self, index: int) -> np.ndarray:
@@ -150,6 +158,33 @@ class BlockPipeline:
         finally:  # blocks stored before a failure or Ctrl-C are kept for the resume
             self.manifest.flush()
 
+    def _expect(self, block: _Block, stored) -> int:
+        """Shape (and, for several tiles, allocate) the outputs of `block`; returns its tile count."""
+        shape = tuple(hi - lo for lo, hi in block.core)
+        n = len(block.tiles)
+        spatial = (n, *shape[1:]) if self.plan.dims == 2 else (1, *shape)
+        block.out_shape = spatial[:1] + ((self.channels,) if self.channels else ()) + spatial[1:]
+        if n > 1:  # a 2D block of several slices gathers its tiles' outputs
+            block.prob = np.empty(block.out_shape, stored)
+            block.mask = None if self.channels else np.empty(spatial, np.uint8)
+        block.remaining = n
+        return n
+
+    @staticmethod
+    def _gather(block: _Block, t: int, p: np.ndarray, m: np.ndarray | None, stored) -> None:
+        """Tile `t`'s outputs (probability `p`, mask `m` or None) into `block`."""
+        crop = tuple(slice(0, n) for n in block.out_shape[1:])  # blocks at the far edges are smaller
+        if block.prob is None:
+            # A block of one tile keeps the model's output (the batch's own arrays, which
+            # TileNet never reuses): the writer thread's encoder copies it, not this loop.
+            block.prob = p[crop][None].astype(stored, copy=False)
+            block.mask = None if m is None else m[crop][None]
+        else:
+            block.prob[t] = p[crop]
+            if m is not None:
+                block.mask[t] = m[crop]
+        block.remaining -= 1
+
     def _run(self, todo: list[int], readers: int, writers: int, on_block: Callable[[], None]) -> np.ndarray:
         counts = np.zeros(4, np.int64)
         batch, refs, inflight = [], [], deque()
@@ -164,15 +199,8 @@ class BlockPipeline:
 
         def collect(pending, refs_of) -> None:
             prob, mask = pending.result()
-            for (block, t), p, m in zip(refs_of, prob, mask):
-                crop = tuple(slice(0, n) for n in block.out_shape[1:])  # blocks at the far edges are smaller
-                if block.prob is None:
-                    # A block of one tile keeps the model's output (the batch's own arrays, which
-                    # TileNet never reuses): the writer thread's encoder copies it, not this loop.
-                    block.prob, block.mask = p[crop][None].astype(stored, copy=False), m[crop][None]
-                else:
-                    block.prob[t], block.mask[t] = p[crop], m[crop]
-                block.remaining -= 1
+            for (block, t), p, m in zip(refs_of, prob, [None] * len(prob) if mask is None else mask):
+                self._gather(block, t, p, m, stored)
                 if block.remaining == 0:
                     inflight.append(write_pool.submit(self.write, block))
             drain(keep=2 * writers + self.shard_size)  # bounded: at most this many finished blocks wait
@@ -192,12 +220,7 @@ class BlockPipeline:
         with ThreadPoolExecutor(readers, "predict-read") as read_pool, \
                 ThreadPoolExecutor(writers, "predict-write") as write_pool:
             for block in prefetch(self.read, todo, read_pool, depth=2 * readers + self.cfg.batch_size):
-                shape = tuple(hi - lo for lo, hi in block.core)
-                n = len(block.tiles)
-                block.out_shape = (n, *shape[1:]) if self.plan.dims == 2 else (1, *shape)
-                if n > 1:  # a 2D block of several slices gathers its tiles' outputs
-                    block.prob, block.mask = np.empty(block.out_shape, stored), np.empty(block.out_shape, np.uint8)
-                block.remaining = n
+                n = self._expect(block, stored)
                 for t in range(n):
                     batch.append(block.tiles[t])
                     refs.append((block, t))

@@ -1,6 +1,8 @@
 """Finished prediction blocks into the output arrays: whole chunks, or whole shards.
 
-A block is one chunk of each output array (probability, mask). Unsharded, a block is stored as soon
+A block is one chunk of each output array (probability, mask; an affinity prediction's one array of
+(C, Z, Y, X) has chunks and shards holding all channels, so a block is still one chunk, at channel
+coordinate 0). Unsharded, a block is stored as soon
 as it is finished. Sharded (`predict.shard_blocks`), the blocks of a shard are held until the last
 one arrives and the shard is written once, whole: two writes into one shard lose data, so each rank
 owns whole shards (block_plan.assign with shard_of) and reports a shard's blocks stored only
@@ -36,6 +38,7 @@ class OutputWriter:
         opener = ShardFiles.of if plan.shard is not None else ChunkFiles.of
         # `files=False`: everything through zarr (the `zarrs` codec pipeline asks for that)
         self.files = [opener(a) if files else None for a in self.arrays]
+        self.lead = [a.ndim - 3 for a in self.arrays]  # leading (channel) axes, whole in every chunk
         self._held: dict[tuple, dict[int, list]] = {}  # shard -> block -> one part per array
         self._lock = threading.Lock()
 
@@ -44,16 +47,17 @@ class OutputWriter:
         now stored for good: this one, or with shards all of its shard's once its last block is in
         (none before)."""
         region = as_slices(block_core(self.plan, index))
+        coords = grid_coords(self.plan, index)
         if self.plan.shard is None:
-            for array, files, data in zip(self.arrays, self.files, outputs):
+            for array, files, data, lead in zip(self.arrays, self.files, outputs, self.lead):
                 if files is None:
-                    array[region] = data
+                    array[(slice(None),) * lead + region] = data
                 else:
-                    files.write(grid_coords(self.plan, index), data)
+                    files.write((0,) * lead + coords, data)
             return [index]
         # the output's chunks are the blocks and its shards the plan's: grid coordinates are theirs
-        parts = [data if files is None else files.encode(grid_coords(self.plan, index), data)
-                 for files, data in zip(self.files, outputs)]
+        parts = [data if files is None else files.encode((0,) * lead + coords, data)
+                 for files, data, lead in zip(self.files, outputs, self.lead)]
         shard = shard_of(self.plan, index)
         members = shard_members(self.plan, shard)
         with self._lock:
@@ -62,11 +66,11 @@ class OutputWriter:
             if len(held) < len(members):
                 return []
             del self._held[shard]
-        for a, (array, files) in enumerate(zip(self.arrays, self.files)):
+        for a, (array, files, lead) in enumerate(zip(self.arrays, self.files, self.lead)):
             if files is None:
                 self._store_region(array, members, [held[i][a] for i in members])
             else:
-                files.write(shard, {grid_coords(self.plan, i): held[i][a] for i in members})
+                files.write((0,) * lead + shard, {(0,) * lead + grid_coords(self.plan, i): held[i][a] for i in members})
         return members
 
     def _store_region(self, array: zarr.Array, members: list[int], blocks: list[np.ndarray]) -> None:
@@ -74,7 +78,9 @@ class OutputWriter:
         cores = [block_core(self.plan, i) for i in members]
         lo = [min(c[a][0] for c in cores) for a in range(3)]
         hi = [max(c[a][1] for c in cores) for a in range(3)]
-        whole = np.empty([h - l for l, h in zip(lo, hi)], array.dtype)
+        lead = array.ndim - 3
+        whole = np.empty([*array.shape[:lead], *(h - l for l, h in zip(lo, hi))], array.dtype)
+        every = (slice(None),) * lead
         for core, data in zip(cores, blocks):
-            whole[tuple(slice(a - l, b - l) for (a, b), l in zip(core, lo))] = data
-        array[tuple(slice(l, h) for l, h in zip(lo, hi))] = whole
+            whole[every + tuple(slice(a - l, b - l) for (a, b), l in zip(core, lo))] = data
+        array[every + tuple(slice(l, h) for l, h in zip(lo, hi))] = whole

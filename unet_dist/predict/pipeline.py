@@ -13,6 +13,7 @@ writer threads that store finished blocks and then record them in the manifest
 manifest.py). A re-run with `--resume` predicts only blocks without an entry.
 
 2D models see each z-slice of a block as its own tile; 3D models see a block (plus halo) as one tile.
+A model of `target: affinities` writes its channels as one (C, Z, Y, X) image (prediction_store.py).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from unet_dist import runtime
 from unet_dist import __version__, checkpoint, dist
 from unet_dist.config import Config, PredictConfig, to_dict
 from unet_dist.data import backends
-from unet_dist.predict.prediction_store import build_pyramids, create_prediction
+from unet_dist.predict.prediction_store import AFFINITIES, build_pyramids, create_prediction
 from unet_dist.data import volumes
 from unet_dist.data.intensity import check_model_input
 from unet_dist.data.atomic_dir import check_out
@@ -102,24 +103,47 @@ def _check_output(out: Path, key: str, settings: dict, resume: bool, overwrite: 
     return True
 
 
-def _create_output(out: Path, plan: Plan, attrs: dict, cfg: PredictConfig, fresh: bool, manifest: Manifest, voxel):
+def _create_output(out: Path, plan: Plan, attrs: dict, cfg: PredictConfig, fresh: bool, manifest: Manifest, voxel,
+                   channels: int | None = None):
     if fresh and out.exists():
         shutil.rmtree(out)
     group = zarr.open_group(str(out), mode="a" if not fresh else "w", zarr_format=3, attributes=attrs)
     # levels missing after a resumed run whose creator died early are created too
     create_prediction(group, plan.shape, plan.block, cfg.probability_dtype, voxel, plan.z0, cfg.pyramid_max_side,
-                      shard=plan.shard)
+                      shard=plan.shard, channels=channels)
     manifest.create()
 
 
 def _attrs(plan: Plan, settings: dict, key: str, cfg: Config, input_path, ckpt_path, step, array=RAW) -> dict:
+    what = {"probability": "neuron interior; uint8 holds round(255 p)"}
+    if _channels(cfg):  # a membrane prediction's attributes stay as they were (no `target`)
+        what = {"probability": "affinities: channel c is 1 where a voxel and its neighbour at offsets[c] are one "
+                               "neuron; uint8 holds round(255 a)",
+                "target": AFFINITIES, "offsets": [list(o) for o in cfg.model.affinity_offsets()]}
     return provenance(
         {"input": {"path": str(Path(input_path).resolve()), "array": array},
          "checkpoint": {"path": str(Path(ckpt_path).resolve()), "step": int(step),
                         "weights_sha256": settings["weights_sha256"]}},
         predict={"run_key": key, "settings": settings, "config": to_dict(cfg), "checkpoint_step": int(step),
-                 "version": __version__, "probability": "neuron interior; uint8 holds round(255 p)",
-                 "complete": False})
+                 "version": __version__, **what, "complete": False})
+
+
+def _channels(cfg: Config) -> int | None:
+    """An affinity model's output channels (one per offset); None for a membrane model."""
+    return cfg.model.output_channels() if cfg.model.target == AFFINITIES else None
+
+
+def _check_target(cfg: Config, labels) -> None:
+    """What a membrane prediction offers that affinities do not have, refused before anything is written."""
+    if not _channels(cfg):
+        return
+    if labels is not None:
+        raise UserError("--labels scores a membrane prediction; this model predicts affinities: run `unet-dist "
+                        "segment --pred OUT`, then `unet-dist evaluate --seg OUT --labels STORE`")
+    if cfg.predict.tta:
+        # flipping y or x turns an affinity to the previous voxel into one to the next: not a plain mean
+        raise UserError("predict.tta: test-time flips do not apply to affinities (a flip changes which "
+                        "neighbour a channel looks at); set predict.tta=false")
 
 
 def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str] = (), resume: bool = False,
@@ -132,6 +156,7 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
     env = dist.detect_env()
     out = Path(out)
     model, cfg, state = checkpoint.load_model(ckpt, overrides)
+    _check_target(cfg, labels)
     # STORE[:ARRAY] and STORE[:LABEL]: a store made by another tool is read as it is (data/volumes.py)
     input, raw_path = volumes.split_store_spec(input, RAW)
     raw, raw_path = volumes.open_array(input, raw_path)
@@ -170,7 +195,8 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
             if dist.is_main():
                 try:
                     _create_output(out, plan, _attrs(plan, settings, key, cfg, input, ckpt, state["step"], raw_path),
-                                   cfg.predict, not continuing, manifest, volumes.voxel_size_of(input, raw_path))
+                                   cfg.predict, not continuing, manifest, volumes.voxel_size_of(input, raw_path),
+                                   _channels(cfg))
                 except Exception as exc:  # a full or read-only disk: every rank says so, and stops
                     error = exc
             settle(error, out, plan.n_blocks, len(manifest.done()) if error and continuing else 0, created)
@@ -221,7 +247,7 @@ def _predict(plan, cfg, model, device, precision, raw, labels, out, manifest, do
         group = zarr.open_group(str(out), mode="r+")
     p = cfg.predict
     net = TileNet(model, device, precision, p.batch_size, p.tta, plan.dims, crop=block_crop(plan),
-                  threshold=p.threshold, probability_dtype=p.probability_dtype)
+                  threshold=p.threshold, probability_dtype=p.probability_dtype, channels=_channels(cfg))
     pipeline = BlockPipeline(plan, net, raw, labels, group, manifest, p, ignore)
     pipeline.plan_reads(todo)
     started = time.perf_counter()

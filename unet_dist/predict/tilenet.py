@@ -8,7 +8,7 @@ compute stream:
   as `to_unit_float` computes them (so the model sees the same numbers on any device);
 - results come back cropped to the block, as the stored dtypes: uint8 round(255 p) (or float16)
   and the uint8 mask, quantized on the device with numpy's rounding (half to even), 2 bytes per
-  voxel instead of 4;
+  voxel instead of 4 (an affinity model, `channels`: every channel's round(255 a), no mask);
 - copies run on their own stream: batch k+1 goes up while batch k computes, and batch k comes back
   while k+1 computes (`submit` returns at once; `Pending.result()` waits).
 
@@ -48,7 +48,8 @@ def tta_average(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
 
 
 class Pending:
-    """A submitted batch: `result()` -> (stored probabilities, mask), each (n, *crop), as numpy."""
+    """A submitted batch: `result()` -> (stored probabilities, mask), each (n, *crop), as numpy
+    (affinities: (n, C, *crop) and None)."""
 
     def __init__(self, finish: Callable[[], tuple[np.ndarray, np.ndarray]]):
         self._finish, self._value = finish, None
@@ -73,12 +74,14 @@ class TileNet:
 
     Every forward pass has exactly `batch_size` tiles (short batches repeat their last tile): the
     kernels, and so the numbers, are then the same whichever blocks share a batch. `crop` (slices of
-    the model's output, spatial axes) is what `submit` sends back."""
+    the model's output, spatial axes) is what `submit` sends back. `channels`: an affinity model's
+    output channels, all kept (no mask); None: channel 0 is the membrane model's probability."""
 
     SLOTS = 3  # batches in flight: one uploading, one computing, one downloading
 
     def __init__(self, model, device: torch.device, precision: str, batch_size: int, tta: bool, dims: int = 2,
-                 crop: Sequence[slice] | None = None, threshold: float = 0.5, probability_dtype: str = "uint8"):
+                 crop: Sequence[slice] | None = None, threshold: float = 0.5, probability_dtype: str = "uint8",
+                 channels: int | None = None):
         # channels_last: 1.5x fewer CPU seconds per tile in the predict benchmark, and the layout
         # tensor cores want; it changes no number beyond float rounding.
         self.memory_format = torch.channels_last if dims == 2 else torch.channels_last_3d
@@ -87,6 +90,8 @@ class TileNet:
         self.autocast = runtime.autocast(device, precision)
         self.crop = tuple(crop) if crop is not None else None
         self.threshold, self.probability_dtype = threshold, probability_dtype
+        self.channels = channels
+        self.keep = slice(None) if channels else slice(0, 1)  # the output channels stored
         # uint8 -> [0, 1] exactly as to_unit_float does it on the host, on whatever device.
         self.unit_lut = torch.from_numpy(to_unit_float(np.arange(256, dtype=np.uint8))).to(device)
         self.cuda = device.type == "cuda"
@@ -99,7 +104,7 @@ class TileNet:
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         with self.autocast:
-            return torch.sigmoid(self.model(x).float())[:, :1]
+            return torch.sigmoid(self.model(x).float())[:, self.keep]
 
     def _unit(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.uint8:
@@ -108,13 +113,14 @@ class TileNet:
 
     def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
         x = self._unit(x)
-        return (tta_average(self._forward, x) if self.tta else self._forward(x))[:, 0]
+        prob = tta_average(self._forward, x) if self.tta else self._forward(x)
+        return prob if self.channels else prob[:, 0]
 
-    def _stored(self, prob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stored(self, prob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(uint8 round(255 p) or float16, uint8 mask) as `data.prediction.quantize` and the mask compute them."""
         if self.crop is not None:
-            prob = prob[(slice(None), *self.crop)]
-        mask = (prob > self.threshold).to(torch.uint8)
+            prob = prob[(slice(None),) * (2 if self.channels else 1) + tuple(self.crop)]
+        mask = None if self.channels else (prob > self.threshold).to(torch.uint8)
         stored = torch.round(prob * 255).to(torch.uint8) if self.probability_dtype == "uint8" else prob.half()
         return stored, mask
 
@@ -130,7 +136,8 @@ class TileNet:
 
     @torch.inference_mode()
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
-        """Float32 probabilities (n, *model output), uncropped; synchronous (warm-up, tests)."""
+        """Float32 probabilities (n, *model output; affinities (n, C, ...)), uncropped; synchronous
+        (warm-up, tests)."""
         n = len(tiles)
         x = torch.from_numpy(self._full_batch(tiles)).to(self.device)
         return self._probabilities(x)[:n].float().cpu().numpy()
@@ -141,7 +148,7 @@ class TileNet:
         n, batch = len(tiles), self._full_batch(tiles)
         if not self.cuda:
             stored, mask = self._stored(self._probabilities(torch.from_numpy(batch)))
-            value = (stored[:n].numpy(), mask[:n].numpy())
+            value = (stored[:n].numpy(), None if mask is None else mask[:n].numpy())
             return Pending(lambda: value)
         return self._submit_cuda(n, batch)
 
@@ -171,20 +178,21 @@ class TileNet:
         computed.record(compute)
         if slot.host_prob is None or tuple(slot.host_prob.shape) != tuple(stored.shape):
             slot.host_prob = torch.empty(stored.shape, dtype=stored.dtype, pin_memory=True)
-            slot.host_mask = torch.empty(mask.shape, dtype=mask.dtype, pin_memory=True)
+            slot.host_mask = None if mask is None else torch.empty(mask.shape, dtype=mask.dtype, pin_memory=True)
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(computed)
-            slot.host_prob.copy_(stored, non_blocking=True)
-            slot.host_mask.copy_(mask, non_blocking=True)
-            stored.record_stream(self.copy_stream)
-            mask.record_stream(self.copy_stream)
+            for host, device in ((slot.host_prob, stored), (slot.host_mask, mask)):
+                if device is not None:
+                    host.copy_(device, non_blocking=True)
+                    device.record_stream(self.copy_stream)
             downloaded = torch.cuda.Event()
             downloaded.record(self.copy_stream)
 
-        def finish() -> tuple[np.ndarray, np.ndarray]:
+        def finish() -> tuple[np.ndarray, np.ndarray | None]:
             downloaded.synchronize()
             slot.pending = None
-            return slot.host_prob[:n].numpy().copy(), slot.host_mask[:n].numpy().copy()
+            mask_out = None if slot.host_mask is None else slot.host_mask[:n].numpy().copy()
+            return slot.host_prob[:n].numpy().copy(), mask_out
 
         slot.pending = Pending(finish)
         return slot.pending

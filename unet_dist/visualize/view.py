@@ -62,6 +62,11 @@ void main() {{ emitRGB(viridis(p())); }}
 GREY_SHADER = """#uicontrol invlerp normalized(range=[{lo}, {hi}])
 void main() {{ emitGrayscale(normalized()); }}
 """
+# Affinities: the first three channels (z, y, x for the default offsets) as red, green, blue, so a
+# neuron's interior is white and the boundary dark, coloured by the axis it cuts.
+AFFINITY_SHADER = """void main() {{ emitRGB(vec3({rgb})); }}
+"""
+CHANNEL = "c^"  # the channel axis as neuroglancer's channel dimension: getDataValue(i) reads channel i
 
 @dataclass
 class Store:
@@ -75,10 +80,11 @@ class Store:
     z0: int  # first slice, in the store's voxels, from the OME translation
     labels: dict[str, list[dict]] = field(default_factory=dict)  # name -> image-label colors
     contrast: tuple[float, float] = (0.0, 255.0)
+    channels: int = 0  # an affinity prediction's channels (axis c before z, y, x); 0: none
 
     @property
     def is_probability(self) -> bool:
-        return self.image == "probability"
+        return self.image == "probability" or self.channels > 0
 
 
 def inspect(path) -> Store:
@@ -88,18 +94,23 @@ def inspect(path) -> Store:
     multiscale = read_multiscale(group.attrs)
     if multiscale is None:
         raise UserError(f"{path}: no OME-Zarr multiscales metadata; not a unet-dist store")
-    if len(group["0"].shape) != 3:
-        raise UserError(f"{path}: image has {len(group['0'].shape)} axes; expected z, y, x")
+    shape = tuple(group["0"].shape)
+    channels = shape[0] if len(shape) == 4 and multiscale.axes[0].type == "channel" else 0
+    if len(shape) - bool(channels) != 3:
+        raise UserError(f"{path}: image has {len(shape)} axes; expected z, y, x (or c, z, y, x)")
     vs = multiscale.voxel_size(0)
-    translation = multiscale.levels[0].translation
+    translation = [t for t, axis in zip(multiscale.levels[0].translation, multiscale.axes) if axis.is_space]
     z0 = int(round(translation[0] / vs[0])) if vs else int(round(translation[0]))
     labels = {}
     for name in label_names(group):
         attrs = group["labels"][name].attrs.get("ome", {})
         labels[name] = attrs.get("image-label", {}).get("colors", [])
     coarsest = group[multiscale.paths[-1]]
-    return Store(path, multiscale.name or path.stem, np.dtype(group["0"].dtype),
-                 tuple(group["0"].shape), vs, z0, labels, _contrast(coarsest))
+    if channels:
+        return Store(path, multiscale.name or path.stem, np.dtype(group["0"].dtype), shape[1:], vs, z0, labels,
+                     channels=channels)
+    return Store(path, multiscale.name or path.stem, np.dtype(group["0"].dtype), shape, vs, z0, labels,
+                 _contrast(coarsest))
 
 
 def _contrast(array) -> tuple[float, float]:
@@ -149,7 +160,11 @@ def plan(stores: list[Store], base_url: str, slices: tuple[int, int] | None = No
     for i, store in enumerate(stores):
         url = f"zarr3://{base_url}/{i}/"
         image = unique(store.image, store)
-        if store.is_probability:
+        if store.channels:
+            source = url if store.dtype != np.float16 else local_volume(store)
+            layers[image] = neuroglancer.ImageLayer(source=_channel_source(source, store),
+                                                    shader=_affinity_shader(store))
+        elif store.is_probability:
             top = 255 if store.dtype == np.uint8 else 1
             source = url if store.dtype != np.float16 else local_volume(store)
             layers[image] = neuroglancer.ImageLayer(source=source, shader=PROBABILITY_SHADER.format(top=top))
@@ -172,6 +187,32 @@ def plan(stores: list[Store], base_url: str, slices: tuple[int, int] | None = No
     # OME coordinates are voxel centres (neuroglancer draws voxel i of a level over i +- 0.5 of its
     # scale): slice z is at z, not z + 0.5.
     return Plan(layers, panels, [float(z), first.shape[1] / 2, first.shape[2] / 2], dimensions)
+
+
+def _space(store: Store, channels: bool):
+    import neuroglancer
+
+    vs = store.voxel_size
+    return neuroglancer.CoordinateSpace(names=[CHANNEL] * channels + ["z", "y", "x"],
+                                        units=[""] * channels + ["nm" if vs else ""] * 3,
+                                        scales=[1] * channels + list(vs or (1, 1, 1)))
+
+
+def _channel_source(source, store: Store):
+    """The c axis (OME type channel, which neuroglancer makes a per-layer slider c') as a channel
+    dimension, so the shader sees every channel of a voxel at once."""
+    import neuroglancer
+
+    if not isinstance(source, str):  # a LocalVolume names its dimensions itself
+        return source
+    return neuroglancer.LayerDataSource(url=source, transform=neuroglancer.CoordinateSpaceTransform(
+        output_dimensions=_space(store, channels=True)))
+
+
+def _affinity_shader(store: Store) -> str:
+    # toNormalized: uint8 / 255, a float (float16 served as float32) as it is
+    return AFFINITY_SHADER.format(rgb=", ".join(f"toNormalized(getDataValue({c}))" if c < store.channels else "0.0"
+                                                for c in range(3)))
 
 
 def _segmentation(source: str, colors: list[dict]):
@@ -235,10 +276,9 @@ class Session:
         import tensorstore as ts
 
         array = ts.open({"driver": "zarr3", "kvstore": f"file://{store.path.resolve()}/0"}, read=True).result()
-        dims = neuroglancer.CoordinateSpace(names=["z", "y", "x"], units="nm" if store.voxel_size else "",
-                                            scales=list(store.voxel_size or (1, 1, 1)))
-        return neuroglancer.LocalVolume(ts.cast(array, ts.float32), dimensions=dims,
-                                        voxel_offset=[store.z0, 0, 0], volume_type="image")
+        lead = [0] if store.channels else []
+        return neuroglancer.LocalVolume(ts.cast(array, ts.float32), dimensions=_space(store, bool(store.channels)),
+                                        voxel_offset=[*lead, store.z0, 0, 0], volume_type="image")
 
     def tunnel_hint(self) -> str:
         host = socket.getfqdn()
