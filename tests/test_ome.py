@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -14,8 +18,9 @@ from unet_dist.data import store as st
 from unet_dist.data.convert import convert
 from unet_dist.data.ome import image_levels
 from unet_dist.data.synth import synthesize
+from unet_dist.files import FAULT_ENV
 
-from helpers import SMALL, check_ome, first_layout_store, run_cli, save_checkpoint
+from helpers import ENV, ROOT, SMALL, check_ome, first_layout_store, run_cli, save_checkpoint
 
 
 def test_convert_and_synth_stores_are_valid_ome_zarr(isbi_dir, tmp_path):
@@ -139,3 +144,33 @@ def test_first_layout_is_refused_in_one_line_then_upgraded_without_copying(tmp_p
     assert st.voxel_size(group) == (50.0, 4.0, 4.0) and group.attrs["unet_dist"]["version"] == "0.1.0"
     again = run_cli("upgrade", old)
     assert again.code == 2 and "nothing to upgrade" in again.err and again.err.count("\n") == 1
+
+
+def test_an_upgrade_killed_half_way_is_refused_in_one_line_then_finished(tmp_path):
+    rng = np.random.default_rng(1)
+    raw = rng.integers(0, 256, (2, 300, 260), dtype=np.uint8)
+    labels = (rng.random((2, 300, 260)) > 0.3).astype(np.uint8)
+    old = tmp_path / "old.zarr"
+    first_layout_store(old, raw, labels)
+    # killed after the arrays moved and before any metadata of the new layout was written
+    proc = subprocess.Popen([sys.executable, "-m", "unet_dist", "upgrade", str(old)], cwd=ROOT,
+                            env={**ENV, FAULT_ENV: "upgrade-moved"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    marker = tmp_path / "old.zarr.paused"
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (old / "0").is_dir() and not (old / "raw").exists()
+    half = run_cli("info", old)
+    assert half.code == 2 and half.err.count("\n") == 1 and "upgrade stopped half way" in half.err, half.err
+    done = run_cli("upgrade", old)
+    assert done.code == 0, done.err
+    check_ome(old, "raw", [st.TARGET], levels=2)
+    group = st.open_store(old, arrays=(st.RAW, st.TARGET_PATH))
+    np.testing.assert_array_equal(group[st.RAW][:], raw)
+    np.testing.assert_array_equal(group[st.TARGET_PATH][:], labels)
+    assert "upgrading" not in group.attrs["unet_dist"]

@@ -24,8 +24,9 @@ from unet_dist.data.damaged_chunks import writing_every_chunk
 from unet_dist.data.layout import Layout, create_volume_array, resolve_layout
 from unet_dist.data.ome_metadata import read_multiscale
 from unet_dist.data.slab_writer import Progress, write_volumes
-from unet_dist.data.store import AXES, IGNORE, RAW, TARGET, label_names, label_path, open_store
+from unet_dist.data.store import AXES, IGNORE, RAW, TARGET, UPGRADING, label_names, label_path, open_store
 from unet_dist.errors import UserError
+from unet_dist.files import fault_point
 
 VERSION = "0.5"
 # label value -> (what it means, RGBA shown by viewers that read `colors`)
@@ -203,50 +204,80 @@ _FIRST_LAYOUT = {"raw": ("raw", "labels", TARGET), "probability": ("probability"
 def upgrade(path) -> dict:
     """Move a store of the first layout (root arrays raw/labels or probability/mask) into the
     OME-Zarr layout: level 0 arrays are renamed (no chunk data copied), metadata rewritten, the
-    pyramid levels written. Returns what was done."""
+    pyramid levels written. Returns what was done.
+
+    The plan is written into the root's attributes before anything moves, so an upgrade that
+    stops half way (a full disk, a killed job) is finished by running it again."""
     path = Path(path)
     if not (path / "zarr.json").is_file():
         raise UserError(f"{path}: not a Zarr store")
     group = zarr.open_group(str(path), mode="r+")
+    old = group.attrs.asdict()
+    pending = old.get("unet_dist", {}).get(UPGRADING)
+    if pending is None:
+        pending = _plan_upgrade(path, group, old)
+        old = {**old, "unet_dist": {**old.get("unet_dist", {}), UPGRADING: pending}}
+        _write_group_json(path, old)
+    kind, has_label = pending["kind"], pending["label"]
+    image_name, old_label, label_name = _FIRST_LAYOUT[kind]
+    # each move checked on its own, so a second run picks up after the last one done ("labels" is
+    # the first layout's array and, once moved, the new layout's group of label images)
+    if has_label and _is_array_dir(path / old_label):
+        os.replace(path / old_label, path / ".upgrade-label")
+    if _is_array_dir(path / kind):
+        os.replace(path / kind, path / RAW)
+    if has_label and (path / ".upgrade-label").exists():
+        (path / "labels" / label_name).mkdir(parents=True, exist_ok=True)
+        for folder in (path / "labels", path / "labels" / label_name):  # groups before they hold the array
+            _write_group_json(folder, {})
+        os.replace(path / ".upgrade-label", path / label_path(label_name))
+    fault_point("upgrade-moved", path)
+    _write_levels(path, old, image_name, label_name if has_label else None)
+    return {"path": str(path), "image": image_name, "labels": [label_name] if has_label else [],
+            "levels": len(zarr.open_group(str(path), mode="r").attrs["ome"]["multiscales"][0]["datasets"])}
+
+
+def _plan_upgrade(path: Path, group: zarr.Group, old: dict) -> dict:
     roots = {n for n, _ in group.arrays()}
     kind = next((k for k in _FIRST_LAYOUT if k in roots), None)
     if RAW in roots or kind is None:
         raise UserError(f"{path}: not a store of the first layout (root arrays: {', '.join(sorted(roots)) or 'none'})"
                         "; nothing to upgrade")
-    image_name, old_label, label_name = _FIRST_LAYOUT[kind]
-    old = group.attrs.asdict()
+    return {"kind": kind, "label": _FIRST_LAYOUT[kind][1] in roots}
+
+
+def _write_levels(path: Path, old: dict, image_name: str, label_name: str | None) -> None:
+    """Metadata and coarser levels around the moved level-0 arrays; the plan's mark removed last."""
     metadata = read_multiscale(old)
-    source = group[kind]
-    layout = Layout(tuple(source.shape), tuple(source.chunks), source.shards)
-    plan = Pyramid.plan(layout, metadata.voxel_size(0) if metadata is not None else None)
-    has_label = old_label in roots
-    # Rename first: a crash after this point leaves a store that the next `upgrade` cannot read,
-    # so the order is: move arrays into place (atomic renames), then write metadata last.
-    if has_label:
-        os.replace(path / old_label, path / ".upgrade-label")
-    os.replace(path / kind, path / RAW)
-    if has_label:
-        (path / "labels" / label_name).mkdir(parents=True, exist_ok=True)
-        os.replace(path / ".upgrade-label", path / label_path(label_name))
-    attrs = {k: v for k, v in old.items() if k != "ome"}
-    _write_group_json(path, attrs)
     group = zarr.open_group(str(path), mode="r+")
+    source = group[RAW]
+    plan = Pyramid.plan(Layout(tuple(source.shape), tuple(source.chunks), source.shards),
+                        metadata.voxel_size(0) if metadata is not None else None)
     translation = metadata.offset(0) if metadata is not None else None
     levels = create_image(group, image_name, plan, source.dtype, "raw", translation)
     pyramid.build(levels, plan.steps, "mean")
-    if has_label:
-        _write_group_json(path / "labels", {})
-        _write_group_json(path / "labels" / label_name, {})
+    if label_name is not None:
         group = zarr.open_group(str(path), mode="r+")
         targets = create_label_image(group, label_name, plan, np.uint8, translation)
         pyramid.build(targets, plan.steps, "mode")
+    attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
+    ours = {k: v for k, v in attrs.get("unet_dist", {}).items() if k != UPGRADING}
+    _write_group_json(path, {**{k: v for k, v in attrs.items() if k != "unet_dist"}, **({"unet_dist": ours} if ours else {})})
     open_store(path)  # the result opens as the current layout
-    return {"path": str(path), "image": image_name, "labels": [label_name] if has_label else [],
-            "levels": len(plan.steps) + 1}
+
+
+def _is_array_dir(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "zarr.json").read_text()).get("node_type") == "array"
+    except (OSError, ValueError):
+        return False
 
 
 def _write_group_json(folder: Path, attributes: dict) -> None:
     meta = {"zarr_format": 3, "node_type": "group", "attributes": attributes}
     tmp = folder / "zarr.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, folder / "zarr.json")
+    try:
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, folder / "zarr.json")
+    finally:
+        tmp.unlink(missing_ok=True)

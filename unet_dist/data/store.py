@@ -70,10 +70,15 @@ def open_store(path, arrays: Sequence[str] = (RAW,), mode: str = "r") -> zarr.Gr
         raise UserError(f"{path}: a store in the first unet-dist layout (arrays {', '.join(sorted(roots))} at "
                         f"the root, not OME-Zarr); run `unet-dist upgrade {path}` (moves them, copies no chunk "
                         "data) or convert it again")
+    if UPGRADING in group.attrs.get("unet_dist", {}):
+        raise UserError(f"{path}: an upgrade stopped half way; run `unet-dist upgrade {path}` again to finish it")
     for name in arrays:
         if not _is_array(group, name):
             raise UserError(f"{path}: {_missing(group, name)}")
     return group
+
+
+UPGRADING = "upgrading"  # the root's unet_dist attribute while `upgrade` moves arrays (data/ome.py)
 
 
 def _is_array(group: zarr.Group, name: str) -> bool:
