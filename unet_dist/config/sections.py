@@ -183,6 +183,8 @@ class SegmentConfig:
     merge: Literal["union_find", "mean"] = "mean"
     seed_boundary: float = 0.5  # voxels whose smoothed boundary is below this may seed a fragment
     seed_spacing: int = 2  # seeds are maxima of the distance to the boundary within (2 s + 1) voxels
+    # voxels whose boundary map exceeds this stay 0 (no neuron: the layer between neurons); 1: none
+    background: float = 0.9
     smooth_sigma: float = 0.5  # Gaussian smoothing (voxels) of the boundary map before the watershed
 
 

@@ -123,11 +123,13 @@ def boundary_map(links: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def fragments(boundary: np.ndarray, dims: int, seed_boundary: float, seed_spacing: int,
-              smooth_sigma: float) -> np.ndarray:
-    """Watershed fragments of `boundary` (a block plus halo), labels 1..n; 2D: every slice apart."""
+              smooth_sigma: float, background: float = 1.0) -> np.ndarray:
+    """Watershed fragments of `boundary` (a block plus halo), labels 1..n, 0 where the boundary
+    exceeds `background` (so edges never run through the layer between neurons); 2D: slices apart."""
     sigma = (0 if dims == 2 else smooth_sigma, smooth_sigma, smooth_sigma)
     smooth = ndi.gaussian_filter(boundary, sigma) if smooth_sigma > 0 else boundary
-    inside = np.minimum(smooth, boundary) < seed_boundary  # thin processes keep their seeds
+    foreground = boundary <= background
+    inside = (np.minimum(smooth, boundary) < seed_boundary) & foreground  # thin processes keep their seeds
     # a 2D prediction measures distance within slices: z steps cost more than any slice is wide
     sampling = (max(boundary.shape) + 1.0, 1.0, 1.0) if dims == 2 else None
     distance = ndi.distance_transform_edt(inside, sampling=sampling)
@@ -137,23 +139,28 @@ def fragments(boundary: np.ndarray, dims: int, seed_boundary: float, seed_spacin
     if dims == 2:
         structure[0] = structure[2] = False
     seeds, n = ndi.label(peaks, structure=structure)
-    if n == 0:  # no voxel inside anything: the block is one fragment (per slice in 2D)
-        seeds = np.zeros(boundary.shape, np.int32)
-        seeds[:, 0, 0] = np.arange(1, boundary.shape[0] + 1) if dims == 2 else 1
-    return watershed(smooth, seeds, connectivity=structure)
+    return watershed(smooth, seeds, connectivity=structure, mask=foreground)
 
 
 def block_fragments(inp: Input, plan: Plan, index: int, core, cfg) -> np.ndarray:
     """The block's fragment IDs (uint64), unique across blocks: base(index) + 0..n-1, numbered in
     order of first appearance (C order) so a block's IDs depend on nothing but the block."""
     region = tuple(slice(max(lo - h, 0), min(hi + h, n)) for (lo, hi), h, n in zip(core, plan.halo, plan.shape))
-    links, valid = read_links(inp, region)
-    labels = fragments(boundary_map(links, valid), inp.dims, cfg.seed_boundary, cfg.seed_spacing, cfg.smooth_sigma)
+    if inp.kind == "membrane":  # the probability itself: its boundary voxels are the membrane's
+        boundary = 1 - probability_float(read_region(inp.array, region))
+    else:
+        boundary = boundary_map(*read_links(inp, region))
+    labels = fragments(boundary, inp.dims, cfg.seed_boundary, cfg.seed_spacing, cfg.smooth_sigma,
+                       cfg.background)
     crop = tuple(slice(lo - r.start, hi - r.start) for (lo, hi), r in zip(core, region))
     labels = labels[crop]
-    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    values, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
     order = np.argsort(np.argsort(first))  # ranks of the labels by first appearance
-    return order[inverse.reshape(labels.shape)].astype(np.uint64) + np.uint64(plan.base(index))
+    if values[0] == 0:  # background stays 0; fragments rank after it
+        order = order - (order > order[0])
+    ids = order[inverse.reshape(labels.shape)].astype(np.uint64) + np.uint64(plan.base(index))
+    ids[labels == 0] = 0
+    return ids
 
 
 def block_edges(inp: Input, frags_below: np.ndarray, core, lows) -> dict[str, np.ndarray]:
@@ -176,7 +183,7 @@ def block_edges(inp: Input, frags_below: np.ndarray, core, lows) -> dict[str, np
         if not lows[a]:
             here[a] = slice(1, None)
         u, v = own[tuple(here)], frags_below[tuple(back)]
-        w, ok = links[a][tuple(here)], valid[a][tuple(here)] & (u != v)
+        w, ok = links[a][tuple(here)], valid[a][tuple(here)] & (u != v) & (u != 0) & (v != 0)
         pairs.append(np.stack([np.minimum(u[ok], v[ok]), np.maximum(u[ok], v[ok])], 1))
         values.append(w[ok].astype(np.float64))
     if not pairs:

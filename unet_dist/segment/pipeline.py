@@ -175,7 +175,7 @@ def _segment(path: Path, inp: Input, plan: Plan, key: str, cfg: SegmentConfig, p
         below = read_region(fragments, grown)
         edges = block_edges(inp, below, core, lows)
         own = below[tuple(slice(int(low), None) for low in lows)]
-        edges["n"] = np.array([int(own.max()) - plan.base(index) + 1])
+        edges["n"] = np.array([max(int(own.max()) - plan.base(index) + 1, 0)])  # 0: all background
         _save_npz(state / "edges-of-blocks" / f"{index}.npz", edges)
 
     for phase, work in (("fragments", frag_work), ("edges", edge_work)):
@@ -191,7 +191,10 @@ def _segment(path: Path, inp: Input, plan: Plan, key: str, cfg: SegmentConfig, p
     def relabel_work(index: int) -> None:
         box = tuple(slice(lo, hi) for lo, hi in block_core(plan, index))
         frags = read_region(fragments, box)
-        neurons[box] = lut[starts[index] + (frags - np.uint64(plan.base(index))).astype(np.int64)]
+        fragment = frags != 0
+        ids = np.zeros(frags.shape, np.uint64)
+        ids[fragment] = lut[starts[index] + (frags[fragment] - np.uint64(plan.base(index))).astype(np.int64)]
+        neurons[box] = ids
 
     seconds["relabel"] = _run_phase("relabel", plan, Manifest(state / "relabel", key, dist.rank()), relabel_work,
                                     progress)
