@@ -4,8 +4,10 @@ Input: a prediction store's level 0, either affinities (C, Z, Y, X; channel c li
 v + offsets[c], the convention of issue 24) or a membrane prediction (Z, Y, X, the probability of
 neuron interior). Both become, per block, a boundary map for the watershed and one value per
 nearest-neighbour link (v, v - e_axis) for the edges: the affinity channel of that offset, or for a
-membrane prediction the mean interior probability of the two voxels (the mean boundary along a
-contact, as the issue's 2D baseline merges), on y and x only, so slices are segmented apart.
+membrane prediction the smaller interior probability of the two voxels (the boundary of a contact
+is its more boundary-like side: with the mean, every link across a one-pixel membrane scores ~0.5,
+at the merge threshold, and noise merged cells through it), on y and x only, so slices are
+segmented apart.
 
 Fragments: a seeded watershed (scikit-image) of the smoothed boundary map on the block plus its
 halo, cropped to the block: seeds are the maxima of the distance to the boundary (within
@@ -95,7 +97,7 @@ def read_links(inp: Input, region) -> tuple[np.ndarray, np.ndarray]:
         for a in (1, 2):  # a membrane prediction links voxels within slices only
             back = [slice(1, None)] * 3
             back[a] = slice(0, -1)
-            links[a] = (here + p[tuple(back)]) / 2
+            links[a] = np.minimum(here, p[tuple(back)])
             valid[a] = True
     for a, r in enumerate(region):
         if r.start == 0 and valid[a].any():
