@@ -38,6 +38,7 @@ class Plan:
     shape: tuple[int, int, int]
     block: tuple[int, int, int]
     halo: tuple[int, int, int]
+    z0: int = 0  # where the volume starts in its input's z (predict's blocks may start later): here, at 0
 
     @property
     def grid(self) -> tuple[int, int, int]:

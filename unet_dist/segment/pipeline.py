@@ -15,6 +15,7 @@ depends on the block alone and the global step on all edges, so 1, 2 or 3 ranks 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -40,6 +41,7 @@ from unet_dist.data.store import RAW, open_store
 from unet_dist.errors import UserError
 from unet_dist.monitor.progress import Progress
 from unet_dist.predict.block_plan import assign, block_core
+from unet_dist.predict.failures import in_block, settle
 from unet_dist.predict.manifest import Manifest, OutputLock
 from unet_dist.segment.blocks import Input, Plan, block_edges, block_fragments, group_edges, nearest_channels
 from unet_dist.segment.graph import lookup_table
@@ -111,10 +113,9 @@ def segment(pred, cfg: SegmentConfig | None = None, overwrite: bool = False, pro
     plan = Plan(inp.shape, tuple(min(b, n) for b, n in zip(cfg.block_size, inp.shape)), tuple(cfg.halo))
     settings = run_settings(path, group, inp, plan, cfg)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
-    lock = OutputLock(path)
+    lock = OutputLock(path, "segmentation")
     if held_by := lock.holder():
-        raise UserError(f"{path}: another process ({held_by}) is writing it; wait for it, or delete {lock.path} "
-                        "if it is gone")
+        raise UserError(lock.refusal(held_by))
     continuing = _check_output(path, key, settings, overwrite)
     with dist.process_group(env, torch.device("cpu")):
         refused = None
@@ -181,10 +182,7 @@ def _segment(path: Path, inp: Input, plan: Plan, key: str, cfg: SegmentConfig, p
     for phase, work in (("fragments", frag_work), ("edges", edge_work)):
         seconds[phase] = _run_phase(phase, plan, Manifest(state / phase, key, dist.rank()), work, progress)
     started = time.perf_counter()
-    if dist.is_main() and not (state / "table.npz").exists():
-        _save_npz(state / "table.npz", _global_step(state, plan, cfg))
-    dist.barrier(patient=True)
-    table = np.load(state / "table.npz")
+    table = _table(state, plan, cfg)
     seconds["merge"] = time.perf_counter() - started
     lut, starts = table["lut"], table["starts"]
 
@@ -230,14 +228,37 @@ def _run_phase(phase: str, plan: Plan, manifest: Manifest, work: Callable[[int],
     world = dist.world_size()
     label = f"segment {phase}" + (f" (rank 0 of {world})" if world > 1 else "")
     progress = Progress(label, len(todo), "blocks", mode=mode) if dist.is_main() else None
-    for count, index in enumerate(todo, 1):
-        work(index)
-        manifest.mark(index)
-        if progress is not None:
-            progress.update(count)
-    manifest.flush()
-    dist.barrier(patient=True)
+    error = None
+    try:
+        for count, index in enumerate(todo, 1):
+            with in_block(plan, index, manifest.dir.parent, doing=f"segmenting ({phase})"):
+                work(index)
+            manifest.mark(index)
+            if progress is not None:
+                progress.update(count)
+        manifest.flush()
+    except Exception as exc:  # a damaged input chunk, a full disk: every rank stops, then says what is left
+        error = exc
+        with contextlib.suppress(Exception):
+            manifest.flush()  # the blocks stored before it stay done
+    state = manifest.dir.parent.parent
+    settle(error, state, plan.n_blocks, (len(done) if dist.is_main() else 0) + manifest.recorded, False, patient=True,
+           outcome=lambda finished: f"{finished} of {plan.n_blocks} blocks of the {phase} phase are done (kept in "
+                                    f"{state}): the same command continues")
     return time.perf_counter() - started
+
+
+def _table(state: Path, plan: Plan, cfg: SegmentConfig):
+    """The lookup table, made once (rank 0) and read by every rank."""
+    error = None
+    if dist.is_main() and not (state / "table.npz").exists():
+        try:
+            _save_npz(state / "table.npz", _global_step(state, plan, cfg))
+        except Exception as exc:  # a full disk, a damaged edges file: every rank says so, and stops
+            error = exc
+    settle(error, state, plan.n_blocks, 0, False, patient=True,
+           outcome=lambda _: f"the blocks' fragments and edges are kept in {state}: the same command continues")
+    return np.load(state / "table.npz")
 
 
 def _global_step(state: Path, plan: Plan, cfg: SegmentConfig) -> dict:
