@@ -167,6 +167,7 @@ def test_membrane_prediction_is_segmented_slice_by_slice(tmp_path):
     assert perfect < 0.01 and ours < 0.05 and ours < baseline / 3, scores
 
 
+@pytest.mark.slow  # six CLI runs, each importing torch
 def test_bad_inputs_are_one_line_and_write_nothing(tmp_path):
     ids = neurons()
     pred = write_prediction(tmp_path / "pred.zarr", affinities(ids))
@@ -225,3 +226,51 @@ def test_killed_during_fragments_then_resumed_equals_uninterrupted(tmp_path, fre
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert np.array_equal(labels_of(reference), labels_of(pred))
+
+
+SBATCH = ROOT / "slurm" / "segment.sbatch"
+
+
+def test_sbatch_script_parses_and_refuses_to_run_outside_slurm(tmp_path):
+    assert subprocess.run(["bash", "-n", str(SBATCH)]).returncode == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    done = subprocess.run(["bash", str(SBATCH), "--pred", "x.zarr"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and "submit it with sbatch" in done.stderr
+    usage = subprocess.run(["bash", str(SBATCH)], env={**env, "SLURM_JOB_ID": "1"}, capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage:" in usage.stderr and "--pred PRED.zarr" in usage.stderr
+
+
+def test_job_launcher_checks_before_submitting_and_builds_the_cli_overrides(tmp_path):
+    from jobs.segment import blocks_done, submit
+    from unet_dist.cli.segment import overrides_of
+    from unet_dist.errors import UserError
+
+    assert overrides_of(0.7, "4,8,8", ["segment.merge=union_find", "segment.threshold=0.2"]) == [
+        "segment.merge=union_find", "segment.threshold=0.2", "segment.threshold=0.7", "segment.block_size=[4,8,8]"]
+    pred = write_prediction(tmp_path / "pred.zarr", affinities(neurons()))
+    for kwargs, message in (({"threshold": 1.5}, "segment.threshold: must be within [0, 1]"),
+                            ({"block_size": "0,8,8"}, "--block-size")):
+        with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            submit(pred, cluster="local", **kwargs)
+    with pytest.raises(UserError, match="no such prediction store"):
+        submit(tmp_path / "missing.zarr", cluster="local")
+    assert blocks_done(pred) == 0 and not list(tmp_path.glob("*.segment-jobs"))
+
+
+@pytest.mark.slow
+def test_local_job_on_two_tasks_equals_a_single_process(tmp_path, monkeypatch):
+    """submitit's local executor: two CPU tasks, ranks from its environment, the same IDs as one process."""
+    from jobs.segment import submit
+
+    values = noisy(neurons(seed=11))
+    single = write_prediction(tmp_path / "single.zarr", values)
+    assert run_cli("segment", "--pred", single, "--block-size", BLOCK, env={"OMP_NUM_THREADS": "1"}).code == 0
+    pred = write_prediction(tmp_path / "job.zarr", values)
+    for key in [k for k in os.environ if k.startswith(("SLURM_", "SUBMITIT_"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    job = submit(pred, block_size=BLOCK, cluster="local", tasks_per_node=2, time_min=10)
+    assert job.cluster == "local" and job.folder == tmp_path / "job.zarr.segment-jobs" / job.job_id
+    result = job.result()
+    assert result["blocks"] == 18 and np.array_equal(labels_of(single), labels_of(pred))

@@ -13,17 +13,21 @@ def cmd_segment(args) -> int:
     from unet_dist.config import load_config
     from unet_dist.segment.pipeline import segment
 
-    flags = [f"segment.threshold={args.threshold}"] if args.threshold is not None else []
-    if args.block_size:
-        block = positive_ints(args.block_size, "--block-size")
-        flags.append(f"segment.block_size=[{','.join(map(str, block))}]")
-    cfg = load_config(args.config, [*args.overrides, *flags])  # the flags win over the file and overrides
+    cfg = load_config(args.config, overrides_of(args.threshold, args.block_size, args.overrides))
     result = segment(args.pred, cfg.segment, overwrite=args.overwrite, progress=cfg.logging.progress)
     if dist.detect_env().is_main:
         if args.json:
             write_json_atomic(args.json, result)
         print(json.dumps(result), flush=True)
     return 0
+
+
+def overrides_of(threshold: float | None, block_size: str | None, overrides=()) -> list[str]:
+    """The config overrides of segment's flags, after the dotted ones: the flags win (also jobs.segment's)."""
+    flags = [f"segment.threshold={threshold}"] if threshold is not None else []
+    if block_size:
+        flags.append(f"segment.block_size=[{','.join(map(str, positive_ints(block_size, '--block-size')))}]")
+    return [*overrides, *flags]
 
 
 def add_parsers(sub) -> None:
