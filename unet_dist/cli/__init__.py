@@ -13,7 +13,7 @@ import sys
 
 from unet_dist import __version__
 from unet_dist.bench import add_bench_parser
-from unet_dist.cli import data, predict, results, train
+from unet_dist.cli import data, predict, results, segment, train
 from unet_dist.errors import run_command
 
 
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="unet-dist", description="Distributed U-Net training and tiled prediction for EM volumes in Zarr.")
     parser.add_argument("--version", action="version", version=f"unet-dist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (data, train, predict, results):
+    for group in (data, train, predict, segment, results):
         group.add_parsers(sub)
     add_bench_parser(sub)
     return parser

@@ -13,15 +13,16 @@ from pathlib import Path
 import yaml
 
 from unet_dist.config.loading import dump_yaml, merge, nest, parse_override, to_dict
-from unet_dist.config.rules import validate, validate_augment, validate_model
+from unet_dist.config.rules import validate, validate_augment, validate_model, validate_segment
 from unet_dist.config.sections import (AugmentConfig, Config, DataConfig, LaunchConfig, LoggingConfig,
-                                       ModelConfig, PredictConfig, RunConfig, TrainConfig, VolumeConfig)
+                                       ModelConfig, PredictConfig, RunConfig, SegmentConfig, TrainConfig,
+                                       VolumeConfig)
 from unet_dist.errors import UserError
 
 __all__ = ["AugmentConfig", "Config", "DataConfig", "LaunchConfig", "LoggingConfig", "ModelConfig",
-           "PredictConfig", "RunConfig", "TrainConfig", "VolumeConfig", "dump_yaml", "from_dict",
+           "PredictConfig", "RunConfig", "SegmentConfig", "TrainConfig", "VolumeConfig", "dump_yaml", "from_dict",
            "load_config", "model_config_from_dict", "parse_override", "to_dict", "validate",
-           "validate_augment", "validate_model"]
+           "validate_augment", "validate_model", "validate_segment"]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

@@ -66,6 +66,20 @@ def validate(cfg: Config, source: str) -> None:
     for key in ("readers", "writers"):
         check(getattr(cfg.predict, key) >= 0, f"predict.{key}", "must be >= 0 (0: from the cores)")
     check(cfg.predict.chunk_cache_mb >= 0, "predict.chunk_cache_mb", "must be >= 0 (0: no cache)")
+    validate_segment(cfg.segment, source)
+
+
+def validate_segment(seg, source) -> None:
+    """Every segment.* rule; `segment` applies them to its command-line flags too."""
+    check = _checker(source)
+    check(len(seg.block_size) == 3 and all(b > 0 for b in seg.block_size), "segment.block_size",
+          "expected 3 positive sizes (Z, Y, X)")
+    check(len(seg.halo) == 3 and all(h >= 0 for h in seg.halo), "segment.halo", "expected 3 non-negative sizes (Z, Y, X)")
+    for key in ("threshold", "seed_boundary", "background"):
+        value = getattr(seg, key)
+        check(math.isfinite(value) and 0.0 <= value <= 1.0, f"segment.{key}", f"must be within [0, 1], got {value}")
+    check(seg.seed_spacing >= 1, "segment.seed_spacing", "must be >= 1")
+    check(math.isfinite(seg.smooth_sigma) and seg.smooth_sigma >= 0, "segment.smooth_sigma", "must be >= 0")
 
 
 def _validate_volumes(cfg: Config, check: Check) -> None:

@@ -171,6 +171,24 @@ class PredictConfig:
 
 
 @dataclass
+class SegmentConfig:
+    """`unet-dist segment`: blockwise fragments, edges across block faces, one global merge."""
+
+    block_size: list[int] = field(default_factory=lambda: [32, 256, 256])  # (Z, Y, X), one chunk of labels/neurons
+    halo: list[int] = field(default_factory=lambda: [4, 16, 16])  # context per side for the fragments' watershed
+    # mean affinity (membrane path: mean interior probability along the contact) at which fragments merge
+    threshold: float = 0.5
+    # union_find: every edge >= threshold joins; mean: the best edge first, merged means recomputed
+    # (average linkage, as waterz / LSD agglomerate), until the best is below threshold
+    merge: Literal["union_find", "mean"] = "mean"
+    seed_boundary: float = 0.5  # voxels whose smoothed boundary is below this may seed a fragment
+    seed_spacing: int = 2  # seeds are maxima of the distance to the boundary within (2 s + 1) voxels
+    # voxels whose boundary map exceeds this stay 0 (no neuron: the layer between neurons); 1: none
+    background: float = 0.9
+    smooth_sigma: float = 0.5  # Gaussian smoothing (voxels) of the boundary map before the watershed
+
+
+@dataclass
 class LoggingConfig:
     wandb: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with a key
     project: str = "unet_dist"
@@ -211,6 +229,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     run: RunConfig = field(default_factory=RunConfig)

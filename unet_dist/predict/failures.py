@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from unet_dist import dist
@@ -26,7 +26,7 @@ def block_region(plan: Plan, index: int) -> str:
 
 
 @contextlib.contextmanager
-def in_block(plan: Plan, index: int, out: Path | None = None) -> Iterator[None]:
+def in_block(plan: Plan, index: int, out: Path | None = None, doing: str = "predicting") -> Iterator[None]:
     """Errors inside name the block; a write fault (full disk, read-only, ...) becomes a UserError
     naming the file, else `out` (a chunk written through a file descriptor does not know its path)."""
     try:
@@ -36,15 +36,16 @@ def in_block(plan: Plan, index: int, out: Path | None = None) -> Iterator[None]:
     except Exception as exc:
         if fault := write_fault(exc, getattr(exc, "filename", None) or out):
             raise UserError(f"{fault}; in {block_region(plan, index)}") from None
-        exc.add_note(f"while predicting {block_region(plan, index)}")
+        exc.add_note(f"while {doing} {block_region(plan, index)}")
         raise
 
 
 def settle(error: Exception | None, out: Path, n_blocks: int, done: int, created: bool,
-           patient: bool = False) -> None:
+           patient: bool = False, outcome: Callable[[int], str] | None = None) -> None:
     """Every rank calls this once its share has stopped, `error` what stopped it (None: finished);
     `done`: the blocks this rank knows to be stored and recorded. When any rank failed, every rank
-    raises: the first failure's line, and what became of the output."""
+    raises: the first failure's line, and what became of the output (`outcome(finished blocks)` on
+    rank 0 for another writer than predict, e.g. segment, whose state a rerun continues)."""
     message = None if error is None else str(error) if isinstance(error, UserError) else \
         f"{type(error).__name__}: {error}"
     notes = dist.all_gather_object((message, int(done)), patient=patient)
@@ -52,14 +53,14 @@ def settle(error: Exception | None, out: Path, n_blocks: int, done: int, created
     if not failed:
         return
     finished = sum(d for _, d in notes)
-    outcome = None
+    said = None
     if dist.is_main():
-        outcome = _outcome(out, n_blocks, finished, created)
-    outcome = dist.broadcast_object(outcome)
+        said = outcome(finished) if outcome else _outcome(out, n_blocks, finished, created)
+    said = dist.broadcast_object(said)
     rank, first = failed[0]
-    line = f"{f'rank {rank}: ' if len(notes) > 1 else ''}{first}; {outcome}"
+    line = f"{f'rank {rank}: ' if len(notes) > 1 else ''}{first}; {said}"
     if error is not None and not isinstance(error, UserError):
-        error.add_note(outcome)  # a fault of ours keeps its traceback
+        error.add_note(said)  # a fault of ours keeps its traceback
         raise error
     raise UserError(line)
 

@@ -116,8 +116,10 @@ class OutputLock:
     one held by a live process, or by another host, is respected.
     """
 
-    def __init__(self, out: Path):
-        self.out, self.path = out, out.parent / f".{out.name}.lock"
+    def __init__(self, out: Path, writer: str = "prediction"):
+        # `writer`: what this process writes into `out` (segment takes the same lock: a segmentation
+        # never reads a prediction being written, nor two write labels/neurons at once)
+        self.out, self.path, self.writer = out, out.parent / f".{out.name}.lock", writer
         self.mine = False
 
     def holder(self) -> str | None:
@@ -142,15 +144,22 @@ class OutputLock:
             except FileExistsError:
                 held_by = self.holder()
                 if held_by:
-                    raise UserError(f"{self.out}: another prediction ({held_by}) "
-                                    f"is writing it; wait for it, or delete {self.path} if it is gone") from None
+                    raise UserError(self.refusal(held_by)) from None
                 self.path.unlink(missing_ok=True)
                 continue
             with writing(self.out), os.fdopen(fd, "w") as f:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid(),
+                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "writer": self.writer,
                            "since": time.strftime("%Y-%m-%dT%H:%M:%S")}, f)
             self.mine = True
             return
+
+    def refusal(self, held_by: str) -> str:
+        """The line for a lock held by `held_by` (`holder()`), naming what that process writes."""
+        try:
+            writer = json.loads(self.path.read_text()).get("writer", "prediction")
+        except (OSError, ValueError, AttributeError):
+            writer = "prediction"  # a lock of an earlier version: only predictions took it
+        return f"{self.out}: another {writer} ({held_by}) is writing it; wait for it, or delete {self.path} if it is gone"
 
     def release(self) -> None:
         if self.mine:

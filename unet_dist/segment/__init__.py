@@ -1,0 +1,1 @@
+"""Instance segmentation of a prediction store, blockwise: fragments, edges, one merge, relabel."""
