@@ -25,7 +25,7 @@ from unet_dist.train.global_batch import fit_accumulate, world_change
 from unet_dist.config import Config, dump_yaml, model_config_from_dict, to_dict
 from unet_dist.data.patches import PatchSpec, PatchStream, make_loader, patch_z_starts
 from unet_dist.data.training_set import Volume, volumes_of
-from unet_dist.data.volumes import open_ignore, open_training
+from unet_dist.data.volumes import open_ids, open_ignore, open_training
 from unet_dist.errors import UserError, warn_once
 from unet_dist.model import check_patch_shape, output_shape
 from unet_dist.monitor.training import Monitor, NullMonitor
@@ -50,17 +50,25 @@ def check_inputs(cfg: Config) -> tuple[int, ...]:
     label crop. (The run directory is checked after the checkpoint to resume, so a mistake creates nothing.)"""
     patch = tuple(cfg.data.patch_size)
     check_patch_shape(cfg.model, patch)
+    affinity = cfg.model.target == "affinities"
+    if affinity and cfg.train.weight_map:
+        raise UserError("train.weight_map: the U-Net weight map weighs membrane pixels; it has no meaning for "
+                        "model.target=affinities (set it false)")
     for volume in volumes_of(cfg.data):
-        _check_volume(volume, patch, cfg.data.max_files_per_patch, several=bool(cfg.data.volumes))
+        _check_volume(volume, patch, cfg.data.max_files_per_patch, several=bool(cfg.data.volumes),
+                      ids=cfg.data.ids if affinity else None)
     out = output_shape(cfg.model, patch)
     crop = tuple((p - o) // 2 for p, o in zip(patch, out))
     return crop
 
 
-def _check_volume(volume: Volume, patch: tuple[int, ...], max_files: int, several: bool) -> None:
-    """The arrays, slice ranges and patch size of one training volume."""
+def _check_volume(volume: Volume, patch: tuple[int, ...], max_files: int, several: bool, ids: str | None) -> None:
+    """The arrays, slice ranges and patch size of one training volume (`ids`: the instance IDs that
+    affinity targets come from, which stand in for the binary labels)."""
     full = (1, *patch) if len(patch) == 2 else patch
-    raw, _, _, _ = open_training(volume.store, volume.raw_array, volume.labels, full, max_files)
+    raw, _, _, _ = open_training(volume.store, volume.raw_array, None if ids else volume.labels, full, max_files)
+    if ids:
+        open_ids(volume.store, ids, raw.shape, full, max_files)
     open_ignore(volume.store, volume.ignore, raw.shape)  # a wrong data.ignore: one line, before the group
     depth = raw.shape[0]
     for key in ("train_slices", "val_slices"):
