@@ -260,4 +260,16 @@ def test_validation_region_hook_sees_the_blocks_put_together(instance_store, mon
     valid = affinity_valid(seen["ids"].shape, offsets)
     wrong = ((seen["aff"] > 0.5) != (target == 1)) & valid
     assert metrics["val/affinity_error"] == pytest.approx(wrong.sum() / valid.sum())
-    assert 0 <= metrics["val/affinity_dice"] <= 1 and len(panel) == 4 and panel[1].shape == (32, 48)
+    boundary = (seen["aff"] <= 0.5) & valid, (target == 0) & valid
+    dice = 2 * (boundary[0] & boundary[1]).sum() / (boundary[0].sum() + boundary[1].sum())
+    assert metrics["val/affinity_dice"] == pytest.approx(dice)
+    assert len(panel) == 4 and panel[1].shape == (32, 48)
+
+
+def test_a_block_size_off_the_pooling_grid_is_refused_before_training(instance_store, tmp_path):
+    """Validation's block plan is checked with the other inputs, not at the first validation after training."""
+    done = run_cli("train", "--config", SMOKE, f"data.store={instance_store}", f"run.dir={tmp_path / 'run'}",
+                   "model.dims=3", "model.depth=1", "model.target=affinities", "data.patch_size=[4,32,32]",
+                   "data.train_slices=[0,6]", "data.val_slices=[6,8]", "predict.block_size=[2,31,32]")
+    assert done.code == 2 and "predict.block_size" in done.err and len(done.err.strip().splitlines()) == 1, done.err
+    assert not (tmp_path / "run").exists()

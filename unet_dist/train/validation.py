@@ -37,20 +37,20 @@ def validate(model, cfg: Config, device, autocast_ctx, want_panel: bool,
     `val/<name>/...` and `val/...` pools their voxels. The panel (raw, label, prediction, labelled voxels
     or None) is rank 0's first block (its middle slice in 3D; for affinities the lowest of the channels).
 
-    Affinities (model.target): counts over the valid voxel-channels (confusion_counts' "membrane" class
-    is affinity 0, a boundary), all channels pooled and channel 0 alone: `val/affinity_error` (the share
-    thresholded wrong) and `val/affinity_dice` (the Dice of affinity 0 in channel 0)."""
+    Affinities (model.target): the same counts over the valid voxel-channels of all channels (confusion_counts'
+    "membrane" class is affinity 0, a boundary): `val/affinity_error` (the share thresholded wrong) and
+    `val/affinity_dice` (the Dice of affinity 0, the boundary)."""
     affinity = cfg.model.target == "affinities"
     volumes = [_ValidationVolume(v, cfg) for v in volumes_of(cfg.data) if v.val_slices]
     work = [(i, block) for i, vol in enumerate(volumes) for block in range(vol.plan.n_blocks)]
-    counts = np.zeros((len(volumes), 2 if affinity else 1, 4), dtype=np.int64)
+    counts = np.zeros((len(volumes), 4), dtype=np.int64)
     regions = [vol.empty_region() for vol in volumes] if affinity and region_metrics is not None else None
     panel = None
     model.eval()
     for i, index in assign(work, dist.rank(), dist.world_size()):
         pred, label, valid, stored = volumes[i].block(model, index, cfg.predict.batch_size, device, autocast_ctx,
                                                       memory_format)
-        counts[i] += _block_counts(pred, label, valid, cfg.predict.threshold, affinity)
+        counts[i] += confusion_counts(pred, label, cfg.predict.threshold, valid)
         if regions is not None:
             regions[i][(slice(None), *volumes[i].in_region(stored))] = pred
         if want_panel and panel is None:
@@ -67,19 +67,9 @@ def validate(model, cfg: Config, device, autocast_ctx, want_panel: bool,
     return metrics, panel
 
 
-def _block_counts(pred, label, valid, threshold: float, affinity: bool) -> np.ndarray:
-    """(1, 4) confusion counts of a membrane block; (2, 4) of an affinity block: all channels, channel 0."""
-    if not affinity:
-        return confusion_counts(pred, label, threshold, valid)[None]
-    return np.stack([confusion_counts(pred, label, threshold, valid),
-                     confusion_counts(pred[0], label[0], threshold, valid[0])])
-
-
 def _scores(counts: np.ndarray, affinity: bool) -> dict:
-    if not affinity:
-        return scores_from_confusion(counts[0])
-    return {"affinity_error": scores_from_confusion(counts[0])["pixel_error"],
-            "affinity_dice": scores_from_confusion(counts[1])["dice_membrane"]}
+    scores = scores_from_confusion(counts)
+    return {"affinity_error": scores["pixel_error"], "affinity_dice": scores["dice_membrane"]} if affinity else scores
 
 
 def _panel(raw, pred, label, valid, affinity: bool):
