@@ -2,8 +2,9 @@
 
 Everything is a function of a `numpy.random.Generator` and arrays, so the caller decides the seed
 (the patch stream derives it from seed, rank and batch index). Arrays are 2D (Y, X) or 3D (Z, Y, X);
-raw is float in [0, 1], labels are 1 = neuron interior, 0 = membrane, an optional weight map is
-float. Geometric transforms move raw, label and weight together; intensity transforms touch raw only.
+raw is float in [0, 1], labels are 1 = neuron interior, 0 = membrane (or int32 instance IDs, for
+affinity targets: nearest-neighbour moves only ever copy an ID, so they stay IDs), an optional weight
+map is float. Geometric transforms move raw, label and weight together; intensity transforms touch raw only.
 
 Elastic deformation is done in place, at the patch's own size, with reflecting borders: the
 displacements (about 10 px) are small against a patch, and reading a larger patch and cropping

@@ -17,13 +17,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from unet_dist.config import AugmentConfig, Config
+from unet_dist.data.affinities import affinities, affinity_valid
 from unet_dist.data.augment import Augmenter, unet_weight_map
 from unet_dist.errors import UserError
 from unet_dist.data.damaged_chunks import read_region
 from unet_dist.data.training_set import Volume, volumes_of
-from unet_dist.data.volumes import open_ignore, open_training
+from unet_dist.data.volumes import open_ids, open_ignore, open_training
 
 IGNORED = 2  # an unlabelled voxel's value in a label patch while it is augmented (nearest-neighbour moves keep it)
+IGNORED_ID = -1  # the same in an ID patch (its IDs are renumbered from 1 first: see compact_ids)
 MAX_DRAWS = 1000  # patches drawn for one batch item before a store that is hardly labelled is refused
 
 
@@ -47,6 +49,10 @@ class PatchSpec:
     weight_map_w0: float
     weight_map_sigma: float
     min_labelled_fraction: float  # redraw patches with less of their loss region labelled
+    # model.target, and for "affinities" the (z, y, x) offsets and data.ids, the IDs they come from
+    target: str = "membrane"
+    offsets: tuple[tuple[int, int, int], ...] = ()
+    ids: str = "neuron_ids"
 
     @classmethod
     def from_config(cls, cfg: Config, rank: int, label_crop: tuple[int, ...]) -> "PatchSpec":
@@ -56,7 +62,8 @@ class PatchSpec:
                    label_crop=tuple(label_crop), batch_size=cfg.data.batch_size, seed=cfg.train.seed, rank=rank,
                    weight_map=cfg.train.weight_map, weight_map_w0=cfg.train.weight_map_w0,
                    weight_map_sigma=cfg.train.weight_map_sigma,
-                   min_labelled_fraction=cfg.data.min_labelled_fraction)
+                   min_labelled_fraction=cfg.data.min_labelled_fraction, target=cfg.model.target,
+                   offsets=cfg.model.affinity_offsets(), ids=cfg.data.ids)
 
     def volume_probabilities(self) -> np.ndarray:
         weights = np.array([v.weight for v in self.volumes], dtype=np.float64)
@@ -71,17 +78,32 @@ def patch_z_starts(z_range: tuple[int, int], depth: int, holdout: tuple[int, int
     return starts
 
 
+def compact_ids(ids: np.ndarray) -> np.ndarray:
+    """int32 IDs 1..K for the K nonzero IDs of a patch, 0 kept: equal IDs stay equal, different ones
+    different. Interpolation by nearest neighbour computes in float64, which would merge IDs above 2**53
+    (uint64 IDs); small numbers also leave room for IGNORED_ID."""
+    _, inverse = np.unique(ids, return_inverse=True)
+    out = inverse.reshape(ids.shape).astype(np.int32) + 1
+    out[ids == 0] = 0
+    return out
+
+
 @dataclass
 class OpenVolume:
-    """One volume's arrays, opened in the process that reads them."""
+    """One volume's arrays, opened in the process that reads them; `labels` holds the instance IDs
+    when the target is affinities."""
     volume: Volume
     raw: object
     labels: object
     ignore: object | None = None
 
     @classmethod
-    def open(cls, volume: Volume) -> "OpenVolume":
-        raw, labels, _, _ = open_training(volume.store, volume.raw_array, volume.labels)
+    def open(cls, volume: Volume, ids: str | None = None) -> "OpenVolume":
+        if ids is None:
+            raw, labels, _, _ = open_training(volume.store, volume.raw_array, volume.labels)
+        else:
+            raw, _, _, _ = open_training(volume.store, volume.raw_array, None)
+            labels, _ = open_ids(volume.store, ids, raw.shape)
         ignore, _ = open_ignore(volume.store, volume.ignore, labels.shape)
         return cls(volume, raw, labels, ignore)
 
@@ -94,6 +116,10 @@ class PatchStream(IterableDataset):
     before anything else sees them, so whatever the store holds there never changes a batch. A patch
     whose loss region is labelled below `min_labelled_fraction` is drawn again from the same generator.
     With several volumes, `volume` holds each patch's volume index.
+
+    With model.target affinities the patch reads the instance IDs (data.ids) instead of the binary
+    labels; they move with the raw through every augmentation (nearest neighbour: IDs stay IDs), and
+    the affinities are computed afterwards, so `label` and `valid` are (B, C, ...), one channel per offset.
     """
 
     def __init__(self, spec: PatchSpec, augment_cfg: AugmentConfig, start_batch: int = 0):
@@ -108,7 +134,8 @@ class PatchStream(IterableDataset):
         augmenter = self.augmenter
         index = self.start_batch + worker
         try:
-            volumes = [OpenVolume.open(v) if v.weight > 0 else None for v in self.spec.volumes]
+            ids = self.spec.ids if self.spec.target == "affinities" else None
+            volumes = [OpenVolume.open(v, ids) if v.weight > 0 else None for v in self.spec.volumes]
         except UserError as exc:
             yield {"error": str(exc)}
             return
@@ -131,6 +158,9 @@ class PatchStream(IterableDataset):
     def make_batch(self, volumes: list[OpenVolume], augmenter, index: int) -> dict[str, torch.Tensor]:
         spec = self.spec
         rng = np.random.default_rng([spec.seed, spec.rank, index])
+        item = self._affinity_item if spec.target == "affinities" else self._membrane_item
+        # every volume's items carry `valid` once any can: the batch's keys never change
+        some_ignore = any(v is not None and v.ignore is not None for v in volumes)
         raws, labs, weights, valids, picked = [], [], [], [], []
         for _ in range(spec.batch_size):
             picked.append(self.pick_volume(rng))
@@ -139,37 +169,61 @@ class PatchStream(IterableDataset):
             r = to_unit_float(read_region(source.raw, region))
             lab = read_region(source.labels, region)
             self._check(r, lab, region, source.volume)
-            if skip is not None:  # unlabelled: whatever the store holds there is gone from here on
-                lab = np.where(skip != 0, np.uint8(IGNORED), lab.astype(np.uint8, copy=False))
-            if len(spec.patch_size) == 2:  # a 2D patch is one slice
-                r, lab = r[0], lab[0]
-            r, lab = augmenter(rng, r, lab)
-            lab = lab[self._crop(lab)]
-            valid = None
-            if skip is not None:
-                valid = lab != IGNORED
-                lab = np.where(valid, lab, np.uint8(0))
-            elif any(v is not None and v.ignore is not None for v in volumes):
-                valid = np.ones(lab.shape, dtype=bool)  # another volume has unlabelled voxels: same keys
-            if valid is not None:
-                valids.append(valid)
+            r, lab, valid, weight = item(rng, augmenter, r, lab, skip, some_ignore)
             raws.append(r)
             labs.append(lab)
-            if spec.weight_map:
-                weight = self._weights(lab, valid)
-                weights.append(weight if valid is None else weight * valid)
+            valids += [] if valid is None else [valid]
+            weights += [] if weight is None else [weight]
+        channel = (slice(None), None) if spec.target == "membrane" else (slice(None),)  # affinities have theirs
         batch = {
             "raw": torch.from_numpy(np.stack(raws)[:, None].astype(np.float32)),
-            "label": torch.from_numpy(np.stack(labs)[:, None].astype(np.float32)),
+            "label": torch.from_numpy(np.stack(labs)[channel].astype(np.float32)),
             "index": torch.tensor(index),
         }
         if weights:
-            batch["weight"] = torch.from_numpy(np.stack(weights)[:, None].astype(np.float32))
+            batch["weight"] = torch.from_numpy(np.stack(weights)[channel].astype(np.float32))
         if valids:
-            batch["valid"] = torch.from_numpy(np.stack(valids)[:, None].astype(np.float32))
+            batch["valid"] = torch.from_numpy(np.stack(valids)[channel].astype(np.float32))
         if len(spec.volumes) > 1:
             batch["volume"] = torch.tensor(picked)
         return batch
+
+    def _membrane_item(self, rng, augmenter, r, lab, skip, some_ignore):
+        """(raw, label, valid or None, weight or None) of one binary-label patch."""
+        if skip is not None:  # unlabelled: whatever the store holds there is gone from here on
+            lab = np.where(skip != 0, np.uint8(IGNORED), lab.astype(np.uint8, copy=False))
+        if len(self.spec.patch_size) == 2:  # a 2D patch is one slice
+            r, lab = r[0], lab[0]
+        r, lab = augmenter(rng, r, lab)
+        lab = lab[self._crop(lab)]
+        valid = None
+        if skip is not None:
+            valid = lab != IGNORED
+            lab = np.where(valid, lab, np.uint8(0))
+        elif some_ignore:
+            valid = np.ones(lab.shape, dtype=bool)
+        weight = None
+        if self.spec.weight_map:
+            weight = self._weights(lab, valid)
+            weight = weight if valid is None else weight * valid
+        return r, lab, valid, weight
+
+    def _affinity_item(self, rng, augmenter, r, ids, skip, some_ignore):
+        """(raw, affinities (C, ...), valid (C, ...), None) of one ID patch: the IDs (and the unlabelled
+        voxels, as IGNORED_ID) move with the raw, then the affinities are computed on the moved IDs, so
+        they agree with what the network sees; neighbours beyond the patch are invalid. Then cropped."""
+        ids = compact_ids(ids)
+        if skip is not None:
+            ids[skip != 0] = IGNORED_ID
+        if len(self.spec.patch_size) == 2:
+            r, ids = r[0], ids[0]
+        r, ids = augmenter(rng, r, ids)
+        unlabelled = ids == IGNORED_ID
+        ids = np.where(unlabelled, 0, ids)
+        target = affinities(ids, self.spec.offsets)
+        valid = affinity_valid(unlabelled if skip is not None else ids.shape, self.spec.offsets)
+        crop = (slice(None), *self._crop(ids))
+        return r, target[crop], valid[crop], None
 
     def _crop(self, lab: np.ndarray) -> tuple[slice, ...]:
         """The part of a (2D or 3D) label patch that reaches the loss (valid padding crops the border)."""
@@ -202,7 +256,7 @@ class PatchStream(IterableDataset):
         where = f"{volume.store} at {', '.join(f'{s.start}:{s.stop}' for s in region)}"
         if not np.isfinite(raw).all():
             raise UserError(f"{where}: raw holds NaN or infinite values")
-        if lab.max(initial=0) > 1:
+        if self.spec.target == "membrane" and lab.max(initial=0) > 1:
             raise UserError(f"{where}: labels hold values other than 0 and 1 (max {lab.max()}); "
                             "convert them with --label-threshold")
 

@@ -135,19 +135,22 @@ def check_binary(array: zarr.Array, where: str) -> None:
                             f"{', '.join(f'{s.start}:{s.stop}' for s in box)}); {hint}")
 
 
-def open_training(store, raw_array: str = RAW, labels: str = TARGET, patch=None, max_files: int | None = None):
+def open_training(store, raw_array: str = RAW, labels: str | None = TARGET, patch=None, max_files: int | None = None):
     """(raw, labels, raw path, label path) of a training store, every check applied; `patch` (z, y, x)
-    and `max_files` for the chunk layout check (None: not checked, e.g. a second opening)."""
+    and `max_files` for the chunk layout check (None: not checked, e.g. a second opening). `labels`
+    None: the raw alone (affinity targets come from the IDs: open_ids), (raw, None, raw path, None)."""
     raw, raw_path = open_array(store, raw_array, "raw")
-    lab, lab_path = open_array(store, label_array_path(labels), "labels")
+    lab, lab_path = (None, None) if labels is None else open_array(store, label_array_path(labels), "labels")
     check_volume(raw, f"{store}:{raw_path}")
-    check_volume(lab, f"{store}:{lab_path}")
-    if tuple(lab.shape) != tuple(raw.shape):
-        raise UserError(f"{store}: raw {tuple(raw.shape)} and labels {tuple(lab.shape)} differ in shape")
+    if lab is not None:
+        check_volume(lab, f"{store}:{lab_path}")
+        if tuple(lab.shape) != tuple(raw.shape):
+            raise UserError(f"{store}: raw {tuple(raw.shape)} and labels {tuple(lab.shape)} differ in shape")
     if patch is not None and max_files is not None:
-        for array, path in ((raw, raw_path), (lab, lab_path)):
+        for array, path in ((raw, raw_path), (lab, lab_path))[:1 if lab is None else 2]:
             check_chunking(array, patch, max_files, f"{store}:{path}")
-        check_binary(lab, f"{store}:{lab_path}")
+        if lab is not None:
+            check_binary(lab, f"{store}:{lab_path}")
     return raw, lab, raw_path, lab_path
 
 
@@ -197,3 +200,26 @@ def voxel_size_of(store, inner: str):
         return ZarrSource(path, inner).voxel_size
     except UserError:
         return None
+
+
+def open_ids(store, name: str, shape=None, patch=None, max_files: int | None = None) -> tuple[zarr.Array, str]:
+    """The instance IDs affinity targets come from (`data.ids`, a label image name or a path) and their
+    path; checked: present (else the command that writes them), 3D integers of the raw's `shape`, and,
+    given `patch` and `max_files`, their chunk layout."""
+    group, path = open_group(store), label_array_path(name)
+    if not _has(group, path):  # a label image's group (multiscale) or a plain array path
+        path = name.strip("/")
+    if not _has(group, path):
+        raise UserError(f"{store}: no {label_array_path(name).removesuffix('/0')} (instance IDs, one per neuron) "
+                        "for model.target=affinities; write them with unet-dist convert --labels IDS --instances, "
+                        "or name them in data.ids")
+    array, path = open_array(store, path, "ids")
+    where = f"{store}:{path}"
+    check_volume(array, where)
+    if np.dtype(array.dtype).kind not in "biu":
+        raise UserError(f"{where}: instance IDs of type {array.dtype}; expected integers (0 = boundary)")
+    if shape is not None and tuple(array.shape) != tuple(shape):
+        raise UserError(f"{store}: raw {tuple(shape)} and the instance IDs {tuple(array.shape)} differ in shape")
+    if patch is not None and max_files is not None:
+        check_chunking(array, patch, max_files, where)
+    return array, path

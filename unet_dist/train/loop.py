@@ -25,9 +25,10 @@ from unet_dist.train.global_batch import fit_accumulate, world_change
 from unet_dist.config import Config, dump_yaml, model_config_from_dict, to_dict
 from unet_dist.data.patches import PatchSpec, PatchStream, make_loader, patch_z_starts
 from unet_dist.data.training_set import Volume, volumes_of
-from unet_dist.data.volumes import open_ignore, open_training
+from unet_dist.data.volumes import open_ids, open_ignore, open_training
 from unet_dist.errors import UserError, warn_once
 from unet_dist.model import check_patch_shape, output_shape
+from unet_dist.predict.block_plan import make_plan
 from unet_dist.monitor.training import Monitor, NullMonitor
 from unet_dist.train.signals import StopFlag, ignore_stop_signals
 from unet_dist.train.throughput import ThroughputLog
@@ -50,17 +51,28 @@ def check_inputs(cfg: Config) -> tuple[int, ...]:
     label crop. (The run directory is checked after the checkpoint to resume, so a mistake creates nothing.)"""
     patch = tuple(cfg.data.patch_size)
     check_patch_shape(cfg.model, patch)
+    affinity = cfg.model.target == "affinities"
+    if affinity and cfg.train.weight_map:
+        raise UserError("train.weight_map: the U-Net weight map weighs membrane pixels; it has no meaning for "
+                        "model.target=affinities (set it false)")
     for volume in volumes_of(cfg.data):
-        _check_volume(volume, patch, cfg.data.max_files_per_patch, several=bool(cfg.data.volumes))
+        shape = _check_volume(volume, patch, cfg.data.max_files_per_patch, several=bool(cfg.data.volumes),
+                              ids=cfg.data.ids if affinity else None)
+        if volume.val_slices:  # validation's block plan: a wrong predict.block_size would end the run at its first validation
+            make_plan(cfg.model, cfg.predict, shape, volume.val_slices)
     out = output_shape(cfg.model, patch)
     crop = tuple((p - o) // 2 for p, o in zip(patch, out))
     return crop
 
 
-def _check_volume(volume: Volume, patch: tuple[int, ...], max_files: int, several: bool) -> None:
-    """The arrays, slice ranges and patch size of one training volume."""
+def _check_volume(volume: Volume, patch: tuple[int, ...], max_files: int, several: bool,
+                  ids: str | None) -> tuple[int, ...]:
+    """The arrays, slice ranges and patch size of one training volume (`ids`: the instance IDs that
+    affinity targets come from, which stand in for the binary labels); returns its shape."""
     full = (1, *patch) if len(patch) == 2 else patch
-    raw, _, _, _ = open_training(volume.store, volume.raw_array, volume.labels, full, max_files)
+    raw, _, _, _ = open_training(volume.store, volume.raw_array, None if ids else volume.labels, full, max_files)
+    if ids:
+        open_ids(volume.store, ids, raw.shape, full, max_files)
     open_ignore(volume.store, volume.ignore, raw.shape)  # a wrong data.ignore: one line, before the group
     depth = raw.shape[0]
     for key in ("train_slices", "val_slices"):
@@ -69,13 +81,14 @@ def _check_volume(volume: Volume, patch: tuple[int, ...], max_files: int, severa
             where = f"data.volumes '{volume.name}'.{key}" if several else f"data.{key}"
             raise UserError(f"{where}: [{lo_hi[0]}, {lo_hi[1]}) is outside the store's {depth} slices ({volume.store})")
     if volume.weight == 0:  # validation only: no patch comes from it
-        return
+        return raw.shape
     lo, hi = volume.train_range(depth)
     limits = (hi - lo, raw.shape[1], raw.shape[2])
     if any(p > n for p, n in zip(full, limits)) or not len(patch_z_starts((lo, hi), full[0], volume.exclude)):
         without = f", without slices {list(volume.exclude)}" if volume.exclude else ""
         raise UserError(f"data.patch_size: {list(patch)} does not fit in the training "
                         f"volume ({volume.store}: {limits[0]} slices of {limits[1]} x {limits[2]}{without})")
+    return raw.shape
 
 
 def deterministic_problem(cfg: Config, device_type: str) -> str | None:

@@ -25,6 +25,10 @@ def loss_fn(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | No
             valid: torch.Tensor | None = None) -> torch.Tensor:
     """BCE (weighted by `weight`), plus the soft Dice of both classes for "bce_dice".
 
+    Tensors are (B, C, ...): one channel for the membrane target, one per offset for affinities (then
+    `valid` is per voxel-channel, 0 where a neighbour lies outside the patch or is unlabelled, and the
+    BCE is the mean over valid voxel-channels). The Dice terms are per sample and channel, then averaged.
+
     `valid` (1 = labelled, 0 = unlabelled; the patch stream's `valid`): unlabelled voxels are in
     neither term. Their BCE is multiplied by 0 and the mean taken over the labelled voxels; the Dice
     sums see prob * valid and label * valid. So neither the loss nor any gradient depends on the
@@ -38,7 +42,7 @@ def loss_fn(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | No
         loss = per_voxel.sum() / valid.sum().clamp(min=1)
     if kind == "bce_dice":
         prob = torch.sigmoid(logits)
-        dims = tuple(range(1, prob.ndim))
+        dims = tuple(range(2, prob.ndim))
         # masked: p, t are 0 on unlabelled voxels and (one - x) is 1 - x on labelled ones, 0 elsewhere
         p, t, one = (prob, label, 1) if valid is None else (prob * valid, label * valid, valid)
         dice_in = (2 * (p * t).sum(dims) + 1) / (p.sum(dims) + t.sum(dims) + 1)
