@@ -23,7 +23,7 @@ from pathlib import Path
 
 import submitit
 
-from unet_dist.cli.segment import overrides_of
+from unet_dist.cli.segment import overrides_of, threshold_for
 from unet_dist.errors import UserError
 from unet_dist.predict.manifest import finished_blocks
 
@@ -85,7 +85,7 @@ def submit(pred: str | Path, *, config=None, threshold: float | None = None, blo
     from unet_dist.segment.pipeline import NEURONS, open_input
 
     kind = common.choose_cluster(cluster)
-    overrides = overrides_of(threshold, block_size, overrides)
+    overrides = overrides_of(threshold_for(pred, threshold, overrides), block_size, overrides)
     cfg = load_config(config, overrides)
     validate_segment(cfg.segment, "segment")
     pred = Path(pred)

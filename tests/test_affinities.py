@@ -236,13 +236,30 @@ def test_3d_affinity_run_on_the_fib_volume(tmp_path):
     assert state["model"]["head.weight"].shape[0] == 4
     status = json.loads((run / "status.json").read_text())
     assert "val/affinity_error" in json.dumps(status)
+    # the validation split chose the merge threshold; predict records it and segment takes it
+    from unet_dist.segment.volume import THRESHOLDS
+
+    assert state["segment_threshold"] in THRESHOLDS
+    pred = tmp_path / "pred.zarr"
+    done = run_cli("predict", "--checkpoint", run / "checkpoints" / "best.pt", "--input", store, "--out", pred,
+                   "predict.block_size=[10,50,100]")
+    assert done.code == 0, done.err
+    done = run_cli("segment", "--pred", pred, "--block-size", "25,50,100")
+    assert done.code == 0, done.err
+    assert f"segment: threshold {state['segment_threshold']}, chosen on the training run's validation split" in done.err
+    assert json.loads(done.out.splitlines()[-1])["neurons"] >= 1
+    done = run_cli("evaluate", "--seg", pred, "--labels", store, "--json", tmp_path / "m.json")
+    assert done.code == 0, done.err
+    scores = json.loads((tmp_path / "m.json").read_text())
+    assert scores["neurons"] == 87 and scores["voi"] == pytest.approx(scores["voi_split"] + scores["voi_merge"])
+    assert 0 <= scores["adapted_rand_error"] <= 1
 
 
 @pytest.mark.slow
-def test_validation_region_hook_sees_the_blocks_put_together(instance_store, monkeypatch):
-    """validate() on a plan of several blocks: the hook receives the region's affinities (C, Z, Y, X), equal
-    to the blocks, and the region's IDs; the error it can compute
-    from them equals val/affinity_error (the blocks' targets reach into their neighbours)."""
+def test_validation_segments_the_blocks_put_together(instance_store, monkeypatch):
+    """validate() on a plan of several blocks: the region's affinities (C, Z, Y, X), put together from the
+    blocks, are segmented at the threshold of lowest VOI; the error computed from them equals
+    val/affinity_error (the blocks' targets reach into their neighbours)."""
     import contextlib
 
     from unet_dist.config import load_config
@@ -254,12 +271,26 @@ def test_validation_region_hook_sees_the_blocks_put_together(instance_store, mon
                               "model.target=affinities", f"model.offsets={offsets}", "data.patch_size=[4,32,32]",
                               "data.train_slices=[0,4]", "data.val_slices=[5,8]", "predict.block_size=[2,48,48]"])
     seen = {}
-    monkeypatch.setattr(validation, "region_metrics", lambda aff, ids, unl, offs: seen.update(
-        aff=aff, ids=ids, unl=unl, offs=offs) or {"hook": 1.0})
+    real = validation.best_threshold
+
+    def spy(aff, offs, ids, unl, segment_cfg):
+        seen.update(aff=aff, ids=ids, unl=unl, offs=offs)
+        return real(aff, offs, ids, unl, segment_cfg)
+
+    monkeypatch.setattr(validation, "best_threshold", spy)
     torch.manual_seed(0)
     model = build_model(cfg.model)
     metrics, panel = validation.validate(model, cfg, torch.device("cpu"), contextlib.nullcontext(), want_panel=True)
-    assert metrics["val/hook"] == 1.0 and seen["aff"].shape == (4, 3, 96, 96) and seen["unl"] is None
+    assert seen["aff"].shape == (4, 3, 96, 96) and seen["unl"] is None
+    # the segmentation scores of the region put together, at the threshold of lowest VOI
+    from unet_dist.evaluate.instance_metrics import segmentation_scores
+    from unet_dist.segment.volume import THRESHOLDS, InMemory
+
+    volume = InMemory(seen["aff"], offsets, cfg.segment)
+    vois = {t: segmentation_scores(seen["ids"], volume.neurons(t))["voi"] for t in THRESHOLDS}
+    assert metrics["val/segment_threshold"] == min(vois, key=vois.get)
+    assert metrics["val/voi"] == pytest.approx(min(vois.values()))
+    assert metrics["val/voi"] == pytest.approx(metrics["val/voi_split"] + metrics["val/voi_merge"])
     import zarr
     np.testing.assert_array_equal(seen["ids"], zarr.open_group(str(instance_store))["labels/neuron_ids/0"][5:8])
     target = affinities(seen["ids"], offsets)

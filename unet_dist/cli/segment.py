@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from unet_dist.cli.arguments import positive_ints
 from unet_dist.files import write_json_atomic
@@ -13,13 +14,27 @@ def cmd_segment(args) -> int:
     from unet_dist.config import load_config
     from unet_dist.segment.pipeline import segment
 
-    cfg = load_config(args.config, overrides_of(args.threshold, args.block_size, args.overrides))
+    threshold = threshold_for(args.pred, args.threshold, args.overrides)
+    if threshold is not None and args.threshold is None and dist.detect_env().is_main:
+        print(f"segment: threshold {threshold}, chosen on the training run's validation split "
+              "(--threshold overrides it)", file=sys.stderr, flush=True)
+    cfg = load_config(args.config, overrides_of(threshold, args.block_size, args.overrides))
     result = segment(args.pred, cfg.segment, overwrite=args.overwrite, progress=cfg.logging.progress)
     if dist.detect_env().is_main:
         if args.json:
             write_json_atomic(args.json, result)
         print(json.dumps(result), flush=True)
     return 0
+
+
+def threshold_for(pred, threshold: float | None, overrides=()) -> float | None:
+    """--threshold, else (unless segment.threshold is overridden) the one the training run chose on
+    its validation split and predict recorded in the store; None: the config's."""
+    from unet_dist.segment.pipeline import validated_threshold
+
+    if threshold is not None or any(str(o).startswith("segment.threshold=") for o in overrides):
+        return threshold
+    return validated_threshold(pred)
 
 
 def overrides_of(threshold: float | None, block_size: str | None, overrides=()) -> list[str]:
@@ -36,8 +51,9 @@ def add_parsers(sub) -> None:
                                        "per slice), blockwise, into PRED.zarr's labels/neurons (one process, "
                                        "or N ranks under torchrun / srun; CPU only)")
     p.add_argument("--pred", required=True, help="the prediction store (PRED.zarr) written by `predict`")
-    p.add_argument("--threshold", type=float, help="merge fragments whose mean affinity is at least this "
-                                                   "(segment.threshold, default 0.5)")
+    p.add_argument("--threshold", type=float, help="merge fragments whose edge score is at least this "
+                                                   "(default: the one the training run chose on its validation "
+                                                   "split, recorded in the prediction; else segment.threshold)")
     p.add_argument("--block-size", metavar="Z,Y,X",
                    help="block (= chunk of labels/neurons) size (segment.block_size)")
     p.add_argument("--config", help="a YAML config whose segment section applies")

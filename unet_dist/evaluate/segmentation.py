@@ -43,7 +43,7 @@ def _id_array(store, name: str, what: str):
 def _open(seg_spec, labels_spec):
     """(segmentation, its path, its first slice in the labels' numbering, true IDs, ignore or None)."""
     seg_store, seg_name = volumes.split_store_spec(seg_spec, NEURONS)
-    _, z0 = open_prediction(seg_store, arrays=())
+    _, z0 = open_prediction(seg_store, arrays=(), target=None)  # neurons of either target's prediction
     if seg_name == NEURONS and NEURONS not in label_names(volumes.open_group(seg_store)):
         raise UserError(f"{seg_store}: no label image '{NEURONS}' (run unet-dist segment --pred {seg_store} first, "
                         "or name the array: --seg STORE:ARRAY)")

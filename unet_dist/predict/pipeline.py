@@ -114,12 +114,15 @@ def _create_output(out: Path, plan: Plan, attrs: dict, cfg: PredictConfig, fresh
     manifest.create()
 
 
-def _attrs(plan: Plan, settings: dict, key: str, cfg: Config, input_path, ckpt_path, step, array=RAW) -> dict:
+def _attrs(plan: Plan, settings: dict, key: str, cfg: Config, input_path, ckpt_path, state: dict, array=RAW) -> dict:
+    step = state["step"]
     what = {"probability": "neuron interior; uint8 holds round(255 p)"}
     if _channels(cfg):  # a membrane prediction's attributes stay as they were (no `target`)
         what = {"probability": "affinities: channel c is 1 where a voxel and its neighbour at offsets[c] are one "
                                "neuron; uint8 holds round(255 a)",
                 "target": AFFINITIES, "offsets": [list(o) for o in cfg.model.affinity_offsets()]}
+        if state.get("segment_threshold", -1.0) >= 0:  # chosen on the validation split: `segment` takes it
+            what["segment_threshold"] = float(state["segment_threshold"])
     return provenance(
         {"input": {"path": str(Path(input_path).resolve()), "array": array},
          "checkpoint": {"path": str(Path(ckpt_path).resolve()), "step": int(step),
@@ -194,7 +197,7 @@ def predict(ckpt, input, out, labels=None, slices=None, overrides: Sequence[str]
             error = None
             if dist.is_main():
                 try:
-                    _create_output(out, plan, _attrs(plan, settings, key, cfg, input, ckpt, state["step"], raw_path),
+                    _create_output(out, plan, _attrs(plan, settings, key, cfg, input, ckpt, state, raw_path),
                                    cfg.predict, not continuing, manifest, volumes.voxel_size_of(input, raw_path),
                                    _channels(cfg))
                 except Exception as exc:  # a full or read-only disk: every rank says so, and stops

@@ -90,12 +90,12 @@ def prediction_offsets(group: zarr.Group) -> list[tuple[int, int, int]]:
     return [tuple(int(v) for v in offset) for offset in offsets]
 
 
-def open_prediction(path, arrays: Sequence[str] = ARRAYS, target: str = MEMBRANE):
-    """A prediction store of `target` and the first input slice it covers; UserError for the other
-    target (checked before the arrays, as an affinity prediction has no mask)."""
+def open_prediction(path, arrays: Sequence[str] = ARRAYS, target: str | None = MEMBRANE):
+    """A prediction store of `target` (None: either) and the first input slice it covers; UserError
+    for the other target (checked before the arrays, as an affinity prediction has no mask)."""
     group = open_store(Path(path), arrays=())
     found = prediction_target(group)
-    if found != target:
+    if target is not None and found != target:
         if found == AFFINITIES:
             raise UserError(f"{path}: an affinity prediction, not a membrane probability; turn it into neurons "
                             f"with `unet-dist segment --pred {path}`, then score it with `unet-dist evaluate --seg`")

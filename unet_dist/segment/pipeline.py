@@ -75,6 +75,16 @@ def open_input(pred) -> tuple[zarr.Group, Input]:
                     f"{list(array.shape)}, target {target!r}); segment reads the output of `unet-dist predict`")
 
 
+def validated_threshold(pred) -> float | None:
+    """The merge threshold the training run chose on its validation split, as predict recorded it."""
+    try:
+        info = zarr.open_group(str(pred), mode="r").attrs.get("unet_dist", {}).get("predict", {})
+    except Exception:  # not a store: open_input says so in its own words
+        return None
+    value = info.get("segment_threshold") if isinstance(info, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def run_settings(path: Path, group, inp: Input, plan: Plan, cfg: SegmentConfig) -> dict:
     """Everything that changes labels/neurons; its hash is the key a continued run must match."""
     predicted = group.attrs.get("unet_dist", {}).get("predict", {}).get("run_key")

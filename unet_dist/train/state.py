@@ -57,7 +57,10 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     step: int = 0
-    best: float = -1.0  # best validation membrane Dice so far
+    best: float = -1.0  # best validation score so far (validation.best_score)
+    # affinities: the merge threshold of lowest VOI on the validation split at the best validation
+    # (-1: none); predict passes it on to the prediction store, where `segment` takes it
+    segment_threshold: float = -1.0
     run_id: str | None = None  # the W&B run a resumed run continues
 
     @classmethod
@@ -80,6 +83,7 @@ class TrainState:
             "config": to_dict(self.cfg),
             "wandb_run_id": self.run_id or "",
             "best": self.best,
+            "segment_threshold": self.segment_threshold,
             "normalisation": NORMALISATION,  # what the inputs were scaled to (data/intensity.py)
         }
 
@@ -91,5 +95,6 @@ class TrainState:
         notes = [restore_scaler(self.scaler, saved.get("scaler") or {})]
         torch.set_rng_state(saved["rng"]["torch"])
         self.step, self.best = int(saved["step"]), float(saved.get("best", -1.0))
+        self.segment_threshold = float(saved.get("segment_threshold", -1.0))
         self.run_id = saved.get("wandb_run_id") or None
         return [n for n in notes if n]

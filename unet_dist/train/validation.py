@@ -16,15 +16,9 @@ from unet_dist.data.volumes import open_ids, open_ignore, open_training
 from unet_dist.predict.infer import block_output
 from unet_dist.metrics import confusion_counts, scores_from_confusion
 from unet_dist.predict.block_plan import as_slices, assign, make_plan
+from unet_dist.segment.volume import SCORES, best_threshold
 from unet_dist.train.state import TrainState
 from unet_dist.train.step import Health
-
-
-# The hook for scores of the whole validation region of a volume (segmentation metrics: VOI, adapted
-# Rand): None, or a function (affinities (C, Z, Y, X) float32, ids (Z, Y, X), unlabelled (Z, Y, X) bool
-# or None, offsets) -> {name: value}, called on the main rank after the blocks of all ranks are put
-# together. Only then does validation hold a whole region in memory (C floats per voxel on every rank).
-region_metrics = None
 
 
 def validate(model, cfg: Config, device, autocast_ctx, want_panel: bool,
@@ -44,7 +38,9 @@ def validate(model, cfg: Config, device, autocast_ctx, want_panel: bool,
     volumes = [_ValidationVolume(v, cfg) for v in volumes_of(cfg.data) if v.val_slices]
     work = [(i, block) for i, vol in enumerate(volumes) for block in range(vol.plan.n_blocks)]
     counts = np.zeros((len(volumes), 4), dtype=np.int64)
-    regions = [vol.empty_region() for vol in volumes] if affinity and region_metrics is not None else None
+    # affinities are scored as neurons too: the whole validation region is segmented in memory (C floats
+    # per voxel on every rank), at the thresholds of segment/volume.py
+    regions = [vol.empty_region() for vol in volumes] if affinity else None
     panel = None
     model.eval()
     for i, index in assign(work, dist.rank(), dist.world_size()):
@@ -63,7 +59,7 @@ def validate(model, cfg: Config, device, autocast_ctx, want_panel: bool,
         for vol, vol_counts in zip(volumes, counts):
             metrics.update({f"val/{vol.volume.name}/{k}": float(v) for k, v in _scores(vol_counts, affinity).items()})
     if regions is not None:
-        metrics.update(_region_scores(volumes, regions, bool(cfg.data.volumes)))
+        metrics.update(_region_scores(volumes, regions, bool(cfg.data.volumes), cfg.segment))
     return metrics, panel
 
 
@@ -80,16 +76,24 @@ def _panel(raw, pred, label, valid, affinity: bool):
     return raw[mid], label[:, mid].min(axis=0), pred[:, mid].min(axis=0), valid[:, mid].all(axis=0)
 
 
-def _region_scores(volumes, regions, several: bool) -> dict:
-    """`region_metrics` of each volume's whole validation region (blocks of all ranks summed: they are
-    disjoint, and every rank's region is zero outside its own blocks)."""
+def _region_scores(volumes, regions, several: bool, segment_cfg) -> dict:
+    """Segmentation scores of each volume's whole validation region (blocks of all ranks summed: they
+    are disjoint, and every rank's region is zero outside its own blocks), on the main rank, then
+    shared, so every rank chooses best.pt alike."""
     out = {}
     for vol, region in zip(volumes, regions):
         region = dist.all_reduce_sum(region)
+        scores = np.zeros(len(SCORES))
         if dist.is_main():
             ids, unlabelled = vol.region_ids()
-            prefix = f"val/{vol.volume.name}/" if several else "val/"
-            out.update({prefix + k: float(v) for k, v in region_metrics(region, ids, unlabelled, vol.offsets).items()})
+            found = best_threshold(region, vol.offsets, ids, unlabelled, segment_cfg)
+            scores = np.array([found[key] for key in SCORES])
+        scores = dist.all_reduce_sum(scores)
+        prefix = f"val/{vol.volume.name}/" if several else "val/"
+        out.update({prefix + key: float(v) for key, v in zip(SCORES, scores)})
+    if several:  # the pooled region scores: the threshold and VOI of the first volume stand for none
+        out.update({f"val/{key}": float(np.mean([out[f"val/{v.volume.name}/{key}"] for v in volumes]))
+                    for key in ("voi", "adapted_rand_error")})
     return out
 
 
@@ -175,10 +179,15 @@ class Validator:
             self.metrics = metrics
             score = best_score(metrics, self.cfg.model.target)
             is_best = score > state.best
+            if is_best and "val/segment_threshold" in metrics:
+                state.segment_threshold = metrics["val/segment_threshold"]
             state.best = max(state.best, score)
             return is_best
 
 
 def best_score(metrics: dict, target: str) -> float:
-    """What best.pt maximises: the validation membrane Dice, or for affinities 1 - the affinity error."""
-    return 1.0 - metrics["val/affinity_error"] if target == "affinities" else metrics["val/dice_membrane"]
+    """What best.pt maximises: the validation membrane Dice; for affinities 1 / (1 + VOI) of the
+    segmented validation region (1 - the affinity error without it)."""
+    if target != "affinities":
+        return metrics["val/dice_membrane"]
+    return 1.0 / (1.0 + metrics["val/voi"]) if "val/voi" in metrics else 1.0 - metrics["val/affinity_error"]
