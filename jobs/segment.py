@@ -82,7 +82,8 @@ def submit(pred: str | Path, *, config=None, threshold: float | None = None, blo
            **request) -> SubmittedJob:
     """Check the prediction, the settings and the output here, then submit a CPU job."""
     from unet_dist.config import load_config, validate_segment
-    from unet_dist.segment.pipeline import NEURONS, open_input
+    from unet_dist.predict.prediction_store import NEURONS
+    from unet_dist.segment.pipeline import open_input
 
     kind = common.choose_cluster(cluster)
     overrides = overrides_of(threshold_for(pred, threshold, overrides), block_size, overrides)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -63,3 +64,26 @@ def test_two_ranks_report_exactly_what_one_does(synth_store, labels, tmp_path, f
     two = json.loads(out.read_text())
     assert proc.stdout.count("dice_neuron") == 1  # rank 0 alone prints
     assert {k: two[k] for k in KEYS} == {k: one[k] for k in KEYS}  # exact, not approximately
+
+
+@pytest.mark.slow
+def test_segment_neurons_of_a_membrane_prediction_are_scored_per_slice(isbi_store, tmp_path):
+    """The 2D path: `segment` on a membrane probability (watershed + merge per slice), scored by the
+    challenge's V_rand / V_info beside the thresholded probability's."""
+
+    from unet_dist.metrics import isbi_segmentation_scores
+
+    labels = zarr.open_group(str(isbi_store))["labels/neuron_interior/0"][0:3]
+    pred = tmp_path / "pred.zarr"
+    fake_prediction(pred, labels, seed=5)
+    done = subprocess.run([sys.executable, "-m", "unet_dist", "segment", "--pred", str(pred)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = evaluate(pred, isbi_store, slices=(0, 3))
+    neurons = zarr.open_group(str(pred))["labels/neurons/0"][:]
+    per_slice = [isbi_segmentation_scores(neurons[z], labels[z]) for z in range(3)]
+    assert result["v_rand_neurons"] == pytest.approx(np.mean([s[0] for s in per_slice]))
+    assert result["v_info_neurons"] == pytest.approx(np.mean([s[1] for s in per_slice]))
+    print({k: result[k] for k in ("v_rand", "v_info", "v_rand_neurons", "v_info_neurons")})
+    # a watershed + merge is not worse than the best threshold's connected components on the same input
+    assert result["v_rand_neurons"] >= result["v_rand"] - 0.02

@@ -249,6 +249,15 @@ def ground_truth_segments(label2d, segments2d=None) -> np.ndarray:
     return gt
 
 
+def isbi_segmentation_scores(seg2d, label2d, segments2d=None) -> tuple[float, float]:
+    """(V_rand, V_info) of one slice's segmentation (`segment`'s neuron IDs, 0 = no neuron) as the
+    challenge scores a thinned threshold: the same F-scores, without a threshold to sweep."""
+    seg = np.asarray(seg2d)
+    _, inverse = np.unique(seg, return_inverse=True)
+    consecutive = inverse.reshape(seg.shape).astype(np.int64) + (1 if seg.min(initial=1) > 0 else 0)
+    return _f_scores(ground_truth_segments(label2d, segments2d), consecutive)
+
+
 def isbi_slice_scores(prob2d, label2d, thresholds=ISBI_THRESHOLDS, segments2d=None) -> np.ndarray:
     """Per-threshold (V_rand, V_info) of one 2D slice, shape (len(thresholds), 2), float64.
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 from pathlib import Path
 
@@ -27,8 +28,9 @@ from unet_dist.data import volumes
 from unet_dist.data.store import IGNORE, label_names, label_path, slices_within
 from unet_dist.monitor.progress import Progress
 from unet_dist.errors import UserError, writing
-from unet_dist.metrics import ISBI_THRESHOLDS, confusion_counts, isbi_scores_from_sums, isbi_sums, scores_from_confusion
-from unet_dist.predict.prediction_store import MASK, PROBABILITY, open_prediction, probability_float
+from unet_dist.metrics import (ISBI_THRESHOLDS, confusion_counts, isbi_scores_from_sums, isbi_segmentation_scores,
+                               isbi_sums, scores_from_confusion)
+from unet_dist.predict.prediction_store import MASK, NEURONS, NEURONS_PATH, PROBABILITY, open_prediction, probability_float
 from unet_dist.files import write_json_atomic
 
 
@@ -49,7 +51,9 @@ def _open(pred, labels, slices):
         raise UserError(f"{labels}: labels {tuple(label_arr.shape)} do not cover the prediction "
                         f"{tuple(prob.shape)} of slices {z0}:{z0 + depth} ({pred})")
     lo, hi = slices_within(slices, depth, str(pred), z0)
-    return prob, mask, label_arr, ids, ignore, z0, (lo, hi)
+    # `segment`'s neurons, when the prediction has them: scored per slice by the same V_rand / V_info
+    neurons = group[NEURONS_PATH] if NEURONS in label_names(group) else None
+    return prob, mask, label_arr, ids, ignore, neurons, z0, (lo, hi)
 
 
 def slice_scores(prob2d: np.ndarray, mask2d: np.ndarray, label2d: np.ndarray,
@@ -68,13 +72,21 @@ def _slice(array, z: int) -> np.ndarray:
     return read_region(array, (slice(z, z + 1),))[0]
 
 
+def _neuron_scores(neurons, z: int, z0: int, label_arr, ids, ignore) -> tuple[float, float]:
+    label = _slice(label_arr, z)
+    if ignore is not None:
+        label = np.where(_slice(ignore, z) == 0, label, 0)
+    return isbi_segmentation_scores(_slice(neurons, z - z0), label, None if ids is None else _slice(ids, z))
+
+
 def evaluate(pred, labels, slices=None, json_out=None) -> dict | None:
     """Metrics of `pred` over the slices (labels' numbering); rank 0 returns them, others None."""
-    prob, mask, label_arr, ids, ignore, z0, (lo, hi) = _open(pred, labels, slices)
+    prob, mask, label_arr, ids, ignore, neurons, z0, (lo, hi) = _open(pred, labels, slices)
     env = dist.detect_env()
     with dist.process_group(env, dist.choose_device("cpu", env.local_rank)):
         counts = np.zeros(4, np.int64)
         table = np.zeros((hi - lo, len(ISBI_THRESHOLDS), 2), np.float64)
+        segmented = np.zeros((hi - lo, 2), np.float64)  # (V_rand, V_info) of the neurons per slice
         mine = range(lo + dist.rank(), hi, dist.world_size())
         progress = Progress("evaluate", len(mine), "slices") if dist.is_main() else None
         for done, z in enumerate(mine, 1):
@@ -82,15 +94,19 @@ def evaluate(pred, labels, slices=None, json_out=None) -> dict | None:
                                             _slice(label_arr, z), None if ids is None else _slice(ids, z),
                                             None if ignore is None else _slice(ignore, z) == 0)
             counts += c
+            if neurons is not None:
+                segmented[z - lo] = _neuron_scores(neurons, z, z0, label_arr, ids, ignore)
             if progress is not None:
                 progress.update(done)
-        counts, table = dist.all_reduce_sum(counts), dist.all_reduce_sum(table)
+        counts, table, segmented = (dist.all_reduce_sum(a) for a in (counts, table, segmented))
         if not dist.is_main():
             return None
     sums = np.zeros(table.shape[1:], np.float64)
     for row in table:  # slice order, as one process adds them up
         sums += row
     result = {**scores_from_confusion(counts), **isbi_scores_from_sums(sums, hi - lo),
+              **({"v_rand_neurons": math.fsum(segmented[:, 0]) / (hi - lo),
+                  "v_info_neurons": math.fsum(segmented[:, 1]) / (hi - lo)} if neurons is not None else {}),
               "segments": "neuron_ids" if ids is not None else "binary target",
               **({"ignored": label_path(IGNORE)} if ignore is not None else {}),
               "slices": [lo, hi], "n_slices": hi - lo, "pred": str(Path(pred)), "labels": str(labels)}

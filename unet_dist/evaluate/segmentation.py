@@ -21,9 +21,8 @@ from unet_dist.errors import UserError
 from unet_dist.evaluate.instance_metrics import FRACTION, Table, contingency, merge_tables, scores
 from unet_dist.files import write_json_atomic
 from unet_dist.monitor.progress import Progress
-from unet_dist.predict.prediction_store import open_prediction
+from unet_dist.predict.prediction_store import NEURONS, open_prediction
 
-NEURONS = "neurons"  # the label image `segment` writes into the prediction store
 
 
 def reduce_table(table: Table, patient: bool = False) -> Table:

@@ -35,6 +35,8 @@ from unet_dist.errors import UserError
 PROBABILITY = RAW
 MASK_NAME = "mask"
 MASK = label_path(MASK_NAME)
+NEURONS = "neurons"  # the label image `segment` adds: one ID per neuron (uint64, 0 = none)
+NEURONS_PATH = label_path(NEURONS)
 ARRAYS = (PROBABILITY, MASK)
 MEMBRANE, AFFINITIES = "membrane", "affinities"  # `unet_dist.predict.target`; absent: membrane
 

@@ -43,10 +43,10 @@ from unet_dist.monitor.progress import Progress
 from unet_dist.predict.block_plan import assign, block_core
 from unet_dist.predict.failures import in_block, settle
 from unet_dist.predict.manifest import Manifest, OutputLock
+from unet_dist.predict.prediction_store import NEURONS
 from unet_dist.segment.blocks import Input, Plan, block_edges, block_fragments, group_edges, nearest_channels
 from unet_dist.segment.graph import lookup_table
 
-NEURONS = "neurons"
 STATE = ".segment"
 PHASES = ("fragments", "edges", "relabel")
 
