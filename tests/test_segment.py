@@ -255,8 +255,8 @@ def test_killed_during_fragments_then_resumed_equals_uninterrupted(tmp_path, fre
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert len(list(manifest.glob("blocks-*.json"))) == 2
-    assert not list((pred / ".segment" / "edges" / ".manifest").glob("blocks-*.json"))
+    assert len(list(manifest.glob("blocks-*/zarr.json"))) == 2
+    assert not list((pred / ".segment" / "edges" / ".manifest").glob("blocks-*/zarr.json"))
     resumed = subprocess.run(torchrun_cmd(2, free_port, *args), cwd=ROOT, env=ENV, capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
