@@ -13,7 +13,8 @@ numbers. An edge's score (`segment.edge_score`):
 - `mean`: sum / count, the mean link value along the contact.
 Fragments are numbered compactly (block by block, in ID order), so the table is one uint64 per
 fragment. An edge costs a, b (uint64), sum (float64), count (int64) and the histogram
-(BINS x uint32): 96 bytes in the blocks' edge files and in the global step's arrays.
+(BINS x uint32): 96 bytes, in the blocks' edge files and in the global step's grouped arrays; the
+`mean` rule adds a copy of the statistics it updates, a score, its adjacency dicts and heap.
 Two merge rules:
 - `union_find`: every edge whose score is >= threshold joins its fragments (connected components,
   scipy.sparse.csgraph), PyTorch Connectomics' and DaCapo's stitching;
