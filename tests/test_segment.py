@@ -125,6 +125,37 @@ def test_block_size_moves_the_result_little_and_ids_are_canonical(tmp_path):
         assert voi(results[0], seg) <= 0.05, voi(results[0], seg)
 
 
+def test_edge_histograms_add_up_exactly_and_their_quantile_is_the_merge_score():
+    from unet_dist.segment.blocks import group_edges, link_edges
+    from unet_dist.segment.graph import BINS, link_bins, lookup_table, quantile_of, quantile_scores
+
+    levels = np.arange(256)  # a uint8 affinity k / 255 (as the reader decodes it) falls in bin k // 16
+    assert BINS == 16 and np.array_equal(link_bins((levels / 255).astype(np.float32)), levels // 16)
+    rng = np.random.default_rng(0)
+    pairs = np.sort(rng.integers(1, 30, (5000, 2)), 1).astype(np.uint64)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    values = rng.random(len(pairs))
+    whole = link_edges(pairs, values)
+    pieces = [link_edges(pairs[i::3], values[i::3]) for i in (2, 0, 1)]  # blocks' rows, in any order
+    joined = group_edges(*[np.concatenate([np.stack([p["a"], p["b"]], 1) for p in pieces])],
+                         *(np.concatenate([p[k] for p in pieces]) for k in ("sum", "count", "hist")))
+    for key in ("a", "b", "count", "hist"):
+        assert np.array_equal(whole[key], joined[key]), key
+    assert np.allclose(whole["sum"], joined["sum"]) and whole["hist"].sum() == len(pairs)
+    scores = quantile_scores(whole["hist"], 0.75)
+    assert np.array_equal(scores, [quantile_of(h, 0.75) for h in whole["hist"].tolist()])
+    assert quantile_of([0] * 12 + [4, 0, 0, 0], 0.75) == (12 + 3 / 4) / 16 and quantile_of([0] * 16, 0.75) == 0
+    # 0-1: links mostly high, 0-2 mostly high on few links, 1-2 mostly low on many: once 0 and 1 merge,
+    # their edges to 2 add their histograms, and the sum's 75th percentile is low, so 2 stays apart
+    hist = np.zeros((3, BINS), np.uint32)
+    hist[0, 15], hist[1, 14], hist[1, 0], hist[2, 1] = 10, 4, 1, 40
+    edges = {"a": np.array([1, 1, 2], np.uint64), "b": np.array([2, 3, 3], np.uint64), "sum": np.zeros(3),
+             "count": hist.sum(1).astype(np.int64), "hist": hist}
+    table = {merge: lookup_table(np.array([3]), np.array([1], np.uint64), edges, 0.7, merge, "quantile")[0]
+             for merge in ("mean", "union_find")}
+    assert table["mean"].tolist() == [1, 1, 2] and table["union_find"].tolist() == [1, 1, 1]
+
+
 def test_labels_are_a_valid_ome_label_image_and_overwrite_replaces_them(tmp_path):
     ids = neurons()
     pred = write_prediction(tmp_path / "pred.zarr", affinities(ids), dtype="float16")
@@ -224,8 +255,8 @@ def test_killed_during_fragments_then_resumed_equals_uninterrupted(tmp_path, fre
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert len(list(manifest.glob("blocks-*.json"))) == 2
-    assert not list((pred / ".segment" / "edges" / ".manifest").glob("blocks-*.json"))
+    assert len(list(manifest.glob("blocks-*/zarr.json"))) == 2
+    assert not list((pred / ".segment" / "edges" / ".manifest").glob("blocks-*/zarr.json"))
     resumed = subprocess.run(torchrun_cmd(2, free_port, *args), cwd=ROOT, env=ENV, capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

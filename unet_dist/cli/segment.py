@@ -51,9 +51,11 @@ def add_parsers(sub) -> None:
                                        "per slice), blockwise, into PRED.zarr's labels/neurons (one process, "
                                        "or N ranks under torchrun / srun; CPU only)")
     p.add_argument("--pred", required=True, help="the prediction store (PRED.zarr) written by `predict`")
-    p.add_argument("--threshold", type=float, help="merge fragments whose edge score is at least this "
-                                                   "(default: the one the training run chose on its validation "
-                                                   "split, recorded in the prediction; else segment.threshold)")
+    p.add_argument("--threshold", type=float, help="merge fragments whose edge score (segment.edge_score: the "
+                                                   "75th percentile of the affinities along their contact, or "
+                                                   "their mean) is at least this (default: the one the training "
+                                                   "run chose on its validation split, recorded in the "
+                                                   "prediction; else segment.threshold, 0.7)")
     p.add_argument("--block-size", metavar="Z,Y,X",
                    help="block (= chunk of labels/neurons) size (segment.block_size)")
     p.add_argument("--config", help="a YAML config whose segment section applies")

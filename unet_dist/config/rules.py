@@ -75,7 +75,7 @@ def validate_segment(seg, source) -> None:
     check(len(seg.block_size) == 3 and all(b > 0 for b in seg.block_size), "segment.block_size",
           "expected 3 positive sizes (Z, Y, X)")
     check(len(seg.halo) == 3 and all(h >= 0 for h in seg.halo), "segment.halo", "expected 3 non-negative sizes (Z, Y, X)")
-    for key in ("threshold", "seed_boundary", "background"):
+    for key in ("threshold", "quantile", "seed_boundary", "background"):
         value = getattr(seg, key)
         check(math.isfinite(value) and 0.0 <= value <= 1.0, f"segment.{key}", f"must be within [0, 1], got {value}")
     check(seg.seed_spacing >= 1, "segment.seed_spacing", "must be >= 1")

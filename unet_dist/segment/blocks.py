@@ -26,6 +26,7 @@ from skimage.segmentation import watershed
 
 from unet_dist.data.damaged_chunks import read_region
 from unet_dist.predict.prediction_store import probability_float
+from unet_dist.segment.graph import BINS, link_bins
 
 NEAREST = ((-1, 0, 0), (0, -1, 0), (0, 0, -1))
 
@@ -168,7 +169,7 @@ def block_fragments(inp: Input, plan: Plan, index: int, core, cfg) -> np.ndarray
 
 def block_edges(inp: Input, frags_below: np.ndarray, core, lows) -> dict[str, np.ndarray]:
     """Edges of the links from the block's voxels back to their neighbours (within the block, and
-    across its lower faces): {a, b (a < b), sum, count}, one row per fragment pair.
+    across its lower faces): {a, b (a < b), sum, count, hist}, one row per fragment pair (graph.py).
 
     `frags_below`: fragments of the block grown by one voxel back on each axis where `lows[a]`
     (the block does not start at the volume's start). Every link has one owner: the block of the
@@ -176,7 +177,7 @@ def block_edges(inp: Input, frags_below: np.ndarray, core, lows) -> dict[str, np
     region = tuple(slice(lo, hi) for lo, hi in core)
     links, valid = read_links(inp, region)
     own = frags_below[tuple(slice(1 if low else 0, None) for low in lows)]
-    pairs, values = [], []
+    pairs, values = [np.zeros((0, 2), np.uint64)], [np.zeros(0)]
     for a in range(3):
         if not valid[a].any():
             continue
@@ -189,19 +190,47 @@ def block_edges(inp: Input, frags_below: np.ndarray, core, lows) -> dict[str, np
         w, ok = links[a][tuple(here)], valid[a][tuple(here)] & (u != v) & (u != 0) & (v != 0)
         pairs.append(np.stack([np.minimum(u[ok], v[ok]), np.maximum(u[ok], v[ok])], 1))
         values.append(w[ok].astype(np.float64))
-    if not pairs:
-        pairs, values = [np.zeros((0, 2), np.uint64)], [np.zeros(0)]
-    return group_edges(np.concatenate(pairs), np.concatenate(values), np.ones(sum(map(len, values)), np.int64))
+    return link_edges(np.concatenate(pairs), np.concatenate(values))
 
 
-def group_edges(pairs: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
-    """Rows of equal (a, b) summed: the edge statistics a merge adds up."""
-    if len(pairs) == 0:
-        return {"a": np.zeros(0, np.uint64), "b": np.zeros(0, np.uint64), "sum": np.zeros(0), "count": np.zeros(0, np.int64)}
+def _runs(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(order sorting the rows by (a, b), stably; the first sorted row of each distinct pair)."""
     order = np.lexsort((pairs[:, 1], pairs[:, 0]))
-    pairs, sums, counts = pairs[order], sums[order], counts[order]
+    pairs = pairs[order]
     start = np.ones(len(pairs), bool)
     start[1:] = (pairs[1:] != pairs[:-1]).any(1)
-    idx = np.flatnonzero(start)
+    return order, np.flatnonzero(start)
+
+
+def _no_edges() -> dict[str, np.ndarray]:
+    return {"a": np.zeros(0, np.uint64), "b": np.zeros(0, np.uint64), "sum": np.zeros(0),
+            "count": np.zeros(0, np.int64), "hist": np.zeros((0, BINS), np.uint32)}
+
+
+def link_edges(pairs: np.ndarray, values: np.ndarray) -> dict[str, np.ndarray]:
+    """One row per link (its fragment pair and value) -> one row per pair: the edge statistics."""
+    if len(pairs) == 0:
+        return _no_edges()
+    order, idx = _runs(pairs)
+    pairs, values = pairs[order], values[order]
+    edge = np.zeros(len(pairs), np.int64)
+    edge[idx] = 1
+    edge = np.cumsum(edge) - 1  # each sorted link's row
+    hist = np.bincount(edge * BINS + link_bins(values), minlength=len(idx) * BINS).reshape(len(idx), BINS)
     return {"a": pairs[idx, 0].astype(np.uint64), "b": pairs[idx, 1].astype(np.uint64),
-            "sum": np.add.reduceat(sums, idx), "count": np.add.reduceat(counts, idx)}
+            "sum": np.add.reduceat(values, idx), "count": np.diff(np.append(idx, len(pairs))).astype(np.int64),
+            "hist": hist.astype(np.uint32)}
+
+
+def group_edges(pairs: np.ndarray, sums: np.ndarray, counts: np.ndarray,
+                hists: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Rows of equal (a, b) summed: the edge statistics a merge adds up (`hist` only with `hists`)."""
+    if len(pairs) == 0:
+        return {k: v for k, v in _no_edges().items() if hists is not None or k != "hist"}
+    order, idx = _runs(pairs)
+    pairs = pairs[order]
+    out = {"a": pairs[idx, 0].astype(np.uint64), "b": pairs[idx, 1].astype(np.uint64),
+           "sum": np.add.reduceat(sums[order], idx), "count": np.add.reduceat(counts[order], idx)}
+    if hists is not None:
+        out["hist"] = np.add.reduceat(hists[order], idx, axis=0).astype(np.uint32)
+    return out

@@ -2,8 +2,9 @@
 
 The field's pipeline (DaCapo, volara, LSD): (1) fragments per block, a watershed with a halo,
 IDs unique across blocks; (2) edges per block, between fragments within it and across its lower
-faces, with the sum and count of the link values along each contact; (3) one global step on rank 0,
-a merge of the edges at `segment.threshold` into a lookup table fragment -> neuron; (4) every block
+faces, with the sum, count and histogram of the link values along each contact (graph.py); (3) one
+global step on rank 0, a merge of the edges, scored by `segment.edge_score`, at `segment.threshold`
+into a lookup table fragment -> neuron; (4) every block
 relabelled through the table into labels/neurons (uint64, chunks = blocks), then its coarser levels
 (mode). Ranks (torchrun / srun, dist.py) take contiguous runs of blocks (`block_plan.assign`) and
 write whole chunks only. Each phase records its finished blocks in a manifest
@@ -277,10 +278,11 @@ def _global_step(state: Path, plan: Plan, cfg: SegmentConfig) -> dict:
     counts = np.array([int(p["n"][0]) for p in parts], np.int64)
     bases = np.array([plan.base(i) for i in range(plan.n_blocks)], np.uint64)
     pairs = np.concatenate([np.stack([p["a"], p["b"]], 1) for p in parts]) if parts else np.zeros((0, 2), np.uint64)
-    edges = group_edges(pairs, np.concatenate([p["sum"] for p in parts]), np.concatenate([p["count"] for p in parts]))
-    lut, starts = lookup_table(counts, bases, edges, cfg.threshold, cfg.merge)
+    edges = group_edges(pairs, *(np.concatenate([p[k] for p in parts]) for k in ("sum", "count", "hist")))
+    lut, starts = lookup_table(counts, bases, edges, cfg.threshold, cfg.merge, cfg.edge_score, cfg.quantile)
+    score = f"{cfg.quantile:g} quantile" if cfg.edge_score == "quantile" else "mean"
     print(f"segment: {int(counts.sum())} fragments, {len(edges['a'])} edges -> {int(lut.max(initial=0))} neurons "
-          f"({cfg.merge} at {cfg.threshold})", file=sys.stderr, flush=True)
+          f"({cfg.merge} at {cfg.threshold}, edges scored by their {score})", file=sys.stderr, flush=True)
     return {"lut": lut, "starts": starts, "fragments": np.int64(counts.sum()), "edges": np.int64(len(edges["a"]))}
 
 

@@ -37,7 +37,7 @@ class InMemory:
     def neurons(self, threshold: float) -> np.ndarray:
         """Neuron IDs (uint64, 0 = no neuron) after the merge at `threshold`, numbered canonically."""
         table, _ = lookup_table(np.array([self.count]), np.array([self.base], np.uint64), self.edges,
-                                threshold, self.cfg.merge)
+                                threshold, self.cfg.merge, self.cfg.edge_score, self.cfg.quantile)
         ids = np.zeros(self.fragments.shape, np.uint64)
         inside = self.fragments != 0
         ids[inside] = table[(self.fragments[inside] - self.base).astype(np.int64)]
