@@ -209,6 +209,15 @@ def test_2d_affinity_run_on_an_instance_store(instance_store, tmp_path):
     val = [r for r in rows if "val/affinity_error" in r]
     assert val and all(0 <= r["val/affinity_error"] <= 1 and 0 <= r["val/affinity_dice"] <= 1 for r in val)
     assert (run / "checkpoints" / "best.pt").exists()
+    # offsets that do not match the checkpoint: one line naming the file and the key, nothing written
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    again = run_cli("train", "--config", SMOKE, f"data.store={instance_store}", f"run.dir={run}", "--resume", "auto",
+                    "model.target=affinities", "model.offsets=[[0,-1,0],[0,0,-1],[0,-3,0]]", "data.train_slices=[0,6]",
+                    "data.val_slices=[6,8]", "train.steps=6", "model.depth=1", "model.base_channels=4",
+                    "predict.block_size=[1,48,48]")
+    assert again.code == 2 and again.err.count("\n") == 1, again.err
+    assert "model.offsets" in again.err and "another model config" in again.err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 
 @pytest.mark.slow
