@@ -38,7 +38,11 @@ OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} torchrun --standalone --nproc_per_node=2 -
   --checkpoint "$run/checkpoints/best.pt" --input "$store" --labels "$store" --slices 25:30 \
   --out "$out/pred.zarr" --overwrite --device cpu predict.batch_size=1
 
-echo "== evaluate: Dice, pixel error and the ISBI challenge's V_rand / V_info"
+echo "== segment: neurons per slice (watershed + merge of the membrane probability), 2 ranks under torchrun"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} torchrun --standalone --nproc_per_node=2 -m unet_dist segment \
+  --pred "$out/pred.zarr" --overwrite
+
+echo "== evaluate: Dice, pixel error and the ISBI challenge's V_rand / V_info (of the threshold and of the neurons)"
 unet-dist evaluate --pred "$out/pred.zarr" --labels "$store" --slices 25:30 --json "$out/evaluation.json"
 
 echo "== report: slice grid and training curves"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import json
 import os
 import subprocess
 import threading
@@ -156,3 +157,5 @@ def test_make_demos_script_fetches_the_real_data_when_it_is_missing(mirror, tmp_
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "== convert: ISBI 2012 from" in done.stdout and "NOT the real data" not in done.stdout
     assert (tmp_path / "demo" / "isbi2012.zarr").is_dir() and (tmp_path / "demo" / "evaluation.json").is_file()
+    evaluation = json.loads((tmp_path / "demo" / "evaluation.json").read_text())  # the segment step ran
+    assert 0 <= evaluation["v_rand_neurons"] <= 1 and 0 <= evaluation["v_info_neurons"] <= 1

@@ -49,7 +49,7 @@ class InMemory:
 
 # The thresholds training's validation tries; the one of lowest VOI is reported with its scores and
 # recorded in the checkpoint, so `segment` uses a threshold chosen on the validation split.
-THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(1, 10))
+THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 SCORES = ("voi_split", "voi_merge", "voi", "adapted_rand_error", "cremi_score", "split_neurons",
           "merged_neurons", "segment_threshold")
 
