@@ -249,6 +249,18 @@ def _check_disk(folder: str | None, sizes: list[float], tile) -> None:
                         f"{free / 1e9:.1f} GB free (pass --workdir elsewhere or smaller --sizes)")
 
 
+def _peer_versions() -> dict:
+    from importlib import metadata
+
+    found = {}
+    for name in ("waterz", "mwatershed", "scikit-image"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def _report(args, device, cfg, settings, rows, truth_info, memory, graphs) -> dict:
     from unet_dist.bench import common
     from unet_dist.bench.segment_tables import GRAPH_COLUMNS, MEMORY_COLUMNS, graph_summary
@@ -256,7 +268,7 @@ def _report(args, device, cfg, settings, rows, truth_info, memory, graphs) -> di
     ours = next(r for r in rows if r["role"] == "ours")
     whole = next(r for r in rows if r["method"].startswith("whole"))
     config = {"volume": list(settings["volume"]), "segment": settings["segment"], "truth": truth_info,
-              "processes": 1, "sizes_gvox": [m["gvox"] for m in memory]}
+              "processes": 1, "sizes_gvox": [m["gvox"] for m in memory], "peer_versions": _peer_versions()}
     report = common.make_report(
         "segment", args, device, config, rows, ours["mvox_per_s"] / whole["mvox_per_s"],
         "Mvox/s of unet-dist segment (blockwise, one process) / the same functions on the whole volume in memory",

@@ -62,7 +62,8 @@ def speed_rows(work: Path, volume, cfg, peers: list[str]) -> tuple[list[dict], d
     labels["ours"] = zarr.open_group(pred, mode="r")["labels/neurons/0"][:]
     res = ours["result"]
     rows.append(_rates({"method": "unet-dist segment (blockwise)", "role": "ours", **common.measured_row([ours]),
-                        **{k: res[k] for k in ("fragments", "edges", "neurons", "blocks")}}, voxels))
+                        **{k: res[k] for k in ("fragments", "edges", "neurons", "blocks")},
+                        "phases_s": res["seconds"]}, voxels))
     for name, label in zip(("whole", "waterz", "mwatershed"), LABELS):
         if name not in peers:
             continue
