@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -103,9 +104,9 @@ def memory_rows(work: Path, sizes: list[float], tile, cfg) -> list[dict]:
         voxels = math.prod(shape)
         common.log(f"segment: memory mode, writing {shape} ({voxels / 1e9:.3g} Gvox)")
         pred = work / f"pred-{gvox}.zarr"
-        started = common.time.perf_counter()
+        started = time.perf_counter()
         write_affinity_store(pred, shape, tuple(cfg.block_size), reader)
-        write_s = common.time.perf_counter() - started
+        write_s = time.perf_counter() - started
         common.log(f"segment: memory mode, segmenting {shape} (child process)")
         m = common.run_child("unet_dist.bench.segment:run_ours", {"pred": str(pred), "cfg": to_dict(cfg)},
                              timeout=6 * 3600)
