@@ -8,6 +8,8 @@
     unet-dist bench load    [--json FILE] [--tiny] [--size GB]      train + predict a GB volume: memory, layouts
     unet-dist bench view    [--json FILE] [--tiny] [--layouts 2d,3d] a viewer's plane reads per chunk layout
     unet-dist bench io      [--json FILE] [--tiny] [--size GB]      predictor I/O vs decode limit, codecs, back ends
+    unet-dist bench segment [--json FILE] [--tiny] [--sizes 1,4]    blockwise segmentation vs in memory, waterz,
+                                                                    mwatershed; RSS by volume; the global step
 
 Each prints a table on stdout (progress on stderr) and, with --json, writes the report: machine,
 versions, config, the raw numbers per row, and a top-level `speedup` (ours over the peer). `--tiny`
@@ -29,6 +31,8 @@ SUITES = {
     "load": "training and whole-volume prediction on a volume of several GB: peak RSS, small chunks vs shards",
     "view": "chunk files, read amplification and ms of a viewer's plane reads (xy, xz, yz) per chunk layout",
     "io": "the predictor's read -> identity -> write pipeline vs the decode limit; codecs and zarr back ends",
+    "segment": "Mvox/s, peak RSS and VOI of our blockwise segmentation vs the same on the whole volume in memory, "
+               "waterz and mwatershed; RSS by volume size (--sizes); the global step's bytes per fragment and edge",
 }
 
 
@@ -61,7 +65,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     suites = p.add_subparsers(dest="suite", required=True, metavar="SUITE")
     for name, help_text in SUITES.items():
         sp = suites.add_parser(name, help=help_text, description=help_text)
-        _common_arguments(sp, overrides=name not in ("convert", "view", "io"))
+        _common_arguments(sp, overrides=name not in ("convert", "view", "io", "segment"))
         _suite(name).add_arguments(sp)
         sp.set_defaults(func=cmd_bench)
     return p
