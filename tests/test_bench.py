@@ -178,8 +178,8 @@ def test_segment_suite(tmp_path):
     ours, whole = report["ours"], report["peer"]
     assert ours["blocks"] == 2 * 2 * 2 and whole["voi_vs_whole"] < 1e-9
     # blockwise stitching moves the result little, and both find the synthetic neurons
-    assert ours["voi_vs_whole"] < 0.3 and ours["voi_vs_truth"] < 0.3 and whole["voi_vs_truth"] < 0.3
-    assert abs(ours["neurons"] - report["config"]["truth"]["neurons"]) < 0.5 * report["config"]["truth"]["neurons"]
+    # (counts of neurons mean little here: the blockwise run leaves specks of a few voxels at block faces)
+    assert ours["voi_vs_whole"] < 0.1 and ours["voi_vs_truth"] < 0.1 and whole["voi_vs_truth"] < 0.1
     memory = report["memory"]
     assert [m["gvox"] for m in memory] == report["config"]["sizes_gvox"] and len(memory) == 2
     assert memory[1]["voxels"] == 4 * memory[0]["voxels"] and memory[1]["fragments"] > 2 * memory[0]["fragments"]
@@ -207,12 +207,12 @@ def test_bench_segment_refuses_bad_flags_before_writing_anything(flags, names, t
 
 
 def test_bench_segment_inputs_follow_the_affinity_convention_and_repeat():
-    from unet_dist.bench.segment_inputs import (affinities, planar_graph, tiled_reader, tiled_shape,
-                                                voronoi_ids)
+    from unet_dist.bench.segment_inputs import NEAREST, planar_graph, tiled_reader, tiled_shape, voronoi_ids
+    from unet_dist.data.affinities import affinities
 
     ids = voronoi_ids((12, 20, 24), cell=6)
     assert ids.min() == 0 and ids.max() > 10 and 0.1 < np.mean(ids == 0) < 0.7
-    aff = affinities(ids)
+    aff = affinities(ids, NEAREST)
     z, y, x = 5, 7, 9
     assert aff[0, z, y, x] == (ids[z, y, x] != 0 and ids[z, y, x] == ids[z - 1, y, x])
     assert aff[2, z, y, x] == (ids[z, y, x] != 0 and ids[z, y, x] == ids[z, y, x - 1])

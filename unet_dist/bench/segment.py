@@ -62,22 +62,14 @@ def _whole(pred: str, cfg) -> tuple:
     """The blockwise pipeline's functions on one block, the whole volume, in memory."""
     import numpy as np
 
-    from unet_dist.segment.blocks import Input, Plan, block_edges, block_fragments
-    from unet_dist.segment.graph import lookup_table
     from unet_dist.segment.pipeline import open_input
+    from unet_dist.segment.volume import InMemory
 
-    _, stored = open_input(pred)
-    inp = Input(np.asarray(stored.array[:]), stored.kind, stored.links)
-    plan = Plan(inp.shape, inp.shape, tuple(cfg.halo))
-    core = tuple((0, n) for n in inp.shape)
-    frags = block_fragments(inp, plan, 0, core, cfg)
-    edges = block_edges(inp, frags, core, (False, False, False))
-    n = max(int(frags.max()) - plan.base(0) + 1, 0)
-    lut, _ = lookup_table(np.array([n]), np.array([plan.base(0)], np.uint64), edges, cfg.threshold, cfg.merge)
-    fragment = frags != 0
-    ids = np.zeros(frags.shape, np.uint64)
-    ids[fragment] = lut[(frags[fragment] - np.uint64(plan.base(0))).astype(np.int64)]
-    return ids, {"fragments": n, "edges": int(len(edges["a"])), "neurons": int(lut.max(initial=0))}
+    group, stored = open_input(pred)
+    offsets = group.attrs["unet_dist"]["predict"]["offsets"] if stored.kind == "affinities" else None
+    volume = InMemory(np.asarray(stored.array[:]), offsets, cfg)
+    ids = volume.neurons(cfg.threshold)
+    return ids, {"fragments": volume.count, "edges": int(len(volume.edges["a"])), "neurons": int(ids.max(initial=0))}
 
 
 def _affinities_float(pred: str):

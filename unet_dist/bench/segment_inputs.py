@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import scipy.ndimage as ndi
 
+from unet_dist.data.affinities import affinities
+
 NEAREST = ((-1, 0, 0), (0, -1, 0), (0, 0, -1))
 
 
@@ -38,19 +40,9 @@ def voronoi_ids(shape, cell: int = 12, seed: int = 0) -> np.ndarray:
     return ids
 
 
-def affinities(ids: np.ndarray, offsets=NEAREST) -> np.ndarray:
-    """Issue 24's convention, float32 (C, Z, Y, X)."""
-    out = np.zeros((len(offsets), *ids.shape), np.float32)
-    for c, o in enumerate(offsets):
-        here = tuple(slice(max(-d, 0), n - max(d, 0)) for d, n in zip(o, ids.shape))
-        there = tuple(slice(max(d, 0), n + min(d, 0)) for d, n in zip(o, ids.shape))
-        out[c][here] = (ids[here] == ids[there]) & (ids[here] != 0)
-    return out
-
-
 def noisy_affinities(ids: np.ndarray, blur: float = 0.7, noise: float = 0.1, seed: int = 1) -> np.ndarray:
     """A network's output stand-in: the true affinities blurred, plus noise, as uint8 round(255 a)."""
-    a = ndi.gaussian_filter(affinities(ids), (0, blur, blur, blur))
+    a = ndi.gaussian_filter(affinities(ids, NEAREST, np.float32), (0, blur, blur, blur))
     a += np.random.default_rng(seed).normal(0, noise, a.shape).astype(np.float32)
     return np.rint(np.clip(a, 0, 1) * 255).astype(np.uint8)
 
