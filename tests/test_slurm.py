@@ -24,6 +24,7 @@ from helpers import ROOT, SMOKE, require, run_cli, save_checkpoint
 
 TRAIN_SBATCH = ROOT / "slurm" / "train.sbatch"
 PREDICT_SBATCH = ROOT / "slurm" / "predict.sbatch"
+SEGMENT_SBATCH = ROOT / "slurm" / "segment.sbatch"
 VENV_BIN = str(Path(sys.executable).parent)
 
 
@@ -283,6 +284,25 @@ def test_sbatch_distributed_prediction_equals_a_local_run(cluster, two_tasks, sy
     a, b = (zarr.open_group(str(tmp_path / name), mode="r") for name in ("local.zarr", "slurm.zarr"))
     for name in ("0", "labels/mask/0"):  # probability and mask
         assert np.array_equal(a[name][:], b[name][:]), name
+
+
+def test_sbatch_segmentation_on_two_tasks_equals_a_local_run(cluster, two_tasks, tmp_path):
+    """segment.sbatch, the CPU job after the GPU one: srun ranks give the IDs one process gives."""
+    from unet_dist.bench.segment_inputs import noisy_affinities, voronoi_ids, write_affinity_store
+
+    tile = noisy_affinities(voronoi_ids((16, 64, 64), cell=8, seed=3))
+    for name in ("local.zarr", "slurm.zarr"):
+        write_affinity_store(tmp_path / name, (16, 64, 64), (8, 32, 32), lambda box: tile[(slice(None), *box)])
+    args = ["--block-size", "8,32,32"]
+    local = run_cli("segment", "--pred", str(tmp_path / "local.zarr"), *args, env={"OMP_NUM_THREADS": "1"})
+    assert local.code == 0, local.err
+    job = sbatch(cluster, tmp_path, SEGMENT_SBATCH, "--pred", str(tmp_path / "slurm.zarr"), *args, opts=two_tasks)
+    info = wait_job(job)
+    text = log(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", text[-3000:]
+    a, b = (zarr.open_group(str(tmp_path / name), mode="r")["labels/neurons/0"][:] for name in ("local.zarr", "slurm.zarr"))
+    assert a.max() > 10 and np.array_equal(a, b)
+    assert not (tmp_path / "slurm.zarr" / ".segment").exists()  # the working state is gone
 
 
 # -------------------------------------------------------------------------------- submitit
