@@ -336,3 +336,38 @@ def test_an_input_that_refuses_reading_is_named_as_unreadable(tiny_synth_store, 
     assert_one_line(run("convert", "--raw", store, "--out", out, preexec="no-override"), str(chunk),
                     "cannot read", "Permission denied")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zarr"]  # no store, no temporary sibling
+
+
+# ------------------------------------------------------------------------------------------ segment
+
+def affinity_prediction(path: Path) -> Path:
+    from unet_dist.bench.segment_inputs import noisy_affinities, voronoi_ids, write_affinity_store
+
+    tile = noisy_affinities(voronoi_ids((8, 64, 64), cell=8, seed=4))
+    return write_affinity_store(path, (8, 64, 64), (8, 32, 32), lambda box: tile[(slice(None), *box)])
+
+
+@pytest.mark.slow
+def test_segment_on_a_full_disk_or_read_only_store_is_one_line_and_the_same_command_finishes(tmp_path):
+    args = ["--block-size", "8,32,32"]
+    reference = affinity_prediction(tmp_path / "ref.zarr")
+    assert run("segment", "--pred", reference, *args).returncode == 0
+    expected = zarr.open_group(str(reference), mode="r")["labels/neurons/0"][:]
+    real = tmp_path / "real"
+    affinity_prediction(real / "pred.zarr")
+    before = snapshot(real)
+    with read_only_view(real, tmp_path / "ro") as ro:
+        line = assert_one_line(run("segment", "--pred", ro / "pred.zarr", *args), "(Read-only file system)")
+        assert line.startswith(f"error: {ro / 'pred.zarr'}"), line
+    assert snapshot(real) == before
+    with tmpfs(tmp_path / "disk", "2m") as disk:
+        affinity_prediction(disk / "pred.zarr")
+        inputs = snapshot(disk)
+        fill(disk)
+        line = assert_one_line(run("segment", "--pred", disk / "pred.zarr", *args), "(No space left on device)")
+        assert line.startswith(f"error: {disk / 'pred.zarr'}"), line
+        assert all(snapshot(disk).get(name) == data for name, data in inputs.items())  # the prediction kept
+        (disk / "filler").unlink()
+        done = run("segment", "--pred", disk / "pred.zarr", *args)  # the same command, once there is space
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert np.array_equal(zarr.open_group(str(disk / "pred.zarr"), mode="r")["labels/neurons/0"][:], expected)
