@@ -17,6 +17,7 @@ import zarr
 from skimage.metrics import variation_of_information
 
 from unet_dist.config import SegmentConfig
+from unet_dist.data.affinities import affinities as data_affinities
 from unet_dist.files import FAULT_ENV
 from unet_dist.segment.pipeline import segment
 
@@ -28,13 +29,8 @@ BLOCK = "8,24,24"  # 2 x 3 x 3 blocks, the last ones partial
 
 
 def affinities(ids: np.ndarray, offsets=NEAREST) -> np.ndarray:
-    """The issue's convention: 1 iff v + o is inside, ids[v] != 0 and ids[v] == ids[v + o]."""
-    out = np.zeros((len(offsets), *ids.shape), np.float32)
-    for c, o in enumerate(offsets):
-        here = tuple(slice(max(-d, 0), n - max(d, 0)) for d, n in zip(o, ids.shape))
-        there = tuple(slice(max(d, 0), n + min(d, 0)) for d, n in zip(o, ids.shape))
-        out[c][here] = (ids[here] == ids[there]) & (ids[here] != 0)
-    return out
+    """The issue's convention (data/affinities.py, tested against plain loops), as floats."""
+    return data_affinities(ids, offsets, np.float32)
 
 
 def neurons(shape=SHAPE, n=12, seed=0) -> np.ndarray:
@@ -102,6 +98,18 @@ def test_perfect_affinities_give_one_id_per_neuron_across_block_faces(tmp_path):
     snake = np.unique(seg[(ids == ids.max()) & (seg != 0)])  # through 9 blocks, one ID
     assert len(snake) == 1 and result["fragments"] > result["neurons"]
     assert not (pred / ".segment").exists()
+
+
+def test_a_block_of_background_only_is_written_and_read_as_zeros(tmp_path):
+    """A block with no neuron (all affinities 0) is all the fill value: its chunks must still be
+    written, since a missing chunk of our arrays reads as damage (a real first run hit this)."""
+    ids = neurons()
+    ids[:8, :24, :24] = 0
+    pred = write_prediction(tmp_path / "pred.zarr", affinities(ids))
+    result = segment(pred, SegmentConfig(block_size=[8, 24, 24], halo=[2, 8, 8]))
+    seg = labels_of(pred)
+    assert result["blocks"] == 18 and not seg[:8, :24, :24].any() and seg.max() > 5
+    assert (pred / "labels" / "neurons" / "0" / "c" / "0" / "0" / "0").is_file()
 
 
 def test_block_size_moves_the_result_little_and_ids_are_canonical(tmp_path):

@@ -34,7 +34,7 @@ import zarr
 from unet_dist import __version__, dist
 from unet_dist.config import SegmentConfig, to_dict, validate_segment
 from unet_dist.data import pyramid
-from unet_dist.data.damaged_chunks import read_region
+from unet_dist.data.damaged_chunks import read_region, writing_every_chunk
 from unet_dist.data.layout import Layout, create_volume_array
 from unet_dist.data.ome import Pyramid, create_label_image, image_levels
 from unet_dist.data.ome_metadata import read_multiscale
@@ -171,9 +171,11 @@ def _prepare(path: Path, group, plan: Plan, key: str, settings: dict, continuing
 
 def _segment(path: Path, inp: Input, plan: Plan, key: str, cfg: SegmentConfig, progress: str) -> dict:
     state = path / STATE
-    fragments = zarr.open_group(str(state), mode="r+")["fragments"]
+    # a block of background only is all zeros, the fill value: its chunk is written all the same, as
+    # readers take a missing chunk of our arrays for damage
+    fragments = writing_every_chunk(zarr.open_group(str(state), mode="r+")["fragments"])
     neurons_group = zarr.open_group(str(path), mode="r+")["labels"][NEURONS]
-    neurons = neurons_group["0"]
+    neurons = writing_every_chunk(neurons_group["0"])
     seconds = {}
 
     def frag_work(index: int) -> None:
