@@ -22,6 +22,7 @@ from unet_dist.data import pyramid
 from unet_dist.data.store import RAW
 from unet_dist.data.synth import synthesize
 from unet_dist.files import FAULT_ENV
+from unet_dist.predict.manifest import records
 from unet_dist.model import build_model
 from unet_dist.predict.block_plan import padded_input_shape
 from unet_dist.predict.pipeline import predict
@@ -181,7 +182,7 @@ def test_killed_then_resumed_equals_uninterrupted(ckpt3, store3, reference3, tmp
                             env={**ENV, FAULT_ENV: "block-mark"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     manifest = out / ".manifest"
-    entries = lambda: [json.loads(f.read_text()) for f in manifest.glob("blocks-*.json")]  # noqa: E731
+    entries = lambda: list(records(out))  # noqa: E731
     deadline = time.monotonic() + 120
     while not (list(manifest.glob("*.paused")) and entries()):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
