@@ -180,13 +180,17 @@ def open_ignore(store, name: str = IGNORE, shape=None) -> tuple[zarr.Array | Non
     if name == IGNORE and not _has(open_group(store), path):
         return None, None
     array, path = open_array(store, path, "ignore")
-    where = f"{store}:{path}"
-    check_volume(array, where)
-    if np.dtype(array.dtype).kind not in "biu":
-        raise UserError(f"{where}: an ignore mask of type {array.dtype}; expected integers (1 = unlabelled)")
+    _check_integers(array, f"{store}:{path}", "an ignore mask", "1 = unlabelled")
     if shape is not None and tuple(array.shape) != tuple(shape):
         raise UserError(f"{store}: the ignore mask {tuple(array.shape)} and the labels {tuple(shape)} differ in shape")
     return array, path
+
+
+def _check_integers(array, where: str, what: str, meaning: str) -> None:
+    """A 3D volume of integers (label images beside the raw)."""
+    check_volume(array, where)
+    if np.dtype(array.dtype).kind not in "biu":
+        raise UserError(f"{where}: {what} of type {array.dtype}; expected integers ({meaning})")
 
 
 def voxel_size_of(store, inner: str):
@@ -215,9 +219,7 @@ def open_ids(store, name: str, shape=None, patch=None, max_files: int | None = N
                         "or name them in data.ids")
     array, path = open_array(store, path, "ids")
     where = f"{store}:{path}"
-    check_volume(array, where)
-    if np.dtype(array.dtype).kind not in "biu":
-        raise UserError(f"{where}: instance IDs of type {array.dtype}; expected integers (0 = boundary)")
+    _check_integers(array, where, "instance IDs", "0 = boundary")
     if shape is not None and tuple(array.shape) != tuple(shape):
         raise UserError(f"{store}: raw {tuple(shape)} and the instance IDs {tuple(array.shape)} differ in shape")
     if patch is not None and max_files is not None:

@@ -21,6 +21,11 @@ from unet_dist.errors import UserError
 from unet_dist.model import halo, pooling_factor, valid_input_shape
 
 
+def block_grid(shape, block) -> tuple[int, ...]:
+    """Blocks per axis of a volume cut into `block`s (the last ones partial)."""
+    return tuple(-(-n // b) for n, b in zip(shape, block))
+
+
 @dataclass(frozen=True)
 class Plan:
     """Where every block reads, what the model sees, and where its output lands. Axes (Z, Y, X)."""
@@ -37,7 +42,7 @@ class Plan:
 
     @property
     def grid(self) -> tuple[int, int, int]:
-        return tuple(-(-n // b) for n, b in zip(self.shape, self.block))
+        return block_grid(self.shape, self.block)
 
     @property
     def n_blocks(self) -> int:

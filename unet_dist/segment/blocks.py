@@ -25,6 +25,7 @@ import scipy.ndimage as ndi
 from skimage.segmentation import watershed
 
 from unet_dist.data.damaged_chunks import read_region
+from unet_dist.predict.block_plan import block_grid
 from unet_dist.predict.prediction_store import probability_float
 from unet_dist.segment.graph import BINS, link_bins
 
@@ -43,7 +44,7 @@ class Plan:
 
     @property
     def grid(self) -> tuple[int, int, int]:
-        return tuple(-(-n // b) for n, b in zip(self.shape, self.block))
+        return block_grid(self.shape, self.block)
 
     @property
     def n_blocks(self) -> int:
