@@ -76,6 +76,18 @@ def torchrun_cmd(nproc: int, port: int, *args: str) -> list[str]:
             "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "unet_dist", *map(str, args)]
 
 
+def run_rank_alone(rank: int, world_size: int, port: int, *args: str, env: dict | None = None,
+                   timeout: float = 60) -> Completed:
+    """Run the console script as one rank of a torchrun world whose other ranks never start. A rank
+    that waited in a collective would time out here; one that checks its input first says why, alone.
+    (Under a real torchrun the first rank to exit has the agent stop the others, so whether every
+    rank got to print is a race.)"""
+    world = {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+             "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+             "OMP_NUM_THREADS": "1"}
+    return run_cli(*args, env={**world, **(env or {})}, timeout=timeout)
+
+
 def torchrun_worker_pids(agent_pid: int) -> dict[int, int]:
     """rank -> pid of the workers a torchrun agent runs now."""
     ranks = {}

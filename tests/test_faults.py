@@ -18,7 +18,8 @@ from unet_dist import checkpoint
 from unet_dist.config import ModelConfig
 from unet_dist.files import FAULT_ENV
 
-from helpers import ENV, ROOT, SMOKE, run_cli, save_checkpoint, torchrun_cmd, torchrun_worker_pids
+from helpers import (ENV, ROOT, SMOKE, run_cli, run_rank_alone, save_checkpoint, torchrun_cmd,
+                     torchrun_worker_pids)
 
 SYNTH = ["data.train_slices=[0,8]", "data.val_slices=[8,12]"]
 
@@ -247,8 +248,11 @@ def test_second_prediction_on_the_same_output_refuses(tmp_path):
 
 def test_more_ranks_than_blocks_is_refused(synth_store, tmp_path, free_port):
     ckpt = save_checkpoint(tmp_path / "ck4", ModelConfig(depth=2, base_channels=4))
-    proc = subprocess.run(torchrun_cmd(2, free_port, "predict", "--checkpoint", ckpt, "--input", synth_store,
-                                       "--slices", "0:1", "--out", tmp_path / "pred.zarr"),
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and proc.stderr.count("2 ranks but only 1 block(s)") == 2
+    args = ("predict", "--checkpoint", ckpt, "--input", synth_store, "--slices", "0:1", "--out", tmp_path / "pred.zarr")
+    for rank in (0, 1):
+        alone = run_rank_alone(rank, 2, free_port, *args)
+        assert alone.code == 2 and "2 ranks but only 1 block(s)" in alone.err and "Traceback" not in alone.err
+    proc = subprocess.run(torchrun_cmd(2, free_port, *args), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "2 ranks but only 1 block(s)" in proc.stderr
     assert not (tmp_path / "pred.zarr").exists()

@@ -20,7 +20,7 @@ import zarr
 
 from unet_dist import checkpoint
 
-from helpers import ENV, ROOT, SMOKE, run_cli, save_checkpoint, torchrun_cmd
+from helpers import ENV, ROOT, SMOKE, run_cli, run_rank_alone, save_checkpoint, torchrun_cmd
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on a GPU machine)")]
@@ -122,7 +122,11 @@ def test_more_ranks_than_visible_gpus_is_refused_on_every_rank(synth_store, tmp_
     proc = subprocess.run(torchrun_cmd(2, free_port, *_train_args(synth_store, run)[:-1], "train.device=auto"),
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert proc.stderr.count("2 ranks on this node but 1 visible GPU(s)") == 2, proc.stderr[-3000:]
+    assert "2 ranks on this node but 1 visible GPU(s)" in proc.stderr, proc.stderr[-3000:]
+    for rank in (0, 1):
+        alone = run_rank_alone(rank, 2, free_port, *_train_args(synth_store, run)[:-1], "train.device=auto",
+                               env={"CUDA_VISIBLE_DEVICES": env["CUDA_VISIBLE_DEVICES"]})
+        assert alone.code == 2 and "2 ranks on this node but 1 visible GPU(s)" in alone.err, alone.err[-3000:]
     assert not run.exists()
 
 

@@ -32,7 +32,7 @@ from unet_dist.predict.block_plan import (assign, block_core, input_region, make
 from unet_dist.predict.pipeline import predict
 from unet_dist.predict.tilenet import tta_average
 
-from helpers import ENV, ROOT, SMALL, prediction_arrays, run_cli, save_checkpoint, torchrun_cmd
+from helpers import ENV, ROOT, SMALL, prediction_arrays, run_cli, run_rank_alone, save_checkpoint, torchrun_cmd
 
 
 def last_json(text: str) -> dict:
@@ -397,7 +397,11 @@ def test_every_rank_reports_a_mistake_before_any_collective(ckpt, tmp_path, free
     raw_less = tmp_path / "labels_only.zarr"
     zarr.open_group(str(raw_less), mode="w").create_array("labels", shape=(2, 8, 8), dtype="uint8")
     out = tmp_path / "pred.zarr"
-    proc = subprocess.run(torchrun_cmd(2, free_port, "predict", "--checkpoint", ckpt, "--input", raw_less,
-                                       "--out", out), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and proc.stderr.count("no array '0'") == 2
+    args = ("predict", "--checkpoint", ckpt, "--input", raw_less, "--out", out)
+    for rank in (0, 1):
+        alone = run_rank_alone(rank, 2, free_port, *args)
+        assert alone.code == 2 and "no array '0'" in alone.err and "Traceback" not in alone.err, alone.err
+    proc = subprocess.run(torchrun_cmd(2, free_port, *args), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "no array '0'" in proc.stderr
     assert not out.exists()
