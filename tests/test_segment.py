@@ -135,7 +135,7 @@ def test_block_size_moves_the_result_little_and_ids_are_canonical(tmp_path):
 
 def test_edge_histograms_add_up_exactly_and_their_quantile_is_the_merge_score():
     from unet_dist.segment.blocks import group_edges, link_edges
-    from unet_dist.segment.graph import BINS, link_bins, lookup_table, quantile_of, quantile_scores
+    from unet_dist.segment.graph import BINS, link_bins, lookup_table, quantile_scores
 
     levels = np.arange(256)  # a uint8 affinity k / 255 (as the reader decodes it) falls in bin k // 16
     assert BINS == 16 and np.array_equal(link_bins((levels / 255).astype(np.float32)), levels // 16)
@@ -162,6 +162,67 @@ def test_edge_histograms_add_up_exactly_and_their_quantile_is_the_merge_score():
     table = {merge: lookup_table(np.array([3]), np.array([1], np.uint64), edges, 0.7, merge, "quantile")[0]
              for merge in ("mean", "union_find")}
     assert table["mean"].tolist() == [1, 1, 2] and table["union_find"].tolist() == [1, 1, 1]
+
+
+def quantile_of(row: list[int], quantile: float) -> float:
+    """A histogram's quantile, uniform within each bin, one bin at a time."""
+    target, below = quantile * sum(row), 0
+    for i, count in enumerate(row):
+        if count and below + count >= target:
+            return (i + (target - below) / count) / 16
+        below += count
+    return 0.0
+
+
+def sequential_average_linkage(n, edges, threshold, score):
+    """The textbook order: merge the best edge (ties by the pair, a cluster named by its smallest
+    fragment), pool the merged clusters' edges to each neighbour, score again, until the best is
+    below threshold. Quadratic; for small graphs."""
+    label = list(range(n))
+    pooled = {}
+    for i, (u, v) in enumerate(zip(edges["a"].tolist(), edges["b"].tolist())):
+        pooled[(min(u, v) - 1, max(u, v) - 1)] = [edges["sum"][i], edges["count"][i], edges["hist"][i].astype(np.int64)]
+
+    def value(stat):
+        return quantile_of(stat[2].tolist(), 0.75) if score == "quantile" else stat[0] / stat[1]
+
+    while pooled:
+        (u, v), stat = min(pooled.items(), key=lambda kv: (-value(kv[1]), kv[0]))
+        if value(stat) < threshold:
+            break
+        label = [u if x == v else x for x in label]
+        moved = {}
+        for (p, q), st in pooled.items():
+            p, q = (u if p == v else p), (u if q == v else q)
+            if p == q:
+                continue
+            key = (min(p, q), max(p, q))
+            if key in moved:
+                moved[key] = [moved[key][0] + st[0], moved[key][1] + st[1], moved[key][2] + st[2]]
+            else:
+                moved[key] = st
+        pooled = moved
+    return np.array(label)
+
+
+@pytest.mark.parametrize("score", ["mean", "quantile"])
+def test_agglomeration_in_rounds_equals_the_sequential_order(score):
+    from unet_dist.segment.graph import BINS, canonical, edge_scores, lookup_table
+
+    rng = np.random.default_rng(3)
+    for trial in range(6):
+        n = 60
+        pairs = {tuple(sorted(p)) for p in rng.integers(1, n + 1, (150, 2)).tolist() if p[0] != p[1]}
+        a, b = (np.array(x, np.uint64) for x in zip(*sorted(pairs)))
+        hist = rng.integers(0, 6, (len(a), BINS)).astype(np.uint32)
+        hist[:, 0] += 1
+        edges = {"a": a, "b": b, "count": hist.sum(1).astype(np.int64), "hist": hist,
+                 "sum": rng.random(len(a)) * hist.sum(1)}
+        for threshold in np.quantile(edge_scores(edges, score, 0.75), [0.7, 0.85, 0.95]):
+            table = lookup_table(np.array([n]), np.array([1], np.uint64), edges, threshold, "mean", score)[0]
+            expected = canonical(sequential_average_linkage(n, edges, threshold, score))
+            assert np.array_equal(table, expected), (trial, threshold)
+            assert 1 < table.max() < n, "the case merges some fragments and not all"
 
 
 def test_labels_are_a_valid_ome_label_image_and_overwrite_replaces_them(tmp_path):

@@ -14,9 +14,9 @@ one core): peak RSS is the child's, "above baseline" less its RSS just before th
 Mvox/s per CPU-second is the per-core rate that holds on a machine others load.
 
 `--sizes 1,4` (Gvox) measures `segment`'s peak RSS on volumes that repeat one tile (made chunk by
-chunk, deleted after each); `--graph N` times the global step (edges grouped, then union-find and,
-up to `--graph-mean` fragments, the mean agglomeration) on a synthetic graph of N fragments with
-about 3 N edges, and again with about N edges, to fit bytes per fragment and per edge.
+chunk, deleted after each); `--graph N` times the global step (edges with their histograms grouped,
+then union-find; the mean agglomeration on `--graph-mean` fragments) on a synthetic graph of N
+fragments with about 3 N edges, and again with about N edges, to fit bytes per fragment and per edge.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import math
 VOLUMES = {"cpu": (64, 256, 256), "tiny": (16, 64, 64)}
 BLOCKS = {"cpu": ([32, 128, 128], [4, 16, 16]), "tiny": ([8, 32, 32], [2, 8, 8])}
 TILES = {"cpu": (64, 512, 512), "tiny": (16, 64, 64)}  # the memory mode's repeat; multiples of BLOCKS
-GRAPH = {"cpu": (10 ** 7, 10 ** 5), "tiny": (10 ** 4, 10 ** 3)}  # (union-find, mean) fragments
+GRAPH = {"cpu": (10 ** 7, 10 ** 7), "tiny": (10 ** 4, 10 ** 4)}  # (union-find, mean) fragments
 PEERS = ("whole", "waterz", "mwatershed")
 
 
@@ -38,8 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", help="Gvox of the memory mode's volumes, e.g. 1,4 (default: no memory mode)")
     p.add_argument("--graph", type=float, help="fragments of the global step's graph (default 1e7; tiny 1e4; "
                                                "0: none)")
-    p.add_argument("--graph-mean", type=float, help="up to this many fragments the mean agglomeration is timed "
-                                                    "too (a Python heap; default 1e5; tiny 1e3)")
+    p.add_argument("--graph-mean", type=float, help="fragments of the mean agglomeration's graph (default 1e7; "
+                                                    "tiny 1e4; 0: none)")
     p.add_argument("overrides", nargs="*", help="segment.* overrides, e.g. segment.merge=union_find")
 
 
@@ -150,7 +150,7 @@ def run_graph(fragments: int, keep: float, merge: str, threshold: float) -> dict
     n, edges = g["fragments"], len(pairs)
 
     def go():
-        grouped = group_edges(pairs, g["sum"], g["count"])
+        grouped = group_edges(pairs, g["sum"], g["count"], g["hist"])
         lut, _ = lookup_table(np.array([n]), np.array([1], np.uint64), grouped, threshold, merge)
         return {"neurons": int(lut.max(initial=0))}
 

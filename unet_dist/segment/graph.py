@@ -14,19 +14,18 @@ numbers. An edge's score (`segment.edge_score`):
 Fragments are numbered compactly (block by block, in ID order), so the table is one uint64 per
 fragment. An edge costs a, b (uint64), sum (float64), count (int64) and the histogram
 (BINS x uint32): 96 bytes, in the blocks' edge files and in the global step's grouped arrays; the
-`mean` rule adds a copy of the statistics it updates, a score, its adjacency dicts and heap.
+`mean` rule adds a copy of the statistics it pools and a few arrays of the edges' length.
 Two merge rules:
 - `union_find`: every edge whose score is >= threshold joins its fragments (connected components,
   scipy.sparse.csgraph), PyTorch Connectomics' and DaCapo's stitching;
 - `mean`: agglomeration as waterz / LSD: the edge of highest score merges first, the merged
   fragment's edges to a common neighbour add their statistics and are scored again, until the best
-  edge is below threshold. Both depend only on the edges, not on which rank made them.
+  edge is below threshold (average linkage; computed in rounds of reciprocal best pairs, see
+  `mean_agglomeration`). Both depend only on the edges, not on which rank made them.
 Neuron IDs are canonical: 1, 2, ... in the order of each neuron's smallest fragment ID.
 """
 
 from __future__ import annotations
-
-import heapq
 
 import numpy as np
 from scipy.sparse import coo_matrix
@@ -41,8 +40,7 @@ def link_bins(values: np.ndarray) -> np.ndarray:
 
 
 def quantile_scores(hist: np.ndarray, quantile: float) -> np.ndarray:
-    """Per row of `hist` (E, BINS), the `quantile` of its values, uniform within each bin; the same
-    floating-point steps as `quantile_of`, so both give identical numbers."""
+    """Per row of `hist` (E, BINS), the `quantile` of its values, uniform within each bin."""
     hist = np.asarray(hist, np.int64)
     if len(hist) == 0:
         return np.zeros(0)
@@ -54,16 +52,6 @@ def quantile_scores(hist: np.ndarray, quantile: float) -> np.ndarray:
     below = (cum[rows, at] - count).astype(np.float64)
     value = (at + (target - below) / np.maximum(count, 1)) / BINS
     return np.where(cum[:, -1] > 0, value, 0.0)
-
-
-def quantile_of(row: list[int], quantile: float) -> float:
-    """`quantile_scores` of one histogram row (a list), for the agglomeration's inner loop."""
-    target, below = quantile * sum(row), 0
-    for i, count in enumerate(row):
-        if count and below + count >= target:
-            return (i + (target - below) / count) / BINS
-        below += count
-    return 0.0
 
 
 def edge_scores(edges: dict[str, np.ndarray], score: str, quantile: float) -> np.ndarray:
@@ -87,47 +75,55 @@ def union_find(n: int, a: np.ndarray, b: np.ndarray, scores: np.ndarray, thresho
 
 def mean_agglomeration(n: int, a: np.ndarray, b: np.ndarray, edges: dict[str, np.ndarray], threshold: float,
                        score: str = "mean", quantile: float = 0.75) -> np.ndarray:
-    """Best edge first down to `threshold`; ties go to the smaller pair, so the result is fixed.
-    Each contact is one row of the statistics; a merge adds the gone fragment's rows into the kept
-    one's (or hands them over), so memory stays that of the input edges."""
-    sums, counts = edges["sum"].astype(np.float64), edges["count"].astype(np.int64)
-    hist = np.array(edges["hist"], np.uint32) if score == "quantile" else None
-    scores = edge_scores(edges, score, quantile).astype(np.float64)
+    """Average linkage down to `threshold` (the best edge merges first; merged fragments pool their
+    edges to a common neighbour), in rounds of whole-array numpy work instead of a heap.
 
-    def rescore(r: int) -> float:
-        return quantile_of(hist[r].tolist(), quantile) if hist is not None else float(sums[r] / counts[r])
+    Each round merges every pair whose best edge is the same edge (reciprocal best; edges ordered by
+    score, then by the pair, a fragment standing for its smallest member), then pools the statistics
+    of the edges that now join the same pair and scores them again. This is the sequential order's
+    answer: a pooled score (a mean, or a quantile of pooled histograms) lies between the scores pooled,
+    so no merge makes a better edge appear, and a reciprocal best pair is one that the sequential order
+    merges too (the reducibility of Murtagh's reciprocal-nearest-neighbour clustering). A fragment
+    whose edges all score below threshold never merges and neither do its pooled edges, so its edges
+    leave the arrays; memory is that of the input edges and a few arrays of their length."""
+    lo, hi = np.minimum(a, b).astype(np.int64), np.maximum(a, b).astype(np.int64)
+    if score == "quantile":
+        stats = [np.asarray(edges["hist"], np.uint32)]
+    else:
+        stats = [np.asarray(edges["sum"], np.float64), np.asarray(edges["count"], np.int64)]
 
-    parent = np.arange(n)
-    adjacency: list[dict[int, int]] = [{} for _ in range(n)]
-    for r, (u, v) in enumerate(zip(a.tolist(), b.tolist())):
-        adjacency[u][v] = adjacency[v][u] = r
-    heap = [(-s, u, v) for s, u, v in zip(scores.tolist(), a.tolist(), b.tolist())]
-    heapq.heapify(heap)
-    while heap:
-        best, u, v = heapq.heappop(heap)
-        if -best < threshold:
+    def rescore(stats: list[np.ndarray]) -> np.ndarray:
+        return quantile_scores(stats[0], quantile) if score == "quantile" else stats[0] / np.maximum(stats[1], 1)
+
+    scores = rescore(stats)
+    parent = np.arange(n, dtype=np.int64)
+    while True:
+        mergeable = scores >= threshold
+        if not mergeable.any():
             break
-        r = adjacency[u].get(v)
-        if parent[u] != u or parent[v] != v or r is None or scores[r] != -best:
-            continue  # a stale entry: one side merged since, or the edge's score changed
-        keep, gone = (u, v) if len(adjacency[u]) >= len(adjacency[v]) else (v, u)
-        parent[gone] = keep
-        del adjacency[keep][gone]
-        for w, r in adjacency[gone].items():  # the smaller side's edges move to the kept one
-            if w == keep:
-                continue
-            del adjacency[w][gone]
-            into = adjacency[keep].get(w)
-            if into is None:
-                adjacency[keep][w] = adjacency[w][keep] = into = r
-            else:
-                sums[into] += sums[r]
-                counts[into] += counts[r]
-                if hist is not None:
-                    hist[into] += hist[r]
-                scores[into] = rescore(into)
-            heapq.heappush(heap, (-float(scores[into]), min(keep, w), max(keep, w)))
-        adjacency[gone] = {}
+        active = np.zeros(n, bool)
+        active[lo[mergeable]] = active[hi[mergeable]] = True
+        live = active[lo] & active[hi]
+        lo, hi, scores, stats = lo[live], hi[live], scores[live], [s[live] for s in stats]
+        order = np.lexsort((hi, lo, -scores))  # best first; ties by the pair
+        rank = np.empty(len(order), np.int64)
+        rank[order] = np.arange(len(order))
+        best = np.full(n, len(order), np.int64)
+        np.minimum.at(best, lo, rank)
+        np.minimum.at(best, hi, rank)
+        merged = (best[lo] == rank) & (best[hi] == rank) & (scores >= threshold)
+        parent[hi[merged]] = lo[merged]  # reciprocal pairs are disjoint: one step joins each
+        lo, hi = parent[lo], parent[hi]
+        lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
+        kept = lo != hi
+        lo, hi, stats = lo[kept], hi[kept], [s[kept] for s in stats]
+        key = lo * n + hi
+        order = np.argsort(key, kind="stable")
+        key = key[order]
+        first = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]])) if len(key) else key
+        lo, hi = lo[order][first], hi[order][first]
+        stats = [np.add.reduceat(s[order], first, axis=0) if len(first) else s for s in stats]
+        scores = rescore(stats)
     return _roots(parent)
 
 
