@@ -26,8 +26,23 @@ def block_grid(shape, block) -> tuple[int, ...]:
     return tuple(-(-n // b) for n, b in zip(shape, block))
 
 
+class BlockGrid:
+    """`shape` cut into `block`s: the grid both predict's and segment's plans walk."""
+
+    shape: tuple[int, int, int]
+    block: tuple[int, int, int]
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return block_grid(self.shape, self.block)
+
+    @property
+    def n_blocks(self) -> int:
+        return math.prod(self.grid)
+
+
 @dataclass(frozen=True)
-class Plan:
+class Plan(BlockGrid):
     """Where every block reads, what the model sees, and where its output lands. Axes (Z, Y, X)."""
 
     in_shape: tuple[int, int, int]  # the input volume
@@ -39,14 +54,6 @@ class Plan:
     tile: tuple[int, int, int]  # model input extent (2D: tile[0] == 1)
     offset: tuple[int, int, int]  # where a block starts inside the model's output tile
     shard_blocks: tuple[int, int, int] = (1, 1, 1)  # blocks per output shard, within the grid
-
-    @property
-    def grid(self) -> tuple[int, int, int]:
-        return block_grid(self.shape, self.block)
-
-    @property
-    def n_blocks(self) -> int:
-        return math.prod(self.grid)
 
     @property
     def shard(self) -> tuple[int, int, int] | None:

@@ -25,7 +25,7 @@ import scipy.ndimage as ndi
 from skimage.segmentation import watershed
 
 from unet_dist.data.damaged_chunks import read_region
-from unet_dist.predict.block_plan import block_grid
+from unet_dist.predict.block_plan import BlockGrid
 from unet_dist.predict.prediction_store import probability_float
 from unet_dist.segment.graph import BINS, link_bins
 
@@ -33,7 +33,7 @@ NEAREST = ((-1, 0, 0), (0, -1, 0), (0, 0, -1))
 
 
 @dataclass(frozen=True)
-class Plan:
+class Plan(BlockGrid):
     """The segmentation's blocks (one chunk of labels/neurons each) over the volume (Z, Y, X).
     Has the fields `predict.block_plan.block_core` and `assign` read, so they cut it the same way."""
 
@@ -41,14 +41,6 @@ class Plan:
     block: tuple[int, int, int]
     halo: tuple[int, int, int]
     z0: int = 0  # where the volume starts in its input's z (predict's blocks may start later): here, at 0
-
-    @property
-    def grid(self) -> tuple[int, int, int]:
-        return block_grid(self.shape, self.block)
-
-    @property
-    def n_blocks(self) -> int:
-        return math.prod(self.grid)
 
     def base(self, index: int) -> int:
         """The first fragment ID of block `index`: a block holds at most prod(block) fragments."""
