@@ -22,6 +22,16 @@ class NotRequeued(RuntimeError):
     """An interrupted job that may not be requeued (bound reached, no progress, or cancelled)."""
 
 
+def requeue_refusal(requeues: int, max_requeues: int, done: int, done_at_requeue: int) -> str | None:
+    """Why an interrupted blockwise job (predict, segment) is not requeued, or None: the bound is
+    reached, or no block finished since the previous requeue (such a job would requeue forever)."""
+    if requeues >= max_requeues:
+        return f"already requeued {requeues} time(s) (--max-requeues {max_requeues})"
+    if done <= done_at_requeue:
+        return f"no block finished since the previous requeue ({done} done)"
+    return None
+
+
 class SubmittedJob:
     """submitit's job, except that `result()` is rank 0's return value for multi-task jobs too."""
 

@@ -28,8 +28,8 @@ from unet_dist.errors import UserError
 from unet_dist.predict.manifest import finished_blocks
 
 from jobs import common
-from jobs.launch import (NotRequeued, SubmittedJob, add_launch_arguments, executor_for, launch_from, resources,
-                         submit_and_report)
+from jobs.launch import (NotRequeued, SubmittedJob, add_launch_arguments, executor_for, launch_from,
+                         requeue_refusal, resources, submit_and_report)
 
 PHASES = ("fragments", "edges", "relabel")  # segment.pipeline's, without importing torch where one submits
 
@@ -61,11 +61,8 @@ class SegmentJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on rank 0 when the signal comes: requeue to continue, within bounds."""
         done = blocks_done(self.pred)
-        if self.requeues >= self.max_requeues:
-            reason = f"already requeued {self.requeues} time(s) (--max-requeues {self.max_requeues})"
-        elif done <= self.blocks_at_requeue:
-            reason = f"no block finished since the previous requeue ({done} done)"
-        else:
+        reason = requeue_refusal(self.requeues, self.max_requeues, done, self.blocks_at_requeue)
+        if reason is None:
             print(f"jobs.segment: {done} block(s) done: requeue {self.requeues + 1} of at most {self.max_requeues}",
                   flush=True)
             return submitit.helpers.DelayedSubmission(SegmentJob(

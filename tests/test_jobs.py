@@ -50,6 +50,14 @@ def test_requeue_decision_is_bounded_per_job_and_needs_progress(tmp_path):
     assert not common.requeue_decision(tmp_path, "9", 40, max_requeues=0).requeue
 
 
+def test_a_blockwise_job_is_requeued_within_its_bound_and_only_after_progress():
+    from jobs.launch import requeue_refusal
+
+    assert requeue_refusal(0, 2, done=5, done_at_requeue=0) is None
+    assert "no block finished since the previous requeue (5 done)" in requeue_refusal(1, 2, 5, 5)
+    assert "already requeued 2 time(s) (--max-requeues 2)" in requeue_refusal(2, 2, 9, 5)
+
+
 def _status(run: Path, **status) -> None:
     run.mkdir(parents=True, exist_ok=True)
     (run / "status.json").write_text(json.dumps(status))
