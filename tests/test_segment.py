@@ -100,6 +100,51 @@ def test_perfect_affinities_give_one_id_per_neuron_across_block_faces(tmp_path):
     assert not (pred / ".segment").exists()
 
 
+def test_every_fragment_pair_is_an_edge_of_one_block_only():
+    """The global step takes the blocks' rows as the graph's edges, ungrouped."""
+    from unet_dist.predict.block_plan import block_core
+    from unet_dist.segment.blocks import Input, Plan, block_edges, block_fragments
+
+    ids = neurons()
+    inp = Input(affinities(ids), "affinities", (0, 1, 2))
+    plan = Plan(SHAPE, (5, 24, 17), (2, 8, 8))  # 4 x 3 x 4 blocks, partial ones on every axis
+    cfg = SegmentConfig()
+    frags = np.zeros(SHAPE, np.uint64)
+    for index in range(plan.n_blocks):
+        core = block_core(plan, index)
+        frags[tuple(slice(lo, hi) for lo, hi in core)] = block_fragments(inp, plan, index, core, cfg)
+    pairs = []
+    for index in range(plan.n_blocks):
+        core = block_core(plan, index)
+        lows = tuple(lo > 0 for lo, _ in core)
+        below = frags[tuple(slice(lo - low, hi) for (lo, hi), low in zip(core, lows))]
+        edges = block_edges(inp, below, core, lows)
+        pairs += list(zip(edges["a"].tolist(), edges["b"].tolist()))
+    assert len(pairs) == len(set(pairs)) > 100
+    # and every contact of two fragments anywhere in the volume is one of them
+    touching = set()
+    for a in range(3):
+        here, back = [slice(None)] * 3, [slice(None)] * 3
+        here[a], back[a] = slice(1, None), slice(None, -1)
+        u, v = frags[tuple(here)], frags[tuple(back)]
+        ok = (u != v) & (u != 0) & (v != 0)
+        touching |= set(zip(np.minimum(u[ok], v[ok]).tolist(), np.maximum(u[ok], v[ok]).tolist()))
+    assert touching == set(pairs)
+
+
+def test_more_blocks_than_the_process_may_open_files(tmp_path):
+    """The global step reads every block's edges file: one open at a time, as a cluster's
+    `ulimit -n` of 1024 is less than a large volume's blocks."""
+    ids = neurons()
+    pred = write_prediction(tmp_path / "pred.zarr", affinities(ids))
+    limit = 200  # the interpreter, torch and zarr hold fewer; the blocks' files are 256
+    done = subprocess.run(["prlimit", f"--nofile={limit}", sys.executable, "-m", "unet_dist", "segment", "--pred",
+                           str(pred), "--block-size", "4,8,8"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert '"blocks": 256' in done.stdout and voi(ids, labels_of(pred)) < 0.05
+
+
 def test_a_block_of_background_only_is_written_and_read_as_zeros(tmp_path):
     """A block with no neuron (all affinities 0) is all the fill value: its chunks must still be
     written, since a missing chunk of our arrays reads as damage (a real first run hit this)."""
@@ -134,7 +179,7 @@ def test_block_size_moves_the_result_little_and_ids_are_canonical(tmp_path):
 
 
 def test_edge_histograms_add_up_exactly_and_their_quantile_is_the_merge_score():
-    from unet_dist.segment.blocks import group_edges, link_edges
+    from unet_dist.segment.blocks import link_edges
     from unet_dist.segment.graph import BINS, link_bins, lookup_table, quantile_scores
 
     levels = np.arange(256)  # a uint8 affinity k / 255 (as the reader decodes it) falls in bin k // 16
@@ -145,8 +190,12 @@ def test_edge_histograms_add_up_exactly_and_their_quantile_is_the_merge_score():
     values = rng.random(len(pairs))
     whole = link_edges(pairs, values)
     pieces = [link_edges(pairs[i::3], values[i::3]) for i in (2, 0, 1)]  # blocks' rows, in any order
-    joined = group_edges(*[np.concatenate([np.stack([p["a"], p["b"]], 1) for p in pieces])],
-                         *(np.concatenate([p[k] for p in pieces]) for k in ("sum", "count", "hist")))
+    rows = {k: np.concatenate([p[k] for p in pieces]) for k in ("a", "b", "sum", "count", "hist")}
+    pair_keys, row_of = np.unique(rows["a"] * 100 + rows["b"], return_inverse=True)  # sorted by (a, b)
+    joined = {"a": pair_keys // 100, "b": pair_keys % 100}
+    for key in ("sum", "count", "hist"):
+        joined[key] = np.zeros((len(pair_keys), *rows[key].shape[1:]), rows[key].dtype)
+        np.add.at(joined[key], row_of, rows[key])
     for key in ("a", "b", "count", "hist"):
         assert np.array_equal(whole[key], joined[key]), key
     assert np.allclose(whole["sum"], joined["sum"]) and whole["hist"].sum() == len(pairs)

@@ -14,8 +14,8 @@ one core): peak RSS is the child's, "above baseline" less its RSS just before th
 Mvox/s per CPU-second is the per-core rate that holds on a machine others load.
 
 `--sizes 1,4` (Gvox) measures `segment`'s peak RSS on volumes that repeat one tile (made chunk by
-chunk, deleted after each); `--graph N` times the global step (edges with their histograms grouped,
-then union-find; the mean agglomeration on `--graph-mean` fragments) on a synthetic graph of N
+chunk, deleted after each); `--graph N` times the global step (union-find on the edges with their
+histograms; the mean agglomeration on `--graph-mean` fragments) on a synthetic graph of N
 fragments with about 3 N edges, and again with about N edges, to fit bytes per fragment and per edge.
 """
 
@@ -134,24 +134,22 @@ def _warm_waterz() -> None:
 
 
 def run_graph(fragments: int, keep: float, merge: str, threshold: float) -> dict:
-    """The global step on a synthetic graph: edges grouped (as all blocks' edges are), then merged."""
+    """The global step on a synthetic graph: its edges (one row per pair, as the blocks' files hold
+    them) merged into a lookup table."""
     import numpy as np
     import torch  # noqa: F401  (measure imports it: before the empty process's RSS, not inside the input's)
 
     from unet_dist.bench.common import measure, reset_peak_rss, rss_bytes
     from unet_dist.bench.segment_inputs import planar_graph
-    from unet_dist.segment.blocks import group_edges
     from unet_dist.segment.graph import lookup_table
 
     reset_peak_rss()
     empty = rss_bytes()
     g = planar_graph(fragments, keep=keep)
-    pairs = np.stack([g.pop("a"), g.pop("b")], 1)
-    n, edges = g["fragments"], len(pairs)
+    n, edges = g.pop("fragments"), len(g["a"])
 
     def go():
-        grouped = group_edges(pairs, g["sum"], g["count"], g["hist"])
-        lut, _ = lookup_table(np.array([n]), np.array([1], np.uint64), grouped, threshold, merge)
+        lut, _ = lookup_table(np.array([n]), np.array([1], np.uint64), g, threshold, merge)
         return {"neurons": int(lut.max(initial=0))}
 
     out = measure(go)

@@ -213,17 +213,3 @@ def link_edges(pairs: np.ndarray, values: np.ndarray) -> dict[str, np.ndarray]:
     return {"a": pairs[idx, 0].astype(np.uint64), "b": pairs[idx, 1].astype(np.uint64),
             "sum": np.add.reduceat(values, idx), "count": np.diff(np.append(idx, len(pairs))).astype(np.int64),
             "hist": hist.astype(np.uint32)}
-
-
-def group_edges(pairs: np.ndarray, sums: np.ndarray, counts: np.ndarray,
-                hists: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Rows of equal (a, b) summed: the edge statistics a merge adds up (`hist` only with `hists`)."""
-    if len(pairs) == 0:
-        return {k: v for k, v in _no_edges().items() if hists is not None or k != "hist"}
-    order, idx = _runs(pairs)
-    pairs = pairs[order]
-    out = {"a": pairs[idx, 0].astype(np.uint64), "b": pairs[idx, 1].astype(np.uint64),
-           "sum": np.add.reduceat(sums[order], idx), "count": np.add.reduceat(counts[order], idx)}
-    if hists is not None:
-        out["hist"] = np.add.reduceat(hists[order], idx, axis=0).astype(np.uint32)
-    return out

@@ -45,7 +45,7 @@ from unet_dist.predict.block_plan import assign, block_core
 from unet_dist.predict.failures import in_block, settle
 from unet_dist.predict.manifest import Manifest, OutputLock
 from unet_dist.predict.prediction_store import NEURONS
-from unet_dist.segment.blocks import Input, Plan, block_edges, block_fragments, group_edges, nearest_channels
+from unet_dist.segment.blocks import Input, Plan, block_edges, block_fragments, nearest_channels
 from unet_dist.segment.graph import lookup_table
 
 STATE = ".segment"
@@ -275,12 +275,19 @@ def _table(state: Path, plan: Plan, cfg: SegmentConfig):
 
 
 def _global_step(state: Path, plan: Plan, cfg: SegmentConfig) -> dict:
-    """Rank 0: all blocks' edges -> the lookup table (graph.py)."""
-    parts = [np.load(state / "edges-of-blocks" / f"{i}.npz") for i in range(plan.n_blocks)]
-    counts = np.array([int(p["n"][0]) for p in parts], np.int64)
+    """Rank 0: all blocks' edges -> the lookup table (graph.py). A fragment pair is an edge of one
+    block only (the block that owns the links between them, blocks.block_edges), so the blocks' rows
+    are the graph's edges as they are; one file open at a time (a volume has more blocks than a
+    process may open files)."""
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("a", "b", "sum", "count", "hist")}
+    counts = np.zeros(plan.n_blocks, np.int64)
+    for i in range(plan.n_blocks):
+        with np.load(state / "edges-of-blocks" / f"{i}.npz") as block:
+            counts[i] = int(block["n"][0])
+            for key, rows in parts.items():
+                rows.append(block[key])
     bases = np.array([plan.base(i) for i in range(plan.n_blocks)], np.uint64)
-    pairs = np.concatenate([np.stack([p["a"], p["b"]], 1) for p in parts]) if parts else np.zeros((0, 2), np.uint64)
-    edges = group_edges(pairs, *(np.concatenate([p[k] for p in parts]) for k in ("sum", "count", "hist")))
+    edges = {key: np.concatenate(parts.pop(key)) for key in list(parts)}  # one key's copies at a time
     lut, starts = lookup_table(counts, bases, edges, cfg.threshold, cfg.merge, cfg.edge_score, cfg.quantile)
     score = f"{cfg.quantile:g} quantile" if cfg.edge_score == "quantile" else "mean"
     print(f"segment: {int(counts.sum())} fragments, {len(edges['a'])} edges -> {int(lut.max(initial=0))} neurons "
