@@ -200,6 +200,7 @@ def test_edge_histograms_add_up_exactly_and_their_quantile_is_the_merge_score():
         assert np.array_equal(whole[key], joined[key]), key
     assert np.allclose(whole["sum"], joined["sum"]) and whole["hist"].sum() == len(pairs)
     scores = quantile_scores(whole["hist"], 0.75)
+    assert np.array_equal(quantile_scores(whole["hist"], 0.75, rows_at_once=7), scores)  # in slices of rows
     assert np.array_equal(scores, [quantile_of(h, 0.75) for h in whole["hist"].tolist()])
     assert quantile_of([0] * 12 + [4, 0, 0, 0], 0.75) == (12 + 3 / 4) / 16 and quantile_of([0] * 16, 0.75) == 0
     # 0-1: links mostly high, 0-2 mostly high on few links, 1-2 mostly low on many: once 0 and 1 merge,

@@ -39,8 +39,12 @@ def link_bins(values: np.ndarray) -> np.ndarray:
     return np.minimum((np.asarray(values, np.float64) * BINS).astype(np.int64), BINS - 1).clip(0)
 
 
-def quantile_scores(hist: np.ndarray, quantile: float) -> np.ndarray:
-    """Per row of `hist` (E, BINS), the `quantile` of its values, uniform within each bin."""
+def quantile_scores(hist: np.ndarray, quantile: float, rows_at_once: int = 1 << 18) -> np.ndarray:
+    """Per row of `hist` (E, BINS), the `quantile` of its values, uniform within each bin; a slice of
+    rows at a time, so the int64 working copies stay small beside the edges (10^7s of rows)."""
+    if len(hist) > rows_at_once:
+        return np.concatenate([quantile_scores(hist[i:i + rows_at_once], quantile, rows_at_once)
+                               for i in range(0, len(hist), rows_at_once)])
     hist = np.asarray(hist, np.int64)
     if len(hist) == 0:
         return np.zeros(0)
