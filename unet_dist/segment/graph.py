@@ -92,14 +92,10 @@ def mean_agglomeration(n: int, a: np.ndarray, b: np.ndarray, edges: dict[str, np
     leave the arrays; memory is that of the input edges and a few arrays of their length."""
     lo, hi = np.minimum(a, b).astype(np.int64), np.maximum(a, b).astype(np.int64)
     if score == "quantile":
-        stats = [np.asarray(edges["hist"], np.uint32)]
+        stats = {"hist": np.asarray(edges["hist"], np.uint32)}
     else:
-        stats = [np.asarray(edges["sum"], np.float64), np.asarray(edges["count"], np.int64)]
-
-    def rescore(stats: list[np.ndarray]) -> np.ndarray:
-        return quantile_scores(stats[0], quantile) if score == "quantile" else stats[0] / np.maximum(stats[1], 1)
-
-    scores = rescore(stats)
+        stats = {"sum": np.asarray(edges["sum"], np.float64), "count": np.asarray(edges["count"], np.int64)}
+    scores = edge_scores(stats, score, quantile)
     parent = np.arange(n, dtype=np.int64)
     while True:
         mergeable = scores >= threshold
@@ -108,7 +104,8 @@ def mean_agglomeration(n: int, a: np.ndarray, b: np.ndarray, edges: dict[str, np
         active = np.zeros(n, bool)
         active[lo[mergeable]] = active[hi[mergeable]] = True
         live = active[lo] & active[hi]
-        lo, hi, scores, stats = lo[live], hi[live], scores[live], [s[live] for s in stats]
+        lo, hi, scores = lo[live], hi[live], scores[live]
+        stats = {k: s[live] for k, s in stats.items()}
         order = np.lexsort((hi, lo, -scores))  # best first; ties by the pair
         rank = np.empty(len(order), np.int64)
         rank[order] = np.arange(len(order))
@@ -120,14 +117,15 @@ def mean_agglomeration(n: int, a: np.ndarray, b: np.ndarray, edges: dict[str, np
         lo, hi = parent[lo], parent[hi]
         lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
         kept = lo != hi
-        lo, hi, stats = lo[kept], hi[kept], [s[kept] for s in stats]
+        lo, hi = lo[kept], hi[kept]
+        stats = {k: s[kept] for k, s in stats.items()}
         key = lo * n + hi
         order = np.argsort(key, kind="stable")
         key = key[order]
         first = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]])) if len(key) else key
         lo, hi = lo[order][first], hi[order][first]
-        stats = [np.add.reduceat(s[order], first, axis=0) if len(first) else s for s in stats]
-        scores = rescore(stats)
+        stats = {k: np.add.reduceat(s[order], first, axis=0) if len(first) else s for k, s in stats.items()}
+        scores = edge_scores(stats, score, quantile)
     return _roots(parent)
 
 
