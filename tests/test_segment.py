@@ -275,6 +275,33 @@ def test_agglomeration_in_rounds_equals_the_sequential_order(score):
             assert 1 < table.max() < n, "the case merges some fragments and not all"
 
 
+def test_agglomeration_with_equal_scores_depends_on_the_edges_not_their_order():
+    """Single-link contacts score one of a few values, so equal edges are common: which merges first
+    must follow from the edges alone (blocks' files may come in any order), and a rescored edge must
+    still see the threshold."""
+    from unet_dist.segment.graph import BINS, edge_scores, lookup_table
+
+    rng = np.random.default_rng(5)
+    for trial in range(6):
+        n = 80
+        pairs = {tuple(sorted(p)) for p in rng.integers(1, n + 1, (200, 2)).tolist() if p[0] != p[1]}
+        a, b = (np.array(x, np.uint64) for x in zip(*sorted(pairs)))
+        hist = np.zeros((len(a), BINS), np.uint32)
+        hist[np.arange(len(a)), rng.choice([6, 9, 12, 14], len(a))] = 1  # four scores
+        edges = {"a": a, "b": b, "count": hist.sum(1).astype(np.int64), "hist": hist, "sum": hist.sum(1) * 0.5}
+        threshold = 12.75 / 16  # the score of a bin-12 link: equal to the threshold
+        table = lookup_table(np.array([n]), np.array([1], np.uint64), edges, threshold, "mean", "quantile")[0]
+        for _ in range(3):
+            order = rng.permutation(len(a))
+            shuffled = {k: v[order] for k, v in edges.items()}
+            again = lookup_table(np.array([n]), np.array([1], np.uint64), shuffled, threshold, "mean", "quantile")[0]
+            assert np.array_equal(table, again), trial
+        assert 1 < table.max() < n
+        strong = edge_scores(edges, "quantile", 0.75) >= threshold
+        joined = table[(a - 1).astype(np.int64)] == table[(b - 1).astype(np.int64)]
+        assert joined[strong].mean() > 0.5 and not joined[~strong].all()
+
+
 def test_labels_are_a_valid_ome_label_image_and_overwrite_replaces_them(tmp_path):
     ids = neurons()
     pred = write_prediction(tmp_path / "pred.zarr", affinities(ids), dtype="float16")

@@ -134,22 +134,25 @@ def _warm_waterz() -> None:
 
 
 def run_graph(fragments: int, keep: float, merge: str, threshold: float) -> dict:
-    """The global step on a synthetic graph: its edges (one row per pair, as the blocks' files hold
-    them) merged into a lookup table."""
+    """The global step on a synthetic graph, held as the pipeline's global step holds it (compact
+    fragment indices and the histograms the default score reads; pipeline._load_graph), merged into
+    a lookup table."""
     import numpy as np
     import torch  # noqa: F401  (measure imports it: before the empty process's RSS, not inside the input's)
 
     from unet_dist.bench.common import measure, reset_peak_rss, rss_bytes
     from unet_dist.bench.segment_inputs import planar_graph
-    from unet_dist.segment.graph import lookup_table
+    from unet_dist.segment.graph import solve
 
     reset_peak_rss()
     empty = rss_bytes()
     g = planar_graph(fragments, keep=keep)
     n, edges = g.pop("fragments"), len(g["a"])
+    graph = {"lo": g.pop("a").astype(np.int64) - 1, "hi": g.pop("b").astype(np.int64) - 1, "hist": g.pop("hist")}
+    del g
 
     def go():
-        lut, _ = lookup_table(np.array([n]), np.array([1], np.uint64), g, threshold, merge)
+        lut = solve(n, graph, threshold, merge, "quantile")
         return {"neurons": int(lut.max(initial=0))}
 
     out = measure(go)

@@ -13,8 +13,9 @@ numbers. An edge's score (`segment.edge_score`):
 - `mean`: sum / count, the mean link value along the contact.
 Fragments are numbered compactly (block by block, in ID order), so the table is one uint64 per
 fragment. An edge costs a, b (uint64), sum (float64), count (int64) and the histogram
-(BINS x uint32): 96 bytes, in the blocks' edge files and in the global step's grouped arrays; the
-`mean` rule adds a copy of the statistics it pools and a few arrays of the edges' length.
+(BINS x uint32): 96 bytes in the blocks' edge files; the global step holds what its score reads:
+compact lo, hi (int64) and the histogram (80 bytes; the mean: lo, hi, sum, count, 32 bytes), once
+(`solve` consumes it), plus a few arrays of the edges' length while it merges.
 Two merge rules:
 - `union_find`: every edge whose score is >= threshold joins its fragments (connected components,
   scipy.sparse.csgraph), PyTorch Connectomics' and DaCapo's stitching;
@@ -71,30 +72,39 @@ def compact(ids: np.ndarray, bases: np.ndarray, starts: np.ndarray) -> np.ndarra
     return starts[block] + (ids - bases[block]).astype(np.int64)
 
 
-def union_find(n: int, a: np.ndarray, b: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+def union_find(n: int, lo: np.ndarray, hi: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
     keep = scores >= threshold
-    graph = coo_matrix((np.ones(int(keep.sum()), np.int8), (a[keep], b[keep])), shape=(n, n))
+    graph = coo_matrix((np.ones(int(keep.sum()), np.int8), (lo[keep], hi[keep])), shape=(n, n))
     return connected_components(graph, directed=False)[1]
 
 
-def mean_agglomeration(n: int, a: np.ndarray, b: np.ndarray, edges: dict[str, np.ndarray], threshold: float,
-                       score: str = "mean", quantile: float = 0.75) -> np.ndarray:
+STATS = {"quantile": ("hist",), "mean": ("sum", "count")}  # the statistics each edge score reads
+
+
+def mean_agglomeration(n: int, graph: dict[str, np.ndarray], threshold: float, score: str = "mean",
+                       quantile: float = 0.75) -> np.ndarray:
     """Average linkage down to `threshold` (the best edge merges first; merged fragments pool their
     edges to a common neighbour), in rounds of whole-array numpy work instead of a heap.
 
+    `graph`: lo < hi (compact fragment indices) and the score's statistics (`STATS`), one row per
+    fragment pair; consumed: its arrays are taken out, changed in place and shrunk as fragments drop out.
+
     Each round merges every pair whose best edge is the same edge (reciprocal best; edges ordered by
     score, then by the pair, a fragment standing for its smallest member), then pools the statistics
-    of the edges that now join the same pair and scores them again. This is the sequential order's
-    answer: a pooled score (a mean, or a quantile of pooled histograms) lies between the scores pooled,
-    so no merge makes a better edge appear, and a reciprocal best pair is one that the sequential order
-    merges too (the reducibility of Murtagh's reciprocal-nearest-neighbour clustering). A fragment
+    of the edges that now join the same pair and scores them again. Where no two edges score the same,
+    this is the sequential order's answer: a pooled score (a mean, or a quantile of pooled histograms)
+    lies between the scores pooled, so no merge makes a better edge appear, and a reciprocal best pair
+    is one that the sequential order merges too (the reducibility of Murtagh's reciprocal-nearest-
+    neighbour clustering). Equal scores (common: a one-link contact scores one of BINS values) are
+    ordered by the pairs at the start of the round, where a sequential order that renames clusters
+    after each merge may take another of them first; either way the result follows from the edges
+    alone, whatever order their rows come in. A fragment
     whose edges all score below threshold never merges and neither do its pooled edges, so its edges
-    leave the arrays; memory is that of the input edges and a few arrays of their length."""
-    lo, hi = np.minimum(a, b).astype(np.int64), np.maximum(a, b).astype(np.int64)
-    if score == "quantile":
-        stats = {"hist": np.asarray(edges["hist"], np.uint32)}
-    else:
-        stats = {"sum": np.asarray(edges["sum"], np.float64), "count": np.asarray(edges["count"], np.int64)}
+    leave the arrays. Only the rows at a merged fragment change in a round, so only they are pooled and
+    scored again; memory is the input rows and a few arrays of their length (no sorted copies)."""
+    lo, hi = graph.pop("lo"), graph.pop("hi")
+    stats = {k: graph.pop(k) for k in STATS[score]}
+    graph.clear()
     scores = edge_scores(stats, score, quantile)
     parent = np.arange(n, dtype=np.int64)
     while True:
@@ -103,30 +113,64 @@ def mean_agglomeration(n: int, a: np.ndarray, b: np.ndarray, edges: dict[str, np
             break
         active = np.zeros(n, bool)
         active[lo[mergeable]] = active[hi[mergeable]] = True
+        del mergeable
         live = active[lo] & active[hi]
-        lo, hi, scores = lo[live], hi[live], scores[live]
-        stats = {k: s[live] for k, s in stats.items()}
-        order = np.lexsort((hi, lo, -scores))  # best first; ties by the pair
-        rank = np.empty(len(order), np.int64)
-        rank[order] = np.arange(len(order))
-        best = np.full(n, len(order), np.int64)
-        np.minimum.at(best, lo, rank)
-        np.minimum.at(best, hi, rank)
-        merged = (best[lo] == rank) & (best[hi] == rank) & (scores >= threshold)
-        parent[hi[merged]] = lo[merged]  # reciprocal pairs are disjoint: one step joins each
-        lo, hi = parent[lo], parent[hi]
-        lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
-        kept = lo != hi
-        lo, hi = lo[kept], hi[kept]
-        stats = {k: s[kept] for k, s in stats.items()}
-        key = lo * n + hi
-        order = np.argsort(key, kind="stable")
-        key = key[order]
-        first = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]])) if len(key) else key
-        lo, hi = lo[order][first], hi[order][first]
-        stats = {k: np.add.reduceat(s[order], first, axis=0) if len(first) else s for k, s in stats.items()}
-        scores = edge_scores(stats, score, quantile)
+        if not live.all():
+            lo, hi, scores, stats = _rows(live, lo, hi, scores, stats)
+        del live, active
+        merged = _reciprocal_best(n, lo, hi, scores, threshold)
+        roots, gone = lo[merged], hi[merged]
+        parent[gone] = roots  # reciprocal pairs are disjoint: one step joins each
+        lo, hi, scores, stats = _pool(n, lo, hi, scores, stats, parent, roots, gone, score, quantile)
     return _roots(parent)
+
+
+def _rows(keep: np.ndarray, lo, hi, scores, stats: dict) -> tuple:
+    """The rows where `keep`, one array at a time (each old array is freed before the next is copied)."""
+    lo, hi, scores = lo[keep], hi[keep], scores[keep]
+    for k in list(stats):
+        stats[k] = stats[k][keep]
+    return lo, hi, scores, stats
+
+
+def _reciprocal_best(n: int, lo: np.ndarray, hi: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """The rows that are the best edge of both their fragments (highest score, ties to the smallest
+    pair (lo, hi)) and reach `threshold`."""
+    best = np.full(n, -np.inf)
+    np.maximum.at(best, lo, scores)
+    np.maximum.at(best, hi, scores)
+    key = lo * n + hi  # orders the pairs as (lo, hi) does: hi < n
+    at_lo, at_hi = scores == best[lo], scores == best[hi]
+    del best
+    first = np.full(n, np.iinfo(np.int64).max)
+    np.minimum.at(first, lo[at_lo], key[at_lo])
+    np.minimum.at(first, hi[at_hi], key[at_hi])
+    return at_lo & at_hi & (key == first[lo]) & (key == first[hi]) & (scores >= threshold)
+
+
+def _pool(n: int, lo, hi, scores, stats: dict, parent, roots, gone, score: str, quantile: float) -> tuple:
+    """After a round's merges: the rows at a merged fragment move to its root; rows that now join the
+    same pair are pooled into the first of them and scored again; rows inside a fragment drop out.
+    Rows at no merged fragment keep their pair, distinct from every moved row's new pair."""
+    moved = np.zeros(n, bool)
+    moved[roots] = moved[gone] = True
+    rows = np.flatnonzero(moved[lo] | moved[hi])
+    del moved
+    a, b = parent[lo[rows]], parent[hi[rows]]
+    lo[rows], hi[rows] = np.minimum(a, b), np.maximum(a, b)
+    key = lo[rows] * n + hi[rows]
+    order = np.argsort(key, kind="stable")
+    rows, key = rows[order], key[order]
+    head = np.ones(len(rows), bool)
+    head[1:] = key[1:] != key[:-1]
+    heads, starts = rows[head], np.flatnonzero(head)
+    for k, s in stats.items():
+        s[heads] = np.add.reduceat(s[rows], starts, axis=0)
+    scores[heads] = edge_scores({k: s[heads] for k, s in stats.items()}, score, quantile)
+    drop = np.zeros(len(lo), bool)
+    drop[rows[~head]] = True
+    drop[heads[lo[heads] == hi[heads]]] = True
+    return _rows(~drop, lo, hi, scores, stats) if drop.any() else (lo, hi, scores, stats)
 
 
 def _roots(parent: np.ndarray) -> np.ndarray:
@@ -145,16 +189,25 @@ def canonical(components: np.ndarray) -> np.ndarray:
     return rank[inverse]
 
 
+def solve(n: int, graph: dict[str, np.ndarray], threshold: float, merge: str, score: str,
+          quantile: float = 0.75) -> np.ndarray:
+    """The neuron ID of each of `n` fragments from `graph` (lo < hi: compact fragment indices, and the
+    score's statistics, `STATS`), which it consumes: the global step holds one copy of the edges."""
+    if merge == "union_find":
+        scores = edge_scores({k: graph.pop(k) for k in STATS[score]}, score, quantile)
+        components = union_find(n, graph.pop("lo"), graph.pop("hi"), scores, threshold)
+    else:
+        components = mean_agglomeration(n, graph, threshold, score, quantile)
+    return canonical(components)
+
+
 def lookup_table(counts: np.ndarray, bases: np.ndarray, edges: dict[str, np.ndarray], threshold: float,
                  merge: str, score: str | None = None, quantile: float = 0.75) -> tuple[np.ndarray, np.ndarray]:
-    """(table: compact fragment index -> neuron ID, starts: each block's first compact index).
-    `score` None: the quantile where the edges carry histograms, else the mean."""
+    """(table: compact fragment index -> neuron ID, starts: each block's first compact index) of
+    edges with fragment IDs, which it leaves as they are. `score` None: the quantile where the edges
+    carry histograms, else the mean."""
     score = score or ("quantile" if "hist" in edges else "mean")
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    n = int(np.sum(counts))
     a, b = compact(edges["a"], bases, starts), compact(edges["b"], bases, starts)
-    if merge == "union_find":
-        components = union_find(n, a, b, edge_scores(edges, score, quantile), threshold)
-    else:
-        components = mean_agglomeration(n, a, b, edges, threshold, score, quantile)
-    return canonical(components), starts
+    graph = {"lo": np.minimum(a, b), "hi": np.maximum(a, b), **{k: np.array(edges[k]) for k in STATS[score]}}
+    return solve(int(np.sum(counts)), graph, threshold, merge, score, quantile), starts
