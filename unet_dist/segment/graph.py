@@ -151,25 +151,35 @@ def _reciprocal_best(n: int, lo: np.ndarray, hi: np.ndarray, scores: np.ndarray,
 def _pool(n: int, lo, hi, scores, stats: dict, parent, roots, gone, score: str, quantile: float) -> tuple:
     """After a round's merges: the rows at a merged fragment move to its root; rows that now join the
     same pair are pooled into the first of them and scored again; rows inside a fragment drop out.
-    Rows at no merged fragment keep their pair, distinct from every moved row's new pair."""
+    Rows at no merged fragment keep their pair, distinct from every moved row's new pair, and a moved
+    row alone on its new pair keeps its statistics and score: only pooled rows are gathered."""
     moved = np.zeros(n, bool)
     moved[roots] = moved[gone] = True
     rows = np.flatnonzero(moved[lo] | moved[hi])
     del moved
     a, b = parent[lo[rows]], parent[hi[rows]]
     lo[rows], hi[rows] = np.minimum(a, b), np.maximum(a, b)
+    del a, b
     key = lo[rows] * n + hi[rows]
     order = np.argsort(key, kind="stable")
     rows, key = rows[order], key[order]
+    del order
+    same = key[1:] == key[:-1]  # row i + 1 joins the pair of row i
+    del key
+    pooled = np.zeros(len(rows), bool)
+    pooled[1:] |= same
+    pooled[:-1] |= same
     head = np.ones(len(rows), bool)
-    head[1:] = key[1:] != key[:-1]
-    heads, starts = rows[head], np.flatnonzero(head)
-    for k, s in stats.items():
-        s[heads] = np.add.reduceat(s[rows], starts, axis=0)
-    scores[heads] = edge_scores({k: s[heads] for k, s in stats.items()}, score, quantile)
+    head[1:] = ~same
     drop = np.zeros(len(lo), bool)
-    drop[rows[~head]] = True
-    drop[heads[lo[heads] == hi[heads]]] = True
+    drop[rows[lo[rows] == hi[rows]]] = True
+    rows, head = rows[pooled], head[pooled]
+    if len(rows):
+        heads, starts = rows[head], np.flatnonzero(head)
+        for k, s in stats.items():
+            s[heads] = np.add.reduceat(s[rows], starts, axis=0)
+        scores[heads] = edge_scores({k: s[heads] for k, s in stats.items()}, score, quantile)
+        drop[rows[~head]] = True
     return _rows(~drop, lo, hi, scores, stats) if drop.any() else (lo, hi, scores, stats)
 
 
