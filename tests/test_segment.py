@@ -178,6 +178,24 @@ def test_block_size_moves_the_result_little_and_ids_are_canonical(tmp_path):
         assert voi(results[0], seg) <= 0.05, voi(results[0], seg)
 
 
+@pytest.mark.parametrize("merge", ["mean", "union_find"])
+@pytest.mark.parametrize("edge_score", ["quantile", "mean"])
+def test_the_global_step_from_files_equals_the_graph_in_memory(tmp_path, merge, edge_score):
+    """One block over the whole volume: the pipeline's global step (edges read back from the block's
+    file, only the score's statistics, consumed as it merges) gives the IDs of the same functions on
+    the array in memory (segment/volume.py, edges left as they are)."""
+    from unet_dist.segment.volume import InMemory
+
+    ids = neurons(seed=4)
+    pred = write_prediction(tmp_path / "pred.zarr", noisy(ids))
+    cfg = SegmentConfig(block_size=list(ids.shape), merge=merge, edge_score=edge_score, threshold=0.6)
+    result = segment(pred, cfg)
+    memory = InMemory(zarr.open_group(str(pred), mode="r")["0"][:], NEAREST, cfg)
+    expected = memory.neurons(0.6)
+    assert np.array_equal(labels_of(pred), expected) and np.array_equal(memory.neurons(0.6), expected)
+    assert result["blocks"] == 1 and 1 < result["neurons"] < result["fragments"]
+
+
 def test_edge_histograms_add_up_exactly_and_their_quantile_is_the_merge_score():
     from unet_dist.segment.blocks import link_edges
     from unet_dist.segment.graph import BINS, link_bins, lookup_table, quantile_scores
