@@ -98,10 +98,10 @@ def mean_agglomeration(n: int, graph: dict[str, np.ndarray], threshold: float, s
     neighbour clustering). Equal scores (common: a one-link contact scores one of BINS values) are
     ordered by the pairs at the start of the round, where a sequential order that renames clusters
     after each merge may take another of them first; either way the result follows from the edges
-    alone, whatever order their rows come in. A fragment
-    whose edges all score below threshold never merges and neither do its pooled edges, so its edges
-    leave the arrays. Only the rows at a merged fragment change in a round, so only they are pooled and
-    scored again; memory is the input rows and a few arrays of their length (no sorted copies)."""
+    alone, whatever order their rows come in. A fragment whose edges all score below threshold never
+    merges and neither do its pooled edges, so its edges leave the arrays. Only the rows at a merged
+    fragment change in a round, and only those that come to share a pair are pooled and scored again:
+    memory is the input rows and a few arrays of their length (no sorted copies of the statistics)."""
     lo, hi = graph.pop("lo"), graph.pop("hi")
     stats = {k: graph.pop(k) for k in STATS[score]}
     graph.clear()
