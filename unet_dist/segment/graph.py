@@ -72,6 +72,11 @@ def compact(ids: np.ndarray, bases: np.ndarray, starts: np.ndarray) -> np.ndarra
     return starts[block] + (ids - bases[block]).astype(np.int64)
 
 
+def block_starts(counts: np.ndarray) -> np.ndarray:
+    """Each block's first compact fragment index, from the blocks' fragment counts."""
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+
+
 def union_find(n: int, lo: np.ndarray, hi: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
     keep = scores >= threshold
     graph = coo_matrix((np.ones(int(keep.sum()), np.int8), (lo[keep], hi[keep])), shape=(n, n))
@@ -217,7 +222,7 @@ def lookup_table(counts: np.ndarray, bases: np.ndarray, edges: dict[str, np.ndar
     edges with fragment IDs, which it leaves as they are. `score` None: the quantile where the edges
     carry histograms, else the mean."""
     score = score or ("quantile" if "hist" in edges else "mean")
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    starts = block_starts(counts)
     a, b = compact(edges["a"], bases, starts), compact(edges["b"], bases, starts)
     graph = {"lo": np.minimum(a, b), "hi": np.maximum(a, b), **{k: np.array(edges[k]) for k in STATS[score]}}
     return solve(int(np.sum(counts)), graph, threshold, merge, score, quantile), starts

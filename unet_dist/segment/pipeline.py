@@ -46,7 +46,7 @@ from unet_dist.predict.failures import in_block, settle
 from unet_dist.predict.manifest import Manifest, OutputLock
 from unet_dist.predict.prediction_store import NEURONS
 from unet_dist.segment.blocks import Input, Plan, block_edges, block_fragments, nearest_channels
-from unet_dist.segment.graph import STATS, compact, solve
+from unet_dist.segment.graph import STATS, block_starts, compact, solve
 
 STATE = ".segment"
 PHASES = ("fragments", "edges", "relabel")
@@ -276,18 +276,17 @@ def _table(state: Path, plan: Plan, cfg: SegmentConfig):
 
 def _global_step(state: Path, plan: Plan, cfg: SegmentConfig) -> dict:
     """Rank 0: all blocks' edges -> the lookup table (graph.py)."""
-    counts, graph = _load_graph(state, plan, STATS[cfg.edge_score])
+    counts, starts, graph = _load_graph(state, plan, STATS[cfg.edge_score])
     edges = len(graph["lo"])
     lut = solve(int(counts.sum()), graph, cfg.threshold, cfg.merge, cfg.edge_score, cfg.quantile)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     score = f"{cfg.quantile:g} quantile" if cfg.edge_score == "quantile" else "mean"
     print(f"segment: {int(counts.sum())} fragments, {edges} edges -> {int(lut.max(initial=0))} neurons "
           f"({cfg.merge} at {cfg.threshold}, edges scored by their {score})", file=sys.stderr, flush=True)
     return {"lut": lut, "starts": starts, "fragments": np.int64(counts.sum()), "edges": np.int64(edges)}
 
 
-def _load_graph(state: Path, plan: Plan, stats: tuple[str, ...]) -> tuple[np.ndarray, dict]:
-    """(fragments per block, the graph `graph.solve` takes): every block's edge rows with compact
+def _load_graph(state: Path, plan: Plan, stats: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(fragments per block, each block's first compact index, the graph `graph.solve` takes): every block's edge rows with compact
     fragment indices and the statistics the score reads. A fragment pair is an edge of one block only
     (the block that owns the links between them, blocks.block_edges), so the rows are the graph's edges
     as they are. Two passes, one file open at a time (a volume has more blocks than a process may open
@@ -298,7 +297,7 @@ def _load_graph(state: Path, plan: Plan, stats: tuple[str, ...]) -> tuple[np.nda
         with np.load(path) as block:
             counts[i], rows[i] = int(block["n"][0]), len(block["a"])
     bases = np.array([plan.base(i) for i in range(plan.n_blocks)], np.uint64)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    starts = block_starts(counts)
     graph, end = {}, np.cumsum(rows)
     for i, path in enumerate(files):
         with np.load(path) as block:
@@ -308,7 +307,7 @@ def _load_graph(state: Path, plan: Plan, stats: tuple[str, ...]) -> tuple[np.nda
             if key not in graph:
                 graph[key] = np.empty((int(end[-1]), *values.shape[1:]), values.dtype)
             graph[key][end[i] - rows[i]:end[i]] = values
-    return counts, graph
+    return counts, starts, graph
 
 
 def _save_npz(path: Path, arrays: dict) -> None:
