@@ -197,14 +197,15 @@ def _segment(path: Path, inp: Input, plan: Plan, key: str, cfg: SegmentConfig, p
     started = time.perf_counter()
     table = _table(state, plan, cfg)
     seconds["merge"] = time.perf_counter() - started
-    lut, starts = table["lut"], table["starts"]
+    starts, block_lut = table["starts"], _block_lookup(state / "lut.npy")
 
     def relabel_work(index: int) -> None:
         box = tuple(slice(lo, hi) for lo, hi in block_core(plan, index))
         frags = read_region(fragments, box)
         fragment = frags != 0
         ids = np.zeros(frags.shape, np.uint64)
-        ids[fragment] = lut[starts[index] + (frags[fragment] - np.uint64(plan.base(index))).astype(np.int64)]
+        lut = block_lut(int(starts[index]), int(starts[index + 1]))
+        ids[fragment] = lut[(frags[fragment] - np.uint64(plan.base(index))).astype(np.int64)]
         neurons[box] = ids
 
     seconds["relabel"] = _run_phase("relabel", plan, Manifest(state / "relabel", key, dist.rank()), relabel_work,
@@ -216,7 +217,7 @@ def _segment(path: Path, inp: Input, plan: Plan, key: str, cfg: SegmentConfig, p
     dist.barrier(patient=True)
     seconds["pyramid"] = time.perf_counter() - started
     result = {"out": f"{path}:labels/{NEURONS}", "blocks": plan.n_blocks, "block_size": list(plan.block),
-              "fragments": int(table["fragments"]), "edges": int(table["edges"]), "neurons": int(lut.max(initial=0)),
+              "fragments": int(table["fragments"]), "edges": int(table["edges"]), "neurons": int(table["neurons"]),
               "voxels": math.prod(plan.shape), "seconds": {k: round(v, 3) for k, v in seconds.items()}}
     total = sum(seconds.values())
     result["mvox_per_s"] = round(result["voxels"] / total / 1e6, 3) if total > 0 else None
@@ -262,11 +263,13 @@ def _run_phase(phase: str, plan: Plan, manifest: Manifest, work: Callable[[int],
 
 
 def _table(state: Path, plan: Plan, cfg: SegmentConfig):
-    """The lookup table, made once (rank 0) and read by every rank."""
+    """The global step's outcome, made once (rank 0): lut.npy, then table.npz (its presence says both are whole)."""
     error = None
     if dist.is_main() and not (state / "table.npz").exists():
         try:
-            _save_npz(state / "table.npz", _global_step(state, plan, cfg))
+            table = _global_step(state, plan, cfg)
+            _save_atomically(state / "lut.npy", lambda f: np.save(f, table.pop("lut")))
+            _save_npz(state / "table.npz", table)
         except Exception as exc:  # a full disk, a damaged edges file: every rank says so, and stops
             error = exc
     settle(error, state, plan.n_blocks, 0, False, patient=True,
@@ -282,7 +285,23 @@ def _global_step(state: Path, plan: Plan, cfg: SegmentConfig) -> dict:
     score = f"{cfg.quantile:g} quantile" if cfg.edge_score == "quantile" else "mean"
     print(f"segment: {int(counts.sum())} fragments, {edges} edges -> {int(lut.max(initial=0))} neurons "
           f"({cfg.merge} at {cfg.threshold}, edges scored by their {score})", file=sys.stderr, flush=True)
-    return {"lut": lut, "starts": starts, "fragments": np.int64(counts.sum()), "edges": np.int64(edges)}
+    return {"lut": lut, "starts": np.append(starts, counts.sum()), "fragments": np.int64(counts.sum()),
+            "edges": np.int64(edges), "neurons": np.uint64(lut.max(initial=0))}
+
+
+def _block_lookup(path: Path) -> Callable[[int, int], np.ndarray]:
+    """lut[start:stop] read from the file per block: a block's fragments have consecutive compact
+    indices, so a rank holds one block's share of the table, not the table (8 B per fragment of the volume)."""
+    with open(path, "rb") as f:  # read, not mapped: a map would keep every page a rank touched resident
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        _, _, dtype = read_header(f)
+        offset = f.tell()
+
+    def read(start: int, stop: int) -> np.ndarray:
+        return np.fromfile(path, dtype=dtype, count=stop - start, offset=offset + start * dtype.itemsize)
+
+    return read
 
 
 def _load_graph(state: Path, plan: Plan, stats: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -311,8 +330,12 @@ def _load_graph(state: Path, plan: Plan, stats: tuple[str, ...]) -> tuple[np.nda
 
 
 def _save_npz(path: Path, arrays: dict) -> None:
+    _save_atomically(path, lambda f: np.savez(f, **arrays))
+
+
+def _save_atomically(path: Path, write: Callable) -> None:
     """Written whole or not at all: a reader (or a resumed run) never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+        write(f)
     os.replace(tmp, path)
