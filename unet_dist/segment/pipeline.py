@@ -265,7 +265,8 @@ def _run_phase(phase: str, plan: Plan, manifest: Manifest, work: Callable[[int],
 def _table(state: Path, plan: Plan, cfg: SegmentConfig):
     """The global step's outcome, made once (rank 0): lut.npy, then table.npz (its presence says both are whole)."""
     error = None
-    if dist.is_main() and not (state / "table.npz").exists():
+    # state from a version that kept the table inside table.npz has no lut.npy: made again
+    if dist.is_main() and not ((state / "table.npz").exists() and (state / "lut.npy").exists()):
         try:
             table = _global_step(state, plan, cfg)
             _save_atomically(state / "lut.npy", lambda f: np.save(f, table.pop("lut")))
